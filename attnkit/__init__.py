@@ -1,0 +1,35 @@
+"""attnkit: attention mechanisms for PyTorch — kernels, modules, visualisation and tasks on real data.
+
+Example:
+    >>> import torch, attnkit
+    >>> q = k = v = torch.randn(1, 2, 4, 8)             # (B, H, L, E)
+    >>> attnkit.scaled_dot_product_attention(q, k, v, is_causal=True).shape
+    torch.Size([1, 2, 4, 8])
+"""
+
+from .functional import (
+    CausalMask,
+    PaddingMask,
+    attention_weights,
+    causal_mask,
+    padding_mask,
+    scaled_dot_product_attention,
+    which_backend,
+)
+from .registry import create_attention, list_attentions, register_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CausalMask",
+    "PaddingMask",
+    "__version__",
+    "attention_weights",
+    "causal_mask",
+    "create_attention",
+    "list_attentions",
+    "padding_mask",
+    "register_attention",
+    "scaled_dot_product_attention",
+    "which_backend",
+]

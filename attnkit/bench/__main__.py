@@ -1,0 +1,33 @@
+"""``python -m attnkit.bench SUITE [--quick]`` / ``attnkit bench SUITE``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+HELP = "run a benchmark suite and print times as ratios to baselines measured in the same run"
+
+SUITES = {
+    "dense": "attnkit.bench.dense",
+    "modules": "attnkit.bench.modules",
+    "vision": "attnkit.bench.vision",
+    "long": "attnkit.bench.long",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", choices=sorted(SUITES), help="which benchmark to run")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (for CI and the tour)")
+    parser.add_argument("--out", default=None, help="folder for the table (markdown/JSON) and plots")
+
+
+def run(args: argparse.Namespace) -> int:
+    module = importlib.import_module(SUITES[args.suite])
+    return int(module.main(quick=args.quick, out=args.out) or 0)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="python -m attnkit.bench", description=HELP)
+    add_arguments(p)
+    sys.exit(run(p.parse_args()))

@@ -1,0 +1,66 @@
+"""Pure functions on tensors: the math of attention. No modules, no state.
+
+Layout: ``query (B, H, L, E)``, ``key (B, Hkv, S, E)``, ``value (B, Hkv, S, Ev)`` -> ``(B, H, L, Ev)``.
+Mask meaning everywhere: boolean ``True`` = may attend; float masks are added to the scores.
+"""
+
+from . import scoring
+from ._reference import attention_reference, masked_softmax
+from .dense import (
+    AttentionCall,
+    Backend,
+    BackendChoice,
+    attention_weights,
+    available_backends,
+    register_backend,
+    scaled_dot_product_attention,
+    which_backend,
+)
+from .masks import (
+    AndMask,
+    AttentionMask,
+    CausalMask,
+    PaddingMask,
+    causal_mask,
+    combine_masks,
+    mask_to_bias,
+    padding_mask,
+)
+from .scoring import (
+    additive_scores,
+    attend,
+    concat_scores,
+    cosine_scores,
+    dot_scores,
+    general_scores,
+    scaled_dot_scores,
+)
+
+__all__ = [
+    "AndMask",
+    "AttentionCall",
+    "AttentionMask",
+    "Backend",
+    "BackendChoice",
+    "CausalMask",
+    "PaddingMask",
+    "additive_scores",
+    "attend",
+    "attention_reference",
+    "attention_weights",
+    "available_backends",
+    "causal_mask",
+    "combine_masks",
+    "concat_scores",
+    "cosine_scores",
+    "dot_scores",
+    "general_scores",
+    "mask_to_bias",
+    "masked_softmax",
+    "padding_mask",
+    "register_backend",
+    "scaled_dot_product_attention",
+    "scaled_dot_scores",
+    "scoring",
+    "which_backend",
+]

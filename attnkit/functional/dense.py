@@ -1,0 +1,472 @@
+"""Scaled dot-product attention with pluggable backends and exact weights from any of them.
+
+.. math::
+
+    \\mathrm{Attention}(Q, K, V) = \\mathrm{softmax}\\!\\left(\\frac{Q K^\\top}{\\sqrt{d_k}} + M\\right) V
+
+Why ``1/sqrt(d_k)``: for query and key entries of unit variance, ``q . k`` has variance ``d_k``; without the scale the
+softmax saturates as ``d_k`` grows and its gradient vanishes.
+
+Backends (``backend=``):
+
+* ``"reference"``: the readable float math of :mod:`attnkit.functional._reference`; returns weights.
+* ``"math"``: the same math done in place with one ``L x S`` buffer; the fast path for exact weights.
+* ``"sdpa"``: PyTorch's fused :func:`torch.nn.functional.scaled_dot_product_attention` (flash kernel on CPU).
+* ``"auto"`` (default): the first registered backend that can serve the inputs, in priority order; with
+  ``return_weights=True``, the first that returns weights itself.
+
+Each backend says why it cannot serve an input (:meth:`Backend.not_supported_reasons`); a forced backend that
+cannot serve raises ``ValueError`` with those reasons. :func:`which_backend` tells which kernel would run and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _validate as V
+from ._reference import attention_reference, expand_kv_heads
+from .masks import AttentionMask, CausalMask, causal_mask, combine_masks
+
+__all__ = [
+    "AttentionCall",
+    "Backend",
+    "BackendChoice",
+    "attention_weights",
+    "available_backends",
+    "register_backend",
+    "scaled_dot_product_attention",
+    "which_backend",
+]
+
+
+@dataclass
+class AttentionCall:
+    """A validated call, in the 4-D layout, as every backend sees it.
+
+    ``mask`` is an explicit tensor mask viewed as 4-D (bool, or float in the query dtype); ``structure`` is a mask
+    object (causal, padding, window, ...) that a backend may serve without materialising it.
+    """
+
+    query: Tensor  # (B, H, L, E)
+    key: Tensor  # (B, Hkv, S, E)
+    value: Tensor  # (B, Hkv, S, Ev)
+    mask: Tensor | None
+    structure: AttentionMask | None
+    is_causal: bool
+    dropout_p: float
+    scale: float
+    need_weights: bool
+
+    @property
+    def batch(self) -> int:
+        return self.query.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.query.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def q_len(self) -> int:
+        return self.query.shape[2]
+
+    @property
+    def k_len(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.query, self.key, self.value))
+
+    def dense_mask(self) -> tuple[Tensor | None, bool]:
+        """The whole mask as ``(tensor or None, is_causal)`` for a dense kernel.
+
+        Causal structure that equals PyTorch's ``is_causal`` stays a flag; anything else is materialised and
+        combined (boolean ``True`` = may attend; float = added).
+        """
+        structure, causal = self.structure, self.is_causal
+        if isinstance(structure, CausalMask):
+            if structure.is_full(self.q_len, self.k_len):
+                structure = None
+            elif structure.is_upper_left(self.q_len, self.k_len) and self.mask is None:
+                structure, causal = None, True
+        if structure is None and (self.mask is None or not causal):
+            return self.mask, causal
+        parts = [self.mask]
+        if structure is not None:
+            parts.append(structure.materialize(self.q_len, self.k_len, device=self.query.device))
+        if causal:
+            parts.append(causal_mask(self.q_len, self.k_len, device=self.query.device))
+        return combine_masks(*parts), False
+
+
+BackendFn = Callable[[AttentionCall], tuple[Tensor, Tensor | None]]
+
+
+@dataclass
+class Backend:
+    """A kernel that computes attention for the calls it supports.
+
+    Args:
+        name: the ``backend=`` string.
+        fn: ``fn(call) -> (out, weights or None)``.
+        returns_weights: whether ``fn`` returns the weights it used.
+        supports: ``supports(call) -> list of reasons it cannot serve`` (empty = it can).
+        description: one line for :func:`which_backend`.
+    """
+
+    name: str
+    fn: BackendFn
+    returns_weights: bool
+    supports: Callable[[AttentionCall], list[str]] = field(default=lambda call: [])
+    description: str = ""
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        return list(self.supports(call))
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend, *, before: str | None = None) -> None:
+    """Add a backend to the dispatcher; ``before`` puts it ahead of a named one in ``auto``'s priority order."""
+    items = [(n, b) for n, b in _BACKENDS.items() if n != backend.name]
+    index = len(items)
+    if before is not None:
+        names = [n for n, _ in items]
+        if before not in names:
+            raise V.fail(f"`before` in {names}", repr(before), "one of the registered backend names")
+        index = names.index(before)
+    items.insert(index, (backend.name, backend))
+    _BACKENDS.clear()
+    _BACKENDS.update(items)
+
+
+def available_backends() -> list[str]:
+    """Backend names in ``auto``'s priority order."""
+    return list(_BACKENDS)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _alive_rows(mask: Tensor) -> Tensor:
+    """``(B|1, H|1, L|1, 1)`` boolean: rows that have at least one key to attend to."""
+    if mask.dtype == torch.bool:
+        return mask.any(dim=-1, keepdim=True)
+    return ~torch.isneginf(mask).all(dim=-1, keepdim=True)
+
+
+def _revive(mask: Tensor, alive: Tensor) -> Tensor:
+    """Open dead rows so the kernel stays finite; the caller zeroes their output."""
+    if mask.dtype == torch.bool:
+        return mask | ~alive
+    return mask.masked_fill(~alive, 0.0)
+
+
+def _dropout(weights: Tensor, p: float) -> Tensor:
+    return F.dropout(weights, p=p, training=True) if p > 0 else weights
+
+
+# --------------------------------------------------------------------------------------------- backends
+def _reference_fn(call: AttentionCall) -> tuple[Tensor, Tensor]:
+    mask, causal = call.dense_mask()
+    out, weights = attention_reference(call.query, call.key, call.value, mask, is_causal=causal, scale=call.scale)
+    if call.dropout_p > 0:
+        out = torch.matmul(_dropout(weights, call.dropout_p), expand_kv_heads(call.value, call.heads))
+    return out, weights
+
+
+def _grouped(x: Tensor, kv_heads: int) -> Tensor:
+    """``(B, H, L, X) -> (B, Hkv, G*L, X)``: queries of one key/value head side by side (no K/V copies)."""
+    b, h, n, d = x.shape
+    return x.reshape(b, kv_heads, (h // kv_heads) * n, d)
+
+
+def _math_fn(call: AttentionCall) -> tuple[Tensor, Tensor]:
+    """The reference's math with one ``L x S`` buffer, computed in place when no gradient is needed."""
+    q, k, v = call.query, call.key, call.value
+    b, h, q_len, _ = q.shape
+    hk, k_len = call.kv_heads, call.k_len
+    mask, causal = call.dense_mask()
+    if causal:
+        mask = causal_mask(q_len, k_len, device=q.device)
+    alive = None
+    if mask is not None:
+        alive = _alive_rows(mask)
+        if bool(alive.all()):
+            alive = None
+        else:
+            mask = _revive(mask, alive)
+    grad = call.needs_grad
+    qg = _grouped(q * call.scale, hk)  # (B, Hkv, G*L, E)
+    scores = torch.matmul(qg, k.transpose(-2, -1)).view(b, h, q_len, k_len)  # (B, H, L, S)
+    if grad:
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = torch.softmax(scores, dim=-1)
+        if alive is not None:
+            weights = weights.masked_fill(~alive, 0.0)
+    else:
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                scores.masked_fill_(mask.logical_not(), float("-inf"))
+            else:
+                scores.add_(mask)
+        weights = torch.softmax(scores, dim=-1, out=scores)
+        if alive is not None:
+            weights.masked_fill_(~alive, 0.0)
+    probs = _dropout(weights, call.dropout_p)
+    out = torch.matmul(_grouped(probs, hk), v).view(b, h, q_len, v.shape[-1])  # (B, H, L, Ev)
+    return out, weights
+
+
+_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def _sdpa_fn(call: AttentionCall) -> tuple[Tensor, None]:
+    q, k, v = call.query, call.key, call.value
+    mask, causal = call.dense_mask()
+    alive = None
+    if mask is not None:
+        alive = _alive_rows(mask)
+        if bool(alive.all()):
+            alive = None
+        else:
+            mask = _revive(mask, alive)
+    kwargs: dict[str, Any] = {}
+    if call.kv_heads != call.heads:
+        if _HAS_GQA:
+            kwargs["enable_gqa"] = True
+        else:  # pragma: no cover - torch < 2.5
+            k, v = expand_kv_heads(k, call.heads), expand_kv_heads(v, call.heads)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=call.dropout_p, is_causal=causal, scale=call.scale, **kwargs
+    )
+    if alive is not None:
+        out = out * alive
+    return out, None
+
+
+def _sdpa_supports(call: AttentionCall) -> list[str]:
+    reasons = []
+    if call.need_weights:
+        reasons.append("the fused kernel does not return the attention weights (they are recomputed)")
+    return reasons
+
+
+register_backend(Backend("sdpa", _sdpa_fn, False, _sdpa_supports, "PyTorch fused scaled_dot_product_attention"))
+register_backend(Backend("math", _math_fn, True, description="in-place float math that returns exact weights"))
+register_backend(Backend("reference", _reference_fn, True, description="readable reference math (test oracle)"))
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+@dataclass
+class BackendChoice:
+    """Which backend would run, and why each one ahead of it was passed over."""
+
+    name: str
+    reasons: dict[str, list[str]]
+    weights_from: str | None = None
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.name}"]
+        if self.weights_from:
+            lines.append(f"weights: recomputed by '{self.weights_from}'")
+        for name, why in self.reasons.items():
+            lines.append(f"  skipped {name}: {'; '.join(why)}")
+        return "\n".join(lines)
+
+
+def _choose(call: AttentionCall, backend: str) -> BackendChoice:
+    if backend != "auto":
+        if backend not in _BACKENDS:
+            raise V.fail(f"backend in {['auto', *_BACKENDS]}", repr(backend), 'backend="auto"')
+        chosen = _BACKENDS[backend]
+        why = [r for r in chosen.not_supported_reasons(call) if not (call.need_weights and "weights" in r)]
+        if why:
+            raise ValueError(f"backend {backend!r} cannot serve these inputs: {'; '.join(why)}; try backend='auto'")
+        weights_from = "math" if call.need_weights and not chosen.returns_weights else None
+        return BackendChoice(backend, {}, weights_from)
+    reasons: dict[str, list[str]] = {}
+    for name, b in _BACKENDS.items():
+        why = b.not_supported_reasons(call)
+        if call.need_weights and not b.returns_weights and not why:
+            why = ["does not return weights"]
+        if not why:
+            return BackendChoice(name, reasons)
+        reasons[name] = why
+    raise ValueError(f"no backend can serve these inputs: {reasons}")  # pragma: no cover - reference serves all
+
+
+def _prepare(
+    query: Any,
+    key: Any,
+    value: Any,
+    attn_mask: Any,
+    is_causal: bool,
+    dropout_p: Any,
+    scale: Any,
+    return_weights: bool,
+) -> tuple[AttentionCall, bool]:
+    q, k, v = V.check_qkv(query, key, value)
+    three_d = q.dim() == 3
+    if three_d:  # the tutorial layout (B, L, E): one head
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    b, h, q_len, e = q.shape
+    k_len = k.shape[2]
+    mask: Tensor | None = None
+    structure: AttentionMask | None = None
+    if isinstance(attn_mask, AttentionMask):
+        structure = attn_mask
+    elif attn_mask is not None:
+        mask = V.check_mask_tensor(
+            V.check_tensor("attn_mask", attn_mask), b, h, q_len, k_len, ndim_in=3 if three_d else 4
+        )
+        if mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
+        if mask.device != q.device:
+            raise V.fail(
+                "attn_mask on the query's device", f"{mask.device} vs {q.device}", "attn_mask.to(query.device)"
+            )
+    call = AttentionCall(
+        query=q,
+        key=k,
+        value=v,
+        mask=mask,
+        structure=structure,
+        is_causal=bool(is_causal),
+        dropout_p=V.check_dropout(dropout_p),
+        scale=V.check_scale(scale, e),
+        need_weights=bool(return_weights),
+    )
+    return call, three_d
+
+
+def _empty_keys(call: AttentionCall) -> tuple[Tensor, Tensor]:
+    """No keys at all: every row is fully masked, so output and weights are zeros (gradients too)."""
+    q, v = call.query, call.value
+    out = q.new_zeros(*q.shape[:3], v.shape[-1]) + 0.0 * q.sum() + 0.0 * v.sum()
+    return out, q.new_zeros(*q.shape[:3], 0)
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | AttentionMask | None = None,
+    *,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_weights: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Scaled dot-product attention ``softmax(Q K^T * scale + M) V``.
+
+    Equivalent to::
+
+        scores = query @ key.transpose(-2, -1) * scale        # (B, H, L, S)
+        scores = scores.masked_fill(~bool_mask, -inf)          # or scores + float_mask
+        weights = scores.softmax(-1)                           # fully masked rows -> 0
+        out = weights @ value                                  # (B, H, L, Ev)
+
+    Args:
+        query: ``(B, H, L, E)``, or ``(B, L, E)`` (the classic single-head layout).
+        key: ``(B, Hkv, S, E)`` with ``Hkv`` dividing ``H`` (grouped-query attention), or ``(B, S, E)``.
+        value: ``(B, Hkv, S, Ev)``, or ``(B, S, Ev)``.
+        attn_mask: boolean (``True`` = may attend; integer masks are read the same way, so the tutorial's
+            ``mask == 0 -> masked`` works), float (added to the scores), or a mask object
+            (:class:`~attnkit.functional.CausalMask`, :class:`~attnkit.functional.PaddingMask`, ``&`` of them).
+            Tensor shapes: ``(S,)``, ``(L, S)``, ``(B, 1|H, 1|L, S)``; with 3-D inputs also ``(B, L, S)``.
+        is_causal: upper-left causal masking (query ``i`` sees keys ``j <= i``), combined with ``attn_mask``.
+        dropout_p: dropout on the weights (always applied when > 0, as in PyTorch's functional SDPA).
+        scale: score scale, ``1/sqrt(E)`` when ``None``.
+        return_weights: also return the exact softmax weights ``(B, H, L, S)`` (before dropout), from any backend.
+        backend: ``"auto"``, ``"sdpa"``, ``"math"``, ``"reference"`` or a registered backend.
+
+    Returns:
+        ``out`` of shape ``(B, H, L, Ev)`` (``(B, L, Ev)`` for 3-D inputs), or ``(out, weights)``.
+        Rows with no key to attend to give zeros in ``out``, ``weights`` and gradients, never NaN.
+
+    Example:
+        >>> import torch
+        >>> from attnkit.functional import scaled_dot_product_attention
+        >>> q = k = v = torch.randn(2, 4, 5, 8)              # (B, H, L, E)
+        >>> out, w = scaled_dot_product_attention(q, k, v, is_causal=True, return_weights=True)
+        >>> out.shape, w.shape
+        (torch.Size([2, 4, 5, 8]), torch.Size([2, 4, 5, 5]))
+        >>> Q = K = V = torch.randn(2, 5, 8)                 # the tutorial's (B, L, E)
+        >>> mask = torch.ones(2, 5, 5, dtype=torch.long)     # 0 = masked, as in the tutorial
+        >>> scaled_dot_product_attention(Q, K, V, mask).shape
+        torch.Size([2, 5, 8])
+    """
+    call, three_d = _prepare(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights)
+    if call.k_len == 0:
+        out, weights = _empty_keys(call)
+    else:
+        choice = _choose(call, backend)
+        out, w = _BACKENDS[choice.name].fn(call)
+        weights = w if w is not None or not call.need_weights else _math_weights(call)
+    if three_d:
+        out = out.squeeze(1)
+        weights = weights.squeeze(1) if weights is not None else None
+    return (out, weights) if return_weights else out  # type: ignore[return-value]
+
+
+def _math_weights(call: AttentionCall) -> Tensor:
+    """Exact weights for a call whose output came from a kernel that hides them (one extra ``Q K^T``)."""
+    ones = torch.zeros(*call.value.shape[:-1], 0, dtype=call.value.dtype, device=call.value.device)
+    _, weights = _math_fn(
+        AttentionCall(call.query, call.key, ones, call.mask, call.structure, call.is_causal, 0.0, call.scale, True)
+    )
+    return weights
+
+
+def attention_weights(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | AttentionMask | None = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """Only the softmax weights ``(B, H, L, S)`` of :func:`scaled_dot_product_attention` (same mask meaning)."""
+    value = torch.zeros(*key.shape[:-1], 0, dtype=key.dtype, device=key.device) if isinstance(key, Tensor) else key
+    call, three_d = _prepare(query, key, value, attn_mask, is_causal, 0.0, scale, True)
+    weights = _empty_keys(call)[1] if call.k_len == 0 else _math_weights(call)
+    return weights.squeeze(1) if three_d else weights
+
+
+def which_backend(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | AttentionMask | None = None,
+    *,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_weights: bool = False,
+    backend: str = "auto",
+) -> BackendChoice:
+    """Which backend :func:`scaled_dot_product_attention` would run for these inputs, and why.
+
+    Example:
+        >>> import torch
+        >>> from attnkit.functional import which_backend, CausalMask
+        >>> q = torch.randn(1, 2, 4, 8)
+        >>> which_backend(q, q, q, CausalMask()).name
+        'sdpa'
+        >>> which_backend(q, q, q, return_weights=True).name
+        'math'
+    """
+    call, _ = _prepare(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights)
+    return _choose(call, backend)

@@ -1,0 +1,57 @@
+"""Name -> class registry: ``create_attention("cbam", 64)``, ``list_attentions()``.
+
+A dict, not an if-chain. Modules register themselves with :func:`register_attention` where they are defined;
+importing :mod:`attnkit.layers` fills the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from torch import nn
+
+T = TypeVar("T", bound=type[nn.Module])
+
+_REGISTRY: dict[str, type[nn.Module]] = {}
+
+
+def register_attention(*names: str) -> Callable[[T], T]:
+    """Class decorator: make a module constructible by name (first name is the canonical one)."""
+
+    def wrap(cls: T) -> T:
+        for name in names:
+            key = name.lower()
+            if key in _REGISTRY and _REGISTRY[key] is not cls:
+                raise ValueError(f"attention name {key!r} is already registered to {_REGISTRY[key].__name__}")
+            _REGISTRY[key] = cls
+        return cls
+
+    return wrap
+
+
+def _ensure_loaded() -> None:
+    import attnkit.layers  # noqa: F401  (registers the built-in modules)
+
+
+def list_attentions() -> list[str]:
+    """Every registered name, sorted."""
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def get_attention_class(name: str) -> type[nn.Module]:
+    _ensure_loaded()
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _REGISTRY:
+        raise ValueError(f"expected an attention name in {sorted(_REGISTRY)}, got {name!r}; try list_attentions()")
+    return _REGISTRY[key]
+
+
+def create_attention(name: str, *args: Any, **kwargs: Any) -> nn.Module:
+    """Build a registered attention module by name: ``create_attention("se", 64, rd_ratio=1/8)``.
+
+    Raises:
+        ValueError: the name is unknown; the message lists the valid names.
+    """
+    return get_attention_class(name)(*args, **kwargs)

@@ -15,6 +15,7 @@ class Section:
         title: heading.
         summary: a sentence or two of plain text (escaped when rendered).
         table: optional rows (first row = header) of plain text cells.
+        more_tables: further tables of the same form.
         images: paths of pictures, relative to the tour's output folder.
         links: ``(label, relative path)`` pairs (HTML viewers, JSON results, ...).
         seconds: how long the section took.
@@ -26,11 +27,14 @@ class Section:
     images: list[str] = field(default_factory=list)
     links: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    more_tables: list[list[list[str]]] = field(default_factory=list)
 
     def to_html(self) -> str:
         parts = [f"<section><h2>{html.escape(self.title)}</h2>", f"<p>{html.escape(self.summary)}</p>"]
-        if self.table:
-            head, *rows = self.table
+        for table in [self.table, *self.more_tables]:
+            if not table:
+                continue
+            head, *rows = table
             parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr></thead>")
             parts.append(
                 "<tbody>"

@@ -1,0 +1,112 @@
+"""``attnkit tour``: a short run of every capability on the embedded data, gathered in one offline page.
+
+Each task module offers ``tour_section(out_dir, quick) -> Section``; the tour runs them in order, keeps going when
+one fails (the failure is shown on the page and the exit status is 1), and writes ``index.html`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import importlib
+import time
+import traceback
+from pathlib import Path
+
+from attnkit.tasks.report import Section
+
+HELP = "run a short version of every capability on the embedded data and write one offline index.html"
+
+# name -> (task module, what the section shows); the order is the tour's order.
+SECTIONS: dict[str, tuple[str, str]] = {
+    "kernels": ("attnkit.tasks.kernels", "dense kernels, masks, backends and their bench table"),
+    "long": ("attnkit.tasks.long", "sliding-window, block-sparse and chunked kernels"),
+    "explain": ("attnkit.tasks.explain", "multi-head attention in a real pretrained MiniLM"),
+    "classify": ("attnkit.tasks.classify", "SE / ECA / CBAM on real images"),
+    "caption": ("attnkit.tasks.caption", "soft vs hard attention captioning digit scenes"),
+    "glimpse": ("attnkit.tasks.glimpse", "a recurrent attention model taking glimpses"),
+    "translate": ("attnkit.tasks.translate", "translation with attention on Bible verses"),
+}
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} section{border-top:1px solid #ddd;margin-top:2em;padding-top:1em}
+table{border-collapse:collapse;margin:1em 0;font-size:.9em} th,td{border:1px solid #ccc;padding:.3em .6em}
+th{background:#f4f4f4} img{max-width:100%;border:1px solid #eee} figure{margin:1em 0}
+.time{color:#888;font-size:.8em} .fail{color:#a00} pre{background:#f8f8f8;padding:.5em;overflow:auto}
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/tour", help="output folder (default runs/tour)")
+    parser.add_argument("--quick", action="store_true", help="the CI-sized tour (about 3 minutes on 2 cores)")
+    parser.add_argument(
+        "--only", default=None, help=f"comma-separated sections to run, from: {', '.join(SECTIONS)} (default all)"
+    )
+
+
+def _selected(only: str | None) -> list[str]:
+    if not only:
+        return list(SECTIONS)
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise ValueError(f"expected sections from {list(SECTIONS)}, got {unknown}; try --only kernels")
+    return names
+
+
+def run_section(name: str, out_dir: Path, quick: bool) -> tuple[Section, bool]:
+    """Run one section; a failure becomes a section that shows the error (and ``False``)."""
+    module_name, what = SECTIONS[name]
+    start = time.perf_counter()
+    try:
+        module = importlib.import_module(module_name)
+        section = module.tour_section(out_dir, quick)
+        ok = True
+    except Exception as err:  # noqa: BLE001 - the tour reports every failure and goes on
+        section = Section(f"{name}: failed", f"{what}: {type(err).__name__}: {err}")
+        section.links = []
+        section.table = [["traceback"], *[[line] for line in traceback.format_exc().splitlines()[-8:]]]
+        ok = False
+    section.seconds = time.perf_counter() - start
+    return section, ok
+
+
+def write_index(out_dir: Path, sections: list[Section], quick: bool, total: float) -> Path:
+    body = "\n".join(s.to_html() for s in sections)
+    mode = "quick" if quick else "full"
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>attnkit tour</title><style>{_STYLE}</style></head>
+<body><h1>attnkit tour</h1>
+<p>Every section below was produced by this run ({html.escape(mode)} mode, {total:.0f} s), on data that ships
+offline in packages. Pictures and tables sit beside this page; nothing is fetched from the network.</p>
+<ul>{"".join(f'<li>{html.escape(s.title)} ({s.seconds:.0f} s)</li>' for s in sections)}</ul>
+{body}
+</body></html>
+"""
+    path = out_dir / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _selected(args.only)
+    sections: list[Section] = []
+    failed: list[str] = []
+    start = time.perf_counter()
+    for i, name in enumerate(names, 1):
+        print(f"[tour {i}/{len(names)}] {name}: {SECTIONS[name][1]}", flush=True)
+        section, ok = run_section(name, out_dir, args.quick)
+        sections.append(section)
+        print(f"[tour {i}/{len(names)}] {name}: {'done' if ok else 'FAILED'} in {section.seconds:.1f} s", flush=True)
+        if not ok:
+            failed.append(name)
+        write_index(out_dir, sections, args.quick, time.perf_counter() - start)  # a partial page survives a crash
+    index = write_index(out_dir, sections, args.quick, time.perf_counter() - start)
+    print(f"tour written to {index} in {time.perf_counter() - start:.0f} s")
+    if failed:
+        print(f"failed sections: {', '.join(failed)}")
+        return 1
+    return 0

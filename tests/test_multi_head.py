@@ -1,0 +1,175 @@
+"""MultiHeadAttention: parity with torch.nn.MultiheadAttention, GQA/MQA, masks, capture hook, gradients."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from attnkit import create_attention
+from attnkit.functional import CausalMask, attention_reference
+from attnkit.layers import MultiHeadAttention
+
+D, H = 16, 4
+
+
+def _torch_pair(kdim=None, vdim=None, bias=True):
+    torch.manual_seed(1)
+    ref = nn.MultiheadAttention(D, H, batch_first=True, kdim=kdim, vdim=vdim, bias=bias, dtype=torch.float64)
+    with torch.no_grad():  # non-zero biases so the copy of every tensor is tested
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return ref, MultiHeadAttention.from_torch(ref)
+
+
+B, L, S = 3, 5, 7
+CASES = ["none", "key_padding", "bool_mask", "float_mask", "bool_and_padding"]
+
+
+def _masks(case: str, q_len: int, k_len: int):
+    """(kwargs for nn.MultiheadAttention, kwargs for attnkit) with the same meaning."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([k_len, 4, 1])
+    pad = torch.arange(k_len).view(1, k_len) >= lengths.view(B, 1)  # torch meaning: True = ignore
+    allowed = torch.rand(q_len, k_len, generator=g) > 0.4
+    allowed[:, 0] = True  # no fully masked row: nn.MultiheadAttention gives NaN there, attnkit zeros
+    floatm = torch.randn(q_len, k_len, generator=g, dtype=torch.float64)
+    floatm[1, 3] = float("-inf")
+    return {
+        "none": ({}, {}),
+        "key_padding": ({"key_padding_mask": pad}, {"key_mask": ~pad}),
+        "bool_mask": ({"attn_mask": ~allowed}, {"attn_mask": allowed}),
+        "float_mask": ({"attn_mask": floatm}, {"attn_mask": floatm}),
+        "bool_and_padding": ({"attn_mask": ~allowed, "key_padding_mask": pad},
+                             {"attn_mask": allowed, "key_mask": ~pad}),
+    }[case]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_parity_with_torch(case, cross):
+    ref, ours = _torch_pair(6, 6) if cross else _torch_pair()
+    x = torch.randn(B, L if cross else S, D, dtype=torch.float64)  # (B, L, D)
+    theirs_kw, ours_kw = _masks(case, x.shape[1], S)
+    if cross:
+        mem = torch.randn(B, S, 6, dtype=torch.float64)  # (B, S, kdim)
+        out_t, w_t = ref(x, mem, mem, need_weights=True, **theirs_kw)
+        out_o, w_o = ours(x, mem, need_weights=True, **ours_kw)
+    else:
+        out_t, w_t = ref(x, x, x, need_weights=True, **theirs_kw)
+        out_o, w_o = ours(x, need_weights=True, **ours_kw)
+    torch.testing.assert_close(out_o, out_t, atol=1e-6, rtol=0)
+    torch.testing.assert_close(w_o.mean(1), w_t, atol=1e-6, rtol=0)
+
+
+def test_parity_with_torch_causal():
+    ref, ours = _torch_pair()
+    x = torch.randn(B, S, D, dtype=torch.float64)
+    causal = nn.Transformer.generate_square_subsequent_mask(S, dtype=torch.float64)
+    out_t, w_t = ref(x, x, x, attn_mask=causal, is_causal=True, need_weights=True)
+    out_o, w_o = ours(x, is_causal=True, need_weights=True)
+    torch.testing.assert_close(out_o, out_t, atol=1e-6, rtol=0)
+    torch.testing.assert_close(w_o.mean(1), w_t, atol=1e-6, rtol=0)
+    out_m = ours(x, attn_mask=CausalMask())  # the structured mask object is the same causal mask
+    torch.testing.assert_close(out_m, out_t, atol=1e-6, rtol=0)
+
+
+def test_no_bias_and_registry():
+    ref, ours = _torch_pair(bias=False)
+    x = torch.randn(2, 4, D, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), ref(x, x, x, need_weights=False)[0], atol=1e-6, rtol=0)
+    assert isinstance(create_attention("mha", 8, 2), MultiHeadAttention)
+    assert isinstance(create_attention("multi_head", 8, 2), MultiHeadAttention)
+
+
+def _manual(mha: MultiHeadAttention, x: torch.Tensor, mask=None, causal=False) -> torch.Tensor:
+    """Multi-head attention written out with the reference kernel (K/V heads repeated for GQA)."""
+    b, n, _ = x.shape
+    q = mha.q_proj(x).view(b, n, mha.num_heads, mha.head_dim).transpose(1, 2)  # (B, H, L, E)
+    k = mha.k_proj(x).view(b, n, mha.num_kv_heads, mha.head_dim).transpose(1, 2)  # (B, Hkv, S, E)
+    v = mha.v_proj(x).view(b, n, mha.num_kv_heads, mha.head_dim).transpose(1, 2)  # (B, Hkv, S, E)
+    rep = mha.num_heads // mha.num_kv_heads
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # (B, H, S, E)
+    out, _ = attention_reference(q, k, v, mask, is_causal=causal)
+    return mha.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_gqa_matches_repeated_heads(kv_heads):
+    mha = MultiHeadAttention(D, H, num_kv_heads=kv_heads, dtype=torch.float64)
+    assert mha.k_proj.out_features == kv_heads * D // H
+    x = torch.randn(2, 6, D, dtype=torch.float64)
+    key_mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    got = mha(x, key_mask=key_mask, is_causal=True)
+    want = _manual(mha, x, key_mask.view(2, 1, 1, 6), causal=True)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_fully_masked_rows_are_zero_and_finite_gradients():
+    mha = MultiHeadAttention(D, H, dtype=torch.float64)
+    x = torch.randn(2, 4, D, dtype=torch.float64, requires_grad=True)
+    key_mask = torch.tensor([[True] * 4, [False] * 4])
+    out, w = mha(x, key_mask=key_mask, need_weights=True)
+    assert torch.isfinite(out).all() and torch.isfinite(w).all()
+    assert (w[1] == 0).all()
+    # with no key, the output is the output projection's bias alone
+    torch.testing.assert_close(out[1], mha.out_proj.bias.expand(4, D))
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_gradcheck_gqa_qknorm():
+    mha = MultiHeadAttention(8, 4, num_kv_heads=2, qk_norm=True, dtype=torch.float64)
+    x = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: mha(t, is_causal=True), (x,))
+
+
+def test_capture_hook_sees_exact_weights():
+    mha = MultiHeadAttention(D, H, num_kv_heads=2, dtype=torch.float64)
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    seen = []
+    remove = mha.attend.add_observer(lambda module, w: seen.append(w))
+    out, w = mha(x, is_causal=True, need_weights=True)
+    remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], w)
+    assert not any(isinstance(v, torch.Tensor) and v.shape == w.shape for v in vars(mha).values())
+    torch.testing.assert_close(mha(x, is_causal=True), out)  # bit-for-bit path without observers
+
+
+def test_tutorial_call_and_devices():
+    mha = MultiHeadAttention(32, 4)
+    x = torch.randn(2, 7, 32)
+    assert mha(x).shape == (2, 7, 32)
+    assert mha.q_proj.weight.dtype == torch.float32
+    m64 = MultiHeadAttention(32, 4, device="cpu", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in m64.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, call, match",
+    [
+        ({"embed_dim": 10, "num_heads": 3}, None, "divisible"),
+        ({"embed_dim": 8, "num_heads": 4, "num_kv_heads": 3}, None, "num_kv_heads"),
+        ({"embed_dim": 8, "num_heads": 2}, {"query": torch.randn(3, 8)}, "query of shape"),
+        ({"embed_dim": 8, "num_heads": 2}, {"query": torch.randn(1, 3, 8), "key_mask": torch.ones(1, 3)},
+         "key_mask"),
+        ({"embed_dim": 8, "num_heads": 2}, {"query": torch.randn(1, 3, 8), "attn_mask": torch.ones(2, 3, 3, 3) > 0},
+         "attn_mask"),
+        ({"embed_dim": 8, "num_heads": 2}, {"query": torch.randn(1, 3, 8), "key": torch.randn(1, 3, 5)}, "kdim"),
+    ],
+)
+def test_errors_say_the_fix(kwargs, call, match):
+    with pytest.raises(ValueError, match=match) as err:
+        mha = MultiHeadAttention(**kwargs)
+        mha(**call)
+    assert "; try " in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["attnkit.layers.multi_head"])
+def test_doctests(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

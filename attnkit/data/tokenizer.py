@@ -41,7 +41,7 @@ class Tokenizer:
         try:
             self._sp.LoadFromSerializedProto(self._proto)
         except RuntimeError as err:
-            raise fail("a serialized sentencepiece model", f"unreadable bytes ({err})", "Tokenizer.train(...)") from None
+            raise fail("a serialized sentencepiece model", f"unreadable bytes ({err})", "Tokenizer.train") from None
         if self._sp.pad_id() != PAD or self._sp.bos_id() != BOS or self._sp.eos_id() != EOS:
             raise fail(
                 f"a sentencepiece model with pad={PAD}, unk={UNK}, bos={BOS}, eos={EOS}",

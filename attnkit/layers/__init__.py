@@ -27,3 +27,13 @@ from .position import (  # noqa: E402
 __all__ += ["KVCache", "MultiHeadAttention", "RingKVCache"]
 __all__ += ["ALiBiPosition", "LearnedPosition", "PositionEncoding", "RotaryPosition", "ShawRelative"]
 __all__ += ["SinusoidalPosition", "T5RelativeBias"]
+from .transformer import (  # noqa: E402
+    DecoderLayerCache,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
+
+__all__ += ["DecoderLayerCache", "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder"]
+__all__ += ["TransformerEncoderLayer"]

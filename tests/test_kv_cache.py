@@ -1,0 +1,116 @@
+"""KV-cache decoding equals full recomputation; cache growth; the sliding-window ring buffer stays bounded."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+import torch
+
+from attnkit.layers import (
+    ALiBiPosition,
+    KVCache,
+    LearnedPosition,
+    MultiHeadAttention,
+    RingKVCache,
+    RotaryPosition,
+    ShawRelative,
+    SinusoidalPosition,
+    T5RelativeBias,
+)
+
+D, H = 32, 4
+
+POSITIONS = {
+    "none": lambda: None,
+    "rope": lambda: RotaryPosition(D // H),
+    "alibi": lambda: ALiBiPosition(H),
+    "t5": lambda: T5RelativeBias(H, bidirectional=False, num_buckets=8, max_distance=16),
+    "shaw": lambda: ShawRelative(D // H, max_distance=3),
+    "sinusoidal": lambda: SinusoidalPosition(D),
+    "learned": lambda: LearnedPosition(64, D),
+}
+
+
+def _decode(mha: MultiHeadAttention, x: torch.Tensor, cache: KVCache, blocks: list[int]) -> torch.Tensor:
+    """Feed ``x`` through the cache in blocks of the given sizes; return the outputs side by side."""
+    outs, start = [], 0
+    for size in blocks:
+        outs.append(mha(x[:, start : start + size], cache=cache, is_causal=True))
+        start += size
+    assert start == x.shape[1]
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("kv_heads", [H, 1], ids=["mha", "mqa"])
+@pytest.mark.parametrize("position", list(POSITIONS))
+def test_cached_decoding_equals_full_recompute(position, kv_heads):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(D, H, num_kv_heads=kv_heads, position=POSITIONS[position]()).eval()
+    x = torch.randn(2, 12, D)  # (B, L, D)
+    full = mha(x, is_causal=True)
+    cache = KVCache(capacity=2)  # grows by doubling during the run
+    step = _decode(mha, x, cache, [5, 1, 1, 3, 1, 1])  # a prefill, single tokens and a block (lower-right)
+    assert cache.length == 12
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("position", ["none", "rope", "alibi"])
+def test_gqa_cached_decoding(position):
+    mha = MultiHeadAttention(D, H, num_kv_heads=2, position=POSITIONS[position]()).eval()
+    x = torch.randn(3, 9, D)
+    cache = KVCache()
+    torch.testing.assert_close(_decode(mha, x, cache, [1] * 9), mha(x, is_causal=True), atol=1e-5, rtol=0)
+    assert cache.keys is not None and cache.keys.shape == (3, 2, 9, D // H)  # only Hkv heads are stored
+
+
+@pytest.mark.parametrize("position", ["none", "rope", "alibi"])
+@pytest.mark.parametrize("blocks", [[1] * 14, [6, 1, 4, 1, 1, 1]], ids=["tokens", "blocks"])
+def test_ring_buffer_sliding_window_equals_full_recompute(position, blocks):
+    window = 4
+    mha = MultiHeadAttention(D, H, num_kv_heads=2, window=window, position=POSITIONS[position]()).eval()
+    x = torch.randn(2, 14, D)
+    full = mha(x, is_causal=True)  # the window mask on the whole sequence
+    ring = RingKVCache(window)
+    torch.testing.assert_close(_decode(mha, x, ring, blocks), full, atol=1e-5, rtol=0)
+    assert ring.keys is not None and ring.keys.shape[2] == window  # memory bounded by the window
+    assert sorted(ring.slot_positions.tolist()) == list(range(14 - window, 14))
+
+
+def test_window_mask_semantics():
+    mha = MultiHeadAttention(8, 2, window=3, dtype=torch.float64)
+    _, w = mha(torch.randn(1, 6, 8, dtype=torch.float64), is_causal=True, need_weights=True)
+    allowed = w[0, 0] > 0  # (L, S)
+    i, j = torch.arange(6).view(-1, 1), torch.arange(6).view(1, -1)
+    assert torch.equal(allowed, (j <= i) & (i - j < 3))
+
+
+def test_kv_cache_growth_and_views():
+    cache = KVCache(capacity=2)
+    ks = [torch.randn(1, 2, n, 4) for n in (1, 2, 3)]
+    for k in ks:
+        keys, values, pos = cache.update(k, k * 2)
+    assert cache._k.shape[2] == 8  # 2 -> 4 -> 8
+    torch.testing.assert_close(keys, torch.cat(ks, dim=2))
+    torch.testing.assert_close(values, 2 * keys)
+    assert pos.tolist() == list(range(6))
+    with pytest.raises(ValueError, match="cache.reset"):
+        cache.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))
+    cache.reset()
+    assert cache.length == 0 and cache.keys is None
+
+
+def test_cache_errors():
+    mha = MultiHeadAttention(D, H)
+    with pytest.raises(ValueError, match="self-attention"):
+        mha(torch.randn(1, 2, D), torch.randn(1, 3, D), cache=KVCache())
+    with pytest.raises(ValueError, match="window"):
+        mha(torch.randn(1, 2, D), cache=RingKVCache(4))  # a ring drops keys: the module must use the window
+    with pytest.raises(ValueError, match="window"):
+        RingKVCache(0)
+
+
+def test_doctests():
+    result = doctest.testmod(importlib.import_module("attnkit.layers.cache"), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -1,0 +1,406 @@
+"""Sliding-window (local) attention, blockwise: O(N·w) time and memory, forward and backward.
+
+Paper: "Longformer: The Long-Document Transformer", Beltagy, Peters and Cohan, 2020.
+https://arxiv.org/abs/2004.05150 (the windowed pattern; the blocked "look backward / look forward" parameterisation
+is the one of the ``local-attention`` package, so the two can be compared one to one).
+
+The window structure. Positions are cut into buckets of ``window`` tokens (bucket ``p // window``). A query in
+bucket ``b`` may attend to the keys of buckets ``b - look_backward`` to ``b + look_forward``; with ``causal=True``
+also only to keys at positions ``<=`` its own. With ``L`` queries and ``S`` keys, query ``i`` sits at position
+``i + S - L`` (aligned to the end, as the newest queries of a decoding step).
+
+How it is fast. The band is cut into *pieces*: for every block offset ``d`` one batched call of PyTorch's CPU flash
+kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``) over all blocks at once, using views of the inputs
+and no copies; the diagonal piece runs with ``is_causal`` so it costs half. The pieces' outputs are merged exactly
+with their log-sum-exp, and the backward pass drives the flash backward kernel of every piece with the *merged*
+output and log-sum-exp (the recurrence of ring attention), so training also costs O(N·w). Inputs the fast path does
+not cover (a key-padding mask, ``L != S``) go through a readable blockwise path with autograd that is O(N·w) as well.
+
+Example:
+    >>> import torch
+    >>> from attnkit.functional import sliding_window_attention, WindowMask, scaled_dot_product_attention
+    >>> q = k = v = torch.randn(1, 2, 100, 16)                      # (B, H, N, E)
+    >>> out = sliding_window_attention(q, k, v, window=32)         # causal, one window back
+    >>> out.shape
+    torch.Size([1, 2, 100, 16])
+    >>> dense = scaled_dot_product_attention(q, k, v, WindowMask(32).materialize(100, 100))
+    >>> torch.allclose(out, dense, atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _validate as V
+from ._reference import expand_kv_heads
+from .dense import AttentionCall, Backend, register_backend
+from .masks import AndMask, AttentionMask, PaddingMask, padding_mask
+
+__all__ = ["WindowMask", "sliding_window_attention"]
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+# --------------------------------------------------------------------------------------------- the mask object
+@dataclass(frozen=True)
+class WindowMask(AttentionMask):
+    """Blocked sliding-window structure (``True`` = may attend in :meth:`materialize`).
+
+    A query in bucket ``b = pos // window`` sees the keys of buckets ``b - look_backward`` ... ``b + look_forward``,
+    and with ``causal`` only keys at positions ``<=`` its own. Query ``i`` of ``L`` sits at position ``i + S - L``.
+
+    Args:
+        window: bucket size in tokens (``w``).
+        look_backward: how many buckets back a query sees.
+        look_forward: how many buckets ahead a query sees (use 0 with ``causal``).
+        causal: also forbid keys after the query's position.
+
+    Example:
+        >>> WindowMask(2).materialize(5, 5)[0, 0].int()
+        tensor([[1, 0, 0, 0, 0],
+                [1, 1, 0, 0, 0],
+                [1, 1, 1, 0, 0],
+                [1, 1, 1, 1, 0],
+                [0, 0, 1, 1, 1]], dtype=torch.int32)
+    """
+
+    window: int
+    look_backward: int = 1
+    look_forward: int = 0
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        _check_window(self.window, self.look_backward, self.look_forward)
+
+    def materialize(self, q_len: int, k_len: int, *, device: torch.device | str | None = None) -> Tensor:
+        """The boolean ``(1, 1, L, S)`` mask, ``True`` = may attend (the dense reference of the structure)."""
+        q_pos = torch.arange(q_len, device=device) + (k_len - q_len)  # (L,)
+        k_pos = torch.arange(k_len, device=device)  # (S,)
+        q_bucket = torch.div(q_pos, self.window, rounding_mode="floor").unsqueeze(1)  # (L, 1)
+        k_bucket = torch.div(k_pos, self.window, rounding_mode="floor").unsqueeze(0)  # (1, S)
+        allowed = (k_bucket >= q_bucket - self.look_backward) & (k_bucket <= q_bucket + self.look_forward)  # (L, S)
+        if self.causal:
+            allowed = allowed & (k_pos.unsqueeze(0) <= q_pos.unsqueeze(1))
+        return allowed.view(1, 1, q_len, k_len)
+
+
+def _check_window(window: object, look_backward: object, look_forward: object) -> None:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise V.fail("window to be a positive int", repr(window), "window=512")
+    for name, x in (("look_backward", look_backward), ("look_forward", look_forward)):
+        if not isinstance(x, int) or isinstance(x, bool) or x < 0:
+            raise V.fail(f"{name} to be an int >= 0", repr(x), f"{name}=1")
+
+
+# --------------------------------------------------------------------------------------------- piece engine
+@dataclass(frozen=True)
+class _Piece:
+    """One batched flash call: query blocks ``q`` against key blocks ``k`` (slices, or index tensors).
+
+    Within one piece a query block appears at most once, so merging a piece into the running result is a plain
+    per-row update. ``mask`` is an optional additive float mask broadcastable to ``(BH, P, w, w)``.
+    """
+
+    q: slice | Tensor
+    k: slice | Tensor
+    causal: bool
+    mask: Tensor | None = None
+
+
+def _take(x: Tensor, index: slice | Tensor) -> Tensor:
+    return x[:, index] if isinstance(index, slice) else x.index_select(1, index)
+
+
+def _add_into(acc: Tensor, index: slice | Tensor, x: Tensor) -> None:
+    if isinstance(index, slice):
+        acc[:, index] += x
+    else:
+        acc.index_add_(1, index, x)
+
+
+def _pieces_forward(q4: Tensor, k4: Tensor, v4: Tensor, pieces: list[_Piece], scale: float) -> tuple[Tensor, Tensor]:
+    """Run every piece and merge them exactly with the log-sum-exp.
+
+    ``q4 (BH, Nq, w, E)``, ``k4 (BH, Nk, w, E)``, ``v4 (BH, Nk, w, Ev)`` -> ``out (BH, Nq, w, Ev)``,
+    ``lse (BH, Nq, w)``. Query blocks no piece touches give zeros and ``lse = -inf``. The first piece must touch
+    every query block that any later piece touches.
+    """
+    bh, nq, w, _ = q4.shape
+    lse_dtype = torch.float64 if q4.dtype == torch.float64 else torch.float32
+    out = q4.new_zeros(bh, nq, w, v4.shape[-1])  # (BH, Nq, w, Ev)
+    lse = torch.full((bh, nq, w), float("-inf"), dtype=lse_dtype, device=q4.device)  # (BH, Nq, w)
+    for n, p in enumerate(pieces):
+        o_p, l_p = _flash(_take(q4, p.q), _take(k4, p.k), _take(v4, p.k), 0.0, p.causal, attn_mask=p.mask, scale=scale)
+        if n == 0:
+            if isinstance(p.q, slice):
+                out[:, p.q] = o_p
+                lse[:, p.q] = l_p
+            else:
+                out.index_copy_(1, p.q, o_p)
+                lse.index_copy_(1, p.q, l_p)
+            continue
+        l_old = _take(lse, p.q)  # (BH, P, w)
+        l_new = torch.logaddexp(l_old, l_p)  # (BH, P, w)
+        weight = torch.exp(l_p - l_new).to(o_p.dtype).unsqueeze(-1)  # (BH, P, w, 1): share of the new piece
+        if isinstance(p.q, slice):
+            o_old = out[:, p.q]  # a view: updated in place
+            o_old += (o_p - o_old) * weight
+            lse[:, p.q] = l_new
+        else:
+            o_old = out.index_select(1, p.q)
+            out.index_copy_(1, p.q, o_old + (o_p - o_old) * weight)
+            lse.index_copy_(1, p.q, l_new)
+    return out, lse
+
+
+def _pieces_backward(
+    grad: Tensor, q4: Tensor, k4: Tensor, v4: Tensor, out: Tensor, lse: Tensor, pieces: list[_Piece], scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`_pieces_forward`: each piece's flash backward, fed the merged output and log-sum-exp."""
+    dq, dk, dv = torch.zeros_like(q4), torch.zeros_like(k4), torch.zeros_like(v4)
+    for p in pieces:
+        g_q, g_k, g_v = _flash_backward(
+            _take(grad, p.q).contiguous(),
+            _take(q4, p.q),
+            _take(k4, p.k),
+            _take(v4, p.k),
+            _take(out, p.q).contiguous(),
+            _take(lse, p.q).contiguous(),
+            0.0,
+            p.causal,
+            attn_mask=p.mask,
+            scale=scale,
+        )
+        _add_into(dq, p.q, g_q)
+        _add_into(dk, p.k, g_k)
+        _add_into(dv, p.k, g_v)
+    return dq, dk, dv
+
+
+class _PiecesFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q4, k4, v4, pieces, scale):  # type: ignore[no-untyped-def, override]
+        out, lse = _pieces_forward(q4, k4, v4, pieces, scale)
+        ctx.save_for_backward(q4, k4, v4, out, lse)
+        ctx.pieces, ctx.scale = pieces, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_lse):  # type: ignore[no-untyped-def, override]
+        q4, k4, v4, out, lse = ctx.saved_tensors
+        dq, dk, dv = _pieces_backward(grad_out, q4, k4, v4, out, lse, ctx.pieces, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def run_pieces(q4: Tensor, k4: Tensor, v4: Tensor, pieces: list[_Piece], scale: float) -> tuple[Tensor, Tensor]:
+    """Blocked attention over ``pieces`` with an exact flash backward: ``(out, lse)`` (``lse`` has no gradient)."""
+    return _PiecesFn.apply(q4, k4, v4, pieces, scale)  # type: ignore[no-any-return]
+
+
+def same_head_dim(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Zero-pad ``q, k`` or ``v`` on the last dim so that ``E == Ev`` (scores and outputs are unchanged)."""
+    e, ev = q.shape[-1], v.shape[-1]
+    if e < ev:
+        q, k = F.pad(q, (0, ev - e)), F.pad(k, (0, ev - e))
+    elif ev < e:
+        v = F.pad(v, (0, e - ev))
+    return q, k, v
+
+
+# --------------------------------------------------------------------------------------------- sliding window
+def _window_fast(q: Tensor, k: Tensor, v: Tensor, win: WindowMask, scale: float) -> Tensor:
+    """``L == S``, no key mask: one flash call per block offset, merged with the log-sum-exp."""
+    b, h, n, e = q.shape
+    w = win.window
+    nb = -(-n // w)
+    pad = nb * w - n
+    k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)  # (B, H, N, E|Ev)
+    ev = v.shape[-1]
+    q, k, v = same_head_dim(q, k, v)  # the flash kernel wants E == Ev: zero columns change nothing
+    e = q.shape[-1]
+    if pad:  # zero rows at the end; padded keys are masked below (or unreachable when causal)
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    q4 = q.reshape(b * h, nb, w, e)  # (BH, nb, w, E): a view when q is contiguous
+    k4 = k.reshape(b * h, nb, w, e)  # (BH, nb, w, E)
+    v4 = v.reshape(b * h, nb, w, e)  # (BH, nb, w, E)
+    back = min(win.look_backward, nb - 1)
+    ahead = 0 if win.causal else min(win.look_forward, nb - 1)
+    offsets = [0, *range(-1, -back - 1, -1), *range(1, ahead + 1)]
+    pieces = []
+    for d in offsets:  # query block i sees key block i + d (with causal, blocks ahead are all masked: skipped)
+        q_idx = slice(max(0, -d), nb - max(0, d))
+        k_idx = slice(max(0, d), nb - max(0, -d))
+        mask = None
+        reads_last = k_idx.stop == nb and not (win.causal and d == 0)
+        if pad and reads_last:  # the last key block is part padding: hide those keys from the row that reads it
+            count = k_idx.stop - k_idx.start
+            mask = q4.new_zeros(1, count, 1, w)  # (1, P, 1, w), additive
+            mask[0, -1, 0, w - pad :] = float("-inf")
+        pieces.append(_Piece(q_idx, k_idx, win.causal and d == 0, mask))
+    out, _ = run_pieces(q4, k4, v4, pieces, scale)  # (BH, nb, w, Ev)
+    return out.view(b, h, nb * w, e)[:, :, :n, :ev]  # (B, H, N, Ev)
+
+
+def _window_blockwise(
+    q: Tensor, k: Tensor, v: Tensor, win: WindowMask, key_mask: Tensor | None, scale: float
+) -> Tensor:
+    """Readable blockwise path (autograd): gather each query block's key buckets, then one masked SDPA call."""
+    b, h, q_len, e = q.shape
+    k_len, w = k.shape[2], win.window
+    lb, lf = win.look_backward, win.look_forward
+    k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)  # (B, H, S, E|Ev)
+    offset = k_len - q_len  # query i sits at position i + offset
+    first = offset // w  # bucket of the first query
+    front = offset % w  # its place inside that bucket
+    nq = -(-(front + q_len) // w)  # query blocks
+    nk = -(-k_len // w)  # key buckets
+    q5 = F.pad(q, (0, 0, front, nq * w - front - q_len)).view(b, h, nq, w, e)  # (B, H, nq, w, E)
+
+    def buckets(x: Tensor) -> Tensor:  # (B, H, S, X) -> (B, H, nq, (lb+1+lf)*w, X): each query block's keys
+        x = F.pad(x, (0, 0, lb * w, (nk * w - k_len) + lf * w))  # zero buckets around; masked below
+        x = x.view(*x.shape[:2], nk + lb + lf, w, x.shape[-1])  # (B, H, nk+lb+lf, w, X)
+        parts = [x[:, :, first + d : first + d + nq] for d in range(lb + lf + 1)]
+        return torch.cat(parts, dim=3)  # (B, H, nq, ctx, X)
+
+    k5, v5 = buckets(k), buckets(v)  # (B, H, nq, ctx, E|Ev)
+    dev = q.device
+    q_pos = (first * w + torch.arange(nq * w, device=dev)).view(nq, w, 1)  # (nq, w, 1)
+    k_pos = ((first - lb) * w + torch.arange(nq, device=dev).view(nq, 1, 1) * w
+             + torch.arange((lb + 1 + lf) * w, device=dev).view(1, 1, -1))  # (nq, 1, ctx)
+    allowed = (k_pos >= 0) & (k_pos < k_len)  # (nq, 1, ctx): real keys only
+    allowed = allowed & (k_pos <= q_pos) if win.causal else allowed.expand(nq, w, -1)  # (nq, w, ctx)
+    allowed = allowed.view(1, 1, nq, w, -1)  # (1, 1, nq, w, ctx)
+    if key_mask is not None:
+        km = buckets(key_mask.view(b, 1, k_len, 1).to(q.dtype))  # (B, 1, nq, ctx, 1)
+        allowed = allowed & (km.transpose(-1, -2) > 0)  # (B, 1, nq, w, ctx)
+    alive = allowed.any(-1, keepdim=True)  # (B|1, 1, nq, w, 1)
+    allowed = allowed | ~alive  # dead rows see everything (finite), zeroed below
+    allowed = allowed.expand(b, h, nq, w, allowed.shape[-1]).reshape(b, h * nq, w, -1)  # (B, H*nq, w, ctx)
+    out = F.scaled_dot_product_attention(
+        q5.reshape(b, h * nq, w, e), k5.reshape(b, h * nq, -1, e), v5.reshape(b, h * nq, -1, v.shape[-1]),
+        attn_mask=allowed, scale=scale,
+    ).view(b, h, nq, w, -1)  # (B, H, nq, w, Ev)
+    out = out * alive  # fully masked rows -> zeros (and zero gradients)
+    return out.reshape(b, h, nq * w, -1)[:, :, front : front + q_len]  # (B, H, L, Ev)
+
+
+def sliding_window_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    window: int,
+    causal: bool = True,
+    look_backward: int = 1,
+    look_forward: int = 0,
+    key_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Exact attention restricted to a blocked sliding window (:class:`WindowMask`), in O(N·w) time and memory.
+
+    Equivalent to ``scaled_dot_product_attention(query, key, value, mask)`` with
+    ``mask = WindowMask(window, look_backward=..., look_forward=..., causal=...).materialize(L, S) & key_mask``,
+    without ever building the ``L x S`` mask or scores.
+
+    Args:
+        query: ``(B, H, L, E)``.
+        key: ``(B, Hkv, S, E)``, ``Hkv`` dividing ``H`` (grouped-query attention).
+        value: ``(B, Hkv, S, Ev)``.
+        window: bucket size ``w`` in tokens.
+        causal: also forbid keys after the query's position.
+        look_backward: buckets back a query sees (``1``: its own and the previous one).
+        look_forward: buckets ahead a query sees.
+        key_mask: optional boolean ``(B, S)``, ``True`` = real key that may be attended (key padding).
+        scale: score scale, ``1/sqrt(E)`` when ``None``.
+
+    Returns:
+        ``(B, H, L, Ev)``; query ``i`` sits at position ``i + S - L``. Rows with no key to attend to give zeros.
+
+    Shape:
+        query ``(B, H, L, E)``, key ``(B, Hkv, S, E)``, value ``(B, Hkv, S, Ev)`` with ``L <= S`` ->
+        ``(B, H, L, Ev)``.
+
+    Example:
+        >>> import torch
+        >>> q = torch.randn(2, 4, 70, 8); kv = torch.randn(2, 1, 70, 8)       # GQA: 4 query heads, 1 kv head
+        >>> sliding_window_attention(q, kv, kv, window=16, look_backward=2).shape
+        torch.Size([2, 4, 70, 8])
+    """
+    q, k, v = V.check_qkv(query, key, value, allow_3d=False)
+    win = WindowMask(window, look_backward, look_forward, bool(causal))
+    b, _, q_len, e = q.shape
+    k_len = k.shape[2]
+    if q_len > k_len:
+        raise V.fail("L <= S (queries are the newest positions of the keys)", f"L={q_len}, S={k_len}", "L <= S")
+    if key_mask is not None:
+        key_mask = V.check_tensor("key_mask", key_mask)
+        if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (b, k_len):
+            raise V.fail(
+                f"key_mask as a boolean (B, S) = ({b}, {k_len}) tensor, True = may attend",
+                f"{key_mask.dtype} {tuple(key_mask.shape)}",
+                "padding_mask(lengths, S).view(B, S)",
+            )
+    scale_f = V.check_scale(scale, e)
+    if q_len == 0 or k_len == 0:
+        return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0.0 * (q.sum() + k.sum() + v.sum())
+    if key_mask is None and q_len == k_len:
+        return _window_fast(q, k, v, win, scale_f)
+    return _window_blockwise(q, k, v, win, key_mask, scale_f)
+
+
+# --------------------------------------------------------------------------------------------- dispatcher
+def _window_parts(structure: AttentionMask | None) -> tuple[WindowMask | None, PaddingMask | None, str]:
+    """Split a structure into (window, padding); the reason string says why it is not one."""
+    parts = structure.parts if isinstance(structure, AndMask) else (structure,) if structure is not None else ()
+    windows = [p for p in parts if isinstance(p, WindowMask)]
+    pads = [p for p in parts if isinstance(p, PaddingMask)]
+    if not windows:
+        return None, None, "no window structure (pass a WindowMask)"
+    if len(windows) > 1 or len(pads) > 1 or len(windows) + len(pads) != len(parts):
+        return None, None, "the structure is more than one WindowMask and at most one PaddingMask"
+    return windows[0], (pads[0] if pads else None), ""
+
+
+def _local_supports(call: AttentionCall) -> list[str]:
+    reasons = []
+    win, _, why = _window_parts(call.structure)
+    if win is None:
+        reasons.append(why)
+    if call.mask is not None:
+        reasons.append("an explicit tensor mask (the local kernel reads only WindowMask & PaddingMask)")
+    if call.is_causal:
+        reasons.append("is_causal=True on top of a window (use WindowMask(causal=True))")
+    if call.dropout_p > 0:
+        reasons.append("dropout on the weights")
+    if call.q_len > call.k_len:
+        reasons.append("more queries than keys")
+    if call.need_weights:
+        reasons.append("it does not return the attention weights")
+    return reasons
+
+
+def _local_fn(call: AttentionCall) -> tuple[Tensor, None]:
+    win, pad, _ = _window_parts(call.structure)
+    if win is None:
+        raise V.fail("a WindowMask structure", repr(call.structure), "backend='auto'")
+    key_mask = None
+    if pad is not None:
+        key_mask = padding_mask(pad.lengths.to(call.query.device), call.k_len).view(call.batch, call.k_len)
+    out = sliding_window_attention(
+        call.query, call.key, call.value, window=win.window, causal=win.causal, look_backward=win.look_backward,
+        look_forward=win.look_forward, key_mask=key_mask, scale=call.scale,
+    )
+    return out, None
+
+
+register_backend(
+    Backend("local", _local_fn, False, _local_supports, "blockwise sliding-window attention, O(N*w)"), before="sdpa"
+)

@@ -17,6 +17,7 @@ from .dense import (
     which_backend,
 )
 from .hard import HardAttentionResult, baseline_loss, hard_attention, reinforce_loss
+from .local import WindowMask, sliding_window_attention
 from .masks import (
     AndMask,
     AttentionMask,
@@ -68,4 +69,6 @@ __all__ = [
     "scaled_dot_scores",
     "scoring",
     "which_backend",
+    "WindowMask",
+    "sliding_window_attention",
 ]

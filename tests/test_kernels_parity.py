@@ -1,0 +1,279 @@
+"""Every backend of ``scaled_dot_product_attention`` against the float64 reference and against PyTorch's SDPA.
+
+Axes: backend x dtype x mask kind, and backend x dtype x shape (``L != S``, one-token sequences, head dims 1..256,
+grouped-query and multi-query heads). Each case runs twice and must give bit-identical results (determinism).
+Rows with no key to attend to must be exactly zero (outputs and weights) on every backend, never NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnkit.functional import (
+    CausalMask,
+    PaddingMask,
+    attention_reference,
+    causal_mask,
+    padding_mask,
+    scaled_dot_product_attention,
+)
+from attnkit.functional.masks import AttentionMask
+
+BACKENDS = ["reference", "math", "sdpa", "auto"]
+DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.bfloat16}
+# (atol, rtol) of an output in this dtype against the float64 truth of the same (rounded) inputs.
+TOL = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-5, 1e-4),
+    torch.bfloat16: (4e-2, 2e-2),
+}
+
+
+@dataclass
+class Case:
+    """One mask kind: what the user passes, and the boolean/float mask it means, materialised to 4-D."""
+
+    attn_mask: Tensor | AttentionMask | None
+    is_causal: bool
+    meaning: Tensor | None  # bool (True = may attend) or float (added), broadcastable to (B, H, L, S)
+
+
+def _lengths(b: int, s: int) -> Tensor:
+    return torch.tensor([s, max(s - 2, 1)][:b] + [1] * max(b - 2, 0))
+
+
+def _mask_cases(b: int, h: int, q_len: int, k_len: int, dtype: torch.dtype) -> dict[str, Callable[[], Case]]:
+    """Mask kinds for shapes (B, H, L, S); each builder is deterministic under the test's seed."""
+
+    def rand_bool(*shape: int) -> Tensor:
+        m = torch.rand(*shape) > 0.4
+        m[..., 0] = True  # keep every row alive; fully masked rows have their own cases
+        return m
+
+    def dead_rows() -> Case:
+        m = rand_bool(b, 1, q_len, k_len)
+        m[0, 0, -1] = False  # query L-1 of batch 0 sees nothing
+        return Case(m, False, m)
+
+    def float_dead_row() -> Case:
+        bias = torch.randn(b, h, q_len, k_len, dtype=dtype)
+        bias[-1, -1, 0] = float("-inf")  # one query of the last head sees nothing
+        return Case(bias, False, bias)
+
+    def integer() -> Case:
+        m = rand_bool(q_len, k_len)
+        return Case(m.long(), False, m)
+
+    def key_padding() -> Case:
+        m = padding_mask(_lengths(b, k_len), k_len)
+        return Case(m, False, m)
+
+    def causal_and_padding() -> Case:
+        lengths = _lengths(b, k_len)
+        obj = CausalMask() & PaddingMask(lengths)
+        return Case(obj, False, causal_mask(q_len, k_len) & padding_mask(lengths, k_len))
+
+    def is_causal_and_bool() -> Case:
+        m = rand_bool(q_len, k_len)
+        return Case(m, True, m & causal_mask(q_len, k_len))
+
+    def is_causal_and_float() -> Case:
+        bias = torch.randn(1, h, q_len, k_len, dtype=dtype)
+        return Case(bias, True, bias.masked_fill(~causal_mask(q_len, k_len), float("-inf")))
+
+    def lower_right() -> Case:
+        return Case(CausalMask("lower_right"), False, causal_mask(q_len, k_len, align="lower_right"))
+
+    return {
+        "none": lambda: Case(None, False, None),
+        "bool_LS": lambda: (lambda m: Case(m, False, m))(rand_bool(q_len, k_len)),
+        "bool_S": lambda: (lambda m: Case(m, False, m))(rand_bool(k_len)),
+        "key_padding_B11S": key_padding,
+        "bool_BHLS": lambda: (lambda m: Case(m, False, m))(rand_bool(b, h, q_len, k_len)),
+        "float_additive_B1LS": lambda: (lambda m: Case(m, False, m))(torch.randn(b, 1, q_len, k_len, dtype=dtype)),
+        "integer_01": integer,
+        "fully_masked_rows_bool": dead_rows,
+        "fully_masked_rows_float": float_dead_row,
+        "all_masked": lambda: (lambda m: Case(m, False, m))(torch.zeros(q_len, k_len, dtype=torch.bool)),
+        "is_causal": lambda: Case(None, True, causal_mask(q_len, k_len)),
+        "causal_upper_left_obj": lambda: Case(CausalMask(), False, causal_mask(q_len, k_len)),
+        "causal_lower_right_obj": lower_right,
+        "padding_obj": lambda: Case(PaddingMask(_lengths(b, k_len)), False, padding_mask(_lengths(b, k_len), k_len)),
+        "causal_and_padding_obj": causal_and_padding,
+        "is_causal_and_bool": is_causal_and_bool,
+        "is_causal_and_float": is_causal_and_float,
+        "is_causal_and_obj": lambda: Case(
+            CausalMask("lower_right"),
+            True,
+            causal_mask(q_len, k_len) & causal_mask(q_len, k_len, align="lower_right"),
+        ),
+    }
+
+
+MASK_KINDS = list(_mask_cases(1, 1, 1, 1, torch.float32))
+
+
+def _qkv(b, h, hkv, q_len, k_len, e, ev, dtype) -> tuple[Tensor, Tensor, Tensor]:
+    q = torch.randn(b, h, q_len, e, dtype=torch.float64).to(dtype)
+    k = torch.randn(b, hkv, k_len, e, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, hkv, k_len, ev, dtype=torch.float64).to(dtype)
+    return q, k, v
+
+
+def _truth(q: Tensor, k: Tensor, v: Tensor, meaning: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The float64 reference on the same (already rounded) inputs."""
+    m = meaning if meaning is None or meaning.dtype == torch.bool else meaning.double()
+    return attention_reference(q.double(), k.double(), v.double(), m)
+
+
+def _alive(meaning: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+    """(B, H, L, 1) boolean: rows that have a key to attend to."""
+    if meaning is None:
+        return torch.ones(*shape[:3], 1, dtype=torch.bool)
+    allowed = meaning if meaning.dtype == torch.bool else ~torch.isneginf(meaning)
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    return allowed.any(-1, keepdim=True).expand(*shape[:3], 1)
+
+
+def _torch_sdpa(q: Tensor, k: Tensor, v: Tensor, meaning: Tensor | None) -> Tensor:
+    """PyTorch's own SDPA on the materialised mask, in the inputs' dtype (dead rows are NaN there)."""
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    m = meaning if meaning is None or meaning.dtype == torch.bool else meaning.to(q.dtype)
+    while m is not None and m.dim() < 4:
+        m = m.unsqueeze(0)
+    with torch.no_grad():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, **gqa)
+
+
+def _check(backend: str, dtype: torch.dtype, shape: tuple[int, ...], kind: str) -> None:
+    b, h, hkv, q_len, k_len, e, ev = shape
+    case = _mask_cases(b, h, q_len, k_len, dtype)[kind]()
+    q, k, v = _qkv(b, h, hkv, q_len, k_len, e, ev, dtype)
+    runs = [
+        scaled_dot_product_attention(
+            q, k, v, case.attn_mask, is_causal=case.is_causal, return_weights=True, backend=backend
+        )
+        for _ in range(2)
+    ]
+    (out, w), (out2, w2) = runs
+    assert torch.equal(out, out2) and torch.equal(w, w2), "two identical calls differ (not deterministic)"
+    assert out.shape == (b, h, q_len, ev) and out.dtype == dtype
+    assert w.shape == (b, h, q_len, k_len)
+    assert torch.isfinite(out).all() and torch.isfinite(w).all()
+
+    atol, rtol = TOL[dtype]
+    ref_out, ref_w = _truth(q, k, v, case.meaning)
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(w.double(), ref_w, atol=atol, rtol=rtol)
+    # The output alone (no weights requested) takes the fast path of each backend: same answer.
+    alone = scaled_dot_product_attention(q, k, v, case.attn_mask, is_causal=case.is_causal, backend=backend)
+    torch.testing.assert_close(alone.double(), ref_out, atol=atol, rtol=rtol)
+
+    alive = _alive(case.meaning, (b, h, q_len, k_len))
+    assert not out.masked_select(~alive).any(), "a fully masked row gave a non-zero output"
+    assert not w.masked_select(~alive).any(), "a fully masked row gave non-zero weights"
+    live_w = w.double().sum(-1, keepdim=True).masked_fill(~alive, 1.0)  # rows sum to 1 (dead rows checked above)
+    torch.testing.assert_close(live_w, torch.ones_like(live_w), atol=max(atol, 1e-6) * k_len, rtol=0)
+
+    theirs = _torch_sdpa(q, k, v, case.meaning)  # rows PyTorch can answer: every live row
+    torch.testing.assert_close(
+        alone.double().masked_select(alive), theirs.double().masked_select(alive), atol=2 * atol, rtol=2 * rtol
+    )
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_kinds(backend: str, dtype: torch.dtype, kind: str) -> None:
+    _check(backend, dtype, (2, 4, 2, 5, 7, 16, 8), kind)  # B=2, H=4, Hkv=2, L=5, S=7, E=16, Ev=8
+
+
+SHAPES = {
+    "L_lt_S": (2, 3, 3, 3, 9, 8, 8),
+    "L_gt_S": (2, 3, 3, 9, 4, 8, 8),
+    "one_query": (2, 2, 2, 1, 6, 8, 8),
+    "one_key": (2, 2, 2, 6, 1, 8, 8),
+    "one_token": (1, 1, 1, 1, 1, 4, 4),
+    "E1": (1, 2, 2, 4, 5, 1, 1),
+    "E3_Ev5": (1, 2, 2, 4, 5, 3, 5),
+    "E64": (1, 2, 2, 6, 6, 64, 64),
+    "E128": (1, 1, 1, 6, 7, 128, 128),
+    "E256": (1, 1, 1, 5, 6, 256, 256),
+    "gqa_H6_Hkv2": (2, 6, 2, 4, 5, 8, 8),
+    "gqa_H8_Hkv4": (1, 8, 4, 3, 5, 8, 4),
+    "mqa_H4_Hkv1": (2, 4, 1, 4, 5, 8, 8),
+}
+SHAPE_MASKS = ["none", "is_causal", "causal_lower_right_obj", "fully_masked_rows_bool"]
+
+
+@pytest.mark.parametrize("kind", SHAPE_MASKS)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shapes(backend: str, dtype: torch.dtype, shape: tuple[int, ...], kind: str) -> None:
+    _check(backend, dtype, shape, kind)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tutorial_3d_api(backend: str) -> None:
+    """The classic ``attention(Q, K, V, mask)`` with (B, L, E) tensors and an integer (B, L, S) mask, 0 = masked."""
+    Q, K, V = torch.randn(2, 5, 8), torch.randn(2, 7, 8), torch.randn(2, 7, 6)
+    mask = (torch.rand(2, 5, 7) > 0.3).long()
+    mask[1, 2] = 0  # one fully masked row
+    out = scaled_dot_product_attention(Q, K, V, mask, backend=backend)
+    out_w, w = scaled_dot_product_attention(Q, K, V, mask, backend=backend, return_weights=True)
+    assert out.shape == (2, 5, 6) and w.shape == (2, 5, 7)
+    q4, k4, v4 = Q[:, None].double(), K[:, None].double(), V[:, None].double()  # (B, 1, L, E): one head
+    ref_out, ref_w = attention_reference(q4, k4, v4, mask[:, None] != 0)
+    torch.testing.assert_close(out.double(), ref_out[:, 0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out_w.double(), ref_out[:, 0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(w.double(), ref_w[:, 0], atol=2e-5, rtol=1e-4)
+    assert not out[1, 2].any() and not w[1, 2].any()
+    # The tutorial's own formula, written out: softmax(QK^T/sqrt(d), mask==0 -> -1e9) V on rows that are alive.
+    scores = (Q @ K.transpose(1, 2) / 8**0.5).masked_fill(mask == 0, -1e9)
+    tutorial = scores.softmax(-1) @ V
+    alive = mask.any(-1)
+    torch.testing.assert_close(out[alive], tutorial[alive], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_argument(backend: str) -> None:
+    q, k, v = _qkv(1, 2, 2, 4, 5, 8, 8, torch.float64)
+    out = scaled_dot_product_attention(q, k, v, scale=0.3, backend=backend)
+    ref, _ = attention_reference(q, k, v, scale=0.3)
+    torch.testing.assert_close(out, ref)
+    theirs = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(out, theirs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_keys_gives_zeros(backend: str) -> None:
+    q = torch.randn(2, 3, 4, 8, requires_grad=True)
+    k, v = torch.randn(2, 3, 0, 8, requires_grad=True), torch.randn(2, 3, 0, 5, requires_grad=True)
+    out, w = scaled_dot_product_attention(q, k, v, return_weights=True, backend=backend)
+    assert out.shape == (2, 3, 4, 5) and w.shape == (2, 3, 4, 0)
+    assert not out.any()
+    out.sum().backward()
+    assert q.grad is not None and not q.grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout(backend: str) -> None:
+    """Dropout is applied after the weights are returned: weights stay exact, the output changes, same seed = same."""
+    q, k, v = _qkv(1, 2, 2, 6, 6, 8, 8, torch.float32)
+    torch.manual_seed(3)
+    out1, w1 = scaled_dot_product_attention(q, k, v, dropout_p=0.5, return_weights=True, backend=backend)
+    torch.manual_seed(3)
+    out2, w2 = scaled_dot_product_attention(q, k, v, dropout_p=0.5, return_weights=True, backend=backend)
+    plain, w0 = scaled_dot_product_attention(q, k, v, return_weights=True, backend=backend)
+    assert torch.equal(out1, out2) and torch.equal(w1, w2)
+    torch.testing.assert_close(w1, w0)
+    assert not torch.allclose(out1, plain)
+    assert torch.isfinite(out1).all()

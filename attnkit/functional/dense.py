@@ -85,7 +85,8 @@ class AttentionCall:
 
     @property
     def needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.query, self.key, self.value))
+        tensors = (self.query, self.key, self.value, self.mask)
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
     def dense_mask(self) -> tuple[Tensor | None, bool]:
         """The whole mask as ``(tensor or None, is_causal)`` for a dense kernel.

@@ -37,6 +37,14 @@ from .scoring import (
     general_scores,
     scaled_dot_scores,
 )
+from .sparse import (
+    BlockSparseMask,
+    bigbird_layout,
+    block_sparse_attention,
+    fixed_layout,
+    local_layout,
+    strided_layout,
+)
 
 __all__ = [
     "AndMask",
@@ -71,4 +79,10 @@ __all__ = [
     "which_backend",
     "WindowMask",
     "sliding_window_attention",
+    "BlockSparseMask",
+    "bigbird_layout",
+    "block_sparse_attention",
+    "fixed_layout",
+    "local_layout",
+    "strided_layout",
 ]

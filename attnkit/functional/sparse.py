@@ -1,0 +1,320 @@
+"""Block-sparse attention and its layouts: cost proportional to the number of non-zero blocks.
+
+Papers: "Generating Long Sequences with Sparse Transformers", Child, Gray, Radford and Sutskever, 2019.
+https://arxiv.org/abs/1904.10509 (strided and fixed patterns). "Big Bird: Transformers for Longer Sequences",
+Zaheer et al., 2020. https://arxiv.org/abs/2007.14062 (window + global + random blocks).
+
+A *layout* is a boolean ``(Nq, Nk)`` (or per-head ``(H, Nq, Nk)``) tensor over blocks of ``block_size`` tokens:
+``layout[i, j]`` is ``True`` when query block ``i`` may attend to key block ``j`` (the one mask meaning of attnkit,
+one level up). With ``causal=True`` keys after the query's position are also forbidden (upper-left, ``L == S``).
+
+The kernel groups the non-zero blocks into *pieces* — the ``r``-th non-zero key block of every query block — and
+runs one batched flash call per piece; pieces merge exactly with their log-sum-exp, and the backward pass reuses
+the flash backward kernel with the merged output (see :mod:`attnkit.functional.local`). Diagonal blocks of a causal
+layout run with ``is_causal`` and cost half.
+
+Example:
+    >>> import torch
+    >>> from attnkit.functional import block_sparse_attention, bigbird_layout, BlockSparseMask
+    >>> q = k = v = torch.randn(1, 2, 128, 16)                    # (B, H, N, E)
+    >>> layout = bigbird_layout(8, window=3, n_global=1, n_random=1, seed=0)   # (8, 8) blocks of 16
+    >>> out = block_sparse_attention(q, k, v, layout, block_size=16)
+    >>> out.shape
+    torch.Size([1, 2, 128, 16])
+    >>> from attnkit.functional import scaled_dot_product_attention
+    >>> dense = scaled_dot_product_attention(q, k, v, BlockSparseMask(layout, 16).materialize(128, 128))
+    >>> torch.allclose(out, dense, atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _validate as V
+from ._reference import expand_kv_heads
+from .dense import AttentionCall, Backend, register_backend
+from .local import _Piece, run_pieces, same_head_dim
+from .masks import AttentionMask, causal_mask
+
+__all__ = [
+    "BlockSparseMask",
+    "bigbird_layout",
+    "block_sparse_attention",
+    "fixed_layout",
+    "local_layout",
+    "strided_layout",
+]
+
+
+# --------------------------------------------------------------------------------------------- layouts
+def _check_blocks(n_blocks: object) -> int:
+    if not isinstance(n_blocks, int) or isinstance(n_blocks, bool) or n_blocks < 1:
+        raise V.fail("n_blocks to be a positive int", repr(n_blocks), "n_blocks = ceil(N / block_size)")
+    return n_blocks
+
+
+def _grid(n_blocks: int) -> tuple[Tensor, Tensor]:
+    i = torch.arange(n_blocks).view(-1, 1)  # (Nq, 1) query block
+    j = torch.arange(n_blocks).view(1, -1)  # (1, Nk) key block
+    return i, j
+
+
+def local_layout(n_blocks: int, *, look_backward: int = 1, look_forward: int = 0) -> Tensor:
+    """Blocks ``i - look_backward <= j <= i + look_forward``: the block form of :class:`WindowMask`.
+
+    >>> local_layout(4).int()
+    tensor([[1, 0, 0, 0],
+            [1, 1, 0, 0],
+            [0, 1, 1, 0],
+            [0, 0, 1, 1]], dtype=torch.int32)
+    """
+    i, j = _grid(_check_blocks(n_blocks))
+    return (j >= i - look_backward) & (j <= i + look_forward)
+
+
+def strided_layout(n_blocks: int, *, stride: int, causal: bool = True) -> Tensor:
+    """Sparse Transformer's strided pattern: the last ``stride`` blocks, and every ``stride``-th block before.
+
+    The union of the paper's two heads (``i - j < stride`` and ``(i - j) % stride == 0``), so one head sees both.
+    """
+    if stride < 1:
+        raise V.fail("stride >= 1", repr(stride), "stride = sqrt(n_blocks)")
+    i, j = _grid(_check_blocks(n_blocks))
+    near = (i - j).abs() < stride
+    lattice = (i - j) % stride == 0
+    layout = near | lattice
+    return layout & (j <= i) if causal else layout
+
+
+def fixed_layout(n_blocks: int, *, stride: int, n_summary: int = 1, causal: bool = True) -> Tensor:
+    """Sparse Transformer's fixed pattern: blocks of the same ``stride``-chunk, and the chunks' last ``n_summary``."""
+    if stride < 1 or not 1 <= n_summary <= stride:
+        raise V.fail("stride >= 1 and 1 <= n_summary <= stride", f"stride={stride}, n_summary={n_summary}",
+                     "stride=4, n_summary=1")
+    i, j = _grid(_check_blocks(n_blocks))
+    same_chunk = torch.div(i, stride, rounding_mode="floor") == torch.div(j, stride, rounding_mode="floor")
+    summary = j % stride >= stride - n_summary
+    layout = same_chunk | summary
+    return layout & (j <= i) if causal else layout
+
+
+def bigbird_layout(n_blocks: int, *, window: int = 3, n_global: int = 1, n_random: int = 2, seed: int = 0) -> Tensor:
+    """BigBird: a band of ``window`` blocks, ``n_global`` global blocks (rows and columns), ``n_random`` random keys.
+
+    Random blocks come from a ``torch.Generator`` seeded with ``seed``, so a layout is reproducible.
+    """
+    n = _check_blocks(n_blocks)
+    if window < 1 or window % 2 == 0:
+        raise V.fail("an odd window >= 1 (blocks centred on the query block)", repr(window), "window=3")
+    i, j = _grid(n)
+    layout = (i - j).abs() <= window // 2  # (N, N)
+    layout[:n_global, :] = True
+    layout[:, :n_global] = True
+    gen = torch.Generator().manual_seed(seed)
+    for row in range(n_global, n):
+        free = (~layout[row]).nonzero().flatten()  # blocks not yet visible to this row
+        if free.numel():
+            pick = free[torch.randperm(free.numel(), generator=gen)[:n_random]]
+            layout[row, pick] = True
+    return layout
+
+
+# --------------------------------------------------------------------------------------------- mask object
+@dataclass(frozen=True, eq=False)
+class BlockSparseMask(AttentionMask):
+    """Block-sparse structure: ``layout[(h,) i, j]`` lets query block ``i`` attend to key block ``j``.
+
+    Args:
+        layout: boolean ``(Nq, Nk)`` or per-head ``(H, Nq, Nk)``, ``True`` = may attend.
+        block_size: tokens per block.
+        causal: also forbid keys after the query's position (upper-left).
+
+    Example:
+        >>> BlockSparseMask(local_layout(2), 2).materialize(4, 4)[0, 0].int()
+        tensor([[1, 1, 0, 0],
+                [1, 1, 0, 0],
+                [1, 1, 1, 1],
+                [1, 1, 1, 1]], dtype=torch.int32)
+    """
+
+    layout: Tensor
+    block_size: int
+    causal: bool = False
+
+    def __post_init__(self) -> None:
+        _check_layout(self.layout, self.block_size)
+
+    def materialize(self, q_len: int, k_len: int, *, device: torch.device | str | None = None) -> Tensor:
+        """The boolean ``(1, 1|H, L, S)`` mask, ``True`` = may attend (the dense reference)."""
+        layout = _fit_layout(self.layout, q_len, k_len, self.block_size).to(device)
+        bs = self.block_size
+        dense = layout.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :q_len, :k_len]  # (H|1, L, S)
+        if self.causal:
+            dense = dense & causal_mask(q_len, k_len, device=device)
+        return dense.view(1, -1, q_len, k_len)
+
+
+def _check_layout(layout: object, block_size: object) -> None:
+    if not isinstance(layout, Tensor) or layout.dtype != torch.bool or layout.dim() not in (2, 3):
+        got = f"{layout.dtype} {tuple(layout.shape)}" if isinstance(layout, Tensor) else type(layout).__name__
+        raise V.fail("layout as a boolean (Nq, Nk) or (H, Nq, Nk) tensor", got, "local_layout(n_blocks)")
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise V.fail("block_size to be a positive int", repr(block_size), "block_size=64")
+
+
+def _fit_layout(layout: Tensor, q_len: int, k_len: int, block_size: int) -> Tensor:
+    """The layout as ``(H|1, Nq, Nk)`` for these lengths (extra blocks are cut; too few is an error)."""
+    nq, nk = -(-q_len // block_size), -(-k_len // block_size)
+    if layout.shape[-2] < nq or layout.shape[-1] < nk:
+        raise V.fail(
+            f"a layout of at least ({nq}, {nk}) blocks for L={q_len}, S={k_len}, block_size={block_size}",
+            f"{tuple(layout.shape)}",
+            f"a layout builder with n_blocks={max(nq, nk)}",
+        )
+    layout = layout[..., :nq, :nk]
+    return layout if layout.dim() == 3 else layout.unsqueeze(0)
+
+
+# --------------------------------------------------------------------------------------------- kernel
+def _pieces_for(layout: Tensor, causal: bool, k_pad: int, dtype: torch.dtype, bs: int) -> list[_Piece]:
+    """Group a ``(Nq, Nk)`` layout into pieces: the diagonal (causal), then the r-th non-zero key block of each row."""
+    nk = layout.shape[1]
+    pieces = []
+    if causal:
+        diag = layout.diagonal().nonzero().flatten()  # query blocks that see their own block
+        if diag.numel():
+            pieces.append(_Piece(diag, diag, True))
+        i, j = torch.meshgrid(torch.arange(layout.shape[0]), torch.arange(nk), indexing="ij")
+        layout = layout & (j < i)  # blocks after the diagonal are fully masked: never computed
+    rows, cols = layout.nonzero(as_tuple=True)  # sorted by row, then column
+    if rows.numel():
+        starts = torch.zeros(layout.shape[0] + 1, dtype=torch.long)
+        starts[1:] = torch.cumsum(layout.sum(1), 0)
+        rank = torch.arange(rows.numel()) - starts[rows]  # place of each block within its row
+        for r in range(int(rank.max()) + 1):
+            sel = rank == r
+            q_idx, k_idx = rows[sel], cols[sel]
+            mask = None
+            if k_pad and bool((k_idx == nk - 1).any()):  # the last key block is part padding: hide it
+                mask = torch.zeros(1, q_idx.numel(), 1, bs, dtype=dtype)
+                mask[0, k_idx == nk - 1, 0, bs - k_pad :] = float("-inf")
+            pieces.append(_Piece(q_idx, k_idx, False, mask))
+    return pieces
+
+
+def block_sparse_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    layout: Tensor,
+    *,
+    block_size: int,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """Exact attention over the non-zero blocks of ``layout``; time and memory proportional to their number.
+
+    Equivalent to ``scaled_dot_product_attention(query, key, value, BlockSparseMask(layout, block_size,
+    causal=causal).materialize(L, S))`` (boolean mask, ``True`` = may attend) without the dense mask or scores.
+
+    Args:
+        query: ``(B, H, L, E)``.
+        key: ``(B, Hkv, S, E)``, ``Hkv`` dividing ``H``.
+        value: ``(B, Hkv, S, Ev)``.
+        layout: boolean ``(Nq, Nk)`` or ``(H, Nq, Nk)`` over blocks, ``True`` = may attend; at least
+            ``ceil(L / block_size)`` by ``ceil(S / block_size)`` (extra blocks are ignored).
+        block_size: tokens per block.
+        causal: also forbid keys after the query's position (upper-left; needs ``L == S``).
+        scale: score scale, ``1/sqrt(E)`` when ``None``.
+
+    Returns:
+        ``(B, H, L, Ev)``; queries whose blocks see no key give zeros.
+
+    Shape:
+        query ``(B, H, L, E)``, key ``(B, Hkv, S, E)``, value ``(B, Hkv, S, Ev)`` -> ``(B, H, L, Ev)``.
+
+    Example:
+        >>> import torch
+        >>> q = torch.randn(2, 4, 50, 8)
+        >>> block_sparse_attention(q, q, q, strided_layout(7, stride=2), block_size=8, causal=True).shape
+        torch.Size([2, 4, 50, 8])
+    """
+    q, k, v = V.check_qkv(query, key, value, allow_3d=False)
+    _check_layout(layout, block_size)
+    b, h, q_len, _ = q.shape
+    k_len, ev = k.shape[2], v.shape[-1]
+    if causal and q_len != k_len:
+        raise V.fail("L == S for a causal block-sparse layout", f"L={q_len}, S={k_len}", "causal=False")
+    fitted = _fit_layout(layout, q_len, k_len, block_size)  # (H|1, Nq, Nk)
+    if fitted.shape[0] not in (1, h):
+        raise V.fail(f"a layout with 1 or H={h} heads", f"{tuple(layout.shape)}", "a (Nq, Nk) layout for all heads")
+    scale_f = V.check_scale(scale, q.shape[-1])
+    if q_len == 0 or k_len == 0:
+        return q.new_zeros(b, h, q_len, ev) + 0.0 * (q.sum() + k.sum() + v.sum())
+    bs = block_size
+    nq, nk = fitted.shape[-2:]
+    k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)  # (B, H, S, E|Ev)
+    q, k, v = same_head_dim(q, k, v)  # flash wants E == Ev
+    e = q.shape[-1]
+    k_pad = nk * bs - k_len
+    q = F.pad(q, (0, 0, 0, nq * bs - q_len)).view(b, h, nq, bs, e)  # (B, H, Nq, bs, E)
+    k = F.pad(k, (0, 0, 0, k_pad)).view(b, h, nk, bs, e)  # (B, H, Nk, bs, E)
+    v = F.pad(v, (0, 0, 0, k_pad)).view(b, h, nk, bs, e)  # (B, H, Nk, bs, E)
+    heads = [slice(None)] if fitted.shape[0] == 1 else [slice(i, i + 1) for i in range(h)]
+    outs = []
+    for hs, lay in zip(heads, fitted, strict=True):
+        pieces = _pieces_for(lay.cpu(), causal, k_pad, q.dtype, bs)
+        pieces = [_Piece(*(t.to(q.device) if isinstance(t, Tensor) else t for t in (p.q, p.k)), p.causal,
+                         None if p.mask is None else p.mask.to(q.device)) for p in pieces]
+        qh, kh, vh = (t[:, hs] for t in (q, k, v))  # (B, Hh, N*, bs, E)
+        hh = qh.shape[1]
+        if not pieces:  # nothing to attend to anywhere
+            outs.append(qh.new_zeros(b, hh, nq, bs, e) + 0.0 * (qh.sum() + kh.sum() + vh.sum()))
+            continue
+        out, _ = run_pieces(
+            qh.reshape(b * hh, nq, bs, e), kh.reshape(b * hh, nk, bs, e), vh.reshape(b * hh, nk, bs, e), pieces,
+            scale_f,
+        )  # (B*Hh, Nq, bs, E)
+        outs.append(out.view(b, hh, nq, bs, e))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, H, Nq, bs, E)
+    return out.reshape(b, h, nq * bs, e)[:, :, :q_len, :ev]  # (B, H, L, Ev)
+
+
+# --------------------------------------------------------------------------------------------- dispatcher
+def _sparse_supports(call: AttentionCall) -> list[str]:
+    reasons = []
+    if not isinstance(call.structure, BlockSparseMask):
+        reasons.append("no block-sparse structure (pass a BlockSparseMask)")
+    elif call.structure.causal and call.q_len != call.k_len:
+        reasons.append("a causal block-sparse layout needs L == S")
+    if call.mask is not None:
+        reasons.append("an explicit tensor mask (the block-sparse kernel reads only its layout)")
+    if call.is_causal:
+        reasons.append("is_causal=True on top of a layout (use BlockSparseMask(causal=True))")
+    if call.dropout_p > 0:
+        reasons.append("dropout on the weights")
+    if call.need_weights:
+        reasons.append("it does not return the attention weights")
+    return reasons
+
+
+def _sparse_fn(call: AttentionCall) -> tuple[Tensor, None]:
+    mask = call.structure
+    if not isinstance(mask, BlockSparseMask):
+        raise V.fail("a BlockSparseMask structure", repr(mask), "backend='auto'")
+    out = block_sparse_attention(
+        call.query, call.key, call.value, mask.layout, block_size=mask.block_size, causal=mask.causal,
+        scale=call.scale,
+    )
+    return out, None
+
+
+register_backend(
+    Backend("block_sparse", _sparse_fn, False, _sparse_supports, "block-sparse attention over a layout"),
+    before="sdpa",
+)

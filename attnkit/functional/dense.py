@@ -256,14 +256,7 @@ def _sdpa_fn(call: AttentionCall) -> tuple[Tensor, None]:
     return out, None
 
 
-def _sdpa_supports(call: AttentionCall) -> list[str]:
-    reasons = []
-    if call.need_weights:
-        reasons.append("the fused kernel does not return the attention weights (they are recomputed)")
-    return reasons
-
-
-register_backend(Backend("sdpa", _sdpa_fn, False, _sdpa_supports, "PyTorch fused scaled_dot_product_attention"))
+register_backend(Backend("sdpa", _sdpa_fn, False, description="PyTorch fused scaled_dot_product_attention"))
 register_backend(Backend("math", _math_fn, True, description="in-place float math that returns exact weights"))
 register_backend(Backend("reference", _reference_fn, True, description="readable reference math (test oracle)"))
 
@@ -291,16 +284,16 @@ def _choose(call: AttentionCall, backend: str) -> BackendChoice:
         if backend not in _BACKENDS:
             raise V.fail(f"backend in {['auto', *_BACKENDS]}", repr(backend), 'backend="auto"')
         chosen = _BACKENDS[backend]
-        why = [r for r in chosen.not_supported_reasons(call) if not (call.need_weights and "weights" in r)]
+        why = chosen.not_supported_reasons(call)
         if why:
-            raise ValueError(f"backend {backend!r} cannot serve these inputs: {'; '.join(why)}; try backend='auto'")
+            raise V.fail(f"inputs that backend {backend!r} can serve", "; ".join(why), 'backend="auto"')
         weights_from = "math" if call.need_weights and not chosen.returns_weights else None
         return BackendChoice(backend, {}, weights_from)
     reasons: dict[str, list[str]] = {}
     for name, b in _BACKENDS.items():
         why = b.not_supported_reasons(call)
         if call.need_weights and not b.returns_weights and not why:
-            why = ["does not return weights"]
+            why = ["does not return the attention weights (return_weights=True)"]
         if not why:
             return BackendChoice(name, reasons)
         reasons[name] = why

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -86,12 +87,12 @@ def padding_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
     return (pos.unsqueeze(0) < lengths.unsqueeze(1)).view(lengths.shape[0], 1, 1, max_len)  # (B, 1, 1, S)
 
 
-class AttentionMask:
+class AttentionMask(abc.ABC):
     """A structured mask. Subclasses say what they are; :meth:`materialize` gives the boolean tensor."""
 
+    @abc.abstractmethod
     def materialize(self, q_len: int, k_len: int, *, device: torch.device | str | None = None) -> Tensor:
         """Boolean tensor (``True`` = may attend) broadcastable to ``(B, H, L, S)``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement materialize()")
 
     def __and__(self, other: AttentionMask) -> AttentionMask:
         if not isinstance(other, AttentionMask):

@@ -390,7 +390,7 @@ def to_html(
         "batch": batch,
         "tokens": q_tokens,
         "key_tokens": k_tokens,
-        "weights": stack.round(decimals=decimals).tolist(),
+        "weights": stack.double().round(decimals=decimals).tolist(),  # float64: short reprs in the JSON
     }
     view = AttentionView(data)
     if path is not None:

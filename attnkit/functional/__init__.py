@@ -7,6 +7,7 @@ Mask meaning everywhere: boolean ``True`` = may attend; float masks are added to
 from . import scoring
 from ._reference import attention_reference, masked_softmax
 from .chunked import chunked_attention, merge_attention
+from .decode import decode_attention  # registers the "decode" backend (KV-cache decoding steps)
 from .dense import (
     AttentionCall,
     Backend,
@@ -88,4 +89,5 @@ __all__ = [
     "strided_layout",
     "chunked_attention",
     "merge_attention",
+    "decode_attention",
 ]

@@ -1,0 +1,151 @@
+"""A decode kernel: attention of a few new queries over a long KV cache, at the speed of reading the cache.
+
+Pope et al. 2022, "Efficiently Scaling Transformer Inference", https://arxiv.org/abs/2211.05102 (why a decoding step
+is bound by memory bandwidth: every cached key and value is read once per step for very little arithmetic).
+
+A decoding step has ``L`` = 1 (or a few) queries and ``S`` in the thousands of keys. The work is two matrix-vector
+products per head (``K q`` and ``V^T p``); the time is the time to read ``K`` and ``V``. This kernel does exactly
+that, in two passes with float32 accumulation:
+
+1. scores ``s = (q * scale) K^T`` for all keys (``(B, Hkv, G*L, S)``: the ``G = H / Hkv`` query heads that share a
+   key/value head are stacked, so grouped-query attention reads each cached head once);
+2. the masked softmax of the scores (small: ``H * L * S`` numbers);
+3. ``out = p V``.
+
+For a float32 cache both products run on the cache views directly. For a half-precision cache (``bfloat16`` /
+``float16``), PyTorch's CPU kernels convert the whole tensor, which costs several times the read; here the cache is
+streamed in blocks of ``block`` keys that are converted into a small float32 buffer that stays in the CPU cache,
+so main memory is read once, in half precision. The result equals the reference (:func:`attention_reference`)
+within float32 rounding; the weights it returns are exact.
+
+Registered as backend ``"decode"`` ahead of ``"sdpa"``: ``backend="auto"`` routes inference calls with at most
+``MAX_QUERIES`` queries to it; :func:`~attnkit.functional.which_backend` says why it passes over anything else.
+
+Example:
+    >>> import torch
+    >>> from attnkit.functional import scaled_dot_product_attention, which_backend
+    >>> q = torch.randn(1, 8, 1, 64)                                 # (B, H, 1, E): one new token
+    >>> k = v = torch.randn(1, 2, 4096, 64, dtype=torch.float32)     # (B, Hkv, S, E): the cache
+    >>> which_backend(q, k, v).name
+    'decode'
+    >>> scaled_dot_product_attention(q, k, v).shape
+    torch.Size([1, 8, 1, 64])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .dense import AttentionCall, Backend, register_backend
+from .masks import causal_mask
+
+__all__ = ["MAX_QUERIES", "decode_attention"]
+
+#: calls with more queries than this are left to the other backends (they are no longer bound by the read)
+MAX_QUERIES = 8
+#: calls with fewer keys than this are left to the other backends (nothing to gain)
+MIN_KEYS = 128
+#: keys per converted block for half-precision caches (block * E * 4 bytes should stay in the L2 cache)
+BLOCK = 1024
+
+
+def _masked_softmax_(scores: Tensor, mask: Tensor | None) -> Tensor:
+    """Softmax over the last dim in place; rows with no allowed key become zeros (never NaN)."""
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores.masked_fill_(~mask, float("-inf"))
+        else:
+            scores.add_(mask)
+    row_max = scores.amax(dim=-1, keepdim=True)  # (..., L, 1)
+    dead = torch.isneginf(row_max)
+    if bool(dead.any()):
+        row_max = row_max.masked_fill(dead, 0.0)
+    scores.sub_(row_max).exp_()
+    total = scores.sum(dim=-1, keepdim=True)
+    return scores.div_(total.masked_fill_(total == 0, 1.0))
+
+
+def decode_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    block: int = BLOCK,
+) -> tuple[Tensor, Tensor]:
+    """Attention of a few queries over a long cache; returns ``(out, weights)``. Inference only (no autograd).
+
+    Args:
+        query: ``(B, H, L, E)`` with small ``L``.
+        key: ``(B, Hkv, S, E)``; value: ``(B, Hkv, S, Ev)``; any float dtype, views of a larger buffer are fine.
+        attn_mask: boolean (``True`` = may attend) or float (added) tensor broadcastable to ``(B, H, L, S)``.
+        scale: score scale, ``1/sqrt(E)`` when ``None``.
+        block: keys per converted block for half-precision caches.
+
+    Returns:
+        ``out (B, H, L, Ev)`` in the query dtype and ``weights (B, H, L, S)`` in the accumulation dtype (float32,
+        or float64 for float64 inputs); rows with no allowed key give zeros.
+    """
+    b, h, q_len, e = query.shape
+    hk, k_len, ev = key.shape[1], key.shape[2], value.shape[-1]
+    g = h // hk
+    scale = e**-0.5 if scale is None else scale
+    acc = torch.promote_types(query.dtype, torch.float32)  # float32 accumulation (float64 stays float64)
+    qg = (query.to(acc) * scale).reshape(b, hk, g * q_len, e)  # (B, Hkv, G*L, E)
+    wide = key.dtype == acc and value.dtype == acc
+    if wide:
+        scores = torch.matmul(qg, key.transpose(-2, -1))  # (B, Hkv, G*L, S): one read of K
+    else:
+        scores = qg.new_empty(b, hk, g * q_len, k_len)
+        buf = qg.new_empty(b, hk, min(block, k_len), max(e, ev))  # float32 block, stays in the CPU cache
+        for start in range(0, k_len, block):
+            stop = min(start + block, k_len)
+            kb = buf[:, :, : stop - start, :e]
+            kb.copy_(key[:, :, start:stop])  # half -> float32, one block
+            torch.matmul(qg, kb.transpose(-2, -1), out=scores[..., start:stop])
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(acc)
+    weights = _masked_softmax_(scores.view(b, h, q_len, k_len), attn_mask)  # (B, H, L, S) in acc
+    pg = weights.view(b, hk, g * q_len, k_len)  # (B, Hkv, G*L, S)
+    if wide:
+        out = torch.matmul(pg, value)  # (B, Hkv, G*L, Ev): one read of V
+    else:
+        out = qg.new_zeros(b, hk, g * q_len, ev)
+        for start in range(0, k_len, block):
+            stop = min(start + block, k_len)
+            vb = buf[:, :, : stop - start, :ev]
+            vb.copy_(value[:, :, start:stop])
+            out += torch.matmul(pg[..., start:stop], vb)  # (B, Hkv, G*L, Ev)
+    return out.view(b, h, q_len, ev).to(query.dtype), weights
+
+
+def _decode_fn(call: AttentionCall) -> tuple[Tensor, Tensor]:
+    mask, causal = call.dense_mask()
+    if causal:  # upper-left causal as a tensor (rarely used with a cache; the module passes lower-right masks)
+        c = causal_mask(call.q_len, call.k_len, device=call.query.device)
+        mask = c if mask is None else (mask & c if mask.dtype == torch.bool else mask.masked_fill(~c, float("-inf")))
+    out, weights = decode_attention(call.query, call.key, call.value, mask, scale=call.scale)
+    return out, weights.to(call.query.dtype)
+
+
+def _decode_supports(call: AttentionCall) -> list[str]:
+    reasons = []
+    if call.q_len > MAX_QUERIES:
+        reasons.append(f"more than {MAX_QUERIES} queries (not a decoding step)")
+    if call.k_len < MIN_KEYS:
+        reasons.append(f"fewer than {MIN_KEYS} keys (nothing to gain over the fused kernel)")
+    if call.needs_grad:
+        reasons.append("inputs require grad (the decode kernel is for inference)")
+    if call.dropout_p > 0:
+        reasons.append("dropout > 0")
+    if call.query.device.type != "cpu":
+        reasons.append("not a CPU tensor (the fused kernel decodes well on accelerators)")
+    return reasons
+
+
+register_backend(
+    Backend("decode", _decode_fn, True, _decode_supports, "a few queries over a long KV cache, bandwidth-bound"),
+    before="sdpa",
+)

@@ -212,14 +212,15 @@ def run(args: argparse.Namespace) -> int:
 def tour_section(out_dir: Path, quick: bool) -> Section:
     """The tour's "Seeing attention" part: explain the classic 'it' sentence into ``out_dir / "explain"``."""
     start = time.perf_counter()
-    result = explain(EXAMPLE, token="it", out=Path(out_dir) / "explain", top=2 if quick else 3)
+    result = explain(EXAMPLE, token="it", out=Path(out_dir) / "explain", top=2 if quick else 3, skip_special=True)
     rel = {name: str(path.relative_to(out_dir)) for name, path in result.files.items()}
     return Section(
         title="Seeing attention: MiniLM-L6 in attnkit's encoder",
         summary=(
             f"Exact attention maps of all 6 layers x 12 heads, captured from attnkit's own encoder running the "
             f"pretrained all-MiniLM-L6-v2 weights on: {EXAMPLE} The table lists where 'it' attends most in each "
-            "layer (mean of the heads) and after attention rollout."
+            "layer (mean of the heads) and after attention rollout, "
+            "leaving out [CLS] and [SEP], where many BERT heads park their attention."
         ),
         table=result.table(),
         images=[rel["heads"], rel["rollout"], rel["token"]],

@@ -418,7 +418,9 @@ class LocationAwareAttention(nn.Module):
     and the cumulative weights (as Tacotron 2 does); at the first step pass zeros (or ``None``).
 
     Args:
-        query_dim, key_dim, attn_dim: sizes of ``s``, ``h_j`` and the alignment MLP.
+        query_dim: size of the decoder state ``s``.
+        key_dim: size of the annotations ``h_j``.
+        attn_dim: hidden size of the alignment MLP.
         num_filters: number of location filters ``k``.
         kernel_size: filter width ``r`` (odd, so the features stay centred).
         in_channels: number of weight channels in ``prev_weights``.
@@ -516,7 +518,9 @@ class CoverageAttention(nn.Module):
     repeated and dropped words on long inputs).
 
     Args:
-        query_dim, key_dim, attn_dim: sizes of ``s``, ``h_j`` and the alignment MLP.
+        query_dim: size of the decoder state ``s``.
+        key_dim: size of the annotations ``h_j``.
+        attn_dim: hidden size of the alignment MLP.
         fertility: the maximum fertility ``N`` (paper: 2), or ``None`` for ``Phi = 1``.
 
     Shape:

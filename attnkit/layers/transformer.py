@@ -268,9 +268,17 @@ class TransformerDecoderLayer(nn.Module):
     """Causal self-attention, cross-attention to the encoder memory and a feed-forward block.
 
     Args:
-        d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias, num_kv_heads,
-        backend: as in :class:`TransformerEncoderLayer` (``num_kv_heads`` applies to both attentions).
+        d_model: model width ``D``.
+        nhead: attention heads ``H`` (``D % H == 0``).
+        dim_feedforward: hidden size of the feed-forward block.
+        dropout: dropout on the attention weights, after each sub-block and inside the feed-forward block.
+        activation: ``"relu"``, ``"gelu"`` (exact, erf) or a callable.
+        layer_norm_eps: LayerNorm epsilon.
+        norm_first: pre-norm (``True``) or post-norm (``False``, the paper's layout).
+        bias: biases in the linear layers and LayerNorms.
+        num_kv_heads: key/value heads for grouped-query attention, in both attentions (default ``nhead``).
         position: a position module for the self-attention (RoPE / ALiBi / ... work with the cache).
+        backend: kernel backend of both attentions (``"auto"`` picks the fastest).
 
     Shape:
         tgt ``(B, L, D)``, memory ``(B, S, D)`` -> ``(B, L, D)``. tgt_mask ``(L, L)`` / memory_mask ``(L, S)``
@@ -442,7 +450,8 @@ class TransformerDecoder(nn.Module):
         >>> dec = TransformerDecoder(TransformerDecoderLayer(32, 4, dim_feedforward=64, dropout=0.0), 2).eval()
         >>> tgt, memory = torch.randn(1, 4, 32), torch.randn(1, 6, 32)
         >>> cache = dec.new_cache()
-        >>> last = [dec(tgt[:, t : t + 1], memory, is_causal=True, cache=cache) for t in range(4)][-1]
+        >>> for t in range(4):                                            # one token per step
+        ...     last = dec(tgt[:, t : t + 1], memory, is_causal=True, cache=cache)
         >>> last.shape, cache[0].length                                   # (B, 1, D), tokens decoded
         (torch.Size([1, 1, 32]), 4)
     """

@@ -131,7 +131,8 @@ class BertEncoder(nn.Module):
 
     Args:
         config: the sizes (:class:`BertConfig`; the default is MiniLM-L6-H384).
-        device, dtype: of the parameters.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
 
     Shape:
         input_ids ``(B, L)``; attention_mask ``(B, L)`` with ``1``/``True`` = real token (HuggingFace's meaning,

@@ -33,6 +33,7 @@ def test_explain_chinese_pair_through_the_cli(minilm, tmp_path, capsys):
     data = json.loads((out / "explain.json").read_text(encoding="utf-8"))
     tokens = data["tokens"]
     assert tokens[0] == "[CLS]" and tokens[data["token"]["index"]] == "北" and tokens.count("[SEP]") == 2
+    assert "[UNK:爱]" in tokens and "[UNK:猫]" in tokens  # pieces outside the vocabulary keep their text
     assert list(data["top"]) == [f"layer {i}" for i in range(6)] + ["rollout"]
     assert all(len(v) == 2 for v in data["top"].values())
     page = (out / "attention.html").read_text(encoding="utf-8")

@@ -40,7 +40,7 @@ class Explanation:
     """What :func:`explain` computed and wrote.
 
     Attributes:
-        tokens: the ``L`` word pieces, ``[CLS]`` and ``[SEP]`` included.
+        tokens: the ``L`` word pieces, ``[CLS]`` and ``[SEP]`` included (``[UNK:x]`` for an unknown piece ``x``).
         index: position of the chosen token.
         maps: the captured stack ``(layers, H, L, L)`` of batch item 0.
         rollout: ``(L, L)`` attention rollout.
@@ -71,9 +71,30 @@ def _minilm() -> tuple[Any, Any]:
     return load_minilm()
 
 
+def display_tokens(tokenizer: Any, text: str, pair: str | None, tokens: list[str]) -> list[str]:
+    """Labels for the pictures: each ``[UNK]`` piece shows the text it stands for, as ``[UNK:猫]``.
+
+    MiniLM's uncased English WordPiece vocabulary covers only some CJK characters; the model sees ``[UNK]`` for
+    the others, and the labels say so while keeping the sentence readable.
+    """
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None or "[UNK]" not in tokens:
+        return list(tokens)
+    enc = backend.encode(text, pair) if pair is not None else backend.encode(text)
+    if list(enc.tokens[: len(tokens)]) != tokens:
+        return list(tokens)
+    labels = []
+    for tok, (start, end), seq in zip(tokens, enc.offsets, enc.sequence_ids, strict=False):
+        source = pair if seq == 1 else text
+        piece = source[start:end] if tok == "[UNK]" and source is not None and end > start else ""
+        labels.append(f"[UNK:{piece}]" if piece else tok)
+    return labels
+
+
 def resolve_token(token: str | int | None, tokens: list[str]) -> int:
     """Position of ``token``: an index (negative counts from the end), or a word matched against the word pieces
-    (case-insensitive, ``##`` ignored, first match); ``None`` = the first token that is not ``[CLS]``/``[SEP]``."""
+    (case-insensitive, ``##`` ignored, ``[UNK:x]`` matches ``x``; first match); ``None`` = the first token that is
+    not ``[CLS]``/``[SEP]``."""
     if token is None:
         return next((i for i, t in enumerate(tokens) if t not in _SPECIAL), 0)
     text = str(token).strip()
@@ -84,7 +105,8 @@ def resolve_token(token: str | int | None, tokens: list[str]) -> int:
         return i % len(tokens)
     want = text.lower()
     for i, t in enumerate(tokens):
-        if t.lower() == want or t.lower().removeprefix("##") == want:
+        low = t.lower()
+        if want in (low, low.removeprefix("##")) or (low.startswith("[unk:") and low[5:-1] == want):
             return i
     shown = " ".join(tokens[:40]) + (" ..." if len(tokens) > 40 else "")
     raise fail(f"--token to be one of the word pieces ({shown})", repr(text), "--token INDEX or one of those pieces")
@@ -133,7 +155,7 @@ def explain(
         raise fail("--top >= 1", repr(top), "--top 3")
     model, tokenizer = _minilm()
     batch = tokenizer(text, pair)
-    tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+    tokens = display_tokens(tokenizer, text, pair, tokenizer.convert_ids_to_tokens(batch["input_ids"][0]))
     index = resolve_token(token, tokens)
     with torch.no_grad(), capture(model) as rec:
         model(**batch)

@@ -110,6 +110,14 @@ def test_cached_decoding_equals_full_recompute(norm_first: bool) -> None:
                         for t in range(2, L)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-10)
     assert all(c.length == L for c in cache)
+    # beam-search reordering: swap the two sentences and keep decoding
+    swap = torch.tensor([1, 0])
+    for c in cache:
+        c.reorder(swap)
+    nxt = torch.randn(2, 1, D, dtype=D64)
+    step = dec(nxt, memory[swap], is_causal=True, memory_key_mask=mkm[swap], cache=cache)
+    again = dec(torch.cat([tgt[swap], nxt], 1), memory[swap], is_causal=True, memory_key_mask=mkm[swap])
+    torch.testing.assert_close(step, again[:, -1:], rtol=0, atol=1e-10)
     for c in cache:
         c.reset()
     assert cache[0].length == 0 and cache[0].memory is None

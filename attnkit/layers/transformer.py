@@ -258,6 +258,16 @@ class DecoderLayerCache:
         self.self_attn.reset()
         self.memory = None
 
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (in that order) of everything cached: beam search's reordering step."""
+        k, v = self.self_attn.keys, self.self_attn.values
+        if k is not None and v is not None:
+            k, v = k.index_select(0, index), v.index_select(0, index)  # copies, before the buffer is dropped
+            self.self_attn.reset()
+            self.self_attn.update(k, v)
+        if self.memory is not None:
+            self.memory = (self.memory[0].index_select(0, index), self.memory[1].index_select(0, index))
+
     @property
     def length(self) -> int:
         """Target tokens decoded so far."""

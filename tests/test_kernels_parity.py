@@ -277,3 +277,17 @@ def test_dropout(backend: str) -> None:
     torch.testing.assert_close(w1, w0)
     assert not torch.allclose(out1, plain)
     assert torch.isfinite(out1).all()
+
+
+@pytest.mark.parametrize("backend", ["math", "auto"])
+def test_large_weights_buffer(backend: str) -> None:
+    """Weights big enough (9 MB) for the math backend's huge-page buffer: same values as the small-buffer path."""
+    q, k, v = _qkv(1, 2, 1, 1024, 1100, 4, 4, torch.float32)
+    mask = torch.rand(1024, 1100) > 0.5
+    mask[3] = False
+    with torch.no_grad():
+        out, w = scaled_dot_product_attention(q, k, v, mask, backend=backend, return_weights=True)
+    ref_out, ref_w = _truth(q, k, v, mask)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(w.double(), ref_w, atol=2e-5, rtol=1e-4)
+    assert not w[0, :, 3].any()

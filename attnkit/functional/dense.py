@@ -191,11 +191,55 @@ def _grouped(x: Tensor, kv_heads: int) -> Tensor:
     return x.reshape(b, kv_heads, (h // kv_heads) * n, d)
 
 
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def _thp_madvise() -> Callable[[int, int], Any] | None:
+    """``madvise(addr, len, MADV_HUGEPAGE)`` where Linux leaves transparent huge pages to the program, else None."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as f:
+            if "[madvise]" not in f.read():
+                return None
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return lambda addr, length: libc.madvise(addr, length, _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        return None
+
+
+_MADVISE = _thp_madvise()
+
+
+def _fresh_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty(shape)``, backed by huge pages when it is a large CPU buffer on Linux.
+
+    A fresh ``L x S`` buffer is touched once per 4 KiB page, and on a small CPU those page faults cost about as
+    much as the softmax. Asking for 2 MiB pages before the first write (what PyTorch's allocator does itself
+    under ``THP_MEM_ALLOC_ENABLE=1``) removes most of them. The hint changes no value and is skipped elsewhere.
+    """
+    out = torch.empty(shape, dtype=dtype, device=device)
+    nbytes = out.numel() * out.element_size()
+    if _MADVISE is not None and out.device.type == "cpu" and nbytes >= 4 * _HUGE_PAGE:
+        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # first 2 MiB boundary inside the buffer
+        stop = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        if stop > start:
+            _MADVISE(start, stop - start)
+    return out
+
+
 def _math_fn(call: AttentionCall) -> tuple[Tensor, Tensor]:
-    """The reference's math with one ``L x S`` buffer, computed in place when no gradient is needed."""
+    """The reference's math with one ``L x S`` buffer, computed in place when no gradient is needed.
+
+    Without autograd the scores are written by one ``baddbmm`` (scale folded in) into a fresh buffer that becomes
+    the returned weights: mask, softmax and the dead-row fill all happen in that buffer, so a call touches one
+    ``L x S`` tensor instead of the three or four of the plain formula.
+    """
     q, k, v = call.query, call.key, call.value
-    b, h, q_len, _ = q.shape
-    hk, k_len = call.kv_heads, call.k_len
+    b, h, q_len, e = q.shape
+    hk, k_len, ev = call.kv_heads, call.k_len, v.shape[-1]
     mask, causal = call.dense_mask()
     if causal:
         mask = causal_mask(q_len, k_len, device=q.device)
@@ -206,26 +250,35 @@ def _math_fn(call: AttentionCall) -> tuple[Tensor, Tensor]:
             alive = None
         else:
             mask = _revive(mask, alive)
-    grad = call.needs_grad
-    qg = _grouped(q * call.scale, hk)  # (B, Hkv, G*L, E)
-    scores = torch.matmul(qg, k.transpose(-2, -1)).view(b, h, q_len, k_len)  # (B, H, L, S)
-    if grad:
+    if call.needs_grad:
+        qg = _grouped(q * call.scale, hk)  # (B, Hkv, G*L, E)
+        scores = torch.matmul(qg, k.transpose(-2, -1)).view(b, h, q_len, k_len)  # (B, H, L, S)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        weights = torch.softmax(scores, dim=-1)
+        weights = torch.softmax(scores, dim=-1)  # (B, H, L, S)
         if alive is not None:
             weights = weights.masked_fill(~alive, 0.0)
     else:
+        weights = _fresh_buffer((b, h, q_len, k_len), q.dtype, q.device)  # (B, H, L, S)
+        groups = (h // hk) * q_len
+        torch.baddbmm(
+            weights.view(b * hk, groups, k_len),
+            q.reshape(b * hk, groups, e),  # (B*Hkv, G*L, E)
+            k.reshape(b * hk, k_len, e).transpose(1, 2),  # (B*Hkv, E, S)
+            beta=0.0,
+            alpha=call.scale,
+            out=weights.view(b * hk, groups, k_len),
+        )
         if mask is not None:
             if mask.dtype == torch.bool:
-                scores.masked_fill_(mask.logical_not(), float("-inf"))
+                weights.masked_fill_(mask.logical_not(), float("-inf"))
             else:
-                scores.add_(mask)
-        weights = torch.softmax(scores, dim=-1, out=scores)
+                weights.add_(mask)
+        torch.softmax(weights, dim=-1, out=weights)
         if alive is not None:
             weights.masked_fill_(~alive, 0.0)
     probs = _dropout(weights, call.dropout_p)
-    out = torch.matmul(_grouped(probs, hk), v).view(b, h, q_len, v.shape[-1])  # (B, H, L, Ev)
+    out = torch.matmul(_grouped(probs, hk), v).view(b, h, q_len, ev)  # (B, H, L, Ev)
     return out, weights
 
 

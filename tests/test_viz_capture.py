@@ -234,3 +234,39 @@ def test_from_hf_attentions_matches_a_bert_model():
     assert top[0].tensor.shape == (1, 4, 5, 2) and top[0].dense().shape == (1, 4, 5, 5)
     with pytest.raises(ValueError, match="output_attentions=True"):
         from_hf_attentions(None)
+
+
+def test_capture_real_attnkit_modules():
+    """The library's own modules: a Transformer encoder, CBAM gates and Bahdanau attention, in one model."""
+    from attnkit.layers import CBAM, AdditiveAttention, MultiHeadAttention, TransformerEncoder, TransformerEncoderLayer
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = TransformerEncoder(TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0), 2)
+            self.cbam = CBAM(8, rd_ratio=0.25)
+            self.bahdanau = AdditiveAttention(16, 16, 8)
+
+        def forward(self, tokens, image):
+            memory = self.encoder(tokens)  # (B, L, D)
+            context, _ = self.bahdanau(memory[:, 0], memory)  # one decoder step over the memory
+            return memory, self.cbam(image), context
+
+    model = Net().eval()
+    tokens, image = torch.randn(2, 5, 16), torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        plain = model(tokens, image)
+        with capture(model) as rec:
+            captured = model(tokens, image)
+    assert all(torch.equal(a, b) for a, b in zip(plain, captured, strict=True))
+    kinds = {(r.name, r.kind) for r in rec}
+    assert ("encoder.layers.0.self_attn", "attention") in kinds and ("encoder.layers.1.self_attn", "attention") in kinds
+    assert {k for _, k in kinds} == {"attention", "channel", "spatial"}
+    assert any(name.startswith("cbam") and kind == "spatial" for name, kind in kinds)
+    with torch.no_grad(), capture(model, "encoder.layers.*") as enc:
+        model(tokens, image)
+    assert enc.stack().shape == (2, 2, 4, 5, 5)
+    mha = MultiHeadAttention(16, 4).eval()  # need_weights=True and capture agree
+    with torch.no_grad(), capture(mha) as one:
+        _, weights = mha(tokens, need_weights=True)
+    torch.testing.assert_close(one[0].tensor, weights)

@@ -1,0 +1,108 @@
+"""``python -m attnkit.bench dense``: the dense kernel against PyTorch's SDPA and the naive formula.
+
+For each N (B=1, H=8, E=64, float32, no grad), in one process:
+
+* attnkit ``backend="auto"`` vs ``torch.nn.functional.scaled_dot_product_attention`` (the baseline) vs naive math
+  (``softmax(Q K^T / sqrt(E)) V`` written as three plain ops);
+* causal attention given as a :class:`~attnkit.functional.CausalMask` object, as an explicit boolean ``N x N``
+  tensor, and as PyTorch's ``is_causal=True`` (the causal baseline);
+* the exact-weights path (``return_weights=True``), which must also hand back the ``N x N`` weights.
+
+The contenders of one N are timed **interleaved**: each round calls every contender once, so a machine shared
+with other jobs slows all of them alike, and the medians over rounds are compared as ratios
+(``baseline time / time``: above 1 is faster than the baseline). Nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnkit.functional import CausalMask, causal_mask, scaled_dot_product_attention
+
+from ._timing import Table, machine_line, ratio
+
+B, H, E = 1, 8, 64
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], *, rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function over ``rounds`` rounds that call every function once, in turn."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    scores = q @ k.transpose(-2, -1) / E**0.5  # (B, H, N, N)
+    return scores.softmax(dim=-1) @ v  # (B, H, N, E)
+
+
+def contenders(n: int) -> dict[str, Callable[[], Any]]:
+    """The timed calls for sequence length ``n`` (all on the same random inputs)."""
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(B, H, n, E, generator=g) for _ in range(3))  # (B, H, N, E)
+    bool_causal = causal_mask(n)  # (N, N), True = may attend
+    obj = CausalMask()
+    return {
+        "torch SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
+        "attnkit auto": lambda: scaled_dot_product_attention(q, k, v),
+        "naive math": lambda: _naive(q, k, v),
+        "attnkit return_weights": lambda: scaled_dot_product_attention(q, k, v, return_weights=True),
+        "torch is_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "attnkit CausalMask()": lambda: scaled_dot_product_attention(q, k, v, obj),
+        "attnkit bool causal tensor": lambda: scaled_dot_product_attention(q, k, v, bool_causal),
+    }
+
+
+BASELINE = {
+    "torch SDPA": "torch SDPA",
+    "attnkit auto": "torch SDPA",
+    "naive math": "torch SDPA",
+    "attnkit return_weights": "torch SDPA",
+    "torch is_causal": "torch is_causal",
+    "attnkit CausalMask()": "torch is_causal",
+    "attnkit bool causal tensor": "torch is_causal",
+}
+
+
+def run(sizes: list[int], rounds: dict[int, int]) -> Table:
+    table = Table(
+        title=f"Dense attention, B={B}, H={H}, E={E}, float32, no grad",
+        columns=["N", "kernel", "median ms", "speed vs baseline", "baseline"],
+    )
+    with torch.no_grad():
+        for n in sizes:
+            medians = interleaved_medians(contenders(n), rounds=rounds[n])
+            for name, t in medians.items():
+                base = BASELINE[name]
+                table.add(n, name, f"{t * 1e3:.2f}", ratio(t, medians[base]), base)
+            causal_gain = medians["attnkit bool causal tensor"] / medians["attnkit CausalMask()"]
+            table.notes.append(f"N={n}: CausalMask() is {causal_gain:.2f}x faster than the explicit boolean tensor")
+    table.notes.append(f"measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine_line()}")
+    table.notes.append("ratios are baseline time / time (above 1 = faster); contenders interleaved round by round")
+    return table
+
+
+def main(quick: bool = False, out: str | None = None) -> int:
+    if quick:
+        sizes, rounds = [128, 256], {128: 5, 256: 5}
+    else:
+        sizes, rounds = [256, 1024, 4096], {256: 40, 1024: 15, 4096: 5}
+    table = run(sizes, rounds)
+    print(table.text())
+    table.save(out, "dense")
+    return 0

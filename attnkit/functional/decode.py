@@ -18,17 +18,19 @@ streamed in blocks of ``block`` keys that are converted into a small float32 buf
 so main memory is read once, in half precision. The result equals the reference (:func:`attention_reference`)
 within float32 rounding; the weights it returns are exact.
 
-Registered as backend ``"decode"`` ahead of ``"sdpa"``: ``backend="auto"`` routes inference calls with at most
-``MAX_QUERIES`` queries to it; :func:`~attnkit.functional.which_backend` says why it passes over anything else.
+Registered as backend ``"decode"`` ahead of ``"sdpa"``: ``backend="auto"`` routes inference calls on a
+half-precision cache with at most ``MAX_QUERIES`` queries and at least ``MIN_KEYS`` keys to it (for a float32 cache
+the fused kernel streams the cache as fast, so ``auto`` leaves those to it; ``backend="decode"`` still serves them);
+:func:`~attnkit.functional.which_backend` says why it passes over anything else.
 
 Example:
     >>> import torch
     >>> from attnkit.functional import scaled_dot_product_attention, which_backend
     >>> q = torch.randn(1, 8, 1, 64)                                 # (B, H, 1, E): one new token
-    >>> k = v = torch.randn(1, 2, 4096, 64, dtype=torch.float32)     # (B, Hkv, S, E): the cache
-    >>> which_backend(q, k, v).name
+    >>> k = v = torch.randn(1, 2, 4096, 64).bfloat16()               # (B, Hkv, S, E): a bfloat16 cache
+    >>> which_backend(q.bfloat16(), k, v).name
     'decode'
-    >>> scaled_dot_product_attention(q, k, v).shape
+    >>> scaled_dot_product_attention(q.bfloat16(), k, v).shape
     torch.Size([1, 8, 1, 64])
 """
 
@@ -46,24 +48,29 @@ __all__ = ["MAX_QUERIES", "decode_attention"]
 MAX_QUERIES = 8
 #: calls with fewer keys than this are left to the other backends (nothing to gain)
 MIN_KEYS = 128
+_HALF = (torch.bfloat16, torch.float16)
 #: keys per converted block for half-precision caches (block * E * 4 bytes should stay in the L2 cache)
 BLOCK = 1024
 
 
 def _masked_softmax_(scores: Tensor, mask: Tensor | None) -> Tensor:
-    """Softmax over the last dim in place; rows with no allowed key become zeros (never NaN)."""
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, float("-inf"))
-        else:
-            scores.add_(mask)
-    row_max = scores.amax(dim=-1, keepdim=True)  # (..., L, 1)
-    dead = torch.isneginf(row_max)
-    if bool(dead.any()):
-        row_max = row_max.masked_fill(dead, 0.0)
-    scores.sub_(row_max).exp_()
-    total = scores.sum(dim=-1, keepdim=True)
-    return scores.div_(total.masked_fill_(total == 0, 1.0))
+    """Softmax over the last dim, in place where it can; rows with no allowed key become zeros (never NaN).
+
+    Few passes over the scores on purpose: each pass over a long row is a parallel region, and on a shared machine
+    every region can wait for a descheduled thread.
+    """
+    if mask is None:
+        return torch.softmax(scores, dim=-1)
+    if mask.dtype == torch.bool:
+        scores.masked_fill_(~mask, float("-inf"))
+        alive = mask.any(dim=-1, keepdim=True)  # (B|1, H|1, L|1, 1), from the (usually small) mask
+    else:
+        scores.add_(mask)
+        alive = ~torch.isneginf(mask).all(dim=-1, keepdim=True)
+    if bool(alive.all()):
+        return torch.softmax(scores, dim=-1)
+    weights = torch.softmax(scores.masked_fill_(~alive, 0.0), dim=-1)
+    return weights.masked_fill_(~alive, 0.0)
 
 
 def decode_attention(
@@ -98,13 +105,14 @@ def decode_attention(
     if wide:
         scores = torch.matmul(qg, key.transpose(-2, -1))  # (B, Hkv, G*L, S): one read of K
     else:
-        scores = qg.new_empty(b, hk, g * q_len, k_len)
         buf = qg.new_empty(b, hk, min(block, k_len), max(e, ev))  # float32 block, stays in the CPU cache
+        parts = []
         for start in range(0, k_len, block):
             stop = min(start + block, k_len)
             kb = buf[:, :, : stop - start, :e]
             kb.copy_(key[:, :, start:stop])  # half -> float32, one block
-            torch.matmul(qg, kb.transpose(-2, -1), out=scores[..., start:stop])
+            parts.append(torch.matmul(qg, kb.transpose(-2, -1)))  # (B, Hkv, G*L, block)
+        scores = torch.cat(parts, dim=-1)  # (B, Hkv, G*L, S)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(acc)
     weights = _masked_softmax_(scores.view(b, h, q_len, k_len), attn_mask)  # (B, H, L, S) in acc
@@ -142,6 +150,9 @@ def _decode_supports(call: AttentionCall) -> list[str]:
         reasons.append("dropout > 0")
     if call.query.device.type != "cpu":
         reasons.append("not a CPU tensor (the fused kernel decodes well on accelerators)")
+    if call.key.dtype not in _HALF:
+        reasons.append(f"a {str(call.key.dtype).replace('torch.', '')} cache (the fused kernel already streams it; "
+                       "this kernel wins on half-precision caches)")
     return reasons
 
 

@@ -139,3 +139,17 @@ def test_loader_errors_are_clear() -> None:
         small(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="a tokenizer on the model"):
         small.encode(["hi"])
+
+
+def test_float64_matches_huggingface_to_rounding(models) -> None:
+    """In float64 the two encoders agree to ~1e-12: the float32 gap above is rounding, not different math."""
+    _, tok, _, _ = models
+    transformers = pytest.importorskip("transformers")
+    ours, _ = load_minilm(dtype=torch.float64)
+    ref = transformers.BertModel.from_pretrained(
+        str(tok.path.parent), attn_implementation="eager", add_pooling_layer=False, local_files_only=True,
+        dtype=torch.float64,
+    ).eval()
+    batch = tok([SENTENCES[i] for i in (0, 3, 5, 6, 11, 21)])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch), ref(**batch).last_hidden_state, rtol=0, atol=1e-10)

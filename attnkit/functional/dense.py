@@ -456,6 +456,7 @@ def scaled_dot_product_attention(
         torch.Size([2, 5, 8])
     """
     call, three_d = _prepare(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights)
+    weights: Tensor | None
     if call.k_len == 0:
         out, weights = _empty_keys(call)
     else:
@@ -470,9 +471,9 @@ def scaled_dot_product_attention(
 
 def _math_weights(call: AttentionCall) -> Tensor:
     """Exact weights for a call whose output came from a kernel that hides them (one extra ``Q K^T``)."""
-    ones = torch.zeros(*call.value.shape[:-1], 0, dtype=call.value.dtype, device=call.value.device)
+    no_values = torch.zeros(*call.value.shape[:-1], 0, dtype=call.value.dtype, device=call.value.device)
     _, weights = _math_fn(
-        AttentionCall(call.query, call.key, ones, call.mask, call.structure, call.is_causal, 0.0, call.scale, True)
+        AttentionCall(call.query, call.key, no_values, call.mask, call.structure, call.is_causal, 0.0, call.scale, True)
     )
     return weights
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import doctest
 import importlib
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 from attnkit import create_attention
-from attnkit.functional import CausalMask, attention_reference
+from attnkit.functional import BlockSparseMask, CausalMask, WindowMask, attention_reference, strided_layout
 from attnkit.layers import MultiHeadAttention
 
 D, H = 16, 4
@@ -173,3 +174,36 @@ def test_errors_say_the_fix(kwargs, call, match):
 def test_doctests(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --------------------------------------------------------------------------------------------- window= / layout=
+def _copy(src: MultiHeadAttention, **kwargs) -> MultiHeadAttention:
+    dst = MultiHeadAttention(src.embed_dim, src.num_heads, dtype=torch.float64, **kwargs)
+    dst.load_state_dict(src.state_dict())
+    return dst
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_mask_object_runs_the_local_kernel(causal):
+    dense = MultiHeadAttention(16, 2, dtype=torch.float64)
+    win = WindowMask(4, causal=False)
+    local = _copy(dense, window=win, backend="local")  # a forced backend raises if it cannot serve the call
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    key_mask = torch.arange(13).view(1, 13) < torch.tensor([[13], [9]])  # right padding -> PaddingMask structure
+    want_mask = replace(win, causal=causal).materialize(13, 13)[0, 0]  # (L, S)
+    want = dense(x, attn_mask=want_mask, key_mask=key_mask)
+    torch.testing.assert_close(local(x, key_mask=key_mask, is_causal=causal), want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_layout_runs_the_block_sparse_kernel(causal):
+    dense = MultiHeadAttention(16, 2, dtype=torch.float64)
+    layout = BlockSparseMask(strided_layout(4, stride=2, causal=False), 4)
+    sparse = _copy(dense, layout=layout, backend="block_sparse")
+    x = torch.randn(2, 16, 16, dtype=torch.float64)
+    want = dense(x, attn_mask=layout.materialize(16, 16)[0, 0], is_causal=causal)
+    torch.testing.assert_close(sparse(x, is_causal=causal), want, atol=1e-10, rtol=0)
+    # with a tensor mask on top, the module falls back to a dense kernel with the combined mask
+    extra = torch.rand(16, 16) > 0.2
+    auto = _copy(dense, layout=layout)
+    torch.testing.assert_close(auto(x, attn_mask=extra), dense(x, attn_mask=extra & layout.materialize(16, 16)[0, 0]))

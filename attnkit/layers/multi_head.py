@@ -19,13 +19,21 @@ fused kernel where it can and ``attnkit.viz.capture`` sees the exact weights; th
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnkit.functional import AttentionMask, attention_weights, combine_masks
+from attnkit.functional import (
+    AttentionMask,
+    BlockSparseMask,
+    PaddingMask,
+    WindowMask,
+    attention_weights,
+    combine_masks,
+)
 from attnkit.functional._validate import fail
 from attnkit.registry import register_attention
 
@@ -61,8 +69,13 @@ class MultiHeadAttention(nn.Module):
         position: a :class:`~attnkit.layers.position.PositionEncoding` (sinusoidal, learned, rotary, ALiBi, T5,
             Shaw) or ``None``.
         qk_norm: LayerNorm over the head dim of queries and keys before the scores (Dehghani et al. 2023).
-        window: causal-or-not sliding window: a query at position ``p`` sees keys at positions ``p - k`` with
-            ``|p - k| < window`` (with ``is_causal`` only the past ``window`` keys, its own included).
+        window: local attention. An ``int`` is an exact sliding window by position: a query at position ``p`` sees
+            the keys at positions ``k`` with ``|p - k| < window`` (with ``is_causal``: the last ``window`` keys, its
+            own included); this is the window a :class:`~attnkit.layers.RingKVCache` serves. A
+            :class:`~attnkit.functional.WindowMask` is the blocked window of :mod:`attnkit.functional.local`, handed
+            to the kernel as a structure, so ``backend="auto"`` runs the O(L w) ``local`` kernel.
+        layout: a :class:`~attnkit.functional.BlockSparseMask` (block-sparse pattern, served by the
+            ``block_sparse`` kernel when nothing else is masked).
         scale: score scale (default ``1/sqrt(E)``).
         backend: kernel backend of the :class:`~attnkit.layers.Attend` submodule (default ``"auto"``).
         device, dtype: of the parameters.
@@ -111,7 +124,8 @@ class MultiHeadAttention(nn.Module):
         dropout: float = 0.0,
         position: PositionEncoding | None = None,
         qk_norm: bool = False,
-        window: int | None = None,
+        window: int | WindowMask | None = None,
+        layout: BlockSparseMask | None = None,
         scale: float | None = None,
         backend: str = "auto",
         device: torch.device | str | None = None,
@@ -128,14 +142,20 @@ class MultiHeadAttention(nn.Module):
         if not isinstance(num_kv_heads, int) or num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise fail("num_kv_heads dividing num_heads", f"num_heads={num_heads}, num_kv_heads={num_kv_heads!r}",
                        "num_kv_heads=1 (MQA) or a divisor of num_heads (GQA)")
-        if window is not None and (not isinstance(window, int) or window < 1):
-            raise fail("window >= 1 or None", repr(window), "window=256")
+        if window is not None and not isinstance(window, WindowMask) and (
+            not isinstance(window, int) or isinstance(window, bool) or window < 1
+        ):
+            raise fail("window: an int >= 1, a WindowMask or None", repr(window), "window=256")
+        if layout is not None and not isinstance(layout, BlockSparseMask):
+            raise fail("layout: a BlockSparseMask or None", type(layout).__name__,
+                       "layout=BlockSparseMask(local_layout(n_blocks), block_size)")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.kdim = embed_dim if kdim is None else kdim
         self.vdim = self.kdim if vdim is None and kdim is not None else (embed_dim if vdim is None else vdim)
         self.window = window
+        self.layout = layout
         self.scale = scale
         kv_width = num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
@@ -308,9 +328,9 @@ class MultiHeadAttention(nn.Module):
         if cache is not None and not self_attn:
             raise fail("cache= only with self-attention (key=None, value=None)", "a key/value input",
                        "projecting the encoder memory once and calling without a cache for cross-attention")
-        window = self.window
+        window = self.window if isinstance(self.window, int) else None
         if cache is not None and cache.window is not None and (window is None or window > cache.window):
-            raise fail(f"window <= the ring buffer's window {cache.window}", f"window={window}",
+            raise fail(f"an int window <= the ring buffer's window {cache.window}", f"window={self.window!r}",
                        f"MultiHeadAttention(..., window={cache.window}) with a RingKVCache, or a KVCache")
         offset = cache.length if cache is not None else 0
         q_pos = torch.arange(offset, offset + q_len, device=dev)  # (L,)
@@ -323,9 +343,19 @@ class MultiHeadAttention(nn.Module):
 
         # ---- masks, one meaning: boolean True = may attend; floats are added
         parts: list[Tensor | None] = []
-        structure: AttentionMask | None = None
+        structures: list[AttentionMask] = []  # mask objects a structured kernel (local, block-sparse) can serve
+        causal_done = False  # is_causal already expressed by a structure
+        if isinstance(self.window, WindowMask):
+            causal_done = is_causal
+            structures.append(replace(self.window, causal=True) if is_causal else self.window)
+        if self.layout is not None:
+            if is_causal and cache is None and q_len == k_len:
+                structures.append(replace(self.layout, causal=True))
+                causal_done = True
+            else:
+                structures.append(self.layout)
         if isinstance(attn_mask, AttentionMask):
-            structure = attn_mask
+            structures.append(attn_mask)
         elif attn_mask is not None:
             parts.append(self._tensor_mask(attn_mask, b, q_len, k_len, q.dtype))
         if key_mask is not None:
@@ -333,12 +363,16 @@ class MultiHeadAttention(nn.Module):
                 got = f"{key_mask.dtype} {tuple(key_mask.shape)}" if isinstance(key_mask, Tensor) else repr(key_mask)
                 raise fail(f"key_mask of shape (B, S) = {(b, k_len)}, boolean, True = real key", got,
                            "~key_padding_mask for a mask in nn.MultiheadAttention's meaning")
-            parts.append(key_mask.view(b, 1, 1, k_len))
+            lengths = key_mask.sum(-1)  # (B,)
+            if structures and torch.equal(key_mask, torch.arange(k_len, device=dev) < lengths.view(b, 1)):
+                structures.append(PaddingMask(lengths))  # right padding: stays a structure the kernels can read
+            else:
+                parts.append(key_mask.view(b, 1, 1, k_len))
         kernel_causal = False
         ordered = cache is None or cache.contiguous
         if window is not None or not ordered:
             parts.append(_window_allowed(q_pos, k_pos, window, is_causal).view(1, 1, q_len, k_len))
-        elif is_causal:
+        elif is_causal and not causal_done:
             if cache is None:
                 kernel_causal = True  # upper-left, the fused kernel's own causal path
             elif q_len > 1:
@@ -351,9 +385,14 @@ class MultiHeadAttention(nn.Module):
         if mask is not None and mask.dtype == torch.bool and bool(mask.all()):
             mask = None  # e.g. a decode step whose window holds only real keys
         full: Tensor | AttentionMask | None = mask
-        if structure is not None:
-            full = structure if mask is None else combine_masks(
-                mask, structure.materialize(q_len, k_len, device=dev))
+        if structures:
+            structure = structures[0]
+            for extra_structure in structures[1:]:
+                structure = structure & extra_structure
+            if mask is None and not kernel_causal:
+                full = structure  # a structured kernel may serve it without materialising L x S
+            else:
+                full = combine_masks(mask, structure.materialize(q_len, k_len, device=dev))
 
         # ---- the kernel (through the Attend tap)
         uses_weights = pos is not None and pos.uses_weights
@@ -379,4 +418,6 @@ class MultiHeadAttention(nn.Module):
             parts.append(f"num_kv_heads={self.num_kv_heads}")
         if self.window is not None:
             parts.append(f"window={self.window}")
+        if self.layout is not None:
+            parts.append(f"layout=BlockSparseMask(block_size={self.layout.block_size})")
         return ", ".join(parts)

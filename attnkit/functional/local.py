@@ -149,12 +149,10 @@ def _pieces_forward(q4: Tensor, k4: Tensor, v4: Tensor, pieces: list[_Piece], sc
         l_new = torch.logaddexp(l_old, l_p)  # (BH, P, w)
         weight = torch.exp(l_p - l_new).to(o_p.dtype).unsqueeze(-1)  # (BH, P, w, 1): share of the new piece
         if isinstance(p.q, slice):
-            o_old = out[:, p.q]  # a view: updated in place
-            o_old += (o_p - o_old) * weight
+            out[:, p.q].lerp_(o_p, weight)  # one fused pass: o + weight * (o_p - o), in place
             lse[:, p.q] = l_new
         else:
-            o_old = out.index_select(1, p.q)
-            out.index_copy_(1, p.q, o_old + (o_p - o_old) * weight)
+            out.index_copy_(1, p.q, out.index_select(1, p.q).lerp_(o_p, weight))
             lse.index_copy_(1, p.q, l_new)
     return out, lse
 
@@ -270,7 +268,6 @@ def _window_blockwise(
         parts = [x[:, :, first + d : first + d + nq] for d in range(lb + lf + 1)]
         return torch.cat(parts, dim=3)  # (B, H, nq, ctx, X)
 
-    k5, v5 = buckets(k), buckets(v)  # (B, H, nq, ctx, E|Ev)
     dev = q.device
     q_pos = (first * w + torch.arange(nq * w, device=dev)).view(nq, w, 1)  # (nq, w, 1)
     k_pos = ((first - lb) * w + torch.arange(nq, device=dev).view(nq, 1, 1) * w
@@ -279,8 +276,11 @@ def _window_blockwise(
     allowed = allowed & (k_pos <= q_pos) if win.causal else allowed.expand(nq, w, -1)  # (nq, w, ctx)
     allowed = allowed.view(1, 1, nq, w, -1)  # (1, 1, nq, w, ctx)
     if key_mask is not None:
+        hidden = ~key_mask.view(b, 1, k_len, 1)  # padding keys: zeroed, so even NaN padding never leaks in
+        k, v = k.masked_fill(hidden, 0.0), v.masked_fill(hidden, 0.0)
         km = buckets(key_mask.view(b, 1, k_len, 1).to(q.dtype))  # (B, 1, nq, ctx, 1)
         allowed = allowed & (km.transpose(-1, -2) > 0)  # (B, 1, nq, w, ctx)
+    k5, v5 = buckets(k), buckets(v)  # (B, H, nq, ctx, E|Ev)
     alive = allowed.any(-1, keepdim=True)  # (B|1, 1, nq, w, 1)
     allowed = allowed | ~alive  # dead rows see everything (finite), zeroed below
     allowed = allowed.expand(b, h, nq, w, allowed.shape[-1]).reshape(b, h * nq, w, -1)  # (B, H*nq, w, ctx)

@@ -1,0 +1,228 @@
+"""Suite ``long``: causal sliding-window attention on long sequences, attnkit against its peers, in one process.
+
+For N in {4096, 16384, 65536}, H=8, E=64, fp32, a causal window of 512 that looks one bucket back (the
+``local-attention`` package's parameterisation, :class:`attnkit.functional.WindowMask`), it times forward and
+forward+backward and measures the extra peak memory of:
+
+* dense masked SDPA: PyTorch's fused kernel with the materialised ``N x N`` boolean band (skipped when the estimated
+  memory passes a guard, so the shared machine is never pushed out of memory);
+* the ``local-attention`` package (``LocalAttention(window_size, causal=True)``);
+* FlexAttention compiled with a block mask: **forward only** (no CPU backward in PyTorch);
+* attnkit's :func:`~attnkit.functional.sliding_window_attention`.
+
+Then the chunked kernel's peak memory for dense causal attention at N=32768 against PyTorch's SDPA (and the size the
+materialised scores would take). Times are medians; ratios are against baselines measured in the same process.
+``--out DIR`` writes ``long.md``, ``long.json`` and the log-log plot ``long.png``.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnkit.bench._timing import Table, machine_line, measure_peak_memory, median_time, ratio
+from attnkit.functional import WindowMask, chunked_attention, sliding_window_attention
+
+GUARD_BYTES = 6 * 1024**3  # never start a run estimated above this (the machine is shared)
+MB = 1024**2
+
+
+def _timed(fn: Callable[[], Any], slow: float) -> float:
+    """Median time; calls that take longer than ``slow`` seconds are repeated less."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    if first > slow:
+        return min(first, median_time(fn, repeats=1, warmup=0))
+    return median_time(fn, repeats=5 if first < 0.2 else 3, warmup=0)
+
+
+def _fwd_bwd(forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], q, k, v):  # type: ignore[no-untyped-def]
+    def run() -> None:
+        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+        forward(qq, kk, vv).sum().backward()
+
+    return run
+
+
+def _bind(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    return lambda: fn(*args)
+
+
+def _kernels(n: int, window: int, with_flex: bool) -> dict[str, dict[str, Any]]:
+    """Each kernel: forward fn, whether it trains, and a memory estimate (bytes) for fwd and fwd+bwd."""
+    kernels: dict[str, dict[str, Any]] = {}
+
+    def dense(q, k, v):  # type: ignore[no-untyped-def]
+        mask = WindowMask(window).materialize(n, n)[0, 0]  # (N, N) bool, built inside: it is part of the cost
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    kernels["dense masked SDPA"] = {"fn": dense, "trains": True, "est": lambda h: (n * n * 5, n * n * (9 + 4 * h))}
+    try:
+        from local_attention import LocalAttention
+
+        local = LocalAttention(window_size=window, causal=True, look_backward=1, autopad=True)
+        kernels["local-attention"] = {"fn": lambda q, k, v: local(q, k, v), "trains": True,
+                                      "est": lambda h: (h * n * 2 * window * 4 * 3, h * n * 2 * window * 4 * 6)}
+    except ImportError:  # pragma: no cover - benchmark extra not installed
+        pass
+    if with_flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            def band(b, h, i, j):  # type: ignore[no-untyped-def]
+                return (i // window - j // window <= 1) & (j <= i)
+
+            block_mask = create_block_mask(band, None, None, n, n, device="cpu")
+            compiled = torch.compile(flex_attention, dynamic=False)
+            kernels["FlexAttention compiled (fwd only)"] = {
+                "fn": lambda q, k, v: compiled(q, k, v, block_mask=block_mask), "trains": False,
+                "est": lambda h: (h * n * 64 * 4 * 8, 0)}
+        except Exception as exc:  # noqa: BLE001 - report any compile failure as a note, do not stop the suite
+            print(f"FlexAttention unavailable: {type(exc).__name__}: {exc}")
+    kernels["attnkit sliding_window_attention"] = {
+        "fn": lambda q, k, v: sliding_window_attention(q, k, v, window=window), "trains": True,
+        "est": lambda h: (h * n * 64 * 4 * 12, h * n * 64 * 4 * 30)}
+    return kernels
+
+
+def _plot(results: dict[str, dict[int, dict[str, float]]], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, by_n in results.items():
+        ns = sorted(by_n)
+        for key, style in (("fwd", "-o"), ("fwd+bwd", "--s")):
+            pts = [(n, by_n[n][key]) for n in ns if by_n[n].get(key) is not None]
+            if pts:
+                ax_t.plot(*zip(*pts, strict=True), style, label=f"{name} {key}")
+        pts = [(n, by_n[n]["mem"] / MB) for n in ns if by_n[n].get("mem") is not None]
+        if pts:
+            ax_m.plot(*zip(*pts, strict=True), "-o", label=name)
+    for ax, label in ((ax_t, "time (s)"), (ax_m, "extra peak memory, forward (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=6)
+    ax_m.legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "long.png", dpi=80)
+    plt.close(fig)
+
+
+def main(quick: bool = False, out: str | None = None) -> int:
+    torch.manual_seed(0)
+    sizes = [512, 2048] if quick else [4096, 16384, 65536]
+    heads, dim, window = (2, 64, 128) if quick else (8, 64, 512)
+    with_flex = not quick  # its compile takes minutes on this CPU; --quick leaves it out (said in the notes)
+    print(machine_line())
+    table = Table(
+        f"causal sliding window {window}, look_backward 1, B=1, H={heads}, E={dim}, fp32",
+        ["N", "kernel", "fwd ms", "fwd+bwd ms", "fwd peak MB", "fwd+bwd peak MB"],
+    )
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    for n in sizes:
+        q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
+        for name, spec in _kernels(n, window, with_flex).items():
+            row: dict[str, float] = {}
+            est_fwd, est_train = spec["est"](heads)
+            if est_fwd > GUARD_BYTES:
+                table.add(str(n), name, "skipped", "skipped", f"~{est_fwd / MB:.0f} est.", "-")
+                results.setdefault(name, {})[n] = row
+                continue
+            fwd = spec["fn"]
+            with torch.no_grad():
+                if name.startswith("FlexAttention"):
+                    t0 = time.perf_counter()
+                    fwd(q, k, v)
+                    print(f"  FlexAttention compile + first call at N={n}: {time.perf_counter() - t0:.1f} s")
+                call = _bind(fwd, q, k, v)
+                row["fwd"] = _timed(call, slow=2.0)
+                row["mem"] = float(measure_peak_memory(call))
+            train_cells = ["n/a (no backward)", "-"]
+            if spec["trains"] and est_train <= GUARD_BYTES:
+                step = _fwd_bwd(fwd, q, k, v)
+                row["fwd+bwd"] = _timed(step, slow=2.0)
+                row["mem_train"] = float(measure_peak_memory(step))
+                train_cells = [f"{row['fwd+bwd'] * 1e3:.0f}", f"{row['mem_train'] / MB:.0f}"]
+            elif spec["trains"]:
+                train_cells = ["skipped", f"~{est_train / MB:.0f} est."]
+            table.add(str(n), name, f"{row['fwd'] * 1e3:.0f}", train_cells[0], f"{row['mem'] / MB:.0f}", train_cells[1])
+            results.setdefault(name, {})[n] = row
+            print(f"  N={n:6d} {name:34s} fwd {row['fwd'] * 1e3:8.0f} ms  fwd+bwd {train_cells[0]:>8s} ms", flush=True)
+            gc.collect()
+    ours = results["attnkit sliding_window_attention"]
+    ratios = Table("attnkit speed-up (baseline time / attnkit time; > 1 = attnkit faster)",
+                   ["N", "against", "fwd", "fwd+bwd"])
+    for name, by_n in results.items():
+        if name.startswith("attnkit"):
+            continue
+        for n in sizes:
+            base, mine = by_n.get(n, {}), ours.get(n, {})
+            f = ratio(mine["fwd"], base["fwd"]) if "fwd" in base and "fwd" in mine else "-"
+            if "fwd+bwd" in base and "fwd+bwd" in mine:
+                b = ratio(mine["fwd+bwd"], base["fwd+bwd"])
+            elif "fwd" in base and "fwd+bwd" in mine:
+                b = ratio(mine["fwd+bwd"], base["fwd"]) + " (our fwd+bwd vs its fwd)"
+            else:
+                b = "-"
+            ratios.add(str(n), name, f, b)
+    table.notes.append(machine_line())
+    table.notes.append("peak MB: extra bytes at peak from torch's CPU allocator (profiler), inputs excluded")
+    table.notes.append(f"runs estimated above {GUARD_BYTES / 1024**3:.0f} GB are skipped, not attempted")
+    if with_flex:
+        table.notes.append("FlexAttention: compiled forward only; PyTorch has no FlexAttention backward on CPU")
+    else:
+        table.notes.append("--quick: FlexAttention left out (its compile takes minutes on this CPU)")
+
+    # chunked kernel: dense causal attention, peak memory against PyTorch's SDPA
+    n_dense, h_dense = (2048, 1) if quick else (32768, 1)
+    q, k, v = (torch.randn(1, h_dense, n_dense, dim) for _ in range(3))
+    mem = Table(f"dense causal attention at N={n_dense}, H={h_dense}, E={dim}, fp32: extra peak memory",
+                ["kernel", "fwd MB", "fwd+bwd MB", "fwd+bwd ms"])
+    dense_kernels = {
+        "PyTorch SDPA (is_causal)": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
+        "attnkit chunked_attention": lambda a, b, c: chunked_attention(a, b, c, is_causal=True),
+    }
+    for name, fn in dense_kernels.items():
+        with torch.no_grad():
+            m_f = measure_peak_memory(_bind(fn, q, k, v))
+        step = _fwd_bwd(fn, q, k, v)
+        t0 = time.perf_counter()
+        m_b = measure_peak_memory(step)
+        mem.add(name, f"{m_f / MB:.0f}", f"{m_b / MB:.0f}", f"{(time.perf_counter() - t0) * 1e3:.0f}")
+    mem.notes.append(f"materialised scores would need {h_dense * n_dense * n_dense * 4 / MB:.0f} MB each "
+                     "(scores and weights) in fp32")
+    mem.notes.append("fwd+bwd ms: one call under the memory profiler (not a median)")
+
+    for t in (table, ratios, mem):
+        print()
+        print(t.text())
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        md = "\n\n".join(t.markdown() for t in (table, ratios, mem))
+        (folder / "long.md").write_text(md + "\n", encoding="utf-8")
+        table.save(folder, "long_times")
+        ratios.save(folder, "long_ratios")
+        mem.save(folder, "long_chunked_memory")
+        _plot(results, folder, table.title)
+        print(f"\nwrote {folder / 'long.md'} and {folder / 'long.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

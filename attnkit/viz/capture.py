@@ -227,7 +227,7 @@ def _as_index_list(value: int | Sequence[int] | None, what: str) -> list[int] | 
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         return [value]
-    items = list(value)
+    items = list(value) if isinstance(value, Iterable) else []
     if not items or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
         raise fail(f"`{what}` as an int or a non-empty list of ints", repr(value), f"{what}=[0, 1]")
     return items
@@ -331,13 +331,14 @@ def capture(
         def observe(module: nn.Module, value: Tensor, *, _name=name, _layer=layer, _counter=counter) -> None:
             call = _counter[0]
             _counter[0] += 1
-            if module.kind == "attention":
+            kind = str(getattr(module, "kind", "attention"))
+            if kind == "attention":
                 tensor, indices, kept = reducer(value)
                 record = AttentionRecord(
                     _name, "attention", tensor, call, _layer, kept, reducer.mode, indices, value.shape[-1]
                 )
             else:
-                record = AttentionRecord(_name, module.kind, value.detach().clone(), call, _layer)
+                record = AttentionRecord(_name, kind, value.detach().clone(), call, _layer)
             rec.records.append(record)
 
         removers.append(tap.add_observer(observe))

@@ -29,7 +29,7 @@ receive them as ``(B, 1, Lq, S)`` — the ``(B, H, L, S)`` layout of every other
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -97,7 +97,7 @@ class SoftAttention(nn.Module):
         super().__init__()
         if not isinstance(d_model, int) or d_model <= 0:
             raise fail("d_model to be a positive int", repr(d_model), "SoftAttention(64)")
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.d_model = d_model
         self.query_proj = nn.Linear(d_model, d_model, bias=bias, **kw)
         self.key_proj = nn.Linear(d_model, d_model, bias=bias, **kw)
@@ -253,7 +253,7 @@ class AdditiveAttention(nn.Module):
     ) -> None:
         super().__init__()
         _attn_dims(query_dim, key_dim, attn_dim)
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.query_dim, self.key_dim, self.attn_dim = query_dim, key_dim, attn_dim
         self.query_proj = nn.Linear(query_dim, attn_dim, bias=bias, **kw)  # W
         self.key_proj = nn.Linear(key_dim, attn_dim, bias=False, **kw)  # U
@@ -338,7 +338,7 @@ class LuongAttention(nn.Module):
             raise fail(
                 'query_dim == key_dim for score="dot"', f"{query_dim} and {key_dim}", 'score="general" to project'
             )
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.query_dim, self.key_dim, self.score_name = query_dim, key_dim, score
         self.attn_dim = attn_dim if score == "concat" else None
         self.weight: nn.Linear | None = None
@@ -457,7 +457,7 @@ class LocationAwareAttention(nn.Module):
         _attn_dims(query_dim, key_dim, attn_dim)
         if not isinstance(kernel_size, int) or kernel_size <= 0 or kernel_size % 2 == 0:
             raise fail("an odd positive kernel_size", repr(kernel_size), "kernel_size=31")
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.query_dim, self.key_dim, self.attn_dim = query_dim, key_dim, attn_dim
         self.in_channels = in_channels
         self.location_conv = nn.Conv1d(
@@ -552,7 +552,7 @@ class CoverageAttention(nn.Module):
     ) -> None:
         super().__init__()
         _attn_dims(query_dim, key_dim, attn_dim)
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.query_dim, self.key_dim, self.attn_dim = query_dim, key_dim, attn_dim
         self.query_proj = nn.Linear(query_dim, attn_dim, bias=False, **kw)  # W
         self.key_proj = nn.Linear(key_dim, attn_dim, bias=False, **kw)  # U
@@ -569,7 +569,7 @@ class CoverageAttention(nn.Module):
 
     def update_coverage(self, coverage: Tensor, weights: Tensor, keys: Tensor) -> Tensor:
         """``C + a / Phi`` (eq. 7), ``Phi = N * sigmoid(U_f h)`` with fertility else 1: ``(B, S)``."""
-        if self.fertility_proj is None:
+        if self.fertility_proj is None or self.fertility is None:
             return coverage + weights
         phi = self.fertility * torch.sigmoid(self.fertility_proj(keys)).squeeze(-1)  # (B, S)
         return coverage + weights / phi

@@ -405,13 +405,13 @@ class TransformerDecoderLayer(nn.Module):
     ) -> Tensor:
         x = _check_x("tgt", tgt, self.d_model)
         _check_x("memory", memory, self.d_model)
+        self_cache: KVCache | None = None
+        layer_cache: DecoderLayerCache | None = None
         if isinstance(cache, KVCache):  # a bare KVCache caches the self-attention only
-            self_cache, layer_cache = cache, None
+            self_cache = cache
         elif isinstance(cache, DecoderLayerCache):
             self_cache, layer_cache = cache.self_attn, cache
-        elif cache is None:
-            self_cache = layer_cache = None
-        else:
+        elif cache is not None:
             raise fail("cache= a DecoderLayerCache, a KVCache or None", type(cache).__name__, "layer.new_cache()")
         if self.norm_first:
             x = x + self._sa(self.norm1(x), tgt_mask, tgt_key_mask, is_causal, self_cache)

@@ -135,3 +135,22 @@ def test_registered_backend_is_dispatched_and_explains(picky_backend: Backend) -
 
 def test_registry_restored_after_fixture() -> None:
     assert "picky" not in available_backends()
+
+
+def test_forced_kernel_that_hides_weights_is_asked_only_for_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend that declines ``need_weights`` still serves a forced call: weights come from the math backend."""
+    monkeypatch.setattr(dense_mod, "_BACKENDS", dict(dense_mod._BACKENDS))
+    asked: list[bool] = []
+
+    def supports(call: AttentionCall) -> list[str]:
+        asked.append(call.need_weights)
+        return ["it does not return the attention weights"] if call.need_weights else []
+
+    register_backend(Backend("hider", dense_mod._sdpa_fn, False, supports), before=available_backends()[0])
+    q = torch.randn(1, 2, 3, 4)
+    out, w = sdpa(q, q, q, return_weights=True, backend="hider")
+    ref_out, ref_w = sdpa(q, q, q, return_weights=True, backend="reference")
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(w, ref_w)
+    assert asked == [False]
+    assert which_backend(q, q, q, return_weights=True).reasons["hider"] == ["it does not return the attention weights"]

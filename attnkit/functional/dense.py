@@ -22,7 +22,7 @@ cannot serve raises ``ValueError`` with those reasons. :func:`which_backend` tel
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -337,10 +337,12 @@ def _choose(call: AttentionCall, backend: str) -> BackendChoice:
         if backend not in _BACKENDS:
             raise V.fail(f"backend in {['auto', *_BACKENDS]}", repr(backend), 'backend="auto"')
         chosen = _BACKENDS[backend]
-        why = chosen.not_supported_reasons(call)
+        # A kernel that hides its weights is only asked to serve the output; the math backend adds the weights.
+        hides_weights = call.need_weights and not chosen.returns_weights
+        why = chosen.not_supported_reasons(replace(call, need_weights=False) if hides_weights else call)
         if why:
             raise V.fail(f"inputs that backend {backend!r} can serve", "; ".join(why), 'backend="auto"')
-        weights_from = "math" if call.need_weights and not chosen.returns_weights else None
+        weights_from = "math" if hides_weights else None
         return BackendChoice(backend, {}, weights_from)
     reasons: dict[str, list[str]] = {}
     for name, b in _BACKENDS.items():

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from attnkit.functional._validate import fail
 
-from ._files import package_file
+from ._files import DataNotFoundError, package_file
 
 __all__ = [
     "LANGUAGES",
@@ -185,9 +186,15 @@ class ParallelCorpus:
         )
 
 
-def _read_version(con: sqlite3.Connection, code: str) -> dict[tuple[int, int, int], str]:
-    rows = con.execute("SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ?", (code,))
-    return {(b, c, v): t for b, c, v, t in rows}
+@functools.lru_cache(maxsize=4)
+def _read_version(path: str, code: str) -> dict[tuple[int, int, int], str]:
+    """Every verse of one version (cached: a process that trains and evaluates reads the file once)."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ?", (code,))
+        return {(b, c, v): t for b, c, v, t in rows}
+    finally:
+        con.close()
 
 
 def load_parallel(
@@ -217,11 +224,14 @@ def load_parallel(
     if not (isinstance(max_chars, int) and isinstance(min_chars, int) and 1 <= min_chars <= max_chars):
         raise fail("1 <= min_chars <= max_chars", f"min_chars={min_chars}, max_chars={max_chars}", "max_chars=300")
     path = Path(db) if db is not None else bible_db()
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    if not path.is_file():
+        raise DataNotFoundError(f"{path} is missing; install the data with: {INSTALL}")
     try:
-        src_rows, tgt_rows = _read_version(con, s), _read_version(con, t)
-    finally:
-        con.close()
+        src_rows, tgt_rows = _read_version(str(path), s), _read_version(str(path), t)
+    except sqlite3.DatabaseError as err:
+        raise DataNotFoundError(
+            f"{path} is not a readable Bible database ({err}); reinstall it with: {INSTALL}"
+        ) from None
     corpus = ParallelCorpus(s, t)
     for key in sorted(src_rows.keys() & tgt_rows.keys()):
         a, b = clean_verse(src_rows[key], s), clean_verse(tgt_rows[key], t)

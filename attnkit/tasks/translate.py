@@ -1,0 +1,553 @@
+"""``attnkit translate train|evaluate|translate``: Bible verses, GRU (none / Bahdanau / Luong) or Transformer.
+
+* ``train`` trains sentencepiece tokenizers on the training books, then the model, with periodic validation,
+  atomic checkpoints (``--out DIR/checkpoints``) and exact ``--resume``; it ends with BLEU/chrF on the test books.
+  Under ``torchrun --nproc-per-node N`` it runs DistributedDataParallel.
+* ``evaluate`` decodes the held-out books (greedy or beam) and scores them with sacrebleu (BLEU, chrF).
+* ``translate "text"`` prints the translation and its alignment, and can save an alignment plot.
+
+Bad input (unknown language, empty or over-long text, missing data package, corrupt checkpoint) raises
+``ValueError`` / ``DataNotFoundError``: the CLI prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnkit.data.bible import LANGUAGES, language_code, load_parallel
+from attnkit.data.tokenizer import BOS, EOS, PAD, Tokenizer
+from attnkit.functional._validate import fail
+from attnkit.models.decoding import Decoded, beam_search, greedy_decode
+from attnkit.models.seq2seq import ATTENTIONS, GRUSeq2Seq, Seq2SeqBase
+from attnkit.models.transformer_mt import TransformerMT
+from attnkit.tasks.report import Section, format_table
+from attnkit.train import distributed as D
+from attnkit.train.checkpoint import CheckpointError, load_checkpoint, restore
+from attnkit.train.loop import STOPPED, BatchPlan, FitConfig, fit
+
+HELP = "Translate Bible verses with and without attention: train, evaluate (BLEU/chrF), translate with alignments."
+
+MODELS = (*ATTENTIONS, "transformer")
+MAX_INPUT_CHARS = 1000  # longest text `translate` accepts
+
+# Settings: (full run, --quick run). None in argparse means "not given": resumed runs take the checkpoint's.
+DEFAULTS: dict[str, tuple[Any, Any]] = {
+    "src": ("4", "4"),
+    "tgt": ("e", "e"),
+    "steps": (4000, 80),
+    "batch_size": (64, 24),
+    "lr": (2e-3, 3e-3),
+    "warmup": (200, 30),
+    "clip": (1.0, 1.0),
+    "seed": (0, 0),
+    "vocab_size": (4000, 600),
+    "max_chars": (200, 100),
+    "max_tokens": (64, 32),
+    "max_train": (0, 3000),
+    "embed_dim": (256, 48),
+    "hidden_dim": (256, 96),
+    "layers": (3, 2),
+    "heads": (4, 4),
+    "ff_dim": (1024, 256),
+    "dropout": (0.2, 0.1),
+    "label_smoothing": (0.1, 0.1),
+    "eval_every": (500, 40),
+    "save_every": (250, 40),
+    "eval_limit": (0, 100),
+}
+# settings that must match a checkpoint when resuming (the rest, like --steps, may change)
+FIXED = (
+    "model", "src", "tgt", "batch_size", "lr", "warmup", "clip", "seed", "vocab_size", "max_chars", "max_tokens",
+    "max_train", "embed_dim", "hidden_dim", "layers", "heads", "ff_dim", "dropout", "label_smoothing",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    train = sub.add_parser("train", help="train a model (checkpoints in --out; --resume continues)")
+    train.add_argument("--model", choices=MODELS, default="bahdanau", help="decoder attention (default bahdanau)")
+    train.add_argument("--src", help="source version or ISO code (default 4 = English WEB)")
+    train.add_argument("--tgt", help="target version or ISO code (default e = German Elberfelder)")
+    train.add_argument("--steps", type=int, help="last training step (default 4000; --quick 80)")
+    train.add_argument("--out", help="run folder (default runs/translate/MODEL)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train.add_argument("--quick", action="store_true", help="tiny settings: a run of well under a minute")
+    for name in DEFAULTS:
+        if name in ("src", "tgt", "steps"):
+            continue
+        kind = float if isinstance(DEFAULTS[name][0], float) else int
+        full, quick = DEFAULTS[name]
+        train.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {full} (--quick {quick})")
+    train.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun: one GPU per rank)")
+    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+    ev = sub.add_parser("evaluate", help="BLEU and chrF on the held-out books")
+    _run_options(ev)
+    ev.add_argument("--split", choices=("test", "valid"), default="test")
+    ev.add_argument("--limit", type=int, default=0, help="first N verses only (0 = all)")
+    ev.add_argument("--batch-size", type=int, default=64)
+
+    tr = sub.add_parser("translate", help="translate one text and print its alignment")
+    tr.add_argument("text", help="the text to translate")
+    _run_options(tr)
+    tr.add_argument("--plot", help="save the alignment plot here (.png, .svg or .pdf)")
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=MODELS, default="bahdanau", help="picks the default --out")
+    p.add_argument("--out", help="run folder holding checkpoints/ (default runs/translate/MODEL)")
+    p.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
+    p.add_argument("--alpha", type=float, default=0.6, help="length-penalty exponent (GNMT)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or f"runs/translate/{args.model}")
+    if args.action == "train":
+        return _train_command(args, out)
+    if args.action == "evaluate":
+        model, run_cfg, tok_src, tok_tgt, ckpt_extra = load_run(out, device=args.device)
+        corpus = load_parallel(run_cfg["src"], run_cfg["tgt"], max_chars=run_cfg["max_chars"])
+        pairs = corpus.test if args.split == "test" else corpus.valid
+        res = evaluate(model, tok_src, tok_tgt, pairs, run_cfg["tgt"], beam=args.beam, alpha=args.alpha,
+                       limit=args.limit, batch_size=args.batch_size)  # fmt: skip
+        res.update(_run_summary(model, run_cfg, ckpt_extra))
+        res["split"] = args.split
+        (out / f"results-{args.split}.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
+        print(_result_line(res))
+        for s in res["samples"][:3]:
+            print(f"  src: {s['src']}\n  ref: {s['ref']}\n  hyp: {s['hyp']}")
+        return 0
+    model, run_cfg, tok_src, tok_tgt, _ = load_run(out, device=args.device)
+    result = translate_text(model, tok_src, tok_tgt, args.text, beam=args.beam, alpha=args.alpha)
+    print(result.translation)
+    print(format_table([["target", "source (most attended)", "weight"], *result.alignment_rows()]))
+    if args.plot:
+        result.plot(save=args.plot)
+        print(f"alignment plot: {args.plot}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- settings
+def resolve_settings(args: argparse.Namespace, stored: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's settings: explicit options, else the checkpoint's (when resuming), else the defaults.
+
+    Raises:
+        CheckpointError: an explicit option differs from the checkpoint being resumed.
+    """
+    quick = bool(getattr(args, "quick", False))
+    cfg: dict[str, Any] = {"model": args.model, "quick": quick}
+    given: dict[str, Any] = {}
+    for name, (full, q) in DEFAULTS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            given[name] = value
+        cfg[name] = value if value is not None else (stored or {}).get(name, q if quick else full)
+    cfg["src"], cfg["tgt"] = language_code(cfg["src"]), language_code(cfg["tgt"])
+    if stored is not None:
+        mismatch = {
+            k: (stored.get(k), cfg[k])
+            for k in FIXED
+            if k in stored and stored.get(k) != cfg[k] and (k in given or k == "model")
+        }
+        if mismatch:
+            msg = ", ".join(
+                f"--{k.replace('_', '-')}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in mismatch.items()
+            )
+            raise CheckpointError(
+                f"expected --resume with the settings of the checkpoint, got a mismatch ({msg}); try the same "
+                "options (or leave them out: resumed runs take the checkpoint's), or a new --out folder"
+            )
+        cfg["quick"] = stored.get("quick", quick)
+    for name in ("steps", "batch_size", "vocab_size", "max_chars", "max_tokens", "embed_dim", "hidden_dim", "layers"):
+        if not isinstance(cfg[name], int) or cfg[name] < 1:
+            raise fail(f"--{name.replace('_', '-')} >= 1", repr(cfg[name]), f"--{name.replace('_', '-')} 64")
+    if cfg["hidden_dim"] % 2:
+        raise fail("an even --hidden-dim", str(cfg["hidden_dim"]), f"--hidden-dim {cfg['hidden_dim'] + 1}")
+    if cfg["model"] == "transformer" and cfg["hidden_dim"] % cfg["heads"]:
+        raise fail("--hidden-dim divisible by --heads", f"{cfg['hidden_dim']} and {cfg['heads']}", "--heads 4")
+    return cfg
+
+
+def build_model(cfg: dict[str, Any], src_vocab: int, tgt_vocab: int, device: torch.device | str = "cpu") -> nn.Module:
+    """The model named by ``cfg["model"]`` with the sizes in ``cfg``."""
+    if cfg["model"] == "transformer":
+        return TransformerMT(
+            src_vocab, tgt_vocab, d_model=cfg["hidden_dim"], nhead=cfg["heads"], num_layers=cfg["layers"],
+            dim_feedforward=cfg["ff_dim"], dropout=cfg["dropout"], device=device,
+        )  # fmt: skip
+    return GRUSeq2Seq(
+        src_vocab, tgt_vocab, attention=cfg["model"], embed_dim=cfg["embed_dim"], hidden_dim=cfg["hidden_dim"],
+        dropout=cfg["dropout"], device=device,
+    )  # fmt: skip
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------- data
+@dataclass
+class Encoded:
+    """Token ids of one split: ``src[i]`` (no BOS/EOS) and ``tgt[i]`` (ids + EOS)."""
+
+    src: list[list[int]]
+    tgt: list[list[int]]
+
+
+def encode_pairs(pairs: Sequence[Any], tok_src: Tokenizer, tok_tgt: Tokenizer, max_tokens: int | None) -> Encoded:
+    enc = Encoded([], [])
+    for p in pairs:
+        s, t = tok_src.encode(p.src), tok_tgt.encode(p.tgt) + [EOS]
+        if max_tokens is not None and (len(s) > max_tokens or len(t) > max_tokens + 1):
+            continue
+        if not s:
+            continue
+        enc.src.append(s)
+        enc.tgt.append(t)
+    return enc
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], device: torch.device | str, *, bos: bool = False) -> Tensor:
+    rows = [([BOS] if bos else []) + list(s) for s in seqs]
+    n = max(len(r) for r in rows)
+    out = torch.full((len(rows), n), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out.to(device)
+
+
+def make_batch(enc: Encoded, idx: Sequence[int], device: torch.device | str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``src (B, S)``, ``src_mask (B, S)`` (True = real token), ``tgt_in (B, T)`` (BOS + ids), ``tgt_out (B, T)``."""
+    src = pad_batch([enc.src[i] for i in idx], device)
+    tgt_out = pad_batch([enc.tgt[i] for i in idx], device)
+    tgt_in = pad_batch([enc.tgt[i][:-1] for i in idx], device, bos=True)  # BOS + ids (drop EOS)
+    return src, src != PAD, tgt_in, tgt_out
+
+
+def prepare_data(cfg: dict[str, Any], tokenizers: tuple[Tokenizer, Tokenizer] | None = None) -> dict[str, Any]:
+    """Load the corpus, train (or reuse) the tokenizers and encode train / valid."""
+    corpus = load_parallel(cfg["src"], cfg["tgt"], max_chars=cfg["max_chars"])
+    train_pairs = corpus.train
+    if cfg["max_train"]:
+        # a fixed, seed-independent subset: every k-th verse of the training books
+        k = max(1, len(train_pairs) // cfg["max_train"])
+        train_pairs = train_pairs[::k][: cfg["max_train"]]
+    if tokenizers is None:
+        tok_src = Tokenizer.train(
+            [p.src for p in train_pairs], vocab_size=cfg["vocab_size"],
+            character_coverage=LANGUAGES[cfg["src"]].character_coverage,
+        )  # fmt: skip
+        tok_tgt = Tokenizer.train(
+            [p.tgt for p in train_pairs], vocab_size=cfg["vocab_size"],
+            character_coverage=LANGUAGES[cfg["tgt"]].character_coverage,
+        )  # fmt: skip
+    else:
+        tok_src, tok_tgt = tokenizers
+    train = encode_pairs(train_pairs, tok_src, tok_tgt, cfg["max_tokens"])
+    valid = encode_pairs(corpus.valid, tok_src, tok_tgt, None)
+    if not train.src:
+        raise fail("training pairs within --max-tokens", "none", "a larger --max-tokens or --max-chars")
+    return {"corpus": corpus, "tok_src": tok_src, "tok_tgt": tok_tgt, "train": train, "valid": valid}
+
+
+# --------------------------------------------------------------------------------------------------- train
+def _train_command(args: argparse.Namespace, out: Path) -> int:
+    result = train(args, out)
+    if result.get("stopped"):
+        return STOPPED
+    return 0
+
+
+def train(args: argparse.Namespace, out: Path, *, log: Any = print) -> dict[str, Any]:
+    """Train (or resume) one model into ``out``; returns a summary (and the test scores on rank 0)."""
+    w = D.setup(args.device)  # joins the process group under torchrun
+    try:
+        return _train(args, out, w, log)
+    finally:
+        if w.distributed:
+            D.cleanup()
+
+
+def _train(args: argparse.Namespace, out: Path, w: D.World, log: Any) -> dict[str, Any]:
+    ckpt_dir = out / "checkpoints"
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_dir)
+    elif ckpt_dir.exists() and any(ckpt_dir.glob("step-*")):
+        raise fail(
+            f"an empty run folder, or --resume, for {out}",
+            "existing checkpoints",
+            f"--resume to continue, or another --out (or delete {ckpt_dir})",
+        )
+    cfg = resolve_settings(args, ckpt.config if ckpt is not None else None)
+    toks = None
+    if ckpt is not None:
+        try:
+            toks = (Tokenizer.from_bytes(ckpt.files["src.spm"]), Tokenizer.from_bytes(ckpt.files["tgt.spm"]))
+        except KeyError:
+            raise CheckpointError(f"expected src.spm and tgt.spm in {ckpt.path}, got {sorted(ckpt.files)}") from None
+    data = prepare_data(cfg, toks)
+    tok_src, tok_tgt, enc, valid = data["tok_src"], data["tok_tgt"], data["train"], data["valid"]
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg, len(tok_src), len(tok_tgt), device=w.device)
+    run_cfg = {**cfg, **{"model_config": model.config()}}  # type: ignore[operator]
+    plan = BatchPlan([len(t) for t in enc.tgt], cfg["batch_size"], seed=cfg["seed"], rank=w.rank, world_size=w.size)
+    ls = float(cfg["label_smoothing"])
+
+    def loss_fn(net: nn.Module, step: int) -> tuple[Tensor, Tensor]:
+        src, src_mask, tgt_in, tgt_out = make_batch(enc, plan.batch(step), w.device)
+        logits = net(src, src_mask, tgt_in)  # (B, T, V)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=PAD, reduction="sum",
+            label_smoothing=ls,
+        )  # fmt: skip
+        return loss, (tgt_out != PAD).sum()
+
+    def validate(m: nn.Module) -> dict[str, float]:
+        total, count = 0.0, 0
+        for i in range(0, len(valid.src), 64):
+            src, src_mask, tgt_in, tgt_out = make_batch(valid, range(i, min(i + 64, len(valid.src))), w.device)
+            logits = m(src, src_mask, tgt_in)
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1),
+                                           ignore_index=PAD, reduction="sum"))  # fmt: skip
+            count += int((tgt_out != PAD).sum())
+        return {"valid_loss": total / max(count, 1)}
+
+    if w.is_main:
+        lang = f"{LANGUAGES[cfg['src']].name} -> {LANGUAGES[cfg['tgt']].name}"
+        log(
+            f"{cfg['model']}: {count_parameters(model):,} parameters; {lang}; {len(enc.src):,} training pairs, "
+            f"vocab {len(tok_src)}/{len(tok_tgt)}; {w.size} process(es) on {w.device}"
+        )
+    fcfg = FitConfig(
+        steps=cfg["steps"], lr=cfg["lr"], warmup=cfg["warmup"], clip=cfg["clip"], eval_every=cfg["eval_every"],
+        save_every=cfg["save_every"], keep=args.keep, progress=not args.no_progress,
+    )  # fmt: skip
+    files = {"src.spm": tok_src.to_bytes(), "tgt.spm": tok_tgt.to_bytes()}
+    res = fit(
+        model, loss_fn, fcfg, checkpoint_dir=ckpt_dir, run_config=run_cfg, files=files, validate=validate,
+        resume=ckpt, log=log if w.is_main else (lambda _m: None),
+    )  # fmt: skip
+    summary: dict[str, Any] = {"step": res.step, "loss": res.loss, "stopped": res.stopped, "seconds": res.seconds}
+    if res.stopped or not w.is_main:
+        return summary
+    model.eval()
+    pairs = data["corpus"].test
+    scores = evaluate(model, tok_src, tok_tgt, pairs, cfg["tgt"], beam=1, limit=cfg["eval_limit"])
+    scores.update(_run_summary(model, run_cfg, {"seconds": res.seconds, "history": res.history}))
+    scores["split"] = "test"
+    (out / "results-test.json").write_text(json.dumps(scores, indent=1, ensure_ascii=False))
+    log(_result_line(scores))
+    return {**summary, **scores}
+
+
+def _run_summary(model: nn.Module, cfg: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": cfg["model"],
+        "src": cfg["src"],
+        "tgt": cfg["tgt"],
+        "steps": cfg["steps"],
+        "parameters": count_parameters(model),
+        "train_seconds": round(float(extra.get("seconds", 0.0)), 1),
+        "valid_loss": (extra.get("history") or [{}])[-1].get("valid_loss"),
+    }
+
+
+def _result_line(res: dict[str, Any]) -> str:
+    return (
+        f"{res['model']}: BLEU {res['bleu']:.2f}  chrF {res['chrf']:.2f}  on {res['n']} {res.get('split', 'test')} "
+        f"verses ({'greedy' if res['beam'] == 1 else 'beam ' + str(res['beam'])}); "
+        f"{res['parameters']:,} parameters, {res['train_seconds']:.0f} s training"
+    )
+
+
+# --------------------------------------------------------------------------------------------------- load / eval
+def load_run(
+    out: str | Path, *, device: str = "auto"
+) -> tuple[Seq2SeqBase, dict[str, Any], Tokenizer, Tokenizer, dict[str, Any]]:
+    """Model (eval mode), settings, tokenizers and training record from the newest checkpoint in ``out``."""
+    ckpt_dir = Path(out) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise fail(f"a trained run in {out}", f"no {ckpt_dir}", f"attnkit translate train --out {out}")
+    ckpt = load_checkpoint(ckpt_dir)
+    cfg = ckpt.config
+    try:
+        tok_src, tok_tgt = Tokenizer.from_bytes(ckpt.files["src.spm"]), Tokenizer.from_bytes(ckpt.files["tgt.spm"])
+        model = build_model(cfg, len(tok_src), len(tok_tgt))
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"expected a translation checkpoint in {ckpt.path}, got one without {err}") from None
+    restore(ckpt, model, rng=False)
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
+    model = model.to(dev).eval()
+    return model, cfg, tok_src, tok_tgt, ckpt.extra  # type: ignore[return-value]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def decode_batch(model: Seq2SeqBase, src_ids: Sequence[Sequence[int]], *, beam: int, alpha: float) -> Decoded:
+    dev = _device(model)
+    src = pad_batch(src_ids, dev)
+    if beam <= 1:
+        return greedy_decode(model, src, src != PAD, max_len=int(src.shape[1] * 2 + 10))
+    return beam_search(model, src, src != PAD, beam_size=beam, alpha=alpha, max_len=int(src.shape[1] * 2 + 10))
+
+
+def evaluate(
+    model: Seq2SeqBase,
+    tok_src: Tokenizer,
+    tok_tgt: Tokenizer,
+    pairs: Sequence[Any],
+    tgt_code: str,
+    *,
+    beam: int = 4,
+    alpha: float = 0.6,
+    limit: int = 0,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Decode ``pairs`` and score them with sacrebleu: corpus BLEU (the target language's tokenizer) and chrF."""
+    import sacrebleu
+
+    pairs = list(pairs)[:limit] if limit else list(pairs)
+    if not pairs:
+        raise fail("at least one verse to evaluate", "none", "--limit 0")
+    model.eval()
+    src_ids = [tok_src.encode(p.src) or [1] for p in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: len(src_ids[i]))  # similar lengths per batch: less padding
+    hyps = [""] * len(pairs)
+    t0 = time.perf_counter()
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        dec = decode_batch(model, [src_ids[j] for j in idx], beam=beam, alpha=alpha)
+        for j, ids in zip(idx, dec.tokens, strict=True):
+            hyps[j] = tok_tgt.decode(ids)
+    seconds = time.perf_counter() - t0
+    refs = [p.tgt for p in pairs]
+    lang = LANGUAGES[tgt_code]
+    bleu = sacrebleu.corpus_bleu(hyps, [refs], tokenize=lang.bleu_tokenize)
+    chrf = sacrebleu.corpus_chrf(hyps, [refs])
+    return {
+        "bleu": round(float(bleu.score), 2),
+        "chrf": round(float(chrf.score), 2),
+        "bleu_signature": str(bleu.format(signature=True)).split(" = ")[0] if hasattr(bleu, "format") else "",
+        "n": len(pairs),
+        "beam": beam,
+        "alpha": alpha,
+        "decode_seconds": round(seconds, 2),
+        "samples": [
+            {"ref_id": p.ref, "src": p.src, "ref": p.tgt, "hyp": h} for p, h in zip(pairs[:8], hyps[:8], strict=True)
+        ],
+    }
+
+
+@dataclass
+class Translation:
+    """One translated text, its subword pieces and the alignment weights ``(T, S)``."""
+
+    translation: str
+    source_pieces: list[str]
+    target_pieces: list[str]
+    weights: Tensor | None
+
+    def alignment_rows(self) -> list[list[str]]:
+        """``[target piece, most attended source piece, weight]`` per output token (incl. the end token)."""
+        if self.weights is None:
+            return [[t, "(no attention: one fixed context)", "-"] for t in self.target_pieces]
+        rows = []
+        for t, row in zip(self.target_pieces, self.weights, strict=False):
+            j = int(row.argmax())
+            rows.append([t, self.source_pieces[j], f"{float(row[j]):.2f}"])
+        return rows
+
+    def plot(self, *, save: str | Path | None = None, title: str | None = None) -> Any:
+        if self.weights is None:
+            raise fail("a model with attention for an alignment plot", "--model none", "--model bahdanau")
+        from attnkit.viz.plot import alignment
+
+        n = self.weights.shape[0]
+        return alignment(self.weights, self.source_pieces, self.target_pieces[:n], title=title, save=save)
+
+
+def translate_text(
+    model: Seq2SeqBase, tok_src: Tokenizer, tok_tgt: Tokenizer, text: str, *, beam: int = 4, alpha: float = 0.6
+) -> Translation:
+    """Translate one text; the alignment comes from the model's attention weights at each output token.
+
+    Raises:
+        ValueError: empty text, or longer than :data:`MAX_INPUT_CHARS` characters / 256 subwords.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise fail("a non-empty text to translate", repr(text), 'attnkit translate translate "In the beginning"')
+    if len(text) > MAX_INPUT_CHARS:
+        raise fail(
+            f"at most {MAX_INPUT_CHARS} characters (one verse or sentence)", f"{len(text)}", "splitting the text"
+        )
+    ids = tok_src.encode(text.strip())
+    if not ids:
+        raise fail("text the source tokenizer can read", repr(text), "text in the source language")
+    if len(ids) > 256:
+        raise fail("at most 256 subwords", str(len(ids)), "splitting the text into sentences")
+    dec = decode_batch(model, [ids], beam=beam, alpha=alpha)
+    out_ids = dec.tokens[0]
+    w = dec.weights[0]
+    target = tok_tgt.pieces(out_ids) + ["</s>"]
+    return Translation(tok_tgt.decode(out_ids), tok_src.pieces(ids), target, w)
+
+
+# --------------------------------------------------------------------------------------------------- tour
+def tour_section(out_dir: Path, quick: bool) -> Section:
+    """Train no-attention and Bahdanau GRUs briefly (``quick``: Bahdanau only, < 1 min), score them, plot one verse."""
+    t0 = time.perf_counter()
+    folder = Path(out_dir) / "translate"
+    models = ("bahdanau",) if quick else ("none", "bahdanau", "luong")
+    rows = [["model", "BLEU", "chrF", "parameters", "train s", "steps"]]
+    images: list[str] = []
+    links: list[tuple[str, str]] = []
+    for name in models:
+        run_dir = folder / name
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        ns = argparse.Namespace(
+            model=name, quick=True, resume=False, keep=1, device="cpu", threads=None, no_progress=True,
+            **{k: None for k in DEFAULTS},
+        )  # fmt: skip
+        if not quick:
+            ns.steps, ns.eval_limit = 600, 0
+        res = train(ns, run_dir, log=lambda _m: None)
+        rows.append([name, f"{res['bleu']:.2f}", f"{res['chrf']:.2f}", f"{res['parameters']:,}",
+                     f"{res['train_seconds']:.0f}", str(res["step"])])  # fmt: skip
+        links.append((f"{name}: results JSON", f"translate/{name}/results-test.json"))
+        if name != "none":
+            model, _cfg, ts, tt, _ = load_run(run_dir, device="cpu")
+            tr = translate_text(model, ts, tt, "In the beginning God created the heavens and the earth.", beam=1)
+            img = folder / f"alignment-{name}.png"
+            tr.plot(save=img, title=f"{name}: {tr.translation}"[:80])
+            images.append(f"translate/{img.name}")
+    summary = (
+        "English (WEB) -> German (Elberfelder) Bible verses, split by book (test: Ruth, Jonah, Galatians, James); "
+        "tiny GRU models trained for seconds on CPU, greedy decoding, sacrebleu BLEU/chrF on the held-out books. "
+        "Numbers this small only show the pipeline works; see docs/translation.md for longer runs."
+    )
+    return Section("Translation with attention", summary, rows, images, links, seconds=time.perf_counter() - t0)

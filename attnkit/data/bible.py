@@ -224,6 +224,15 @@ def load_parallel(
     if not (isinstance(max_chars, int) and isinstance(min_chars, int) and 1 <= min_chars <= max_chars):
         raise fail("1 <= min_chars <= max_chars", f"min_chars={min_chars}, max_chars={max_chars}", "max_chars=300")
     path = Path(db) if db is not None else bible_db()
+    train, valid, test = _load(s, t, max_chars, min_chars, str(path))
+    return ParallelCorpus(s, t, list(train), list(valid), list(test))
+
+
+@functools.lru_cache(maxsize=8)
+def _load(
+    s: str, t: str, max_chars: int, min_chars: int, db: str
+) -> tuple[tuple[VersePair, ...], tuple[VersePair, ...], tuple[VersePair, ...]]:
+    path = Path(db)
     if not path.is_file():
         raise DataNotFoundError(f"{path} is missing; install the data with: {INSTALL}")
     try:
@@ -232,12 +241,13 @@ def load_parallel(
         raise DataNotFoundError(
             f"{path} is not a readable Bible database ({err}); reinstall it with: {INSTALL}"
         ) from None
-    corpus = ParallelCorpus(s, t)
+    train: list[VersePair] = []
+    valid: list[VersePair] = []
+    test: list[VersePair] = []
     for key in sorted(src_rows.keys() & tgt_rows.keys()):
         a, b = clean_verse(src_rows[key], s), clean_verse(tgt_rows[key], t)
         if not (min_chars <= len(a) <= max_chars and min_chars <= len(b) <= max_chars):
             continue
-        pair = VersePair(*key, a, b)
-        split = corpus.test if key[0] in TEST_BOOKS else corpus.valid if key[0] in VALID_BOOKS else corpus.train
-        split.append(pair)
-    return corpus
+        split = test if key[0] in TEST_BOOKS else valid if key[0] in VALID_BOOKS else train
+        split.append(VersePair(*key, a, b))
+    return tuple(train), tuple(valid), tuple(test)

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from attnkit.functional._validate import fail
 __all__ = ["BOS", "EOS", "PAD", "UNK", "Tokenizer"]
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
+_REQUIRED = re.compile(r"smaller than required_chars\. \d+ vs (\d+)")
 
 
 class Tokenizer:
@@ -61,27 +63,39 @@ class Tokenizer:
         """Train on ``texts`` in memory (one thread, so the same texts always give the same model).
 
         ``character_coverage`` below 1 (``0.9995``) suits languages with thousands of characters (Chinese).
-        A ``vocab_size`` larger than the texts allow is lowered to what they allow.
+        A ``vocab_size`` larger than the texts allow is lowered to what they allow; one smaller than the
+        characters to cover (thousands in Chinese) is raised to cover them.
         """
         texts = [t for t in texts if t.strip()]
         if not texts:
             raise fail("at least one non-empty training text", "none", "passing the training split")
-        buf = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts),
-            model_writer=buf,
-            vocab_size=vocab_size,
-            character_coverage=character_coverage,
-            model_type=model_type,
-            pad_id=PAD,
-            unk_id=UNK,
-            bos_id=BOS,
-            eos_id=EOS,
-            num_threads=1,
-            hard_vocab_limit=False,
-            minloglevel=2,
-        )
-        return cls(buf.getvalue())
+        if not isinstance(vocab_size, int) or vocab_size < 8:
+            raise fail("vocab_size >= 8", repr(vocab_size), "vocab_size=8000")
+        for _ in range(2):
+            buf = io.BytesIO()
+            try:
+                spm.SentencePieceTrainer.train(
+                    sentence_iterator=iter(texts),
+                    model_writer=buf,
+                    vocab_size=vocab_size,
+                    character_coverage=character_coverage,
+                    model_type=model_type,
+                    pad_id=PAD,
+                    unk_id=UNK,
+                    bos_id=BOS,
+                    eos_id=EOS,
+                    num_threads=1,
+                    hard_vocab_limit=False,
+                    minloglevel=2,
+                )
+            except RuntimeError as err:
+                need = _REQUIRED.search(str(err))
+                if need is None:
+                    raise ValueError(f"expected texts sentencepiece can train on, got an error: {err}") from None
+                vocab_size = int(need.group(1)) + 64  # every required character plus room for a few merges
+                continue
+            return cls(buf.getvalue())
+        raise ValueError(f"expected a vocabulary sentencepiece accepts, got none up to {vocab_size}; try a larger one")
 
     def __len__(self) -> int:
         return int(self._sp.get_piece_size())

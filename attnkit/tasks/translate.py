@@ -351,7 +351,8 @@ def _train(args: argparse.Namespace, out: Path, w: D.World, log: Any) -> dict[st
     model.eval()
     pairs = data["corpus"].test
     scores = evaluate(model, tok_src, tok_tgt, pairs, cfg["tgt"], beam=1, limit=cfg["eval_limit"])
-    scores.update(_run_summary(model, run_cfg, {"seconds": res.seconds, "history": res.history}))
+    record = {"seconds": res.seconds, "cpu_seconds": res.cpu_seconds, "history": res.history}
+    scores.update(_run_summary(model, run_cfg, record))
     scores["split"] = "test"
     (out / "results-test.json").write_text(json.dumps(scores, indent=1, ensure_ascii=False))
     log(_result_line(scores))
@@ -366,6 +367,7 @@ def _run_summary(model: nn.Module, cfg: dict[str, Any], extra: dict[str, Any]) -
         "steps": cfg["steps"],
         "parameters": count_parameters(model),
         "train_seconds": round(float(extra.get("seconds", 0.0)), 1),
+        "train_cpu_seconds": round(float(extra.get("cpu_seconds", 0.0)), 1),
         "valid_loss": (extra.get("history") or [{}])[-1].get("valid_loss"),
     }
 

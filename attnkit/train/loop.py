@@ -169,6 +169,7 @@ class FitResult:
     history: list[dict[str, float]]
     stopped: bool
     seconds: float
+    cpu_seconds: float = 0.0
 
 
 LossFn = Callable[[nn.Module, int], tuple[Tensor, Tensor]]
@@ -206,11 +207,13 @@ def fit(
     start = 0
     history: list[dict[str, float]] = []
     before = 0.0  # training seconds of earlier runs of this training (resumed runs add theirs)
+    before_cpu = 0.0  # the same in process CPU time (less sensitive to a busy machine)
     if resume is not None:
         restore(resume, model, optimizer, scheduler)
         start = resume.step
         history = list(resume.extra.get("history", []))
         before = float(resume.extra.get("seconds", 0.0))
+        before_cpu = float(resume.extra.get("cpu_seconds", 0.0))
         log(f"resumed from {resume.path} at step {start}")
     net: nn.Module = model
     if w.distributed:
@@ -227,7 +230,11 @@ def fit(
                 optimizer=optimizer,
                 scheduler=scheduler,
                 config=run_config,
-                extra={"history": history, "seconds": before + time.perf_counter() - t0},
+                extra={
+                    "history": history,
+                    "seconds": before + time.perf_counter() - t0,
+                    "cpu_seconds": before_cpu + time.process_time() - c0,
+                },
                 files=files,
                 keep=config.keep,
             )
@@ -249,7 +256,7 @@ def fit(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", file=sys.stderr, leave=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss_value = float("nan")
     stopped = False
     step = start
@@ -287,4 +294,5 @@ def fit(
         run_validation(step)
         save(step)
     seconds = before + time.perf_counter() - t0
-    return FitResult(step=step, loss=loss_value, history=history, stopped=stopped, seconds=seconds)
+    cpu = before_cpu + time.process_time() - c0
+    return FitResult(step, loss_value, history, stopped, seconds, cpu)

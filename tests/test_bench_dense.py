@@ -18,6 +18,7 @@ def test_contenders_agree() -> None:
     for name in ("attnkit auto", "naive math"):
         torch.testing.assert_close(results[name], full)
     torch.testing.assert_close(results["attnkit return_weights"][0], full)
+    torch.testing.assert_close(results["attnkit return_weights, kept"][0], full)
     for name in ("attnkit CausalMask()", "attnkit bool causal tensor"):
         torch.testing.assert_close(results[name], results["torch is_causal"])
 

@@ -291,3 +291,27 @@ def test_large_weights_buffer(backend: str) -> None:
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(w.double(), ref_w, atol=2e-5, rtol=1e-4)
     assert not w[0, :, 3].any()
+
+
+def test_weights_buffer_reused_only_when_nobody_holds_it() -> None:
+    """The math backend reuses the last weights' memory only after the caller dropped every reference to it."""
+    from attnkit.functional.dense import release_buffers
+
+    q, k, v = _qkv(1, 2, 2, 16, 16, 4, 4, torch.float32)
+    with torch.no_grad():
+        _, w1 = scaled_dot_product_attention(q, k, v, return_weights=True)
+        kept = w1.clone()
+        view = w1[0, 1]  # a view keeps the storage alive
+        ptr = w1.data_ptr()
+        del w1
+        _, w2 = scaled_dot_product_attention(q * 2, k, v, return_weights=True)
+        assert w2.data_ptr() != ptr and torch.equal(view, kept[0, 1])  # held: not reused, not overwritten
+        del view, kept
+        ptr2 = w2.data_ptr()
+        del w2
+        _, w3 = scaled_dot_product_attention(q, k, v, return_weights=True)
+        assert w3.data_ptr() == ptr2  # dropped: reused
+        with torch.inference_mode():
+            _, w4 = scaled_dot_product_attention(q, k, v, return_weights=True)
+        torch.testing.assert_close(w4, w3)
+        release_buffers()

@@ -6,7 +6,9 @@ For each N (B=1, H=8, E=64, float32, no grad), in one process:
   (``softmax(Q K^T / sqrt(E)) V`` written as three plain ops);
 * causal attention given as a :class:`~attnkit.functional.CausalMask` object, as an explicit boolean ``N x N``
   tensor, and as PyTorch's ``is_causal=True`` (the causal baseline);
-* the exact-weights path (``return_weights=True``), which must also hand back the ``N x N`` weights.
+* the exact-weights path (``return_weights=True``), which must also hand back the ``N x N`` weights: once as a
+  loop that drops each result before the next call (the math backend then reuses the weights' memory), once
+  keeping the previous result alive (fresh memory every call).
 
 The contenders of one N are timed **interleaved**: each round calls every contender once, so a machine shared
 with other jobs slows all of them alike, and the medians over rounds are compared as ratios
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -51,17 +54,24 @@ def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return scores.softmax(dim=-1) @ v  # (B, H, N, E)
 
 
+def _keep(store: deque[Any], result: Any) -> Any:
+    store.append(result)
+    return result
+
+
 def contenders(n: int) -> dict[str, Callable[[], Any]]:
     """The timed calls for sequence length ``n`` (all on the same random inputs)."""
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(B, H, n, E, generator=g) for _ in range(3))  # (B, H, N, E)
     bool_causal = causal_mask(n)  # (N, N), True = may attend
+    kept: deque[Any] = deque(maxlen=1)  # the caller still holds the previous weights: no memory can be reused
     obj = CausalMask()
     return {
         "torch SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
         "attnkit auto": lambda: scaled_dot_product_attention(q, k, v),
         "naive math": lambda: _naive(q, k, v),
         "attnkit return_weights": lambda: scaled_dot_product_attention(q, k, v, return_weights=True),
+        "attnkit return_weights, kept": lambda: _keep(kept, scaled_dot_product_attention(q, k, v, return_weights=True)),
         "torch is_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "attnkit CausalMask()": lambda: scaled_dot_product_attention(q, k, v, obj),
         "attnkit bool causal tensor": lambda: scaled_dot_product_attention(q, k, v, bool_causal),
@@ -73,6 +83,7 @@ BASELINE = {
     "attnkit auto": "torch SDPA",
     "naive math": "torch SDPA",
     "attnkit return_weights": "torch SDPA",
+    "attnkit return_weights, kept": "torch SDPA",
     "torch is_causal": "torch is_causal",
     "attnkit CausalMask()": "torch is_causal",
     "attnkit bool causal tensor": "torch is_causal",

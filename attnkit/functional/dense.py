@@ -21,6 +21,8 @@ cannot serve raises ``ValueError`` with those reasons. :func:`which_backend` tel
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,6 +42,7 @@ __all__ = [
     "attention_weights",
     "available_backends",
     "register_backend",
+    "release_buffers",
     "scaled_dot_product_attention",
     "which_backend",
 ]
@@ -230,6 +233,51 @@ def _fresh_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     return out
 
 
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class _WeightsBuffer:
+    """Keeps the storage of the last weights the math backend returned, to reuse it once nobody holds it.
+
+    Reuse happens only when the storage has no other owner (no tensor, view, autograd node or array refers to
+    it), so a caller can never see its weights overwritten. One CPU buffer of at most ``max_bytes`` is kept;
+    :func:`release_buffers` frees it.
+    """
+
+    max_bytes = 64 << 20
+
+    def __init__(self) -> None:
+        self._storage: torch.UntypedStorage | None = None
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        if device.type != "cpu" or _use_count is None or nbytes > self.max_bytes:
+            return _fresh_buffer(shape, dtype, device)
+        with self._lock:
+            storage, self._storage = self._storage, None
+        if storage is not None and storage.nbytes() >= nbytes and _use_count(storage._cdata) == 1:
+            out = torch.empty(0, dtype=dtype, device=device).set_(storage, 0, shape)  # type: ignore[call-overload]
+        else:
+            out = _fresh_buffer(shape, dtype, device)
+        with self._lock:
+            self._storage = out.untyped_storage()
+        return out
+
+    def release(self) -> None:
+        with self._lock:
+            self._storage = None
+
+
+_WEIGHTS_BUFFER = _WeightsBuffer()
+
+
+def release_buffers() -> None:
+    """Free the weights buffer the ``math`` backend keeps for reuse (at most 64 MiB; only after its weights died)."""
+    _WEIGHTS_BUFFER.release()
+
+
 def _math_fn(call: AttentionCall) -> tuple[Tensor, Tensor]:
     """The reference's math with one ``L x S`` buffer, computed in place when no gradient is needed.
 
@@ -259,7 +307,7 @@ def _math_fn(call: AttentionCall) -> tuple[Tensor, Tensor]:
         if alive is not None:
             weights = weights.masked_fill(~alive, 0.0)
     else:
-        weights = _fresh_buffer((b, h, q_len, k_len), q.dtype, q.device)  # (B, H, L, S)
+        weights = _WEIGHTS_BUFFER.take((b, h, q_len, k_len), q.dtype, q.device)  # (B, H, L, S)
         groups = (h // hk) * q_len
         torch.baddbmm(
             weights.view(b * hk, groups, k_len),

@@ -315,3 +315,17 @@ def test_weights_buffer_reused_only_when_nobody_holds_it() -> None:
             _, w4 = scaled_dot_product_attention(q, k, v, return_weights=True)
         torch.testing.assert_close(w4, w3)
         release_buffers()
+
+
+@pytest.mark.parametrize("kind", ["none", "fully_masked_rows_bool", "is_causal_and_float", "causal_and_padding_obj"])
+def test_attention_weights_alone(kind: str) -> None:
+    """``attention_weights(q, k, mask)`` equals the reference's weights; 3-D inputs give 3-D weights."""
+    from attnkit.functional import attention_weights
+
+    case = _mask_cases(2, 4, 5, 7, torch.float64)[kind]()
+    q, k, v = _qkv(2, 4, 2, 5, 7, 16, 8, torch.float64)
+    w = attention_weights(q, k, case.attn_mask, is_causal=case.is_causal)
+    torch.testing.assert_close(w, _truth(q, k, v, case.meaning)[1])
+    q3, k3 = q[:, 0], k[:, 0]  # (B, L, E), (B, S, E)
+    w3 = attention_weights(q3, k3, torch.ones(2, 5, 7, dtype=torch.long), scale=0.5)
+    torch.testing.assert_close(w3, (q3 @ k3.transpose(1, 2) * 0.5).softmax(-1))

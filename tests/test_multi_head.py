@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
 from dataclasses import replace
 
 import pytest
@@ -169,11 +167,6 @@ def test_errors_say_the_fix(kwargs, call, match):
         mha(**call)
     assert "; try " in str(err.value)
 
-
-@pytest.mark.parametrize("name", ["attnkit.layers.multi_head"])
-def test_doctests(name):
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 # --------------------------------------------------------------------------------------------- window= / layout=

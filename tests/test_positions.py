@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import math
 
 import pytest
@@ -89,14 +87,8 @@ def test_alibi_slopes_follow_the_papers_geometric_sequence(num_heads):
 
 def test_alibi_slopes_known_values():
     assert P.alibi_slopes(8).tolist() == [2.0**-k for k in range(1, 9)]
-
-
-@pytest.mark.parametrize("num_heads", [4, 6, 12, 16])
-def test_alibi_slopes_match_transformers_bloom(num_heads):
-    bloom = pytest.importorskip("transformers.models.bloom.modeling_bloom")
-    mask = torch.ones(1, 5)
-    theirs = bloom.build_alibi_tensor(mask, num_heads, torch.float32)  # (H, 1, 5) = slope * position
-    torch.testing.assert_close(P.alibi_slopes(num_heads), theirs[:, 0, 1])
+    # 6 heads: the 4-head slopes 2^-2, 2^-4, 2^-6, 2^-8, then every other 8-head slope: 2^-1, 2^-3
+    assert P.alibi_slopes(6).tolist() == [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3]
 
 
 def test_alibi_module_bias():
@@ -210,8 +202,3 @@ def test_position_module_mismatch_errors():
     with pytest.raises(ValueError, match="head_dim=4"):
         MultiHeadAttention(16, 4, position=RotaryPosition(8))
 
-
-@pytest.mark.parametrize("name", ["attnkit.functional.position", "attnkit.layers.position"])
-def test_doctests(name):
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

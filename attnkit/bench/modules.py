@@ -9,10 +9,12 @@ machine shared with other jobs slows both alike):
    forward+backward. Ratio = torch time / attnkit time (above 1 = attnkit faster).
 2. Decoding with a :class:`~attnkit.layers.KVCache` vs recomputing the whole causal prefix for every new token,
    tokens/s at contexts 1k and 8k (one attention layer, D=512, H=8).
-3. Time of one decoding step of the attention kernel (1 query, H=8 heads of E=64, cache of 1k, 8k, 32k tokens)
+3. Time of one decoding step of the attention kernel (1 query, H=8 heads of E=64, cache of 1k, 8k, 32k tokens;
+   ``--quick``: 1k, 8k)
    against the memory-bandwidth bound ``bytes(K) + bytes(V)`` / read bandwidth, where the read bandwidth is that
-   of a large tensor sum measured in the same run; for float32 and bfloat16 caches, attnkit's ``auto`` (the
-   ``decode`` backend) next to PyTorch's fused SDPA.
+   of a large tensor sum measured in the same run; for float32 and bfloat16 caches, PyTorch's fused SDPA next to
+   attnkit's ``decode`` kernel, and which of them ``backend="auto"`` picks at this thread count. Run it with
+   ``OMP_NUM_THREADS=1`` as well: on a busy machine the thread count changes the picture.
 
 ``--quick`` shrinks the module sizes and repeats (for CI and the tour; under 20 s).
 """
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from attnkit.bench._timing import Table, machine_line, ratio
-from attnkit.functional import scaled_dot_product_attention, which_backend
+from attnkit.functional import decode_attention, scaled_dot_product_attention, which_backend
 from attnkit.layers import KVCache, MultiHeadAttention
 
 
@@ -51,7 +53,7 @@ def _paired(fns: list[Callable[[], Any]], *, repeats: int, warmup: int = 1, min_
 
 # ---------------------------------------------------------------------------------------------- 1. modules
 def module_table(quick: bool) -> Table:
-    b, n, d, h = (2, 128, 256, 8) if quick else (8, 512, 512, 8)
+    b, n, d, h = (2, 128, 128, 8) if quick else (8, 512, 512, 8)
     repeats = 3 if quick else 7
     torch.manual_seed(0)
     ref = nn.MultiheadAttention(d, h, batch_first=True)
@@ -95,9 +97,9 @@ def module_table(quick: bool) -> Table:
 
 # ---------------------------------------------------------------------------------------------- 2. decoding
 def decoding_table(quick: bool) -> Table:
-    d, h = (256, 8) if quick else (512, 8)
+    d, h = (128, 8) if quick else (512, 8)
     contexts = (256, 1024) if quick else (1024, 8192)
-    steps = 8 if quick else 16
+    steps = 4 if quick else 16
     torch.manual_seed(0)
     mha = MultiHeadAttention(d, h).eval()
     table = Table(f"KV-cached decoding vs recompute (one layer, D={d}, H={h}, B=1, float32)",
@@ -135,10 +137,11 @@ def read_bandwidth(numel: int, repeats: int) -> float:
 
 def bandwidth_table(quick: bool) -> Table:
     h, e = 8, 64
-    contexts = (1024, 8192, 32768)
-    numel = (32 if quick else 64) * 1024 * 1024
+    contexts = (1024, 8192) if quick else (1024, 8192, 32768)
+    numel = (16 if quick else 64) * 1024 * 1024  # 64 or 256 MiB of float32: well beyond the CPU caches
+    sums = 3 if quick else 5
     torch.manual_seed(0)
-    bws = [read_bandwidth(numel, 3 if quick else 5)]
+    bws = [read_bandwidth(numel, sums)]
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for ctx in contexts:
@@ -147,24 +150,29 @@ def bandwidth_table(quick: bool) -> Table:
             q = torch.randn(1, h, 1, e).to(dtype)
             nbytes = 2 * keys.numel() * keys.element_size()
             name = which_backend(q, keys, values).name
-            reps = (5 if quick else 15) if ctx < 32768 else (3 if quick else 7)
+            reps = (3 if quick else 15) if ctx < 32768 else 7
             with torch.no_grad():
-                t_ours, t_sdpa = _paired([lambda q=q, k=keys, v=values: scaled_dot_product_attention(q, k, v),
-                                          lambda q=q, k=keys, v=values: scaled_dot_product_attention(
-                                              q, k, v, backend="sdpa")], repeats=reps, min_time=0.0 if quick else 0.3)
-            bws.append(read_bandwidth(numel, 3 if quick else 5))
-            rows.append((dtype, ctx, nbytes, name, t_ours, t_sdpa))
+                t_sdpa, t_decode = _paired(
+                    [lambda q=q, k=keys, v=values: scaled_dot_product_attention(q, k, v, backend="sdpa"),
+                     lambda q=q, k=keys, v=values: decode_attention(q, k, v)],
+                    repeats=reps, min_time=0.0 if quick else 0.3)
+            bws.append(read_bandwidth(numel, sums))
+            rows.append((dtype, ctx, nbytes, name, t_sdpa, t_decode))
     bw = statistics.median(bws)
-    table = Table(f"decode step vs memory-bandwidth bound (1 query, H={h}, E={e}, B=1)",
-                  ["cache", "context", "MB read", "bound ms", f"attnkit ({rows[0][3]}) ms", "of bound",
-                   "sdpa ms", "sdpa of bound"])
-    for dtype, ctx, nbytes, _name, t_ours, t_sdpa in rows:
+    table = Table(f"decode step vs memory-bandwidth bound (1 query, H={h}, E={e}, B=1, "
+                  f"{torch.get_num_threads()} threads)",
+                  ["cache", "context", "MB read", "bound ms", "sdpa ms", "sdpa of bound", "decode ms",
+                   "decode of bound", "auto picks"])
+    for dtype, ctx, nbytes, name, t_sdpa, t_decode in rows:
         bound = nbytes / bw
-        table.add(str(dtype).replace("torch.", ""), ctx, nbytes / 1e6, bound * 1e3, t_ours * 1e3,
-                  f"{bound / t_ours:.2f}", t_sdpa * 1e3, f"{bound / t_sdpa:.2f}")
-    table.notes.append(f"read bandwidth: median {bw / 1e9:.2f} GB/s over {len(bws)} sums of a {numel * 4 >> 20} MiB "
-                       f"float32 tensor (min {min(bws) / 1e9:.2f}, max {max(bws) / 1e9:.2f}), measured between rows")
-    table.notes.append("'of bound' = bound / measured time; above 1 means the cache was served from the CPU caches")
+        table.add(str(dtype).replace("torch.", ""), ctx, f"{nbytes / 1e6:.1f}", f"{bound * 1e3:.2f}",
+                  f"{t_sdpa * 1e3:.2f}", f"{bound / t_sdpa:.2f}", f"{t_decode * 1e3:.2f}", f"{bound / t_decode:.2f}",
+                  name)
+    table.notes.append(f"read bandwidth: median {bw / 1e9:.2f} GB/s over {len(bws)} measurements (each the median "
+                       f"of {sums} sums of a {numel * 4 >> 20} MiB float32 tensor; min {min(bws) / 1e9:.2f}, "
+                       f"max {max(bws) / 1e9:.2f}), taken between the rows")
+    table.notes.append("bound = bytes of K and V / read bandwidth; 'of bound' = bound / measured time (above 1: the "
+                       "cache was served from the CPU caches)")
     return table
 
 

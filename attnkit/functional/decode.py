@@ -19,19 +19,28 @@ so main memory is read once, in half precision. The result equals the reference 
 within float32 rounding; the weights it returns are exact.
 
 Registered as backend ``"decode"`` ahead of ``"sdpa"``: ``backend="auto"`` routes inference calls on a
-half-precision cache with at most ``MAX_QUERIES`` queries and at least ``MIN_KEYS`` keys to it (for a float32 cache
-the fused kernel streams the cache as fast, so ``auto`` leaves those to it; ``backend="decode"`` still serves them);
-:func:`~attnkit.functional.which_backend` says why it passes over anything else.
+half-precision cache with at most ``MAX_QUERIES`` queries and at least ``MIN_KEYS`` keys to it when torch runs one
+intra-op thread (the usual setting of a serving worker). It leaves float32 caches to the fused kernel, which streams
+them as fast, and it stands aside with several threads: this kernel is a chain of parallel regions, and on a shared,
+oversubscribed machine each region can wait for a descheduled thread (measured: several times slower than the fused
+kernel at 2 threads under load, 1.6-1.8x faster at 1 thread). :func:`decode_attention` runs it directly, for any
+dtype and thread count. :func:`~attnkit.functional.which_backend` says why the dispatcher passes over it.
 
 Example:
     >>> import torch
-    >>> from attnkit.functional import scaled_dot_product_attention, which_backend
-    >>> q = torch.randn(1, 8, 1, 64)                                 # (B, H, 1, E): one new token
+    >>> from attnkit.functional import decode_attention, scaled_dot_product_attention, which_backend
+    >>> q = torch.randn(1, 8, 1, 64).bfloat16()                      # (B, H, 1, E): one new token
     >>> k = v = torch.randn(1, 2, 4096, 64).bfloat16()               # (B, Hkv, S, E): a bfloat16 cache
-    >>> which_backend(q.bfloat16(), k, v).name
+    >>> out, weights = decode_attention(q, k, v)
+    >>> out.shape, weights.shape
+    (torch.Size([1, 8, 1, 64]), torch.Size([1, 8, 1, 4096]))
+    >>> threads = torch.get_num_threads()
+    >>> torch.set_num_threads(1)
+    >>> which_backend(q, k, v).name
     'decode'
-    >>> scaled_dot_product_attention(q.bfloat16(), k, v).shape
+    >>> scaled_dot_product_attention(q, k, v).shape
     torch.Size([1, 8, 1, 64])
+    >>> torch.set_num_threads(threads)
 """
 
 from __future__ import annotations
@@ -153,6 +162,11 @@ def _decode_supports(call: AttentionCall) -> list[str]:
     if call.key.dtype not in _HALF:
         reasons.append(f"a {str(call.key.dtype).replace('torch.', '')} cache (the fused kernel already streams it; "
                        "this kernel wins on half-precision caches)")
+    threads = torch.get_num_threads()
+    if threads > 1:
+        reasons.append(f"{threads} intra-op threads: this kernel is a chain of parallel regions, and on a busy machine "
+                       "each one can wait for a descheduled thread, where the fused kernel waits once "
+                       "(use one thread, or call decode_attention)")
     return reasons
 
 

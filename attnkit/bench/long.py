@@ -18,6 +18,7 @@ materialised scores would take). Times are medians; ratios are against baselines
 from __future__ import annotations
 
 import gc
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,7 +64,7 @@ def _kernels(n: int, window: int, with_flex: bool) -> dict[str, dict[str, Any]]:
         mask = WindowMask(window).materialize(n, n)[0, 0]  # (N, N) bool, built inside: it is part of the cost
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    kernels["dense masked SDPA"] = {"fn": dense, "trains": True, "est": lambda h: (n * n * 5, n * n * (9 + 4 * h))}
+    kernels["dense masked SDPA"] = {"fn": dense, "trains": True, "est": lambda h: (n * n * 5, n * n * 9), "power": 2}
     try:
         from local_attention import LocalAttention
 
@@ -88,7 +89,7 @@ def _kernels(n: int, window: int, with_flex: bool) -> dict[str, dict[str, Any]]:
             print(f"FlexAttention unavailable: {type(exc).__name__}: {exc}")
     kernels["attnkit sliding_window_attention"] = {
         "fn": lambda q, k, v: sliding_window_attention(q, k, v, window=window), "trains": True,
-        "est": lambda h: (h * n * 64 * 4 * 12, h * n * 64 * 4 * 30)}
+        "est": lambda h: (h * n * 64 * 4 * 8, h * n * 64 * 4 * 16)}
     return kernels
 
 
@@ -129,6 +130,7 @@ def main(quick: bool = False, out: str | None = None) -> int:
     heads, dim, window = (2, 64, 128) if quick else (8, 64, 512)
     with_flex = not quick  # its compile takes minutes on this CPU; --quick leaves it out (said in the notes)
     print(machine_line())
+    load_before = os.getloadavg()[0]
     table = Table(
         f"causal sliding window {window}, look_backward 1, B=1, H={heads}, E={dim}, fp32",
         ["N", "kernel", "fwd ms", "fwd+bwd ms", "fwd peak MB", "fwd+bwd peak MB"],
@@ -139,6 +141,12 @@ def main(quick: bool = False, out: str | None = None) -> int:
         for name, spec in _kernels(n, window, with_flex).items():
             row: dict[str, float] = {}
             est_fwd, est_train = spec["est"](heads)
+            seen = [(m, r) for m, r in results.get(name, {}).items() if "mem" in r]
+            if seen:  # extrapolate what was measured at the previous size (linear, or quadratic for dense)
+                m_prev, r_prev = seen[-1]
+                grow = (n / m_prev) ** spec.get("power", 1)
+                est_fwd = max(est_fwd, int(r_prev["mem"] * grow))
+                est_train = max(est_train, int(r_prev.get("mem_train", 0) * grow))
             if est_fwd > GUARD_BYTES:
                 table.add(str(n), name, "skipped", "skipped", f"~{est_fwd / MB:.0f} est.", "-")
                 results.setdefault(name, {})[n] = row
@@ -181,6 +189,8 @@ def main(quick: bool = False, out: str | None = None) -> int:
                 b = "-"
             ratios.add(str(n), name, f, b)
     table.notes.append(machine_line())
+    table.notes.append(f"load average (1 min) at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f}: "
+                       "the machine is shared, so wall times carry that noise; ratios come from one process")
     table.notes.append("peak MB: extra bytes at peak from torch's CPU allocator (profiler), inputs excluded")
     table.notes.append(f"runs estimated above {GUARD_BYTES / 1024**3:.0f} GB are skipped, not attempted")
     if with_flex:

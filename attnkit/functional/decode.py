@@ -95,7 +95,8 @@ def decode_attention(
 
     Args:
         query: ``(B, H, L, E)`` with small ``L``.
-        key: ``(B, Hkv, S, E)``; value: ``(B, Hkv, S, Ev)``; any float dtype, views of a larger buffer are fine.
+        key: ``(B, Hkv, S, E)``, any float dtype; a view of a larger cache buffer is fine.
+        value: ``(B, Hkv, S, Ev)``, the key's dtype.
         attn_mask: boolean (``True`` = may attend) or float (added) tensor broadcastable to ``(B, H, L, S)``.
         scale: score scale, ``1/sqrt(E)`` when ``None``.
         block: keys per converted block for half-precision caches.

@@ -63,7 +63,8 @@ class MultiHeadAttention(nn.Module):
         embed_dim: model width ``D`` (query input size and output size); ``D % num_heads == 0``.
         num_heads: query heads ``H``; head size ``E = D // H``.
         num_kv_heads: key/value heads ``Hkv`` dividing ``H`` (default ``H``; ``1`` is multi-query attention).
-        kdim: key input size (default ``D``); vdim: value input size (default ``D``).
+        kdim: key input size (default ``D``).
+        vdim: value input size (default ``kdim``).
         bias: biases in the four projections.
         dropout: dropout on the attention weights while training.
         position: a :class:`~attnkit.layers.position.PositionEncoding` (sinusoidal, learned, rotary, ALiBi, T5,
@@ -78,7 +79,8 @@ class MultiHeadAttention(nn.Module):
             ``block_sparse`` kernel when nothing else is masked).
         scale: score scale (default ``1/sqrt(E)``).
         backend: kernel backend of the :class:`~attnkit.layers.Attend` submodule (default ``"auto"``).
-        device, dtype: of the parameters.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
 
     Masks (one meaning in attnkit): ``attn_mask`` boolean ``True`` = may attend, float = added to the scores;
     ``key_mask`` ``(B, S)`` boolean ``True`` = a real key. Note that :class:`torch.nn.MultiheadAttention` reads both

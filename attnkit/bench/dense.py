@@ -17,6 +17,7 @@ with other jobs slows all of them alike, and the medians over rounds are compare
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import deque
@@ -34,19 +35,27 @@ from ._timing import Table, machine_line, ratio
 B, H, E = 1, 8, 64
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], *, rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function over ``rounds`` rounds that call every function once, in turn."""
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], *, rounds: int, warmup: int = 1
+) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds of each function over ``rounds`` rounds that call every function once, in turn.
+
+    CPU time (all threads of this process) counts only the time the kernel actually ran, so on a machine shared
+    with other jobs it moves less than wall time; both are reported.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
 def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -93,17 +102,24 @@ BASELINE = {
 def run(sizes: list[int], rounds: dict[int, int]) -> Table:
     table = Table(
         title=f"Dense attention, B={B}, H={H}, E={E}, float32, no grad",
-        columns=["N", "kernel", "median ms", "speed vs baseline", "baseline"],
+        columns=["N", "kernel", "wall ms", "speed vs baseline", "CPU ms", "speed (CPU)", "baseline"],
     )
     with torch.no_grad():
         for n in sizes:
             medians = interleaved_medians(contenders(n), rounds=rounds[n])
-            for name, t in medians.items():
-                base = BASELINE[name]
-                table.add(n, name, f"{t * 1e3:.2f}", ratio(t, medians[base]), base)
-            causal_gain = medians["attnkit bool causal tensor"] / medians["attnkit CausalMask()"]
+            for name, (wall, cpu) in medians.items():
+                base_wall, base_cpu = medians[BASELINE[name]]
+                table.add(
+                    n, name, f"{wall * 1e3:.2f}", ratio(wall, base_wall), f"{cpu * 1e3:.2f}", ratio(cpu, base_cpu),
+                    BASELINE[name],
+                )
+            causal_gain = medians["attnkit bool causal tensor"][0] / medians["attnkit CausalMask()"][0]
             table.notes.append(f"N={n}: CausalMask() is {causal_gain:.2f}x faster than the explicit boolean tensor")
-    table.notes.append(f"measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine_line()}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    table.notes.append(
+        f"measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine_line()}, {os.cpu_count()} CPUs, "
+        f"1-min load average {load:.1f} at the end"
+    )
     table.notes.append("ratios are baseline time / time (above 1 = faster); contenders interleaved round by round")
     return table
 

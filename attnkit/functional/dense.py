@@ -281,9 +281,10 @@ def release_buffers() -> None:
 def _math_fn(call: AttentionCall) -> tuple[Tensor, Tensor]:
     """The reference's math with one ``L x S`` buffer, computed in place when no gradient is needed.
 
-    Without autograd the scores are written by one ``baddbmm`` (scale folded in) into a fresh buffer that becomes
-    the returned weights: mask, softmax and the dead-row fill all happen in that buffer, so a call touches one
-    ``L x S`` tensor instead of the three or four of the plain formula.
+    Without autograd the scores are written by one ``baddbmm`` (scale folded in) into one buffer that becomes the
+    returned weights: mask, softmax and the dead-row fill all happen in that buffer, so a call touches one
+    ``L x S`` tensor instead of the three or four of the plain formula. The buffer is the memory of the previous
+    call's weights when nothing refers to them any more (:class:`_WeightsBuffer`), else fresh huge-page memory.
     """
     q, k, v = call.query, call.key, call.value
     b, h, q_len, e = q.shape

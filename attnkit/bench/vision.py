@@ -14,6 +14,8 @@ means the block costs time). Nothing here asserts a timing.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -55,8 +57,8 @@ def _run(batch: int, rounds: int, out: str | None) -> int:
         model.eval()
         model(x)
 
-    train = interleaved_medians({n: (lambda m=m: train_step(m)) for n, m in models.items()}, rounds=rounds)
-    test = interleaved_medians({n: (lambda m=m: infer(m)) for n, m in models.items()}, rounds=rounds)
+    train = interleaved_medians({n: functools.partial(train_step, m) for n, m in models.items()}, rounds=rounds)
+    test = interleaved_medians({n: functools.partial(infer, m) for n, m in models.items()}, rounds=rounds)
     plain = count_parameters(models["none"])
     table = Table(
         f"CNN attention blocks: overhead vs the plain CNN (batch {batch}, 1x28x28, float32, CPU)",

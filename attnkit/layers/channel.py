@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -163,7 +164,7 @@ class SqueezeExcite(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.channels = check_channels(channels)
         rd = reduced_channels(channels, rd_ratio, rd_divisor, rd_channels)
         self.fc1 = nn.Conv2d(channels, rd, 1, bias=bias, **kw)
@@ -275,7 +276,7 @@ class ChannelAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.channels = check_channels(channels)
         rd = reduced_channels(channels, rd_ratio, rd_divisor, rd_channels)
         self.fc1 = nn.Conv2d(channels, rd, 1, **kw)
@@ -326,7 +327,7 @@ class SpatialAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.channels = check_channels(channels)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise fail("an odd kernel_size >= 1", str(kernel_size), "kernel_size=7 (the paper) or 3")

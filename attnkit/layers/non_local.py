@@ -10,6 +10,8 @@ residual ``z = BN(W_z y) + x`` starts with the BatchNorm scale at zero, so a fre
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -80,7 +82,7 @@ class NonLocalBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.channels = check_channels(channels)
         inner = reduced_channels(channels, rd_ratio, rd_divisor, rd_channels)
         if num_heads < 1 or inner % num_heads:
@@ -104,7 +106,8 @@ class NonLocalBlock(nn.Module):
             nn.init.zeros_(self.norm.bias)
         else:
             nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
+            if self.out.bias is not None:
+                nn.init.zeros_(self.out.bias)
 
     def _heads(self, t: Tensor) -> Tensor:  # (B, Ci, h, w) -> (B, heads, h*w, Ci / heads)
         b = t.shape[0]

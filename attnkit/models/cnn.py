@@ -15,7 +15,7 @@ several variants and seeds on two CPU cores).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +45,7 @@ class BasicBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.attn = attn if attn is not None else nn.Identity()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False, **kw)
         self.bn1 = nn.BatchNorm2d(out_channels, **kw)
@@ -82,7 +82,7 @@ class Stage(nn.Module):
         """The stage's attention block (wherever it sits)."""
         if not isinstance(self.post, nn.Identity):
             return self.post
-        return self.blocks[-1].attn
+        return cast(BasicBlock, self.blocks[-1]).attn
 
 
 class AttentionCNN(nn.Module):
@@ -128,7 +128,7 @@ class AttentionCNN(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         widths = tuple(int(w) for w in widths)
         if not widths or min(widths) < 1:
             raise fail("widths: a non-empty sequence of positive ints", repr(widths), "widths=(16, 32, 64)")

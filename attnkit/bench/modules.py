@@ -108,8 +108,12 @@ def decoding_table(quick: bool) -> Table:
         for ctx in contexts:
             x = torch.randn(1, ctx + steps, d)
             # recompute: every new token runs the whole causal prefix again (time of one token at this context)
-            recompute = _paired([lambda x=x, ctx=ctx: mha(x[:, : ctx + 1], is_causal=True)],
-                                repeats=1 if ctx >= 4096 else 3, warmup=0 if ctx >= 4096 else 1)[0]
+            prefix = x[:, : ctx + 1]
+
+            def recompute_step(prefix: torch.Tensor = prefix) -> Any:
+                return mha(prefix, is_causal=True)
+
+            recompute = _paired([recompute_step], repeats=1 if ctx >= 4096 else 3, warmup=0 if ctx >= 4096 else 1)[0]
             cache = KVCache(capacity=ctx + steps + 1)
             mha(x[:, :ctx], cache=cache, is_causal=True)  # prefill (not timed)
             t0 = time.perf_counter()
@@ -151,11 +155,15 @@ def bandwidth_table(quick: bool) -> Table:
             nbytes = 2 * keys.numel() * keys.element_size()
             name = which_backend(q, keys, values).name
             reps = (3 if quick else 15) if ctx < 32768 else 7
+
+            def sdpa_step(q: torch.Tensor = q, k: torch.Tensor = keys, v: torch.Tensor = values) -> Any:
+                return scaled_dot_product_attention(q, k, v, backend="sdpa")
+
+            def decode_step(q: torch.Tensor = q, k: torch.Tensor = keys, v: torch.Tensor = values) -> Any:
+                return decode_attention(q, k, v)
+
             with torch.no_grad():
-                t_sdpa, t_decode = _paired(
-                    [lambda q=q, k=keys, v=values: scaled_dot_product_attention(q, k, v, backend="sdpa"),
-                     lambda q=q, k=keys, v=values: decode_attention(q, k, v)],
-                    repeats=reps, min_time=0.0 if quick else 0.3)
+                t_sdpa, t_decode = _paired([sdpa_step, decode_step], repeats=reps, min_time=0.0 if quick else 0.3)
             bws.append(read_bandwidth(numel, sums))
             rows.append((dtype, ctx, nbytes, name, t_sdpa, t_decode))
     bw = statistics.median(bws)

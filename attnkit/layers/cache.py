@@ -161,28 +161,29 @@ class RingKVCache(KVCache):
 
     def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         self._check(key, value)
-        w, n = self.window, key.shape[2]
+        w, n = self.capacity, key.shape[2]
         if self._k is None or self._v is None or self._pos is None:
             b, h, _, e = key.shape
             self._k = key.new_zeros(b, h, w, e)
             self._v = value.new_zeros(b, h, w, value.shape[3])
             self._pos = torch.full((w,), -1, dtype=torch.long, device=key.device)
+        ring_k, ring_v, ring_pos = self._k, self._v, self._pos
         new_pos = torch.arange(self.length, self.length + n, device=key.device)  # (L_new,)
         if n == 1:
             slot = self.length % w
-            self._k[:, :, slot] = key[:, :, 0]
-            self._v[:, :, slot] = value[:, :, 0]
-            self._pos[slot] = self.length
+            ring_k[:, :, slot] = key[:, :, 0]
+            ring_v[:, :, slot] = value[:, :, 0]
+            ring_pos[slot] = self.length
             self.length += 1
-            return self._k, self._v, self._pos.clone()
-        keys = torch.cat((self._k, key), dim=2)  # (B, Hkv, w + L_new, E)
-        values = torch.cat((self._v, value), dim=2)  # (B, Hkv, w + L_new, Ev)
-        positions = torch.cat((self._pos, new_pos))  # (w + L_new,)
+            return ring_k, ring_v, ring_pos.clone()
+        keys = torch.cat((ring_k, key), dim=2)  # (B, Hkv, w + L_new, E)
+        values = torch.cat((ring_v, value), dim=2)  # (B, Hkv, w + L_new, Ev)
+        positions = torch.cat((ring_pos, new_pos))  # (w + L_new,)
         keep = min(n, w)
         slots = new_pos[-keep:] % w  # (keep,)
-        self._k[:, :, slots] = key[:, :, -keep:]
-        self._v[:, :, slots] = value[:, :, -keep:]
-        self._pos[slots] = new_pos[-keep:]
+        ring_k[:, :, slots] = key[:, :, -keep:]
+        ring_v[:, :, slots] = value[:, :, -keep:]
+        ring_pos[slots] = new_pos[-keep:]
         self.length += n
         return keys, values, positions
 

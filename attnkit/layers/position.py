@@ -209,10 +209,11 @@ class ALiBiPosition(PositionEncoding):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.slopes: Tensor
         self.register_buffer("slopes", P.alibi_slopes(num_heads).to(device=device), persistent=False)
 
     def score_bias(self, query: Tensor, q_pos: Tensor, k_pos: Tensor, *, scale: float) -> Tensor:
-        slopes = self.slopes.to(device=query.device, dtype=query.dtype)  # type: ignore[union-attr]
+        slopes = self.slopes.to(device=query.device, dtype=query.dtype)
         return P.alibi_bias(slopes, q_pos.to(query.device), k_pos.to(query.device)).unsqueeze(0)  # (1, H, L, S)
 
     def extra_repr(self) -> str:
@@ -281,10 +282,10 @@ class ShawRelative(PositionEncoding):
         if max_distance < 0:
             raise fail("max_distance >= 0", repr(max_distance), "max_distance=16")
         self.head_dim, self.max_distance = head_dim, max_distance
-        factory = {"device": device, "dtype": dtype}
-        self.rel_key = nn.Parameter(torch.randn(2 * max_distance + 1, head_dim, **factory) * head_dim**-0.5)
+        n = 2 * max_distance + 1
+        self.rel_key = nn.Parameter(torch.randn(n, head_dim, device=device, dtype=dtype) * head_dim**-0.5)
         self.rel_value = (
-            nn.Parameter(torch.randn(2 * max_distance + 1, value_dim or head_dim, **factory) * head_dim**-0.5)
+            nn.Parameter(torch.randn(n, value_dim or head_dim, device=device, dtype=dtype) * head_dim**-0.5)
             if values else None
         )
         self.uses_weights = values

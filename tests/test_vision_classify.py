@@ -121,7 +121,7 @@ def test_bench_vision_quick_runs(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert vision.main(quick=True, out=str(tmp_path)) == 0
     table = json.loads((tmp_path / "vision.json").read_text())
     assert [r[0] for r in table["rows"]] == ["none", "se", "cbam"]
-    assert table["rows"][0][4] == "1.00x"
+    assert table["rows"][0][4] == "1.00x" and table["rows"][0][6] == "1.00x"
     assert "vs the plain CNN" in capsys.readouterr().out
 
 

@@ -5,16 +5,21 @@ the same :class:`~attnkit.models.cnn.AttentionCNN` (28x28 grey input) is built w
 and in one process we measure:
 
 * parameters and those the blocks add (exact counts);
-* a training step (forward + backward) and an inference forward (eval mode, no grad) on one batch.
+* a training step (forward + backward) and an inference forward (eval mode, no grad) on one batch, in wall and
+  process CPU time.
 
 The models are timed **interleaved** (each round runs every model once, rotating who goes first), so a machine
-shared with other jobs slows all of them alike; the table gives medians and ratios ``plain time / time`` (below 1
-means the block costs time). Nothing here asserts a timing.
+shared with other jobs slows all of them alike; the table gives medians and ratios ``plain time / time`` on CPU
+time (below 1 means the block costs time). Nothing here asserts a timing.
 """
 
 from __future__ import annotations
 
 import functools
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +27,25 @@ import torch.nn.functional as F
 from attnkit.models.cnn import AttentionCNN, count_parameters
 
 from ._timing import Table, machine_line, ratio
-from .dense import interleaved_medians
 
 BLOCKS = ("none", "se", "eca", "cbam", "channel", "spatial", "non_local")
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, process CPU) seconds of each function over ``rounds`` rounds; each round calls every
+    function once, rotating who goes first, after one warm-up round."""
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            w0, c0 = time.perf_counter(), time.process_time()
+            fns[name]()
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in names}
 
 
 def main(quick: bool = False, out: str | None = None) -> int:
@@ -57,12 +78,13 @@ def _run(batch: int, rounds: int, out: str | None) -> int:
         model.eval()
         model(x)
 
-    train = interleaved_medians({n: functools.partial(train_step, m) for n, m in models.items()}, rounds=rounds)
-    test = interleaved_medians({n: functools.partial(infer, m) for n, m in models.items()}, rounds=rounds)
+    train = interleaved({n: functools.partial(train_step, m) for n, m in models.items()}, rounds=rounds)
+    test = interleaved({n: functools.partial(infer, m) for n, m in models.items()}, rounds=rounds)
     plain = count_parameters(models["none"])
     table = Table(
         f"CNN attention blocks: overhead vs the plain CNN (batch {batch}, 1x28x28, float32, CPU)",
-        ["block", "params", "added params", "train step ms", "train vs plain", "infer ms", "infer vs plain"],
+        ["block", "params", "added params", "train ms (wall / CPU)", "train vs plain (CPU)",
+         "infer ms (wall / CPU)", "infer vs plain (CPU)"],
     )
     for name, model in models.items():
         params = count_parameters(model)
@@ -70,13 +92,14 @@ def _run(batch: int, rounds: int, out: str | None) -> int:
             name,
             f"{params:,}",
             "—" if name == "none" else f"+{params - plain:,} ({100 * (params - plain) / plain:.2f}%)",
-            f"{train[name] * 1e3:.1f}",
-            ratio(train[name], train["none"]),
-            f"{test[name] * 1e3:.1f}",
-            ratio(test[name], test["none"]),
+            f"{train[name][0] * 1e3:.1f} / {train[name][1] * 1e3:.1f}",
+            ratio(train[name][1], train["none"][1]),
+            f"{test[name][0] * 1e3:.1f} / {test[name][1] * 1e3:.1f}",
+            ratio(test[name][1], test["none"][1]),
         )
     table.notes = [
-        f"median of {rounds} interleaved rounds after one warm-up; ratio = plain time / time (above 1 = faster)",
+        f"medians of {rounds} interleaved rounds after one warm-up; ratio = plain time / time (above 1 = faster), "
+        "on process CPU time, which a machine shared with other jobs disturbs less than wall time",
         "one attention block per stage (3 stages: 14x14, 7x7, 4x4); widths 16, 32, 64",
         machine_line(),
     ]

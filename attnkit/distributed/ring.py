@@ -149,7 +149,7 @@ class _RingFn(torch.autograd.Function):
             if outs[i] is None:
                 outs[i] = q_parts[i].new_zeros(*q_parts[i].shape[:3], v.shape[-1])
                 lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-                lses[i] = torch.full(q_parts[i].shape[:3], float("-inf"), dtype=lse_dtype)
+                lses[i] = torch.full(q_parts[i].shape[:3], float("-inf"), dtype=lse_dtype, device=q.device)
         out = torch.cat(outs, dim=2)  # type: ignore[arg-type]
         lse = torch.cat(lses, dim=2)  # type: ignore[arg-type]
         ctx.save_for_backward(q, k, v, out, lse)

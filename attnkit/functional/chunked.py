@@ -78,14 +78,15 @@ def merge_attention(outputs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, 
 
 # --------------------------------------------------------------------------------------------- one block
 def _chunk_mask(
-    mask: Tensor | None, is_causal: bool, q0: int, q1: int, k0: int, k1: int, dtype: torch.dtype
+    mask: Tensor | None, is_causal: bool, q0: int, q1: int, k0: int, k1: int, dtype: torch.dtype,
+    device: torch.device | None = None,
 ) -> tuple[Tensor | None, bool, bool]:
     """The additive mask of one (query chunk, key chunk) block: ``(mask or None, is_causal, skip)``."""
     part = None
     if mask is not None:
         part = mask[..., q0:q1, k0:k1] if mask.shape[-2] > 1 else mask[..., k0:k1]  # (B|1, H|1, l|1, c)
         if part.dtype == torch.bool:
-            part = torch.zeros(part.shape, dtype=dtype).masked_fill_(~part, float("-inf"))
+            part = torch.zeros(part.shape, dtype=dtype, device=part.device).masked_fill_(~part, float("-inf"))
         else:
             part = part.to(dtype)
     if not is_causal:
@@ -96,14 +97,54 @@ def _chunk_mask(
         return part, False, False
     if part is None and q0 == k0 and q1 - q0 == k1 - k0:  # an aligned diagonal block: the kernel's is_causal
         return None, True, False
-    i = torch.arange(q0, q1).view(-1, 1)
-    j = torch.arange(k0, k1).view(1, -1)
-    causal = torch.zeros(q1 - q0, k1 - k0, dtype=dtype).masked_fill_(j > i, float("-inf"))  # (l, c)
+    i = torch.arange(q0, q1, device=device).view(-1, 1)
+    j = torch.arange(k0, k1, device=device).view(1, -1)
+    causal = torch.zeros(q1 - q0, k1 - k0, dtype=dtype, device=device).masked_fill_(j > i, float("-inf"))  # (l, c)
     return (causal if part is None else part + causal), False, False
 
 
+def _block_scores(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool, scale: float) -> Tensor:
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, l, c)
+    if mask is not None:
+        scores = scores + mask
+    if is_causal:
+        i = torch.arange(q.shape[-2], device=q.device).view(-1, 1)
+        j = torch.arange(k.shape[-2], device=q.device).view(1, -1)
+        scores = scores.masked_fill(j > i, float("-inf"))
+    return scores
+
+
+def _block_forward_math(q, k, v, mask, is_causal, scale):  # type: ignore[no-untyped-def]
+    """The readable math of :func:`_block_forward` (any device): ``out = softmax(s) v``, ``lse = logsumexp(s)``."""
+    scores = _block_scores(q, k, mask, is_causal, scale)  # (B, H, l, c)
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, l); -inf where a row sees nothing
+    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - safe.unsqueeze(-1))  # (B, H, l, c): zero where masked
+    out = torch.matmul(probs, v)  # (B, H, l, Ev)
+    return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def _block_backward_math(grad, q, k, v, out, lse, mask, is_causal, scale):  # type: ignore[no-untyped-def]
+    """The readable math of :func:`_block_backward`: gradients from the merged ``out`` and ``lse``."""
+    scores = _block_scores(q, k, mask, is_causal, scale)  # (B, H, l, c)
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(scores.dtype)
+    probs = torch.exp(scores - lse.unsqueeze(-1))  # (B, H, l, c): the global softmax restricted to this block
+    d_v = torch.matmul(probs.transpose(-2, -1), grad)  # (B, H, c, Ev)
+    d_probs = torch.matmul(grad, v.transpose(-2, -1))  # (B, H, l, c)
+    delta = (grad * out).sum(-1, keepdim=True)  # (B, H, l, 1): rowsum(dO * O)
+    d_scores = probs * (d_probs - delta)  # (B, H, l, c)
+    d_q = torch.matmul(d_scores, k) * scale  # (B, H, l, E)
+    d_k = torch.matmul(d_scores.transpose(-2, -1), q) * scale  # (B, H, c, E)
+    return d_q, d_k, d_v
+
+
 def _block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float):  # type: ignore[no-untyped-def]
-    """Flash on one block: ``(out, lse)`` with ``lse = -inf`` (and zero output) for rows that see no key."""
+    """Flash on one block: ``(out, lse)`` with ``lse = -inf`` (and zero output) for rows that see no key.
+
+    Off the CPU (the flash op here is PyTorch's CPU kernel) the same result comes from :func:`_block_forward_math`.
+    """
+    if q.device.type != "cpu":
+        return _block_forward_math(q, k, v, mask, is_causal, scale)
     out, lse = _flash(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
     if mask is not None:
         dead = torch.isneginf(mask).all(-1)  # (B|1, H|1, l|1)
@@ -116,6 +157,8 @@ def _block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_caus
 
 def _block_backward(grad, q, k, v, out, lse, mask, is_causal, scale):  # type: ignore[no-untyped-def]
     """Flash backward on one block with the *merged* output and lse; rows that saw no key get zero gradients."""
+    if q.device.type != "cpu":
+        return _block_backward_math(grad, q, k, v, out, lse, mask, is_causal, scale)
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # exp(s - inf) = 0
     return _flash_backward(grad, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
 
@@ -130,11 +173,11 @@ class _ChunkedFn(torch.autograd.Function):
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         b, h, q_len, _ = q.shape
         out = q.new_zeros(b, h, q_len, v.shape[-1])  # (B, H, L, Ev)
-        lse = torch.full((b, h, q_len), float("-inf"), dtype=lse_dtype)  # (B, H, L)
+        lse = torch.full((b, h, q_len), float("-inf"), dtype=lse_dtype, device=q.device)  # (B, H, L)
         for q0, q1 in _bounds(q_len, chunk):
             parts, lses = [], []
             for k0, k1 in _bounds(k.shape[2], chunk):
-                m, causal, skip = _chunk_mask(mask, is_causal, q0, q1, k0, k1, q.dtype)
+                m, causal, skip = _chunk_mask(mask, is_causal, q0, q1, k0, k1, q.dtype, q.device)
                 if skip:
                     continue
                 o_c, l_c = _block_forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], m, causal, scale)
@@ -160,7 +203,7 @@ class _ChunkedFn(torch.autograd.Function):
         for q0, q1 in _bounds(q.shape[2], ctx.chunk):
             g_c, o_c, l_c = grad_out[:, :, q0:q1], out[:, :, q0:q1].contiguous(), lse[:, :, q0:q1].contiguous()
             for k0, k1 in _bounds(k.shape[2], ctx.chunk):
-                m, causal, skip = _chunk_mask(mask, ctx.is_causal, q0, q1, k0, k1, q.dtype)
+                m, causal, skip = _chunk_mask(mask, ctx.is_causal, q0, q1, k0, k1, q.dtype, q.device)
                 if skip:
                     continue
                 g_q, g_k, g_v = _block_backward(
@@ -220,7 +263,7 @@ def chunked_attention(
     if q_len == 0 or k_len == 0:
         out = q.new_zeros(b, h, q_len, ev) + 0.0 * (q.sum() + k.sum() + v.sum())
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        lse = torch.full((b, h, q_len), float("-inf"), dtype=lse_dtype)
+        lse = torch.full((b, h, q_len), float("-inf"), dtype=lse_dtype, device=q.device)
         return (out, lse) if return_lse else out
     k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)  # (B, H, S, E|Ev)
     q, k, v = same_head_dim(q, k, v)  # the flash kernel wants E == Ev

@@ -474,7 +474,7 @@ def sliding_window_attention(
     scale_f = V.check_scale(scale, e)
     if q_len == 0 or k_len == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0.0 * (q.sum() + k.sum() + v.sum())
-    if key_mask is None and q_len == k_len:
+    if key_mask is None and q_len == k_len and q.device.type == "cpu":  # the flash op is PyTorch's CPU kernel
         return _window_fast(q, k, v, win, scale_f)
     return _window_blockwise(q, k, v, win, key_mask, scale_f)
 

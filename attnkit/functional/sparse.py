@@ -37,7 +37,7 @@ from torch import Tensor
 
 from . import _validate as V
 from ._reference import expand_kv_heads
-from .dense import AttentionCall, Backend, register_backend
+from .dense import AttentionCall, Backend, register_backend, scaled_dot_product_attention
 from .local import _Piece, run_pieces, same_head_dim
 from .masks import AttentionMask, causal_mask
 
@@ -233,7 +233,8 @@ def block_sparse_attention(
         scale: score scale, ``1/sqrt(E)`` when ``None``.
 
     Returns:
-        ``(B, H, L, Ev)``; queries whose blocks see no key give zeros.
+        ``(B, H, L, Ev)``; queries whose blocks see no key give zeros. On devices other than the CPU the result
+        comes from dense masked SDPA (same values, quadratic cost).
 
     Shape:
         query ``(B, H, L, E)``, key ``(B, Hkv, S, E)``, value ``(B, Hkv, S, Ev)`` -> ``(B, H, L, Ev)``.
@@ -256,6 +257,9 @@ def block_sparse_attention(
     scale_f = V.check_scale(scale, q.shape[-1])
     if q_len == 0 or k_len == 0:
         return q.new_zeros(b, h, q_len, ev) + 0.0 * (q.sum() + k.sum() + v.sum())
+    if q.device.type != "cpu":  # the piece engine drives PyTorch's CPU flash kernel; elsewhere: dense masked SDPA
+        dense_mask = BlockSparseMask(layout, block_size, causal).materialize(q_len, k_len, device=q.device)
+        return scaled_dot_product_attention(q, k, v, dense_mask, scale=scale_f)  # type: ignore[return-value]
     bs = block_size
     nq, nk = fitted.shape[-2:]
     k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)  # (B, H, S, E|Ev)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 
 import pytest
 import torch
 
-import attnkit.functional.hard
-import attnkit.layers.hard
 from attnkit import create_attention
 from attnkit.functional import baseline_loss, reinforce_loss
 from attnkit.layers import (
@@ -19,12 +16,6 @@ from attnkit.layers import (
     MovingAverageBaseline,
     ValueBaseline,
 )
-
-
-@pytest.mark.parametrize("module", [attnkit.functional.hard, attnkit.layers.hard])
-def test_docstring_examples(module: object) -> None:
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
-    assert result.attempted > 0 and result.failed == 0
 
 
 @pytest.mark.parametrize("score", ["additive", "dot", "general"])

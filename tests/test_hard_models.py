@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import doctest
-
 import pytest
 import torch
 
-import attnkit.data.scenes
-import attnkit.models.captioner
-import attnkit.models.glimpse
 from attnkit.data.scenes import CAPTION_VOCAB, cluttered_mnist, decode_caption, digit_scenes, translated_mnist
 from attnkit.layers.hard import MovingAverageBaseline
 from attnkit.models.captioner import ShowAttendTell, caption_loss
 from attnkit.models.glimpse import RecurrentAttentionModel, ram_loss
-
-
-@pytest.mark.parametrize("module", [attnkit.data.scenes, attnkit.models.glimpse, attnkit.models.captioner])
-def test_docstring_examples(module: object) -> None:
-    result = doctest.testmod(module)  # type: ignore[arg-type]
-    assert result.attempted > 0 and result.failed == 0
 
 
 def _digits(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,10 @@ Generation with Visual Attention", ICML 2015. https://arxiv.org/abs/1502.03044
   moving-average baseline and an entropy bonus (:func:`caption_loss`). At evaluation the most probable position
   is taken (argmax).
 
-The encoder is a small CNN for the digit scenes (no pretrained network ships offline); the paper's gating
-scalar and doubly stochastic regularisation are left out.
+The encoder is a small CNN for the digit scenes (no pretrained network ships offline). It reads two coordinate
+channels (x and y in ``[-1, 1]``, as in CoordConv, Liu et al. 2018), and each grid cell's ``(x, y)`` is appended
+to its features, so the keys say *where* they are: "the next digit to the right" cannot be found by content
+alone. The paper's gating scalar and doubly stochastic regularisation are left out.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class ShowAttendTell(nn.Module):
         attention: ``"soft"`` or ``"hard"``.
         vocab_size: number of word ids (default: :data:`attnkit.data.scenes.CAPTION_VOCAB`).
         channels: input channels.
-        feature_dim: channels ``D`` of the feature grid.
+        feature_dim: channels of the CNN; the grid's features are those plus the cell's ``(x, y)``:
+            ``D = feature_dim + 2``.
         embed_dim: word embedding size.
         hidden: LSTM size.
         attn_dim: hidden size of the additive attention score.
@@ -94,31 +97,45 @@ class ShowAttendTell(nn.Module):
         self.vocab_size = vocab_size
 
         def block(cin: int, cout: int, k: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, **kw), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False, **kw),
+                nn.BatchNorm2d(cout, **kw),
+                nn.ReLU(),
+            )
 
         # stride 8; receptive field 37 px, so one grid cell sees a whole 28 px digit (hard attention reads one cell)
         self.encoder = nn.Sequential(
-            block(channels, 16, 5, 2),
+            block(channels + 2, 16, 5, 2),
             block(16, 32, 5, 2),
             block(32, feature_dim, 3, 2),
             block(feature_dim, feature_dim, 3, 1),
         )
+        dim = feature_dim + 2  # D: CNN features and the cell's (x, y)
         if attention == "soft":
-            self.attend: nn.Module = AdditiveAttention(hidden, feature_dim, attn_dim, bias=True, **kw)
+            self.attend: nn.Module = AdditiveAttention(hidden, dim, attn_dim, bias=True, **kw)
         else:
-            self.attend = HardAttention(hidden, feature_dim, attn_dim, score="additive", **kw)
+            self.attend = HardAttention(hidden, dim, attn_dim, score="additive", **kw)
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD, **kw)
-        self.init_h = nn.Linear(feature_dim, hidden, **kw)
-        self.init_c = nn.Linear(feature_dim, hidden, **kw)
-        self.lstm = nn.LSTMCell(embed_dim + feature_dim, hidden, **kw)
-        self.out = nn.Linear(hidden + feature_dim, vocab_size, **kw)
+        self.init_h = nn.Linear(dim, hidden, **kw)
+        self.init_c = nn.Linear(dim, hidden, **kw)
+        self.lstm = nn.LSTMCell(embed_dim + dim, hidden, **kw)
+        self.out = nn.Linear(hidden + dim, vocab_size, **kw)
 
     def encode(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """``(B, C, H, W) -> features (B, S, D)`` and the grid ``(h, w)``."""
         if images.dim() != 4:
             raise fail("images of shape (B, C, H, W)", f"{tuple(images.shape)}", "images.unsqueeze(1)")
-        f = self.encoder(images)  # (B, D, h, w)
-        return f.flatten(2).transpose(1, 2), (f.shape[2], f.shape[3])  # (B, S, D)
+        b, _, height, width = images.shape
+        ys = torch.linspace(-1, 1, height, device=images.device, dtype=images.dtype)  # (H,)
+        xs = torch.linspace(-1, 1, width, device=images.device, dtype=images.dtype)  # (W,)
+        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(b, 2, height, width)  # (B, 2, H, W)
+        f = self.encoder(torch.cat([images, coords], 1))  # (B, D - 2, h, w)
+        gh, gw = f.shape[2], f.shape[3]
+        cy = torch.linspace(-1, 1, gh, device=f.device, dtype=f.dtype)  # (h,)
+        cx = torch.linspace(-1, 1, gw, device=f.device, dtype=f.dtype)  # (w,)
+        cells = torch.stack(torch.meshgrid(cx, cy, indexing="xy")).expand(b, 2, gh, gw)  # (B, 2, h, w): x, y
+        f = torch.cat([f, cells], 1)  # (B, D, h, w)
+        return f.flatten(2).transpose(1, 2), (gh, gw)  # (B, S, D)
 
     def _step(
         self, feats: Tensor, word: Tensor, state: tuple[Tensor, Tensor], generator: torch.Generator | None

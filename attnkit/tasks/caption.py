@@ -32,10 +32,10 @@ HELP = "Show-Attend-and-Tell on multi-digit MNIST scenes: soft vs hard (REINFORC
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="soft,hard", help="comma-separated: soft, hard")
     p.add_argument("--quick", action="store_true", help="small data, few epochs (CI / tour, ~1-2 min)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 2 quick, 10 full)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 4 quick, 10 full)")
     p.add_argument("--train-size", type=int, default=None, help="training scenes (default: 4000 quick, 40000)")
     p.add_argument("--test-size", type=int, default=None, help="held-out scenes (default: 500 quick, 5000)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--entropy-weight", type=float, default=0.01, help="entropy bonus of hard attention")
     p.add_argument("--seed", type=int, default=0)
@@ -67,7 +67,7 @@ def train_captioner(
     g = torch.Generator().manual_seed(seed + 1)
     n = len(data)
     steps = epochs * ((n + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05, div_factor=5.0)
     model.train()
     start = time.perf_counter()
     with tqdm(total=steps, desc=f"caption {attention}", leave=False) as bar:
@@ -147,12 +147,12 @@ def run_experiment(
     epochs: int | None = None,
     train_size: int | None = None,
     test_size: int | None = None,
-    batch_size: int = 64,
+    batch_size: int = 32,
     lr: float = 2e-3,
     entropy_weight: float = 0.01,
     seed: int = 0,
 ) -> dict:
-    epochs = epochs or (2 if quick else 10)
+    epochs = epochs or (4 if quick else 10)
     train_size = train_size or (4000 if quick else 40_000)
     test_size = test_size or (500 if quick else 5000)
     mnist = load_mnist()

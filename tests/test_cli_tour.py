@@ -1,0 +1,57 @@
+"""The `attnkit` command: clean errors for bad input, and the quick tour end to end."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attnkit.cli import TASKS, build_parser, main
+
+
+def _run(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "attnkit", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_every_task_module_is_wired() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == set(TASKS), "a task module listed in attnkit.cli.TASKS failed to import"
+
+
+def test_unknown_tour_section_is_a_clean_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc = main(["tour", "--only", "nope", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "expected sections from" in err and "nope" in err
+    assert "Traceback" not in err
+
+
+def test_kernels_section_writes_its_picture(tmp_path: Path) -> None:
+    rc = main(["tour", "--only", "kernels", "--quick", "--out", str(tmp_path)])
+    assert rc == 0
+    index = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "Kernels: scaled dot-product attention" in index
+    png = tmp_path / "kernels" / "masks.png"
+    assert png.stat().st_size > 10_000
+    for src in re.findall(r'<img src="([^"]+)"', index):
+        assert (tmp_path / src).exists(), src
+
+
+@pytest.mark.slow
+def test_quick_tour_end_to_end(tmp_path: Path) -> None:
+    proc = _run("tour", "--quick", "--out", str(tmp_path / "tour"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    index = (tmp_path / "tour" / "index.html").read_text(encoding="utf-8")
+    titles = re.findall(r"<h2>(.*?)</h2>", index)
+    assert len(titles) == 7 and not [t for t in titles if t.endswith(": failed")], titles
+    images = re.findall(r'<img src="([^"]+)"', index)
+    assert len(images) >= 6
+    for src in images:
+        assert (tmp_path / "tour" / src).stat().st_size > 1000, src

@@ -7,7 +7,7 @@ A decoding step has ``L`` = 1 (or a few) queries and ``S`` in the thousands of k
 products per head (``K q`` and ``V^T p``); the time is the time to read ``K`` and ``V``. This kernel does exactly
 that, in two passes with float32 accumulation:
 
-1. scores ``s = (q * scale) K^T`` for all keys (``(B, Hkv, G*L, S)``: the ``G = H / Hkv`` query heads that share a
+1. scores ``s = K (q * scale)`` for all keys (``(B, Hkv, G*L, S)``: the ``G = H / Hkv`` query heads that share a
    key/value head are stacked, so grouped-query attention reads each cached head once);
 2. the masked softmax of the scores (small: ``H * L * S`` numbers);
 3. ``out = p V``.
@@ -112,8 +112,10 @@ def decode_attention(
     acc = torch.promote_types(query.dtype, torch.float32)  # float32 accumulation (float64 stays float64)
     qg = (query.to(acc) * scale).reshape(b, hk, g * q_len, e)  # (B, Hkv, G*L, E)
     wide = key.dtype == acc and value.dtype == acc
+    qt = qg.transpose(-2, -1)  # (B, Hkv, E, G*L)
+    # scores as K q (rows of K read in order: a matrix-vector product in BLAS's fast layout), then transposed
     if wide:
-        scores = torch.matmul(qg, key.transpose(-2, -1))  # (B, Hkv, G*L, S): one read of K
+        scores_t = torch.matmul(key, qt)  # (B, Hkv, S, G*L): one read of K
     else:
         buf = qg.new_empty(b, hk, min(block, k_len), max(e, ev))  # float32 block, stays in the CPU cache
         parts = []
@@ -121,8 +123,9 @@ def decode_attention(
             stop = min(start + block, k_len)
             kb = buf[:, :, : stop - start, :e]
             kb.copy_(key[:, :, start:stop])  # half -> float32, one block
-            parts.append(torch.matmul(qg, kb.transpose(-2, -1)))  # (B, Hkv, G*L, block)
-        scores = torch.cat(parts, dim=-1)  # (B, Hkv, G*L, S)
+            parts.append(torch.matmul(kb, qt))  # (B, Hkv, block, G*L)
+        scores_t = torch.cat(parts, dim=-2)  # (B, Hkv, S, G*L)
+    scores = scores_t.transpose(-2, -1).contiguous()  # (B, Hkv, G*L, S); a free view when G*L == 1
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(acc)
     weights = _masked_softmax_(scores.view(b, h, q_len, k_len), attn_mask)  # (B, H, L, S) in acc

@@ -143,6 +143,8 @@ def test_tutorial_call_and_devices():
     mha = MultiHeadAttention(32, 4)
     x = torch.randn(2, 7, 32)
     assert mha(x).shape == (2, 7, 32)
+    tutorial_mask = torch.tril(torch.ones(7, 7, dtype=torch.long))  # the tutorial's integer mask: 0 = masked
+    torch.testing.assert_close(mha(x, attn_mask=tutorial_mask), mha(x, is_causal=True))
     assert mha.q_proj.weight.dtype == torch.float32
     m64 = MultiHeadAttention(32, 4, device="cpu", dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in m64.parameters())

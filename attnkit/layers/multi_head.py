@@ -275,9 +275,11 @@ class MultiHeadAttention(nn.Module):
         return q, k, v
 
     def _tensor_mask(self, attn_mask: Tensor, b: int, q_len: int, k_len: int, dtype: torch.dtype) -> Tensor:
-        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        if attn_mask.dtype.is_complex:
             raise fail("a boolean (True = may attend) or float (added) attn_mask", str(attn_mask.dtype),
                        "attn_mask.bool()")
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            attn_mask = attn_mask != 0  # the tutorial's integer mask: 0 = masked, as in the kernels
         shape = tuple(attn_mask.shape)
         if attn_mask.dim() == 2:
             mask = attn_mask.view(1, 1, *shape)
@@ -311,7 +313,8 @@ class MultiHeadAttention(nn.Module):
             query: ``(B, L, D)``.
             key: ``(B, S, kdim)`` or ``None`` (self-attention).
             value: ``(B, S, vdim)`` or ``None`` (the key input).
-            attn_mask: boolean (``True`` = may attend) or float (added to the scores) tensor, or a mask object.
+            attn_mask: boolean (``True`` = may attend; an integer mask reads ``0`` as masked, as in the tutorial) or
+                float (added to the scores) tensor, or a mask object.
             key_mask: ``(B, S)`` boolean, ``True`` = a real key (the inverse of ``nn.MultiheadAttention``'s
                 ``key_padding_mask``).
             is_causal: query ``i`` sees keys ``j <= i``; with a cache, lower-right aligned by position (a query

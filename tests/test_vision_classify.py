@@ -67,14 +67,21 @@ def test_cnn_bad_arguments() -> None:
     assert all(p.dtype == torch.float64 for p in model.parameters())
 
 
-def test_tiny_study_writes_consistent_results(tmp_path: Path) -> None:
+def test_tiny_study_through_the_tour_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tour's section, with its quick setting shrunk to a tiny study, writes consistent results."""
     config = classify.ClassifyConfig(
         dataset="mnist", attention=("none", "se", "cbam"), seeds=2, epochs=1, train_size=128, test_size=100,
         batch_size=16, widths=(8, 16, 32),
     )
-    result = classify.run_study(config, tmp_path, log=lambda _m: None)
-    data = json.loads((tmp_path / "classify_mnist.json").read_text())
-    assert (tmp_path / "classify_mnist.md").read_text().startswith("| attention | test accuracy (%)")
+    monkeypatch.setattr(classify, "quick_config", lambda dataset="mnist": config)
+    section = classify.tour_section(tmp_path, True)
+    assert section.images == ["classify/cbam_spatial.png", "classify/se_gates_per_class.png"]
+    for _label, href in section.links:
+        assert (tmp_path / href).is_file()
+    assert section.table[0][:2] == ["attention", "test accuracy (%)"] and len(section.table) == 4
+    out = tmp_path / "classify"
+    data = json.loads((out / "classify_mnist.json").read_text())
+    assert (out / "classify_mnist.md").read_text().startswith("| attention | test accuracy (%)")
     runs = data["runs"]
     assert [(r["attention"], r["seed"]) for r in runs] == [(a, s) for a in ("none", "se", "cbam") for s in (0, 1)]
     plain = count_parameters(AttentionCNN(10, widths=(8, 16, 32)))
@@ -84,11 +91,9 @@ def test_tiny_study_writes_consistent_results(tmp_path: Path) -> None:
         assert row["accuracy_std"] == pytest.approx(statistics.stdev(accs))
         assert row["added_params"] == row["params"] - plain
         assert row["params"] == count_parameters(AttentionCNN(10, widths=(8, 16, 32), attention=row["attention"]))
-    for name in ("cbam_spatial.png", "se_gates_per_class.png"):
+    for name in section.images:
         path = tmp_path / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 300_000
-    assert result.pictures == ["cbam_spatial.png", "se_gates_per_class.png"]
-    assert len(result.table_rows()) == 4
 
 
 def test_training_is_deterministic_per_seed() -> None:

@@ -136,7 +136,7 @@ def run(sizes: list[int], rounds: dict[int, int]) -> Table:
 
 def main(quick: bool = False, out: str | None = None) -> int:
     if quick:
-        sizes, rounds = [128, 256], {128: 5, 256: 5}
+        sizes, rounds = [128, 256], {128: 3, 256: 3}
     else:
         sizes, rounds = [256, 1024, 4096], {256: 40, 1024: 15, 4096: 5}
     table = run(sizes, rounds)

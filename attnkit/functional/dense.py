@@ -537,7 +537,19 @@ def attention_weights(
     is_causal: bool = False,
     scale: float | None = None,
 ) -> Tensor:
-    """Only the softmax weights ``(B, H, L, S)`` of :func:`scaled_dot_product_attention` (same mask meaning)."""
+    """Only the softmax weights ``(B, H, L, S)`` of :func:`scaled_dot_product_attention`, exact, never NaN.
+
+    ``attn_mask``: boolean (``True`` = may attend; integer masks read the same way), float (added to the scores),
+    or a mask object; same shapes as :func:`scaled_dot_product_attention`. Fully masked rows give zeros.
+
+    Example:
+        >>> import torch
+        >>> from attnkit.functional import attention_weights, CausalMask
+        >>> q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8)   # (B, H, L, E), (B, Hkv, S, E)
+        >>> w = attention_weights(q, k, CausalMask("lower_right"))
+        >>> w.shape, bool(w[0, 0, 0, 4] == 0)                        # query 0 may not see key 4
+        (torch.Size([1, 2, 3, 5]), True)
+    """
     value = torch.zeros(*key.shape[:-1], 0, dtype=key.dtype, device=key.device) if isinstance(key, Tensor) else key
     call, three_d = _prepare(query, key, value, attn_mask, is_causal, 0.0, scale, True)
     weights = _empty_keys(call)[1] if call.k_len == 0 else _math_weights(call)
@@ -557,6 +569,9 @@ def which_backend(
     backend: str = "auto",
 ) -> BackendChoice:
     """Which backend :func:`scaled_dot_product_attention` would run for these inputs, and why.
+
+    Takes the same arguments, with the same mask meaning (boolean ``True`` = may attend, float = added), and
+    runs nothing. ``str(choice)`` lists every backend passed over with its reasons.
 
     Example:
         >>> import torch

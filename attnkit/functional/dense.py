@@ -1,5 +1,7 @@
 """Scaled dot-product attention with pluggable backends and exact weights from any of them.
 
+Paper: Vaswani et al. 2017, "Attention Is All You Need", https://arxiv.org/abs/1706.03762
+
 .. math::
 
     \\mathrm{Attention}(Q, K, V) = \\mathrm{softmax}\\!\\left(\\frac{Q K^\\top}{\\sqrt{d_k}} + M\\right) V

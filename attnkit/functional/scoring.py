@@ -14,6 +14,16 @@ name                score(q, k)                                            paper
 ``cosine``          ``cos(q, k) / temperature``                            Graves et al. 2014; Liu et al. 2022
 ==================  =====================================================  ===================================
 
+Papers:
+
+* Luong, Pham, Manning 2015, "Effective Approaches to Attention-based Neural Machine Translation",
+  https://arxiv.org/abs/1508.04025
+* Vaswani et al. 2017, "Attention Is All You Need", https://arxiv.org/abs/1706.03762
+* Bahdanau, Cho, Bengio 2015, "Neural Machine Translation by Jointly Learning to Align and Translate",
+  https://arxiv.org/abs/1409.0473
+* Graves, Wayne, Danihelka 2014, "Neural Turing Machines", https://arxiv.org/abs/1410.5401
+* Liu et al. 2022, "Swin Transformer V2: Scaling Up Capacity and Resolution", https://arxiv.org/abs/2111.09883
+
 Example:
     >>> import torch
     >>> from attnkit.functional import scoring

@@ -68,7 +68,7 @@ def test_ram_loss_trains_every_part_and_respects_detach_rules() -> None:
 @pytest.mark.parametrize("attention", ["soft", "hard"])
 def test_captioner_loss_and_generation(attention: str) -> None:
     torch.manual_seed(0)
-    model = ShowAttendTell(attention, hidden=32, attn_dim=16, feature_dim=16)
+    model = ShowAttendTell(attention, hidden=32, attn_dim=16, feature_dim=16, expected_prob=0.0)
     x, y = _digits()
     s = digit_scenes(x, y, 4, generator=torch.Generator().manual_seed(3))
     out = model(s.images, s.tokens, generator=torch.Generator().manual_seed(0))
@@ -82,6 +82,11 @@ def test_captioner_loss_and_generation(attention: str) -> None:
     assert int(baseline.count) == (1 if attention == "hard" else 0)
     loss.total.backward()
     assert model.attend.query_proj.weight.grad is not None and model.attend.query_proj.weight.grad.abs().sum() > 0
+    if attention == "hard":  # Xu et al.'s trick: steps that use the expected context get no policy gradient
+        model.expected_prob = 1.0
+        mixed = model(s.images, s.tokens, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(mixed.weights, mixed.probs)
+        assert bool((mixed.log_prob == 0).all())
     model.eval()
     ids, gen = model.generate(s.images, max_len=5)
     assert ids.shape == (4, 5) and gen.probs.shape == (4, 5, 80)

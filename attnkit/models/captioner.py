@@ -63,6 +63,9 @@ class ShowAttendTell(nn.Module):
         embed_dim: word embedding size.
         hidden: LSTM size.
         attn_dim: hidden size of the additive attention score.
+        expected_prob: hard attention only: while training, the probability that a caption step uses the expected
+            context ``sum_i a_i f_i`` in place of the sampled one (Xu et al. 2015, section 4.2: 0.5); those steps
+            are trained by backpropagation and get no REINFORCE term.
 
     Shape:
         images ``(B, C, H, W)``, tokens ``(B, T)`` (the caption, ending in ``<eos>``; teacher forcing feeds
@@ -86,6 +89,7 @@ class ShowAttendTell(nn.Module):
         embed_dim: int = 32,
         hidden: int = 128,
         attn_dim: int = 64,
+        expected_prob: float = 0.5,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -94,6 +98,9 @@ class ShowAttendTell(nn.Module):
             raise fail(f"attention in {ATTENTIONS}", repr(attention), "attention='soft'")
         kw = {"device": device, "dtype": dtype}
         self.attention = attention
+        if not 0.0 <= expected_prob <= 1.0:
+            raise fail("expected_prob in [0, 1]", repr(expected_prob), "expected_prob=0.5")
+        self.expected_prob = expected_prob
         self.vocab_size = vocab_size
 
         def block(cin: int, cout: int, k: int, stride: int) -> nn.Sequential:
@@ -148,6 +155,13 @@ class ShowAttendTell(nn.Module):
             ctx, res = self.attend(h, feats, generator=generator, return_result=True)  # (B, D), result over Lq=1
             w, probs = res.weights[:, 0], res.probs[:, 0]  # (B, S)
             log_prob, entropy = res.log_prob[:, 0], res.entropy[:, 0]  # (B,)
+            if self.training and self.expected_prob > 0:
+                device = h.device if generator is None else generator.device
+                use_mean = torch.rand(h.shape[0], generator=generator, device=device).to(h.device) < self.expected_prob
+                mean_ctx = torch.bmm(probs.unsqueeze(1), feats).squeeze(1)  # (B, D): the expected context
+                ctx = torch.where(use_mean[:, None], mean_ctx, ctx)  # (B, D)
+                w = torch.where(use_mean[:, None], probs, w)  # (B, S)
+                log_prob = log_prob.masked_fill(use_mean, 0.0)  # (B,): no policy gradient for those steps
         h, c = self.lstm(torch.cat([self.embed(word), ctx], -1), (h, c))  # (B, hidden)
         logits = self.out(torch.cat([h, ctx], -1))  # (B, V)
         return logits, (h, c), w, probs, log_prob, entropy

@@ -82,7 +82,7 @@ def _wait_for(proc: subprocess.Popen[str], needle: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run, in this process."""
     n = torch.get_num_threads()
     out = tmp_path_factory.mktemp("uninterrupted")
@@ -92,7 +92,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tenso
         torch.set_num_threads(n)
     results = json.loads((out / "results-test.json").read_text())
     assert results["n"] == 4 and 0.0 <= results["bleu"] <= 100.0
-    return _final_weights(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: Path) -> dict[str, torch.Tensor]:
+    return _final_weights(reference_run)
 
 
 @pytest.mark.slow
@@ -221,3 +226,47 @@ def test_batch_plan_is_stateless_and_shards_the_global_batch() -> None:
     assert one.batch(6) != one.batch(1)  # a new order each epoch
     with pytest.raises(ValueError, match="divisible"):
         BatchPlan(lengths, 7, world_size=2)
+
+
+def test_cli_evaluate_and_translate_with_alignment(reference_run: Path, tmp_path: Path, capsys, one_thread) -> None:
+    run = ["--model", "bahdanau", "--out", str(reference_run), "--threads", "1"]
+    assert main(["translate", "evaluate", *run, "--limit", "3", "--beam", "2"]) == 0
+    res = json.loads((reference_run / "results-test.json").read_text())
+    assert res["n"] == 3 and res["beam"] == 2 and set(res) >= {"bleu", "chrf", "parameters", "train_seconds"}
+    assert "BLEU" in capsys.readouterr().out
+    plot = tmp_path / "align.png"
+    assert main(["translate", "translate", "In the beginning God created", *run, "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "source (most attended)" in out and f"alignment plot: {plot}" in out
+    assert plot.stat().st_size > 1000
+    # the printed alignment is the argmax of the weights the model returns
+    from attnkit.tasks.translate import load_run, translate_text
+
+    model, _cfg, tok_src, tok_tgt, _ = load_run(reference_run, device="cpu")
+    tr = translate_text(model, tok_src, tok_tgt, "In the beginning God created", beam=4)
+    assert tr.weights is not None and tr.weights.shape == (len(tr.target_pieces), len(tr.source_pieces))
+    for (_target, source, weight), row in zip(tr.alignment_rows(), tr.weights, strict=True):
+        assert source == tr.source_pieces[int(row.argmax())] and float(weight) == pytest.approx(
+            float(row.max()), abs=0.01
+        )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["translate", "translate", "  "], "non-empty text"),
+        (["translate", "translate", "word " * 300], "at most 1000 characters"),
+        (["translate", "train", "--src", "xx", "--steps", "1"], "expected a language code"),
+        (["translate", "train", "--src", "4", "--tgt", "en", "--steps", "1"], "two different versions"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(reference_run: Path, tmp_path: Path, argv, message, capsys) -> None:
+    out = reference_run if argv[1] == "translate" else tmp_path
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_cli_missing_run_folder(tmp_path: Path, capsys) -> None:
+    assert main(["translate", "evaluate", "--out", str(tmp_path / "nothing")]) == 2
+    assert "attnkit translate train --out" in capsys.readouterr().err

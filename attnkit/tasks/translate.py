@@ -512,7 +512,9 @@ def translate_text(
     dec = decode_batch(model, [ids], beam=beam, alpha=alpha)
     out_ids = dec.tokens[0]
     w = dec.weights[0]
-    target = tok_tgt.pieces(out_ids) + ["</s>"]
+    target = tok_tgt.pieces(out_ids)
+    if w is not None and w.shape[0] > len(out_ids):
+        target.append("</s>")  # the step that chose the end token has an alignment too
     return Translation(tok_tgt.decode(out_ids), tok_src.pieces(ids), target, w)
 
 

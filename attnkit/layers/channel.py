@@ -60,8 +60,9 @@ def make_divisible(value: float, divisor: int = 1, *, min_value: int | None = No
     """Round ``value`` to the nearest multiple of ``divisor`` (at least ``min_value``, by default ``divisor``),
     going one step up when rounding would lose more than ``1 - round_limit`` of it.
 
-    >>> make_divisible(64 / 16), make_divisible(64 / 16, 8), make_divisible(100 / 16, 8)
-    (4, 8, 8)
+    Examples:
+        >>> make_divisible(64 / 16), make_divisible(64 / 16, 8), make_divisible(100 / 16, 8)
+        (4, 8, 8)
     """
     min_value = divisor if min_value is None else min_value
     out = max(min_value, int(value + divisor / 2) // divisor * divisor)
@@ -110,8 +111,9 @@ class NoAttention(nn.Module):
     Shape:
         ``(B, C, H, W)`` -> ``(B, C, H, W)``.
 
-    >>> NoAttention(8)(torch.randn(2, 8, 5, 5)).shape
-    torch.Size([2, 8, 5, 5])
+    Examples:
+        >>> NoAttention(8)(torch.randn(2, 8, 5, 5)).shape
+        torch.Size([2, 8, 5, 5])
     """
 
     def __init__(self, channels: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
@@ -143,11 +145,12 @@ class SqueezeExcite(nn.Module):
     Shape:
         ``(B, C, H, W)`` -> ``(B, C, H, W)``. Observers of ``self.gate`` receive the gate ``(B, C, 1, 1)``.
 
-    >>> se = SqueezeExcite(64)                   # bottleneck 64 / 16 = 4
-    >>> se(torch.randn(2, 64, 7, 7)).shape
-    torch.Size([2, 64, 7, 7])
-    >>> sum(p.numel() for p in se.parameters()) == 2 * 64 * 4 + 4 + 64
-    True
+    Examples:
+        >>> se = SqueezeExcite(64)                   # bottleneck 64 / 16 = 4
+        >>> se(torch.randn(2, 64, 7, 7)).shape
+        torch.Size([2, 64, 7, 7])
+        >>> sum(p.numel() for p in se.parameters()) == 2 * 64 * 4 + 4 + 64
+        True
     """
 
     def __init__(
@@ -182,8 +185,9 @@ class SqueezeExcite(nn.Module):
 def eca_kernel_size(channels: int, *, gamma: float = 2, beta: float = 1) -> int:
     """ECA's adaptive kernel size ``k = |log2(C) / gamma + beta / gamma|``, made odd (even values go one up).
 
-    >>> [eca_kernel_size(c) for c in (16, 64, 256, 512, 2048)]
-    [3, 3, 5, 5, 7]
+    Examples:
+        >>> [eca_kernel_size(c) for c in (16, 64, 256, 512, 2048)]
+        [3, 3, 5, 5, 7]
     """
     t = int(abs(math.log2(channels) / gamma + beta / gamma))
     return t if t % 2 else t + 1
@@ -199,15 +203,17 @@ class EfficientChannelAttention(nn.Module):
     Args:
         channels: input channels ``C``.
         kernel_size: 1-D kernel size (odd); ``None`` picks ``eca_kernel_size(C, gamma=gamma, beta=beta)``.
-        gamma, beta: the mapping's constants (paper: 2 and 1).
+        gamma: the mapping's slope constant (paper: 2).
+        beta: the mapping's offset constant (paper: 1).
         gate_layer: gate activation (paper: sigmoid); must map into ``[0, 1]``.
 
     Shape:
         ``(B, C, H, W)`` -> ``(B, C, H, W)``. Observers of ``self.gate`` receive the gate ``(B, C, 1, 1)``.
 
-    >>> eca = EfficientChannelAttention(256)
-    >>> eca(torch.randn(2, 256, 4, 4)).shape, eca.kernel_size, sum(p.numel() for p in eca.parameters())
-    (torch.Size([2, 256, 4, 4]), 5, 5)
+    Examples:
+        >>> eca = EfficientChannelAttention(256)
+        >>> eca(torch.randn(2, 256, 4, 4)).shape, eca.kernel_size, sum(p.numel() for p in eca.parameters())
+        (torch.Size([2, 256, 4, 4]), 5, 5)
     """
 
     def __init__(
@@ -259,8 +265,9 @@ class ChannelAttention(nn.Module):
     Shape:
         ``(B, C, H, W)`` -> ``(B, C, H, W)``. Observers of ``self.gate`` receive ``Mc`` ``(B, C, 1, 1)``.
 
-    >>> ChannelAttention(32)(torch.randn(2, 32, 6, 6)).shape
-    torch.Size([2, 32, 6, 6])
+    Examples:
+        >>> ChannelAttention(32)(torch.randn(2, 32, 6, 6)).shape
+        torch.Size([2, 32, 6, 6])
     """
 
     def __init__(
@@ -311,9 +318,10 @@ class SpatialAttention(nn.Module):
     Shape:
         ``(B, C, H, W)`` -> ``(B, C, H, W)``. Observers of ``self.gate`` receive ``Ms`` ``(B, 1, H, W)``.
 
-    >>> sa = SpatialAttention(32)
-    >>> sa(torch.randn(2, 32, 6, 6)).shape, sum(p.numel() for p in sa.parameters())
-    (torch.Size([2, 32, 6, 6]), 100)
+    Examples:
+        >>> sa = SpatialAttention(32)
+        >>> sa(torch.randn(2, 32, 6, 6)).shape, sum(p.numel() for p in sa.parameters())
+        (torch.Size([2, 32, 6, 6]), 100)
     """
 
     def __init__(
@@ -349,7 +357,10 @@ class CBAM(nn.Module):
 
     Args:
         channels: input channels ``C``.
-        rd_ratio, rd_divisor, rd_channels, act_layer: the channel MLP (see :class:`ChannelAttention`).
+        rd_ratio: the channel MLP's bottleneck ratio ``1/r`` (see :class:`ChannelAttention`).
+        rd_divisor: round the bottleneck width to a multiple of this.
+        rd_channels: bottleneck width, overriding ``rd_ratio``.
+        act_layer: activation inside the channel MLP (paper: ReLU).
         spatial_kernel_size: the spatial convolution's size (paper: 7).
         spatial_norm: BatchNorm after the spatial convolution (authors' code).
         gate_layer: gate activation for both gates (paper: sigmoid).
@@ -358,8 +369,9 @@ class CBAM(nn.Module):
         ``(B, C, H, W)`` -> ``(B, C, H, W)``. Observers see ``channel.gate`` ``(B, C, 1, 1)`` and
         ``spatial.gate`` ``(B, 1, H, W)``.
 
-    >>> CBAM(64)(torch.randn(2, 64, 7, 7)).shape
-    torch.Size([2, 64, 7, 7])
+    Examples:
+        >>> CBAM(64)(torch.randn(2, 64, 7, 7)).shape
+        torch.Size([2, 64, 7, 7])
     """
 
     def __init__(

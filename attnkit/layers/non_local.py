@@ -56,11 +56,12 @@ class NonLocalBlock(nn.Module):
         ``(B, C, H, W)`` -> ``(B, C, H, W)``. Observers of ``self.attend`` receive ``(B, num_heads, H*W, S)``
         with ``S = H*W`` (or ``(H//2)*(W//2)`` with ``sub_sample``).
 
-    >>> block = NonLocalBlock(16)
-    >>> x = torch.randn(2, 16, 5, 5)
-    >>> y = block(x)
-    >>> y.shape, torch.equal(y, x)           # zero-initialised: starts as the identity
-    (torch.Size([2, 16, 5, 5]), True)
+    Examples:
+        >>> block = NonLocalBlock(16)
+        >>> x = torch.randn(2, 16, 5, 5)
+        >>> y = block(x)
+        >>> y.shape, torch.equal(y, x)           # zero-initialised: starts as the identity
+        (torch.Size([2, 16, 5, 5]), True)
     """
 
     is_residual = True  # z = W_z y + x: networks place it between stages, not inside a residual branch

@@ -107,11 +107,12 @@ class AttentionCNN(nn.Module):
     Shape:
         ``(B, in_channels, H, W)`` -> logits ``(B, num_classes)``.
 
-    >>> model = AttentionCNN(10, attention="cbam")
-    >>> model(torch.randn(2, 1, 28, 28)).shape
-    torch.Size([2, 10])
-    >>> [type(s.attention).__name__ for s in model.stages]
-    ['CBAM', 'CBAM', 'CBAM']
+    Examples:
+        >>> model = AttentionCNN(10, attention="cbam")
+        >>> model(torch.randn(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+        >>> [type(s.attention).__name__ for s in model.stages]
+        ['CBAM', 'CBAM', 'CBAM']
     """
 
     def __init__(

@@ -90,7 +90,7 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert main(["translate", "train", *TINY, "--steps", str(STEPS), "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(n)
-    results = json.loads((out / "results-test.json").read_text())
+    results = json.loads((out / "results-test-beam1.json").read_text())
     assert results["n"] == 4 and 0.0 <= results["bleu"] <= 100.0
     return out
 
@@ -231,7 +231,7 @@ def test_batch_plan_is_stateless_and_shards_the_global_batch() -> None:
 def test_cli_evaluate_and_translate_with_alignment(reference_run: Path, tmp_path: Path, capsys, one_thread) -> None:
     run = ["--model", "bahdanau", "--out", str(reference_run), "--threads", "1"]
     assert main(["translate", "evaluate", *run, "--limit", "3", "--beam", "2"]) == 0
-    res = json.loads((reference_run / "results-test.json").read_text())
+    res = json.loads((reference_run / "results-test-beam2.json").read_text())
     assert res["n"] == 3 and res["beam"] == 2 and set(res) >= {"bleu", "chrf", "parameters", "train_seconds"}
     assert "BLEU" in capsys.readouterr().out
     plot = tmp_path / "align.png"

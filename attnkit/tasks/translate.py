@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
                        limit=args.limit, batch_size=args.batch_size)  # fmt: skip
         res.update(_run_summary(model, run_cfg, ckpt_extra))
         res["split"] = args.split
-        (out / f"results-{args.split}.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
+        (out / f"results-{args.split}-beam{args.beam}.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
         print(_result_line(res))
         for s in res["samples"][:3]:
             print(f"  src: {s['src']}\n  ref: {s['ref']}\n  hyp: {s['hyp']}")
@@ -354,7 +354,7 @@ def _train(args: argparse.Namespace, out: Path, w: D.World, log: Any) -> dict[st
     record = {"seconds": res.seconds, "cpu_seconds": res.cpu_seconds, "history": res.history}
     scores.update(_run_summary(model, run_cfg, record))
     scores["split"] = "test"
-    (out / "results-test.json").write_text(json.dumps(scores, indent=1, ensure_ascii=False))
+    (out / "results-test-beam1.json").write_text(json.dumps(scores, indent=1, ensure_ascii=False))
     log(_result_line(scores))
     return {**summary, **scores}
 
@@ -542,7 +542,7 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
         res = train(ns, run_dir, log=lambda _m: None)
         rows.append([name, f"{res['bleu']:.2f}", f"{res['chrf']:.2f}", f"{res['parameters']:,}",
                      f"{res['train_seconds']:.0f}", str(res["step"])])  # fmt: skip
-        links.append((f"{name}: results JSON", f"translate/{name}/results-test.json"))
+        links.append((f"{name}: results JSON", f"translate/{name}/results-test-beam1.json"))
         if name != "none":
             model, _cfg, ts, tt, _ = load_run(run_dir, device="cpu")
             tr = translate_text(model, ts, tt, "In the beginning God created the heavens and the earth.", beam=1)

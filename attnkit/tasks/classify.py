@@ -83,7 +83,9 @@ class StudyResult:
         """Rows (header first) of the results table."""
         rows = [["attention", "test accuracy (%)", "params", "added params", "train img/s", "infer img/s"]]
         for s in self.summary:
-            acc = f"{s['accuracy_mean'] * 100:.2f} ± {s['accuracy_std'] * 100:.2f}"
+            acc = f"{s['accuracy_mean'] * 100:.2f}"
+            if s["seeds"] > 1:  # no spread to show from one seed
+                acc += f" ± {s['accuracy_std'] * 100:.2f}"
             added = "—" if s["attention"] == "none" else f"+{s['added_params']:,} ({s['added_percent']:.2f}%)"
             rows.append(
                 [s["attention"], acc, f"{s['params']:,}", added, f"{s['train_ips']:.0f}", f"{s['infer_ips']:.0f}"]

@@ -16,13 +16,18 @@ T = TypeVar("T", bound=type[nn.Module])
 _REGISTRY: dict[str, type[nn.Module]] = {}
 
 
+def _qualified(cls: type) -> str:
+    """A class's import path; a module imported twice (doctest by file path) registers the same name again."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def register_attention(*names: str) -> Callable[[T], T]:
     """Class decorator: make a module constructible by name (first name is the canonical one)."""
 
     def wrap(cls: T) -> T:
         for name in names:
             key = name.lower()
-            if key in _REGISTRY and _REGISTRY[key] is not cls:
+            if key in _REGISTRY and _qualified(_REGISTRY[key]) != _qualified(cls):
                 raise ValueError(f"attention name {key!r} is already registered to {_REGISTRY[key].__name__}")
             _REGISTRY[key] = cls
         return cls

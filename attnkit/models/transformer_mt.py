@@ -48,9 +48,13 @@ class TransformerMT(Seq2SeqBase):
     """Pre-norm Transformer encoder-decoder with tied target embeddings.
 
     Args:
-        src_vocab, tgt_vocab: vocabulary sizes (id 0 is padding).
-        d_model: width ``D``; nhead: heads; num_layers: encoder and decoder layers each.
-        dim_feedforward: feed-forward hidden size; dropout: everywhere while training.
+        src_vocab: source vocabulary size (id 0 is padding).
+        tgt_vocab: target vocabulary size.
+        d_model: width ``D``.
+        nhead: attention heads.
+        num_layers: encoder and decoder layers each.
+        dim_feedforward: feed-forward hidden size.
+        dropout: everywhere while training.
 
     Shape:
         src ``(B, S)`` ids, src_mask ``(B, S)`` boolean (``True`` = real token, ``False`` = padding that no

@@ -201,7 +201,8 @@ def save_checkpoint(
 
     Args:
         model: its ``state_dict()`` goes to ``model.safetensors`` (tied weights are stored once per name).
-        optimizer, scheduler: their states (optimiser tensors in safetensors, the rest in JSON).
+        optimizer: its state (tensors in safetensors, hyper-parameters in JSON).
+        scheduler: its state (JSON).
         config: JSON-able settings that define the model (checked by :func:`load_checkpoint`).
         extra: JSON-able training state (data position, best score, ...).
         files: extra files by name (the tokenizers), stored byte for byte.

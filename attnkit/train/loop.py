@@ -55,7 +55,8 @@ class BatchPlan:
         lengths: one length per item (used only for bucketing).
         batch_size: global batch size (items per step over all ranks).
         seed: the data order's seed.
-        rank, world_size: this process's shard.
+        rank: this process's rank.
+        world_size: how many processes share each batch.
     """
 
     def __init__(
@@ -141,9 +142,13 @@ class FitConfig:
 
     Args:
         steps: the last step (resumed runs continue up to it).
-        lr: peak learning rate of the inverse-sqrt schedule; warmup: its warm-up steps.
+        lr: peak learning rate of the inverse-sqrt schedule.
+        warmup: its warm-up steps.
         clip: gradient-norm clipping (``0`` disables).
-        eval_every, save_every, log_every: intervals in steps (``0`` disables).
+        weight_decay: AdamW's decoupled weight decay.
+        eval_every: validation interval in steps (``0``: only at the end).
+        save_every: checkpoint interval in steps (``0``: only at the end and on a stop signal).
+        log_every: progress-line interval in steps.
         keep: checkpoints kept.
         progress: show a tqdm bar (rank 0 only).
     """

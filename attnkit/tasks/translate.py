@@ -522,9 +522,18 @@ def translate_text(
 def tour_section(out_dir: Path, quick: bool) -> Section:
     """Train no-attention and Bahdanau GRUs briefly (``quick``: Bahdanau only, < 1 min), score them, plot one verse."""
     t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these small recurrent steps run no faster on more threads, and a busy machine hurts
+    try:
+        return _tour_section(Path(out_dir), quick, t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tour_section(out_dir: Path, quick: bool, t0: float) -> Section:
     folder = Path(out_dir) / "translate"
     models = ("bahdanau",) if quick else ("none", "bahdanau", "luong")
-    rows = [["model", "BLEU", "chrF", "parameters", "train s", "steps"]]
+    rows = [["model", "BLEU", "chrF", "parameters", "train s (wall)", "train s (CPU)", "steps"]]
     images: list[str] = []
     links: list[tuple[str, str]] = []
     for name in models:
@@ -540,8 +549,10 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
         if not quick:
             ns.steps, ns.eval_limit = 600, 0
         res = train(ns, run_dir, log=lambda _m: None)
+        if res["stopped"]:  # SIGTERM / Ctrl-C during the tour: the checkpoint is written, stop the tour too
+            raise KeyboardInterrupt
         rows.append([name, f"{res['bleu']:.2f}", f"{res['chrf']:.2f}", f"{res['parameters']:,}",
-                     f"{res['train_seconds']:.0f}", str(res["step"])])  # fmt: skip
+                     f"{res['train_seconds']:.0f}", f"{res['train_cpu_seconds']:.0f}", str(res["step"])])  # fmt: skip
         links.append((f"{name}: results JSON", f"translate/{name}/results-test-beam1.json"))
         if name != "none":
             model, _cfg, ts, tt, _ = load_run(run_dir, device="cpu")

@@ -243,10 +243,10 @@ def main(quick: bool = False, out: str | None = None) -> int:
                        "the machine is shared, so wall times carry that noise; ratios come from one process")
     table.notes.append("peak MB: extra resident memory at peak (RSS sampled every 2 ms), inputs excluded; "
                        "'est.': calls slower than 20 s are not profiled, the size is extrapolated from the last one")
-    table.notes.append("FlexAttention's create_block_mask evaluates the mask on the full N x N grid (8 bytes each)")
     table.notes.append(f"runs estimated above {GUARD_BYTES / 1024**3:.0f} GB are skipped, not attempted")
     if with_flex:
         table.notes.append("FlexAttention: compiled forward only; PyTorch has no FlexAttention backward on CPU")
+        table.notes.append("FlexAttention's create_block_mask evaluates the mask on the full N x N grid (8 bytes each)")
     else:
         table.notes.append("--quick: FlexAttention left out (its compile takes minutes on this CPU)")
 

@@ -221,12 +221,15 @@ def caption_loss(
     *,
     baseline: MovingAverageBaseline | None = None,
     entropy_weight: float = 0.01,
+    reinforce_weight: float = 0.1,
 ) -> CaptionLoss:
     """Cross-entropy of the caption; for hard attention, plus Xu et al.'s REINFORCE term.
 
     The reward of a caption is its log-likelihood ``log p(y | s)`` under the sampled attention ``s``; the
     moving-average ``baseline`` is read *before* it is updated with this batch (so it never depends on the draws
-    it is subtracted from); the entropy bonus keeps the attention exploring. Padding positions count nowhere.
+    it is subtracted from); the entropy bonus keeps the attention exploring. The REINFORCE term (with its entropy
+    bonus) is scaled by ``reinforce_weight`` (the paper's ``lambda_r``): at 1.0 its noise kept the policy near
+    uniform in our runs, at 0.1 the attention sharpens. Padding positions count nowhere.
     """
     valid = tokens != PAD  # (B, T)
     nll_tok = F.cross_entropy(out.logits.transpose(1, 2), tokens, reduction="none") * valid  # (B, T)
@@ -235,7 +238,7 @@ def caption_loss(
     if out.log_prob.requires_grad:
         b = baseline() if baseline is not None else reward.new_zeros(())
         ent = (out.entropy * valid).sum(1) / valid.sum(1)  # (B,)
-        rl = reinforce_loss(
+        rl = reinforce_weight * reinforce_loss(
             (out.log_prob * valid).sum(1, keepdim=True),
             reward[:, None],
             b.reshape(1, 1),

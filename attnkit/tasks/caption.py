@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--entropy-weight", type=float, default=0.01, help="entropy bonus of hard attention")
+    p.add_argument("--reinforce-weight", type=float, default=0.1, help="weight of the REINFORCE term (lambda_r)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/caption", help="folder for results.json and overlays")
 
@@ -58,6 +59,7 @@ def train_captioner(
     lr: float,
     entropy_weight: float,
     seed: int,
+    reinforce_weight: float = 0.1,
 ) -> tuple[ShowAttendTell, float]:
     """Train one captioner (teacher forcing); returns the model in eval mode and the training seconds."""
     torch.manual_seed(seed)
@@ -77,7 +79,9 @@ def train_captioner(
                 idx = order[i : i + batch_size]
                 tokens = data.tokens[idx]
                 out = model(data.images[idx], tokens, generator=g)
-                loss = caption_loss(out, tokens, baseline=baseline, entropy_weight=entropy_weight)
+                loss = caption_loss(
+                    out, tokens, baseline=baseline, entropy_weight=entropy_weight, reinforce_weight=reinforce_weight
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.total.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -151,6 +155,7 @@ def run_experiment(
     lr: float = 2e-3,
     entropy_weight: float = 0.01,
     seed: int = 0,
+    reinforce_weight: float = 0.1,
 ) -> dict:
     epochs = epochs or (4 if quick else 10)
     train_size = train_size or (4000 if quick else 40_000)
@@ -162,7 +167,14 @@ def run_experiment(
     results = []
     for name in attentions:
         model, seconds = train_captioner(
-            name, train, epochs=epochs, batch_size=batch_size, lr=lr, entropy_weight=entropy_weight, seed=seed
+            name,
+            train,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            entropy_weight=entropy_weight,
+            seed=seed,
+            reinforce_weight=reinforce_weight,
         )
         metrics = evaluate_captioner(model, test)
         picture = plot_overlays(model, test, out_dir / f"caption_overlay_{name}.png")
@@ -175,6 +187,7 @@ def run_experiment(
             "batch_size": batch_size,
             "lr": lr,
             "entropy_weight": entropy_weight,
+            "reinforce_weight": reinforce_weight,
             "seed": seed,
             "quick": quick,
         },
@@ -212,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         entropy_weight=args.entropy_weight,
+        reinforce_weight=args.reinforce_weight,
         seed=args.seed,
     )
     s = summary["settings"]

@@ -60,7 +60,7 @@ def _assert_same(out, ref, inputs, tol):  # type: ignore[no-untyped-def]
 def test_window_matches_dense_reference(n, window, back, ahead, causal, hkv):  # type: ignore[no-untyped-def]
     q, k, v = _qkv(2, 2, hkv, n, n, ev=6)
     out = sliding_window_attention(q, k, v, window=window, look_backward=back, look_forward=ahead, causal=causal)
-    mask = WindowMask(window, back, ahead, causal).materialize(n, n)
+    mask = WindowMask(window, look_backward=back, look_forward=ahead, causal=causal).materialize(n, n)
     _assert_same(out, _reference(q, k, v, mask), (q, k, v), TOL[torch.float64])
 
 
@@ -73,7 +73,8 @@ def test_window_padding_and_unequal_lengths(q_len, k_len, causal):  # type: igno
     key_mask[0, :3] = False  # left padding: early rows of a causal window may see nothing at all
     out = sliding_window_attention(q, k, v, window=8, causal=causal, look_forward=0 if causal else 1,
                                    key_mask=key_mask)
-    mask = WindowMask(8, 1, 0 if causal else 1, causal).materialize(q_len, k_len) & key_mask.view(2, 1, 1, k_len)
+    window = WindowMask(8, look_forward=0 if causal else 1, causal=causal)
+    mask = window.materialize(q_len, k_len) & key_mask.view(2, 1, 1, k_len)
     _assert_same(out, _reference(q, k, v, mask), (q, k, v), TOL[torch.float64])
 
 
@@ -163,7 +164,7 @@ def test_block_sparse_matches_dense_reference(kind, n):  # type: ignore[no-untyp
     layout, causal = _layouts(4)[kind]
     q, k, v = _qkv(2, 2, 1, n, n, ev=5)
     out = block_sparse_attention(q, k, v, layout, block_size=8, causal=causal)
-    mask = BlockSparseMask(layout, 8, causal).materialize(n, n)
+    mask = BlockSparseMask(layout, 8, causal=causal).materialize(n, n)
     _assert_same(out, _reference(q, k, v, mask), (q, k, v), TOL[torch.float64])
 
 

@@ -30,7 +30,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,7 @@ class WindowMask(AttentionMask):
     """
 
     window: int
+    _: KW_ONLY
     look_backward: int = 1
     look_forward: int = 0
     causal: bool = True
@@ -458,7 +459,7 @@ def sliding_window_attention(
         torch.Size([2, 4, 70, 8])
     """
     q, k, v = V.check_qkv(query, key, value, allow_3d=False)
-    win = WindowMask(window, look_backward, look_forward, bool(causal))
+    win = WindowMask(window, look_backward=look_backward, look_forward=look_forward, causal=bool(causal))
     b, _, q_len, e = q.shape
     k_len = k.shape[2]
     if q_len > k_len:

@@ -29,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +144,7 @@ class BlockSparseMask(AttentionMask):
 
     layout: Tensor
     block_size: int
+    _: KW_ONLY
     causal: bool = False
 
     def __post_init__(self) -> None:
@@ -258,7 +259,7 @@ def block_sparse_attention(
     if q_len == 0 or k_len == 0:
         return q.new_zeros(b, h, q_len, ev) + 0.0 * (q.sum() + k.sum() + v.sum())
     if q.device.type != "cpu":  # the piece engine drives PyTorch's CPU flash kernel; elsewhere: dense masked SDPA
-        dense_mask = BlockSparseMask(layout, block_size, causal).materialize(q_len, k_len, device=q.device)
+        dense_mask = BlockSparseMask(layout, block_size, causal=causal).materialize(q_len, k_len, device=q.device)
         return scaled_dot_product_attention(q, k, v, dense_mask, scale=scale_f)  # type: ignore[return-value]
     bs = block_size
     nq, nk = fitted.shape[-2:]

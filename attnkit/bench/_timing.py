@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import json
+import os
 import platform
-import resource
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,27 +37,38 @@ def median_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, min
     return statistics.median(times)
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _rss() -> int:
+    """Current resident set size in bytes (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure_peak_memory(fn: Callable[[], Any]) -> int:
-    """Extra bytes allocated at peak by ``fn()``, measured with torch's CPU allocator profiler."""
+def measure_peak_memory(fn: Callable[[], Any], interval: float = 0.002) -> int:
+    """Extra resident memory at peak while ``fn()`` runs: RSS sampled every ``interval`` s, minus RSS before.
+
+    Freed heap is handed back to the OS first (``malloc_trim``) so the baseline is honest. (Summing the torch
+    profiler's per-op bytes instead counts a nested kernel's allocations once per enclosing op.)
+    """
     gc.collect()
-    from torch.profiler import ProfilerActivity, profile
+    with contextlib.suppress(OSError):  # not glibc: no trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = _rss()
+    peak = [base]
+    stop = threading.Event()
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(interval)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
         fn()
-    peak = 0
-    current = 0
-    events = sorted(
-        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)), key=lambda e: e.time_range.start
-    )
-    for e in events:
-        current += e.cpu_memory_usage
-        peak = max(peak, current)
-    return peak
+    finally:
+        stop.set()
+        watcher.join()
+    return max(peak[0], _rss()) - base
 
 
 def machine_line() -> str:

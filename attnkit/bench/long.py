@@ -17,11 +17,8 @@ materialised scores would take). Times are medians; ratios are against baselines
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,45 +27,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnkit.bench._timing import Table, machine_line, median_time, ratio
+from attnkit.bench._timing import Table, machine_line, measure_peak_memory, median_time, ratio
 from attnkit.functional import WindowMask, chunked_attention, sliding_window_attention
 
 GUARD_BYTES = 6 * 1024**3  # never start a run estimated above this (the machine is shared)
 MB = 1024**2
 PROFILE_LIMIT_S = 20.0  # calls slower than this are not run again under the memory profiler (estimate shown)
-
-
-def _rss() -> int:
-    with open("/proc/self/statm", encoding="ascii") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def measure_peak_memory(fn: Callable[[], Any], interval: float = 0.002) -> int:
-    """Extra resident memory at peak while ``fn()`` runs: RSS sampled every ``interval`` s, minus RSS before.
-
-    Freed heap is handed back to the OS first (``malloc_trim``) so the baseline is honest. (The profiler-based
-    helper of ``_timing`` adds an op's bytes to those of the ops it calls, so it over-counts nested kernels.)
-    """
-    gc.collect()
-    with contextlib.suppress(OSError):  # not glibc: no trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _rss()
-    peak = [base]
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(interval)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        fn()
-    finally:
-        stop.set()
-        watcher.join()
-    return max(peak[0], _rss()) - base
 
 
 def _timed(fn: Callable[[], Any], slow: float) -> float:

@@ -24,7 +24,7 @@ def _models() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     models = {a: GRUSeq2Seq(30, 25, attention=a, embed_dim=8, hidden_dim=12, dropout=0.0) for a in ("none", "bahdanau")}
     models["luong"] = GRUSeq2Seq(30, 25, attention="luong", embed_dim=8, hidden_dim=12, dropout=0.0)
-    models["transformer"] = TransformerMT(30, 25, d_model=16, nhead=2, num_layers=2, dim_feedforward=32, dropout=0.0)
+    models["transformer"] = TransformerMT(30, 25, d_model=16, nhead=2, num_layers=1, dim_feedforward=32, dropout=0.0)
     return {k: m.eval() for k, m in models.items()}
 
 

@@ -178,8 +178,9 @@ def test_reinforce_is_unbiased_and_the_baseline_lowers_the_variance(capsys: pyte
     exact = p * (rewards - (p * rewards).sum())  # d/d logits of sum_k p_k r_k
     n = 40_000
     # a baseline that does not depend on the draw: the mean reward of an independent earlier batch
-    earlier = hard_attention(logits.expand(2000, 1, 4), torch.zeros(2000, 4, 1, dtype=torch.float64),
-                             generator=_gen(99))
+    earlier = hard_attention(
+        logits.expand(2000, 1, 4), torch.zeros(2000, 4, 1, dtype=torch.float64), generator=_gen(99)
+    )
     b = rewards[earlier.indices[:, 0]].mean().reshape(1, 1)
     variances = {}
     for name, baseline in (("none", None), ("baseline", b)):
@@ -189,8 +190,10 @@ def test_reinforce_is_unbiased_and_the_baseline_lowers_the_variance(capsys: pyte
         variances[name] = est.var(0).sum().item()
     ratio = variances["none"] / variances["baseline"]
     with capsys.disabled():
-        print(f"\nREINFORCE gradient variance: no baseline {variances['none']:.3f}, "
-              f"baseline {variances['baseline']:.3f} ({ratio:.1f}x lower)")
+        print(
+            f"\nREINFORCE gradient variance: no baseline {variances['none']:.3f}, "
+            f"baseline {variances['baseline']:.3f} ({ratio:.1f}x lower)"
+        )
     assert ratio > 2.0
 
 

@@ -318,18 +318,21 @@ class GlimpseSensor(nn.Module):
         b, c, h, w = images.shape
         big = self.patch * 2 ** (self.scales - 1)
         pad = big // 2 + 1
-        padded = F.pad(images, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p)
+        padded = F.pad(images, (pad, pad, pad, pad))  # (B, C, Hp, Wp) with Hp = H + 2p
+        wp = w + 2 * pad
+        flat = padded.flatten(2)  # (B, C, Hp * Wp)
         centre = self.centers(loc.detach(), h, w)  # (B, 2) in pixels
-        batch = torch.arange(b, device=images.device)[:, None, None]  # (B, 1, 1)
         out = []
         for i in range(self.scales):
             size = self.patch * 2**i
             top = torch.floor(centre - size / 2).long() + pad  # (B, 2): top-left corner in the padded image
+            limit = torch.tensor([h + 2 * pad - size, w + 2 * pad - size], device=images.device)
+            top = torch.minimum(top.clamp(min=0), limit)  # (B, 2): never outside the padded image
             offs = torch.arange(size, device=images.device)  # (size,)
-            rows = (top[:, 0, None] + offs).clamp(0, h + 2 * pad - 1)  # (B, size)
-            cols = (top[:, 1, None] + offs).clamp(0, w + 2 * pad - 1)  # (B, size)
-            crop = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, size, size, C)
-            crop = crop.permute(0, 3, 1, 2)  # (B, C, size, size)
+            rows = top[:, 0, None] + offs  # (B, size)
+            cols = top[:, 1, None] + offs  # (B, size)
+            index = (rows[:, :, None] * wp + cols[:, None, :]).flatten(1)  # (B, size * size) into Hp * Wp
+            crop = flat.gather(2, index[:, None, :].expand(b, c, -1)).view(b, c, size, size)  # (B, C, size, size)
             out.append(F.avg_pool2d(crop, 2**i) if i else crop)  # (B, C, patch, patch)
         return torch.cat(out, dim=1)  # (B, scales * C, patch, patch)
 

@@ -363,7 +363,9 @@ def from_hf_attentions(
         attentions: one ``(B, H, L, S)`` tensor per layer, as returned with ``output_attentions=True`` (load the
             model with ``attn_implementation="eager"``: fused kernels return no maps).
         names: one name per layer (default ``"layer.0"``, ``"layer.1"``, ...).
-        layers, heads, reduce: as in :func:`capture`.
+        layers: as in :func:`capture`.
+        heads: as in :func:`capture`.
+        reduce: as in :func:`capture`.
 
     Example:
         >>> import torch

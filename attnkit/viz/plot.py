@@ -167,7 +167,7 @@ def heatmap(
     Shape:
         ``weights (L, S)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from attnkit.viz.plot import heatmap
         >>> fig = heatmap(torch.softmax(torch.randn(3, 3), -1), ["猫", "sat", "down"])
@@ -243,7 +243,7 @@ def head_grid(
     Shape:
         ``stack (layers, B, H, L, S)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from attnkit.viz.plot import head_grid
         >>> fig = head_grid(torch.softmax(torch.randn(2, 1, 3, 4, 4), -1), ["a", "b", "c", "d"])
@@ -323,7 +323,7 @@ def alignment(
     Shape:
         ``weights (T, S)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from attnkit.viz.plot import alignment
         >>> fig = alignment(torch.eye(3), ["la", "maison", "bleue"], ["the", "blue", "house"])
@@ -405,7 +405,7 @@ def image_overlay(
     Shape:
         ``image (H, W[, C])``, ``maps (N, h, w)`` -> ``N (+1)`` panels.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from attnkit.viz.plot import image_overlay
         >>> fig = image_overlay(torch.rand(28, 28), torch.softmax(torch.randn(2, 49), -1).view(2, 7, 7),
@@ -476,7 +476,7 @@ def glimpse_path(
     Shape:
         ``locations (T, 2)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from attnkit.viz.plot import glimpse_path
         >>> fig = glimpse_path(torch.rand(28, 28), torch.tensor([[0.0, 0.0], [0.5, -0.5]]), size=8, scales=2)
@@ -583,7 +583,7 @@ def channel_gate_bars(
     Shape:
         ``(B, C, 1, 1)`` per block.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from attnkit.viz.plot import channel_gate_bars
         >>> fig = channel_gate_bars({"se1": torch.rand(2, 8, 1, 1), "se2": torch.rand(2, 16, 1, 1)})
@@ -644,7 +644,7 @@ def token_bars(
     Shape:
         ``values (L,)``.
 
-    Example:
+    Examples:
         >>> from attnkit.viz.plot import token_bars
         >>> fig = token_bars([0.1, 0.7, 0.2], ["我", "爱", "你"], highlight=1)
         >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]

@@ -7,6 +7,9 @@ Example:
     torch.Size([1, 2, 4, 8])
 """
 
+import importlib
+from typing import Any
+
 from .functional import (
     CausalMask,
     PaddingMask,
@@ -19,6 +22,15 @@ from .functional import (
 from .registry import create_attention, list_attentions, register_attention
 
 __version__ = "0.1.0"
+
+# Subpackages load on first use (``attnkit.viz`` pulls in matplotlib, ``attnkit.models`` the data loaders).
+_SUBPACKAGES = ("functional", "layers", "viz", "models", "data", "tasks", "bench", "distributed", "train")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'attnkit' has no attribute {name!r}")
 
 __all__ = [
     "CausalMask",

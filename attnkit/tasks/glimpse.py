@@ -264,7 +264,9 @@ def run(args: argparse.Namespace) -> int:
 def tour_section(out_dir: Path, quick: bool) -> Section:
     start = time.perf_counter()
     folder = out_dir / "glimpse"
-    summary = run_experiment("translated", [6] if quick else [4, 6, 8], quick=quick, out_dir=folder)
+    # The tour is the short version: its full mode stays within minutes (the full study is `attnkit glimpse`).
+    sizes = {} if quick else {"train_size": 12_000, "epochs": 3}
+    summary = run_experiment("translated", [6] if quick else [4, 8], quick=quick, out_dir=folder, **sizes)
     s = summary["settings"]
     return Section(
         title="Hard attention: recurrent attention model (glimpses)",

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit._typing import FactoryKwargs
 from attnkit.functional import scoring
 from attnkit.functional._validate import check_tensor, fail
 from attnkit.functional.hard import HARD_MODES, HardAttentionResult, hard_attention
@@ -111,7 +112,7 @@ class HardAttention(nn.Module):
                 raise fail(f"{name} in {HARD_MODES}", repr(m), f"{name}='sample' or 'argmax'")
         if score == "dot" and query_dim != key_dim:
             raise fail("query_dim == key_dim for score='dot'", f"{query_dim} and {key_dim}", "score='general'")
-        kw = {"device": device, "dtype": dtype}
+        kw: FactoryKwargs = {"device": device, "dtype": dtype}
         self.query_dim, self.key_dim, self.attn_dim = query_dim, key_dim, attn_dim
         self.score, self.mode, self.eval_mode, self.k, self.tau = score, mode, eval_mode, k, tau
         if score == "additive":
@@ -212,6 +213,9 @@ class MovingAverageBaseline(nn.Module):
         >>> b.update(torch.tensor([4.0])); float(b())
         3.0
     """
+
+    value: Tensor  # buffers (registered in __init__)
+    count: Tensor
 
     def __init__(
         self, momentum: float = 0.9, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None

@@ -20,12 +20,14 @@ alone. The paper's gating scalar and doubly stochastic regularisation are left o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit._typing import FactoryKwargs
 from attnkit.data.scenes import BOS, CAPTION_VOCAB, EOS, PAD
 from attnkit.functional import reinforce_loss
 from attnkit.functional._validate import fail
@@ -96,7 +98,7 @@ class ShowAttendTell(nn.Module):
         super().__init__()
         if attention not in ATTENTIONS:
             raise fail(f"attention in {ATTENTIONS}", repr(attention), "attention='soft'")
-        kw = {"device": device, "dtype": dtype}
+        kw: FactoryKwargs = {"device": device, "dtype": dtype}
         self.attention = attention
         if not 0.0 <= expected_prob <= 1.0:
             raise fail("expected_prob in [0, 1]", repr(expected_prob), "expected_prob=0.5")
@@ -183,7 +185,7 @@ class ShowAttendTell(nn.Module):
         return self._collect(steps, grid)
 
     @staticmethod
-    def _collect(steps: list[tuple[Tensor, ...]], grid: tuple[int, int]) -> CaptionOutput:
+    def _collect(steps: Sequence[tuple[Tensor, ...]], grid: tuple[int, int]) -> CaptionOutput:
         logits, w, probs, lp, ent = (torch.stack(x, 1) for x in zip(*steps, strict=True))
         return CaptionOutput(logits, w, probs, lp, ent, grid)
 

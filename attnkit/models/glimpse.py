@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit._typing import FactoryKwargs
 from attnkit.functional import baseline_loss, reinforce_loss
 from attnkit.functional._validate import fail
 from attnkit.layers.hard import GaussianGlimpse, GlimpseSensor, ValueBaseline
@@ -82,7 +83,7 @@ class RecurrentAttentionModel(nn.Module):
         super().__init__()
         if glimpses < 1:
             raise fail("glimpses >= 1", repr(glimpses), "glimpses=6")
-        kw = {"device": device, "dtype": dtype}
+        kw: FactoryKwargs = {"device": device, "dtype": dtype}
         if what not in ("linear", "conv"):
             raise fail('what in ("linear", "conv")', repr(what), 'what="linear"')
         self.glimpses = glimpses

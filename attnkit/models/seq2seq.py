@@ -150,6 +150,7 @@ class GRUSeq2Seq(Seq2SeqBase):
         self.bridge = nn.Linear(hidden_dim, hidden_dim, **kw)  # first decoder state from both final states
         self.drop = nn.Dropout(dropout)
         self.attn: nn.Module | None
+        self.readout: nn.Linear | None
         if attention == "bahdanau":
             self.attn = AdditiveAttention(hidden_dim, hidden_dim, attn_dim or hidden_dim, **kw)
             self.cell = nn.GRUCell(embed_dim + hidden_dim, hidden_dim, **kw)

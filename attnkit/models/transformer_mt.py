@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -144,7 +144,8 @@ class TransformerMT(Seq2SeqBase):
         caches = state["caches"]
         y = self._embed(self.tgt_embed, tokens[:, None], offset=caches[0].length)  # (B, 1, D)
         seen: list[Tensor] = []
-        remove = self.decoder.layers[-1].multihead_attn.attend.add_observer(lambda _m, w: seen.append(w))
+        last = cast(TransformerDecoderLayer, self.decoder.layers[-1])
+        remove = last.multihead_attn.attend.add_observer(lambda _m, w: seen.append(w))
         try:
             out = self.decoder(y, memory["memory"], memory_key_mask=memory["src_mask"], is_causal=True, cache=caches)
         finally:

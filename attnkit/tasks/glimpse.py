@@ -265,8 +265,10 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
     start = time.perf_counter()
     folder = out_dir / "glimpse"
     # The tour is the short version: its full mode stays within minutes (the full study is `attnkit glimpse`).
-    sizes = {} if quick else {"train_size": 12_000, "epochs": 3}
-    summary = run_experiment("translated", [6] if quick else [4, 8], quick=quick, out_dir=folder, **sizes)
+    summary = run_experiment(
+        "translated", [6] if quick else [4, 8], quick=quick, out_dir=folder,
+        train_size=None if quick else 12_000, epochs=None if quick else 3,
+    )  # fmt: skip
     s = summary["settings"]
     return Section(
         title="Hard attention: recurrent attention model (glimpses)",

@@ -185,7 +185,7 @@ def resolve_settings(args: argparse.Namespace, stored: dict[str, Any] | None = N
     return cfg
 
 
-def build_model(cfg: dict[str, Any], src_vocab: int, tgt_vocab: int, device: torch.device | str = "cpu") -> nn.Module:
+def build_model(cfg: dict[str, Any], src_vocab: int, tgt_vocab: int, device: torch.device | str = "cpu") -> Seq2SeqBase:
     """The model named by ``cfg["model"]`` with the sizes in ``cfg``."""
     if cfg["model"] == "transformer":
         return TransformerMT(

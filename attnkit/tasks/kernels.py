@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TypedDict, cast
 
 import torch
+from torch import Tensor
 
-from attnkit.functional import CausalMask, PaddingMask, scaled_dot_product_attention, which_backend
+from attnkit.functional import AttentionMask, CausalMask, PaddingMask, scaled_dot_product_attention, which_backend
 from attnkit.tasks.report import Section, format_table
 
 
@@ -54,11 +56,18 @@ def plot_gallery(weights: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
+class _DispatchKwargs(TypedDict, total=False):
+    """The keyword arguments of :func:`which_backend` that :func:`backend_table` varies."""
+
+    attn_mask: Tensor | AttentionMask
+    return_weights: bool
+
+
 def backend_table() -> list[list[str]]:
     """Which backend ``auto`` picks for typical inputs."""
     q = torch.randn(1, 8, 256, 64)
     kv = torch.randn(1, 2, 256, 64)
-    cases = {
+    cases: dict[str, tuple[tuple[Tensor, Tensor, Tensor], _DispatchKwargs]] = {
         "no mask": ((q, q, q), {}),
         "CausalMask()": ((q, q, q), {"attn_mask": CausalMask()}),
         "boolean tensor mask": ((q, q, q), {"attn_mask": torch.ones(256, 256, dtype=torch.bool)}),
@@ -77,7 +86,7 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
     # The tutorial's API, unchanged: 3-D tensors and a 0/1 mask whose zeros are masked.
     Q = K = V = torch.randn(2, 5, 8)  # (B, L, E)
     tutorial_mask = torch.ones(2, 5, 5, dtype=torch.long).tril()  # 0 = masked
-    tutorial_out = scaled_dot_product_attention(Q, K, V, tutorial_mask)  # (B, L, E)
+    tutorial_out = cast(Tensor, scaled_dot_product_attention(Q, K, V, tutorial_mask))  # (B, L, E)
     gallery = plot_gallery(mask_gallery(), folder / "masks.png")
     rows = backend_table()
     print(format_table(rows))

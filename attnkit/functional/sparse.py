@@ -182,6 +182,11 @@ def _fit_layout(layout: Tensor, q_len: int, k_len: int, block_size: int) -> Tens
 
 
 # --------------------------------------------------------------------------------------------- kernel
+def _to_device(index: slice | Tensor, device: torch.device) -> slice | Tensor:
+    """A piece's block index on ``device`` (index tensors move; slices stay as they are)."""
+    return index.to(device) if isinstance(index, Tensor) else index
+
+
 def _pieces_for(layout: Tensor, causal: bool, k_pad: int, dtype: torch.dtype, bs: int) -> list[_Piece]:
     """Group a ``(Nq, Nk)`` layout into pieces: the diagonal (causal), then the r-th non-zero key block of each row."""
     nk = layout.shape[1]
@@ -274,7 +279,7 @@ def block_sparse_attention(
     outs = []
     for hs, lay in zip(heads, fitted, strict=True):
         pieces = _pieces_for(lay.cpu(), causal, k_pad, q.dtype, bs)
-        pieces = [_Piece(*(t.to(q.device) if isinstance(t, Tensor) else t for t in (p.q, p.k)), p.causal,
+        pieces = [_Piece(_to_device(p.q, q.device), _to_device(p.k, q.device), p.causal,
                          None if p.mask is None else p.mask.to(q.device)) for p in pieces]
         qh, kh, vh = (t[:, hs] for t in (q, k, v))  # (B, Hh, N*, bs, E)
         hh = qh.shape[1]

@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -219,9 +219,9 @@ def main(quick: bool = False, out: str | None = None) -> int:
     q, k, v = (torch.randn(1, h_dense, n_dense, dim) for _ in range(3))
     mem = Table(f"dense causal attention at N={n_dense}, H={h_dense}, E={dim}, fp32: extra peak memory",
                 ["kernel", "fwd+bwd MB", "fwd+bwd ms (one call)"])
-    dense_kernels = {
+    dense_kernels: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
         "PyTorch SDPA (is_causal)": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
-        "attnkit chunked_attention": lambda a, b, c: chunked_attention(a, b, c, is_causal=True),
+        "attnkit chunked_attention": lambda a, b, c: cast(torch.Tensor, chunked_attention(a, b, c, is_causal=True)),
     }
     for name, fn in dense_kernels.items():
         step = _fwd_bwd(fn, q, k, v)

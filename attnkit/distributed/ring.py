@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -278,13 +278,14 @@ def self_check(
                 if not full and (causal != zigzag or causal != (kv_heads == 2)):
                     continue
                 ref_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
-                ref = scaled_dot_product_attention(*ref_in, is_causal=causal)
+                ref = cast(Tensor, scaled_dot_product_attention(*ref_in, is_causal=causal))
                 grad = torch.randn_like(ref)
                 ref.backward(grad)
                 local = [split_sequence(t, rank, world, zigzag=zigzag).requires_grad_(True) for t in (q, k, v)]
-                out = ring_attention(*local, is_causal=causal, zigzag=zigzag)
+                out = cast(Tensor, ring_attention(*local, is_causal=causal, zigzag=zigzag))
                 out.backward(split_sequence(grad, rank, world, zigzag=zigzag))
-                pairs = [(out, ref)] + [(a.grad, b.grad) for a, b in zip(local, ref_in, strict=True)]
+                grads = [(cast(Tensor, a.grad), cast(Tensor, b.grad)) for a, b in zip(local, ref_in, strict=True)]
+                pairs = [(out, ref)] + grads  # after backward every leaf holds a gradient
                 for got, want in pairs:
                     err = (got - split_sequence(want, rank, world, zigzag=zigzag)).abs().max()
                     worst = max(worst, float(err.detach()))

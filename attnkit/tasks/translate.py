@@ -446,12 +446,13 @@ def evaluate(
     seconds = time.perf_counter() - t0
     refs = [p.tgt for p in pairs]
     lang = LANGUAGES[tgt_code]
-    bleu = sacrebleu.corpus_bleu(hyps, [refs], tokenize=lang.bleu_tokenize)
+    bleu_metric = sacrebleu.BLEU(tokenize=lang.bleu_tokenize)
+    bleu = bleu_metric.corpus_score(hyps, [refs])
     chrf = sacrebleu.corpus_chrf(hyps, [refs])
     return {
         "bleu": round(float(bleu.score), 2),
         "chrf": round(float(chrf.score), 2),
-        "bleu_signature": str(bleu.format(signature=True)).split(" = ")[0] if hasattr(bleu, "format") else "",
+        "bleu_signature": str(bleu_metric.get_signature()),
         "n": len(pairs),
         "beam": beam,
         "alpha": alpha,

@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check attnkit tests
+	$(PY) -m mypy
 	$(PY) -m pytest -n 2 --durations=15
 	$(PY) -m mkdocs build --strict --site-dir site
 

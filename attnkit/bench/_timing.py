@@ -71,6 +71,29 @@ def measure_peak_memory(fn: Callable[[], Any], interval: float = 0.002) -> int:
     return max(peak[0], _rss()) - base
 
 
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], *, rounds: int, warmup: int = 1
+) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds of each function over ``rounds`` rounds that call every function once, in turn.
+
+    CPU time (all threads of this process) counts only the time the kernel actually ran, so on a machine shared
+    with other jobs it moves less than wall time; both are reported.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
+            c0, t0 = time.process_time(), time.perf_counter()
+            fns[name]()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
+
+
 def machine_line() -> str:
     """One line that says where the numbers were measured."""
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "

@@ -18,8 +18,6 @@ with other jobs slows all of them alike, and the medians over rounds are compare
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -30,32 +28,9 @@ import torch.nn.functional as F
 
 from attnkit.functional import CausalMask, causal_mask, scaled_dot_product_attention
 
-from ._timing import Table, machine_line, ratio
+from ._timing import Table, interleaved_medians, machine_line, ratio
 
 B, H, E = 1, 8, 64
-
-
-def interleaved_medians(
-    fns: dict[str, Callable[[], Any]], *, rounds: int, warmup: int = 1
-) -> dict[str, tuple[float, float]]:
-    """Median (wall, CPU) seconds of each function over ``rounds`` rounds that call every function once, in turn.
-
-    CPU time (all threads of this process) counts only the time the kernel actually ran, so on a machine shared
-    with other jobs it moves less than wall time; both are reported.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    wall: dict[str, list[float]] = {name: [] for name in fns}
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
-            c0, t0 = time.process_time(), time.perf_counter()
-            fns[name]()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
 def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -16,36 +16,15 @@ time (below 1 means the block costs time). Nothing here asserts a timing.
 from __future__ import annotations
 
 import functools
-import statistics
-import time
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from attnkit.models.cnn import AttentionCNN, count_parameters
 
-from ._timing import Table, machine_line, ratio
+from ._timing import Table, interleaved_medians, machine_line, ratio
 
 BLOCKS = ("none", "se", "eca", "cbam", "channel", "spatial", "non_local")
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int) -> dict[str, tuple[float, float]]:
-    """Median (wall, process CPU) seconds of each function over ``rounds`` rounds; each round calls every
-    function once, rotating who goes first, after one warm-up round."""
-    for fn in fns.values():
-        fn()
-    names = list(fns)
-    wall: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            w0, c0 = time.perf_counter(), time.process_time()
-            fns[name]()
-            wall[name].append(time.perf_counter() - w0)
-            cpu[name].append(time.process_time() - c0)
-    return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in names}
 
 
 def main(quick: bool = False, out: str | None = None) -> int:
@@ -78,8 +57,8 @@ def _run(batch: int, rounds: int, out: str | None) -> int:
         model.eval()
         model(x)
 
-    train = interleaved({n: functools.partial(train_step, m) for n, m in models.items()}, rounds=rounds)
-    test = interleaved({n: functools.partial(infer, m) for n, m in models.items()}, rounds=rounds)
+    train = interleaved_medians({n: functools.partial(train_step, m) for n, m in models.items()}, rounds=rounds)
+    test = interleaved_medians({n: functools.partial(infer, m) for n, m in models.items()}, rounds=rounds)
     plain = count_parameters(models["none"])
     table = Table(
         f"CNN attention blocks: overhead vs the plain CNN (batch {batch}, 1x28x28, float32, CPU)",

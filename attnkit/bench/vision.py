@@ -20,6 +20,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from attnkit._runtime import torch_threads
 from attnkit.models.cnn import AttentionCNN, count_parameters
 
 from ._timing import Table, interleaved_medians, machine_line, ratio
@@ -29,13 +30,8 @@ BLOCKS = ("none", "se", "eca", "cbam", "channel", "spatial", "non_local")
 
 def main(quick: bool = False, out: str | None = None) -> int:
     batch, rounds = (16, 3) if quick else (128, 10)
-    threads = torch.get_num_threads()
-    if quick:  # tiny batches: one thread avoids contention on a shared CI machine
-        torch.set_num_threads(1)
-    try:
+    with torch_threads(1 if quick else None):  # tiny batches: one thread avoids contention on a shared CI machine
         return _run(batch, rounds, out)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(batch: int, rounds: int, out: str | None) -> int:

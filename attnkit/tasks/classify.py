@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from attnkit._runtime import torch_threads
 from attnkit.bench._timing import machine_line
 from attnkit.data.images import ImageSplits, load_images
 from attnkit.functional._validate import fail
@@ -213,8 +214,11 @@ def run_study(config: ClassifyConfig, out: str | Path | None = None, *, log: Any
     if config.seeds < 1 or config.epochs < 1:
         raise fail("--seeds >= 1 and --epochs >= 1", f"{config.seeds}, {config.epochs}", "--seeds 3 --epochs 3")
     config.attention = parse_attention(config.attention)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    with torch_threads(config.threads):
+        return _run_study(config, out, log)
+
+
+def _run_study(config: ClassifyConfig, out: str | Path | None, log: Any) -> StudyResult:
     start = time.perf_counter()
     data = load_images(config.dataset).subset(train=config.train_size, test=config.test_size)
     train_x, test_x, _, _ = _normalise(data)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit._runtime import torch_threads
 from attnkit.data.bible import LANGUAGES, language_code, load_parallel
 from attnkit.data.tokenizer import BOS, EOS, PAD, Tokenizer
 from attnkit.functional._validate import fail
@@ -524,12 +525,8 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
     """Train tiny GRUs briefly and score them: ``quick`` Bahdanau for 80 steps (about 20 s on 2 idle cores); the
     full tour no attention, Bahdanau and Luong for 300 steps each (a few minutes). Plots one verse's alignment."""
     t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # these small recurrent steps run no faster on more threads, and a busy machine hurts
-    try:
+    with torch_threads(1):  # these small recurrent steps run no faster on more threads, and a busy machine hurts
         return _tour_section(Path(out_dir), quick, t0)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _tour_section(out_dir: Path, quick: bool, t0: float) -> Section:

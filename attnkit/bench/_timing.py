@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from attnkit.tasks.report import format_table
+
 
 def median_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs.
@@ -120,11 +122,7 @@ class Table:
         return "\n".join(lines)
 
     def text(self) -> str:
-        rows = [self.columns, *self.rows]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(self.columns))]
-        out = [self.title, "  ".join(c.ljust(w) for c, w in zip(self.columns, widths, strict=True))]
-        out.append("  ".join("-" * w for w in widths))
-        out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in self.rows]
+        out = [self.title, format_table([self.columns, *self.rows])]
         out += [f"  note: {n}" for n in self.notes]
         return "\n".join(out)
 

@@ -65,7 +65,6 @@ def run_section(name: str, out_dir: Path, quick: bool) -> tuple[Section, bool]:
         ok = True
     except Exception as err:  # noqa: BLE001 - the tour reports every failure and goes on
         section = Section(f"{name}: failed", f"{what}: {type(err).__name__}: {err}")
-        section.links = []
         section.table = [["traceback"], *[[line] for line in traceback.format_exc().splitlines()[-8:]]]
         ok = False
     section.seconds = time.perf_counter() - start

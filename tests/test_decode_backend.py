@@ -1,13 +1,14 @@
-"""The "decode" backend: parity with the reference over dtypes (every dtype via decode_attention), GQA, masks, cache
-views; routing (auto sends half-precision decoding steps to it)."""
+"""The "decode" backend: parity with the reference over dtypes (every dtype via decode_attention), both
+implementations (the native C kernel and the PyTorch path), GQA, masks, cache views; the native library's build and
+fallbacks; routing (auto sends decoding steps to it)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from attnkit.functional import attention_reference, scaled_dot_product_attention, which_backend
-from attnkit.functional.decode import decode_attention
+from attnkit.functional import _native, attention_reference, scaled_dot_product_attention, which_backend
+from attnkit.functional.decode import decode_attention, native_unsupported
 from attnkit.layers import KVCache, MultiHeadAttention
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -20,14 +21,20 @@ def _cache_views(b, hk, s, e, ev, dtype):
     return kbuf[:, :, :s], vbuf[:, :, :s]
 
 
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(
+    _native.load() is None, reason=f"native kernel unavailable: {_native.status()}"))
+IMPLS = ["torch", NATIVE]
 CASES = [(dtype, shape, "bool") for dtype in TOL for shape in ((4, 4, 1), (8, 2, 1), (4, 1, 3))]
 KINDS = ("none", "float", "dead_row")
-CASES += [(dtype, (8, 2, 1), kind) for dtype in (torch.float32, torch.bfloat16) for kind in KINDS]
+CASES += [(dtype, (8, 2, 1), kind) for dtype in (torch.float32, torch.bfloat16, torch.float16) for kind in KINDS]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype, shape, mask_kind", CASES, ids=str)
-def test_decode_matches_reference(dtype, shape, mask_kind):
-    (h, hk, q_len), (b, s, e, ev) = shape, (2, 200, 16, 8)
+def test_decode_matches_reference(dtype, shape, mask_kind, impl):
+    (h, hk, q_len), (b, s, e, ev) = shape, (2, 203, 16, 8)  # S = 203: a ragged last block, rows not a multiple of 4
+    if impl == "native" and dtype == torch.float64:
+        pytest.skip("float64 always takes the PyTorch path (the native kernel accumulates in float32)")
     k, v = _cache_views(b, hk, s, e, ev, dtype)
     q = torch.randn(b, h, q_len, e, dtype=torch.float64).to(dtype)
     mask = None
@@ -38,7 +45,7 @@ def test_decode_matches_reference(dtype, shape, mask_kind):
     elif mask_kind == "dead_row":
         mask = torch.ones(b, 1, 1, s, dtype=torch.bool)
         mask[1] = False  # the second sequence has no key at all
-    out, w = decode_attention(q, k, v, mask, block=64)  # several half-precision blocks, a ragged last one
+    out, w = decode_attention(q, k, v, mask, block=64, impl=impl)  # several half-precision blocks, a ragged last one
     ref_out, ref_w = attention_reference(q.double(), k.double(), v.double(), None if mask is None else (
         mask if mask.dtype == torch.bool else mask.double()))
     assert out.dtype == dtype and torch.isfinite(out).all()
@@ -56,23 +63,96 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_routing_and_reasons(one_thread):
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("e, ev", [(64, 64), (64, 128), (40, 24), (13, 7)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_decode_head_dims_and_layouts(dtype, e, ev, impl):
+    """SIMD and portable C paths (E a multiple of 8 or not), 64-wide output tiles and their tails, batch > 1, GQA
+    with several queries, keys as strided views and as a transposed (non-contiguous rows) tensor."""
+    b, h, hk, q_len, s = 2, 6, 2, 2, 1001
+    k, v = _cache_views(b, hk, s, e, ev, dtype)
+    q = torch.randn(b, h, q_len, e, dtype=torch.float64).to(dtype)
+    ref_out, ref_w = attention_reference(q.double(), k.double(), v.double())
+    for key in (k, k.transpose(-1, -2).contiguous().transpose(-1, -2)):  # the second has stride(-1) != 1
+        out, w = decode_attention(q, key, v, impl=impl)
+        torch.testing.assert_close(out.double(), ref_out, atol=TOL[dtype], rtol=TOL[dtype])
+        torch.testing.assert_close(w.double(), ref_w, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.skipif(_native.load() is None, reason=f"native kernel unavailable: {_native.status()}")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_equals_torch_path_on_a_long_cache(threads):
+    """Many work units and partial outputs (several threads, chunks per head): the two implementations agree."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        k, v = _cache_views(1, 8, 5000, 64, 64, torch.float32)
+        q = torch.randn(1, 8, 1, 64)
+        out_n, w_n = decode_attention(q, k, v, impl="native")
+        out_t, w_t = decode_attention(q, k, v, impl="torch")
+    finally:
+        torch.set_num_threads(saved)
+    torch.testing.assert_close(out_n, out_t, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(w_n, w_t, atol=1e-7, rtol=1e-5)
+
+
+def test_bad_impl_and_native_refusals():
+    q, k = torch.randn(1, 2, 1, 8, dtype=torch.float64), torch.randn(1, 2, 300, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="impl"):
+        decode_attention(q, k, k, impl="fast")
+    with pytest.raises(ValueError, match="impl='native'.*float64"):
+        decode_attention(q, k, k, impl="native")
+    assert "float64" in native_unsupported(q, k, k)
+    wide = torch.randn(1, 2, 300, 600)
+    assert "head dim" in native_unsupported(wide[:, :, :1], wide, wide)
+
+
+def test_native_build_fallbacks(tmp_path, monkeypatch):
+    """The library builds into the cache folder; no compiler or ATTNKIT_NATIVE=0 give None and a reason."""
+    monkeypatch.setenv("ATTNKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("ATTNKIT_NATIVE", "0")
+    lib, why = _native._build()
+    assert lib is None and "ATTNKIT_NATIVE=0" in why
+    monkeypatch.setenv("ATTNKIT_NATIVE", "1")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    lib, why = _native._build()
+    assert lib is None and "failed to run" in why and not list(tmp_path.glob("*.so"))
+    if _native.load() is None:
+        pytest.skip(f"no working compiler here: {_native.status()}")
+    monkeypatch.delenv("CC")
+    lib, why = _native._build()  # a fresh build into the empty folder, then a load of the cached file
+    assert lib is not None and why.startswith("loaded") and len(list(tmp_path.glob("attnkit_native_*.so"))) == 1
+    assert not list(tmp_path.glob("tmp*")), "the temporary file was renamed into place"
+    assert _native._build()[0] is not None
+
+
+def test_routing_and_reasons(one_thread, monkeypatch):
     q = torch.randn(1, 8, 1, 32).bfloat16()
     k = v = torch.randn(1, 2, 512, 32).bfloat16()
     assert which_backend(q, k, v).name == "decode"
     assert which_backend(q, k, v, return_weights=True).name == "decode"
-    assert which_backend(q.float(), k.float(), v.float()).name == "sdpa"  # float32 caches stay on the fused kernel
     assert which_backend(q, k[:, :, :16], v[:, :, :16]).name != "decode"  # too few keys
     assert which_backend(torch.randn(1, 8, 64, 32).bfloat16(), k, v).name != "decode"  # not a decoding step
     choice = which_backend(q.requires_grad_(), k, v)
     assert choice.name != "decode" and "grad" in "; ".join(choice.reasons["decode"])
+    q = q.detach()
+    if _native.load() is not None:  # the native kernel takes float32 caches and any thread count
+        assert which_backend(q.float(), k.float(), v.float()).name == "decode"
+        torch.set_num_threads(2)
+        assert which_backend(q, k, v).name == "decode"
+        torch.set_num_threads(1)
+    monkeypatch.setitem(_native._STATE, "lib", None)  # as on a machine without a C compiler
+    monkeypatch.setitem(_native._STATE, "status", "no C compiler found")
+    assert which_backend(q.float(), k.float(), v.float()).name == "sdpa"  # float32 caches stay on the fused kernel
+    assert "no native kernel" in "; ".join(which_backend(q.float(), k.float(), v.float()).reasons["decode"])
+    assert which_backend(q, k, v).name == "decode"  # the PyTorch path, half precision at one thread
     torch.set_num_threads(2)
-    assert "intra-op threads" in "; ".join(which_backend(q.detach(), k, v).reasons["decode"])
+    assert "intra-op threads" in "; ".join(which_backend(q, k, v).reasons["decode"])
     torch.set_num_threads(1)
     with pytest.raises(ValueError, match="float32 cache"):
-        scaled_dot_product_attention(q.detach().float(), k.float(), v.float(), backend="decode")
-    out = scaled_dot_product_attention(q.detach(), k, v, backend="decode")
-    want = scaled_dot_product_attention(q.detach().float(), k.float(), v.float(), backend="reference")
+        scaled_dot_product_attention(q.float(), k.float(), v.float(), backend="decode")
+    out = scaled_dot_product_attention(q, k, v, backend="decode")
+    want = scaled_dot_product_attention(q.float(), k.float(), v.float(), backend="reference")
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
 
 
@@ -85,7 +165,8 @@ def test_module_decoding_through_the_decode_backend(dtype, one_thread):
         mha(x[:, :190], cache=cache, is_causal=True)
         k = cache.keys
         q = torch.randn(1, 4, 1, 8, dtype=dtype)
-        assert which_backend(q, k, k).name == ("decode" if dtype == torch.bfloat16 else "sdpa")
+        native = _native.load() is not None
+        assert which_backend(q, k, k).name == ("decode" if native or dtype == torch.bfloat16 else "sdpa")
         steps = torch.cat([mha(x[:, i : i + 1], cache=cache, is_causal=True) for i in range(190, 200)], dim=1)
         full = mha(x, is_causal=True)[:, 190:]
     tol = 1e-5 if dtype == torch.float32 else 3e-2

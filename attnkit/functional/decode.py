@@ -12,19 +12,27 @@ that, in two passes with float32 accumulation:
 2. the masked softmax of the scores (small: ``H * L * S`` numbers);
 3. ``out = p V``.
 
-For a float32 cache both products run on the cache views directly. For a half-precision cache (``bfloat16`` /
-``float16``), PyTorch's CPU kernels convert the whole tensor, which costs several times the read; here the cache is
-streamed in blocks of ``block`` keys that are converted into a small float32 buffer that stays in the CPU cache,
-so main memory is read once, in half precision. The result equals the reference (:func:`attention_reference`)
-within float32 rounding; the weights it returns are exact.
+Two implementations, chosen by ``impl=``:
 
-Registered as backend ``"decode"`` ahead of ``"sdpa"``: ``backend="auto"`` routes inference calls on a
-half-precision cache with at most ``MAX_QUERIES`` queries and at least ``MIN_KEYS`` keys to it when torch runs one
-intra-op thread (the usual setting of a serving worker). It leaves float32 caches to the fused kernel, which streams
-them as fast, and it stands aside with several threads: this kernel is a chain of parallel regions, and on a shared,
-oversubscribed machine each region can wait for a descheduled thread (measured: several times slower than the fused
-kernel at 2 threads under load, 1.6-1.8x faster at 1 thread). :func:`decode_attention` runs it directly, for any
-dtype and thread count. :func:`~attnkit.functional.which_backend` says why the dispatcher passes over it.
+* ``"native"``: C (``csrc/decode.c``, built on first use by :mod:`attnkit.functional._native`). Pass 1 reads each
+  key row once and computes its dot products with every query row of its head (four rows at a time, AVX2/FMA where
+  the CPU has them); pass 3 reads each value row once and accumulates it into registers. Half-precision rows
+  (``bfloat16``, ``float16``) are widened to float32 in registers, so main memory is read once, in half precision.
+  Threads split the keys (OpenMP, PyTorch's thread count); the partial outputs of pass 3 are summed here.
+* ``"torch"``: PyTorch operators only, the path when no C compiler is present. A float32 cache goes through two
+  batched matrix-vector products on the cache views; a half-precision cache is converted block by block into a
+  small float32 buffer (PyTorch's CPU kernels would otherwise convert the whole tensor, several times the read).
+
+Both equal the reference (:func:`attention_reference`) within float32 rounding, and the weights they return are
+exact; ``tests/test_decode_backend.py`` checks each over dtypes, GQA, masks, cache views and dead rows.
+
+Registered as backend ``"decode"`` ahead of ``"sdpa"``: ``backend="auto"`` routes inference calls with at most
+``MAX_QUERIES`` queries and at least ``MIN_KEYS`` keys to it whenever the native kernel can run them (float32,
+bfloat16 or float16 caches, any thread count). PyTorch's fused kernel reaches about half the memory-bandwidth bound
+on a float32 cache and a tenth on a bfloat16 one (``python -m attnkit.bench modules``). Without the native kernel,
+the dispatcher sends only half-precision caches at one intra-op thread here: the PyTorch path is a chain of
+parallel regions, and on a shared, oversubscribed machine each region can wait for a descheduled thread.
+:func:`~attnkit.functional.which_backend` says why the dispatcher passes over it.
 
 Example:
     >>> import torch
@@ -48,10 +56,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _native
+from . import _validate as V
 from .dense import AttentionCall, Backend, register_backend
 from .masks import causal_mask
 
-__all__ = ["MAX_QUERIES", "decode_attention"]
+__all__ = ["MAX_QUERIES", "decode_attention", "native_unsupported"]
 
 #: calls with more queries than this are left to the other backends (they are no longer bound by the read)
 MAX_QUERIES = 8
@@ -60,6 +70,11 @@ MIN_KEYS = 128
 _HALF = (torch.bfloat16, torch.float16)
 #: keys per converted block for half-precision caches (block * E * 4 bytes should stay in the L2 cache)
 BLOCK = 1024
+#: keys per work unit of the native kernel
+NATIVE_BLOCK = 512
+#: the native kernel's largest head dim (its row buffer)
+MAX_NATIVE_DIM = 512
+_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _masked_softmax_(scores: Tensor, mask: Tensor | None) -> Tensor:
@@ -90,6 +105,7 @@ def decode_attention(
     *,
     scale: float | None = None,
     block: int = BLOCK,
+    impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Attention of a few queries over a long cache; returns ``(out, weights)``. Inference only (no autograd).
 
@@ -99,19 +115,80 @@ def decode_attention(
         value: ``(B, Hkv, S, Ev)``, the key's dtype.
         attn_mask: boolean (``True`` = may attend) or float (added) tensor broadcastable to ``(B, H, L, S)``.
         scale: score scale, ``1/sqrt(E)`` when ``None``.
-        block: keys per converted block for half-precision caches.
+        block: keys per converted block for half-precision caches (PyTorch path).
+        impl: ``"native"`` (the C kernel; raises if it cannot run this input), ``"torch"`` (PyTorch operators
+            only), or ``"auto"`` (native where it can run, else PyTorch).
 
     Returns:
         ``out (B, H, L, Ev)`` in the query dtype and ``weights (B, H, L, S)`` in the accumulation dtype (float32,
         or float64 for float64 inputs); rows with no allowed key give zeros.
     """
+    if impl not in ("auto", "native", "torch"):
+        raise V.fail("impl to be 'auto', 'native' or 'torch'", repr(impl), "impl='auto'")
     b, h, q_len, e = query.shape
-    hk, k_len, ev = key.shape[1], key.shape[2], value.shape[-1]
+    hk, ev = key.shape[1], value.shape[-1]
     g = h // hk
     scale = e**-0.5 if scale is None else scale
     acc = torch.promote_types(query.dtype, torch.float32)  # float32 accumulation (float64 stays float64)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(acc)
     qg = (query.to(acc) * scale).reshape(b, hk, g * q_len, e)  # (B, Hkv, G*L, E)
-    wide = key.dtype == acc and value.dtype == acc
+    lib = None
+    if impl != "torch":
+        why = native_unsupported(query, key, value)
+        if why and impl == "native":
+            raise V.fail(f"a CPU float32/bfloat16/float16 cache with E, Ev <= {MAX_NATIVE_DIM} and a loadable "
+                         "native library for impl='native'", why, "impl='auto'")
+        lib = None if why else _native.load()
+    if lib is not None:
+        return _decode_native(lib, qg.contiguous(), key, value, attn_mask, (b, h, q_len, ev), query.dtype)
+    return _decode_torch(qg, key, value, attn_mask, block, (b, h, q_len, ev), query.dtype)
+
+
+def native_unsupported(query: Tensor, key: Tensor, value: Tensor) -> str:
+    """Why the native kernel cannot run these tensors ('' when it can); builds the library on first call."""
+    if query.device.type != "cpu" or key.device.type != "cpu" or value.device.type != "cpu":
+        return "not CPU tensors"
+    if key.dtype not in _NATIVE_DTYPES or value.dtype != key.dtype:
+        return f"a {str(key.dtype).replace('torch.', '')} cache with {str(value.dtype).replace('torch.', '')} " \
+            "values (the native kernel reads float32, bfloat16 or float16 caches of one dtype)"
+    if max(key.shape[-1], value.shape[-1]) > MAX_NATIVE_DIM:
+        return f"head dim above {MAX_NATIVE_DIM}"
+    lib = _native.load()
+    if lib is None:
+        return f"no native library ({_native.status()})"
+    if key.dtype == torch.float16 and not (lib.attnkit_simd() or lib.attnkit_has_f16()):
+        return "this compiler has no float16 type"
+    return ""
+
+
+def _decode_native(lib: object, qg: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                   out_shape: tuple[int, int, int, int], out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The C kernel: one streaming pass over K for the scores, the softmax here, one streaming pass over V."""
+    b, h, q_len, ev = out_shape
+    hk, k_len, e, rows = key.shape[1], key.shape[2], key.shape[3], qg.shape[2]
+    key = key if key.stride(-1) == 1 else key.contiguous()  # rows must be contiguous; heads/keys may be strided
+    value = value if value.stride(-1) == 1 else value.contiguous()
+    threads = torch.get_num_threads()
+    dt = _NATIVE_DTYPES[key.dtype]
+    scores = qg.new_empty(b, hk, rows, k_len)  # (B, Hkv, G*L, S) == (B, H, L, S) as a view
+    lib.attnkit_decode_scores(key.data_ptr(), dt, b, hk, k_len, e, key.stride(0), key.stride(1),  # type: ignore
+                              key.stride(2), qg.data_ptr(), rows, scores.data_ptr(), NATIVE_BLOCK, threads)
+    weights = _masked_softmax_(scores.view(b, h, q_len, k_len), mask).contiguous()  # (B, H, L, S) float32
+    chunks = max(1, min(-(-k_len // NATIVE_BLOCK), -(-4 * threads // (b * hk))))  # >= 4 work units per thread
+    part = qg.new_empty(b * hk, chunks, rows, ev)
+    lib.attnkit_decode_pv(weights.data_ptr(), value.data_ptr(), dt, b, hk, k_len, ev, value.stride(0),  # type: ignore
+                          value.stride(1), value.stride(2), rows, part.data_ptr(), chunks, threads)
+    out = part[:, 0] if chunks == 1 else part.sum(dim=1)  # (B*Hkv, G*L, Ev)
+    return out.view(b, h, q_len, ev).to(out_dtype), weights
+
+
+def _decode_torch(qg: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, block: int,
+                  out_shape: tuple[int, int, int, int], out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """PyTorch operators only: matrix-vector products, half-precision caches converted block by block."""
+    b, h, q_len, ev = out_shape
+    hk, k_len, e = key.shape[1], key.shape[2], key.shape[3]
+    wide = key.dtype == qg.dtype and value.dtype == qg.dtype
     qt = qg.transpose(-2, -1)  # (B, Hkv, E, G*L)
     # scores as K q (rows of K read in order: a matrix-vector product in BLAS's fast layout), then transposed
     if wide:
@@ -126,20 +203,18 @@ def decode_attention(
             parts.append(torch.matmul(kb, qt))  # (B, Hkv, block, G*L)
         scores_t = torch.cat(parts, dim=-2)  # (B, Hkv, S, G*L)
     scores = scores_t.transpose(-2, -1).contiguous()  # (B, Hkv, G*L, S); a free view when G*L == 1
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        attn_mask = attn_mask.to(acc)
-    weights = _masked_softmax_(scores.view(b, h, q_len, k_len), attn_mask)  # (B, H, L, S) in acc
-    pg = weights.view(b, hk, g * q_len, k_len)  # (B, Hkv, G*L, S)
+    weights = _masked_softmax_(scores.view(b, h, q_len, k_len), mask)  # (B, H, L, S) in acc
+    pg = weights.view(b, hk, -1, k_len)  # (B, Hkv, G*L, S)
     if wide:
         out = torch.matmul(pg, value)  # (B, Hkv, G*L, Ev): one read of V
     else:
-        out = qg.new_zeros(b, hk, g * q_len, ev)
+        out = qg.new_zeros(b, hk, pg.shape[2], ev)
         for start in range(0, k_len, block):
             stop = min(start + block, k_len)
             vb = buf[:, :, : stop - start, :ev]
             vb.copy_(value[:, :, start:stop])
             out += torch.matmul(pg[..., start:stop], vb)  # (B, Hkv, G*L, Ev)
-    return out.view(b, h, q_len, ev).to(query.dtype), weights
+    return out.view(b, h, q_len, ev).to(out_dtype), weights
 
 
 def _decode_fn(call: AttentionCall) -> tuple[Tensor, Tensor]:
@@ -163,14 +238,17 @@ def _decode_supports(call: AttentionCall) -> list[str]:
         reasons.append("dropout > 0")
     if call.query.device.type != "cpu":
         reasons.append("not a CPU tensor (the fused kernel decodes well on accelerators)")
+    why = native_unsupported(call.query, call.key, call.value) if not reasons else "skipped"
+    if why == "":  # the C kernel streams any float32/bfloat16/float16 cache at any thread count
+        return reasons
     if call.key.dtype not in _HALF:
-        reasons.append(f"a {str(call.key.dtype).replace('torch.', '')} cache (the fused kernel already streams it; "
-                       "this kernel wins on half-precision caches)")
+        reasons.append(f"a {str(call.key.dtype).replace('torch.', '')} cache and no native kernel ({why}): the "
+                       "fused kernel streams it as fast as the PyTorch path would")
     threads = torch.get_num_threads()
-    if threads > 1:
-        reasons.append(f"{threads} intra-op threads: this kernel is a chain of parallel regions, and on a busy machine "
-                       "each one can wait for a descheduled thread, where the fused kernel waits once "
-                       "(use one thread, or call decode_attention)")
+    if threads > 1 and why != "skipped":
+        reasons.append(f"no native kernel ({why}) and {threads} intra-op threads: the PyTorch path is a chain of "
+                       "parallel regions, and on a busy machine each one can wait for a descheduled thread, where "
+                       "the fused kernel waits once (use one thread, or call decode_attention)")
     return reasons
 
 

@@ -1,0 +1,139 @@
+"""attnkit's small native kernels: C source shipped with the package, compiled on first use, loaded with ctypes.
+
+Some kernels cannot reach the speed of the hardware through PyTorch operators. The decode step is one: it should
+take as long as reading the KV cache once, and PyTorch's CPU kernels convert a whole half-precision cache to float32
+first (several times the read). ``csrc/decode.c`` streams the cache once, widening half-precision rows in registers
+(AVX2/FMA/F16C where the CPU has them, portable C otherwise), with OpenMP threads.
+
+How it is built. Nothing happens at install time. The first call that wants a native kernel compiles the C source
+with the system C compiler (``$CC`` or ``cc``) into a shared library in the cache folder (``$ATTNKIT_CACHE``, else
+``$XDG_CACHE_HOME/attnkit``, else ``~/.cache/attnkit``), named by a hash of the source, the flags and the compiler,
+and writes it under a temporary name first, then renames it, so processes racing to build it never load half a file.
+Later calls and processes load the cached library. The library links the same ``libgomp.so.1`` that PyTorch
+loaded, so both share one OpenMP runtime, and it runs with PyTorch's thread count.
+
+Nothing depends on it. Without a compiler, or with ``ATTNKIT_NATIVE=0``, :func:`load` returns ``None``, callers run
+their pure-PyTorch path, and :func:`status` says why. Every native kernel has a parity test against the reference.
+
+Example:
+    >>> from attnkit.functional import _native
+    >>> isinstance(_native.status(), str)
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+__all__ = ["load", "status"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "decode.c"
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("ATTNKIT_CACHE"):
+        return Path(os.environ["ATTNKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "attnkit"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-std=gnu11", "-fPIC", "-shared"]
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= _cpu_flags():
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+def _compile(cc: str, flags: list[str], target: Path) -> str | None:
+    """Compile to ``target``; returns None on success, else the reason (compiler output, shortened)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    reason = None
+    for extra in (["-fopenmp"], []):  # without OpenMP (e.g. Apple clang) the kernels run on one thread
+        try:
+            proc = subprocess.run([cc, *flags, *extra, str(_SOURCE), "-o", tmp], capture_output=True, text=True,
+                                  timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            reason = f"{cc} failed to run: {exc}"
+            break
+        if proc.returncode == 0:
+            os.replace(tmp, target)
+            return None
+        reason = f"{cc} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}"
+    Path(tmp).unlink(missing_ok=True)
+    return reason
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.attnkit_decode_scores.argtypes = [ptr, cint, i64, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, cint]
+    lib.attnkit_decode_scores.restype = None
+    lib.attnkit_decode_pv.argtypes = [ptr, ptr, cint, i64, i64, i64, i64, i64, i64, i64, i64, ptr, i64, cint]
+    lib.attnkit_decode_pv.restype = None
+    lib.attnkit_simd.restype = cint
+    lib.attnkit_has_f16.restype = cint
+    return lib
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("ATTNKIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "turned off by ATTNKIT_NATIVE=0"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        return None, "no C compiler found (install gcc, or set CC); using the PyTorch path"
+    flags = _flags()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{cc} failed to run: {exc}"
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc, *flags, version]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"attnkit_native_{key}.so"
+    if not target.exists():
+        try:
+            reason = _compile(cc, flags, target)
+        except OSError as exc:  # e.g. a read-only cache folder
+            reason = f"cannot write {target.parent}: {exc}"
+        if reason is not None:
+            return None, reason
+    try:
+        lib = _declare(ctypes.CDLL(str(target)))
+    except (OSError, AttributeError) as exc:
+        return None, f"cannot load {target}: {exc}"
+    simd = "AVX2/FMA/F16C" if lib.attnkit_simd() else "portable C"
+    return lib, f"loaded {target.name} ({simd})"
+
+
+def load() -> ctypes.CDLL | None:
+    """The native library (built on first call), or ``None`` when it cannot be built; see :func:`status`."""
+    with _LOCK:
+        if "lib" not in _STATE:
+            _STATE["lib"], _STATE["status"] = _build()
+    return _STATE["lib"]  # type: ignore[return-value]
+
+
+def status() -> str:
+    """One line: which native library is loaded, or why none is (builds it on first call)."""
+    load()
+    return str(_STATE["status"])

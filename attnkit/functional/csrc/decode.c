@@ -1,0 +1,265 @@
+/* attnkit native decode kernel: attention of a few queries over a long KV cache, at the speed of reading it.
+ *
+ * Two streaming passes (see attnkit/functional/decode.py for the algorithm and the pure-PyTorch path beside it):
+ *   attnkit_decode_scores:  scores[bh, r, s] = dot(K[b, h, s, :], q[bh, r, :])     (reads K once)
+ *   attnkit_decode_pv:      part[bh, c, r, :] = sum_{s in chunk c} p[bh, r, s] * V[b, h, s, :]   (reads V once)
+ * The softmax between them (H * L * S numbers) and the sum of the partial outputs run in PyTorch.
+ *
+ * K and V may be float32, bfloat16 or float16 views of a larger cache buffer: any strides for batch, head and key,
+ * unit stride along the feature dimension. Half-precision rows are widened to float32 one row at a time in
+ * registers/L1, so main memory is read once, in half precision. Accumulation is float32.
+ * Threads: OpenMP, sharing PyTorch's libgomp (same soname), with the thread count PyTorch uses.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define ATTNKIT_MAX_DIM 512
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+static inline void widen_row(const void *src, int dt, int64_t n, float *dst) {
+    if (dt == DT_BF16) {
+        const uint16_t *s = (const uint16_t *)src;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t bits = ((uint32_t)s[i]) << 16;
+            float f;
+            memcpy(&f, &bits, sizeof f);
+            dst[i] = f;
+        }
+    } else {
+#if defined(__FLT16_MAX__)
+        const _Float16 *s = (const _Float16 *)src;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) dst[i] = (float)s[i];
+#endif
+    }
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+int attnkit_has_f16(void) {
+#if defined(__FLT16_MAX__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* q: (B*Hk, R, E) float32 contiguous (already scaled); out: (B*Hk, R, S) float32 contiguous. Strides in elements. */
+static void scores_generic(const void *k, int dt, int64_t B, int64_t Hk, int64_t S, int64_t E, int64_t sb,
+                           int64_t sh, int64_t ss, const float *q, int64_t R, float *out, int64_t block,
+                           int nthreads) {
+    const int64_t esize = dt == DT_F32 ? 4 : 2;
+    const int64_t nblk = (S + block - 1) / block;
+    const int64_t units = B * Hk * nblk;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t bh = u / nblk, blk = u % nblk, b = bh / Hk, h = bh % Hk;
+        const int64_t s0 = blk * block, s1 = s0 + block < S ? s0 + block : S;
+        const float *qq = q + bh * R * E;
+        float *o = out + bh * R * S;
+        const char *base = (const char *)k + (b * sb + h * sh) * esize;
+        float row[ATTNKIT_MAX_DIM];
+        for (int64_t s = s0; s < s1; s++) {
+            const char *src = base + s * ss * esize;
+            const float *kr;
+            if (dt == DT_F32) {
+                kr = (const float *)src;
+            } else {
+                widen_row(src, dt, E, row);
+                kr = row;
+            }
+            for (int64_t r = 0; r < R; r++) o[r * S + s] = dot(kr, qq + r * E, E);
+        }
+    }
+}
+
+/* p: (B*Hk, R, S) float32 contiguous; part: (B*Hk, nchunk, R, Ev) float32 contiguous, written (not accumulated). */
+static void pv_generic(const float *p, const void *v, int dt, int64_t B, int64_t Hk, int64_t S, int64_t Ev,
+                       int64_t sb, int64_t sh, int64_t ss, int64_t R, float *part, int64_t nchunk, int nthreads) {
+    const int64_t esize = dt == DT_F32 ? 4 : 2;
+    const int64_t units = B * Hk * nchunk;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t bh = u / nchunk, c = u % nchunk, b = bh / Hk, h = bh % Hk;
+        const int64_t s0 = S * c / nchunk, s1 = S * (c + 1) / nchunk;
+        const float *pp = p + bh * R * S;
+        float *acc = part + u * R * Ev;
+        memset(acc, 0, (size_t)(R * Ev) * sizeof(float));
+        const char *base = (const char *)v + (b * sb + h * sh) * esize;
+        float row[ATTNKIT_MAX_DIM];
+        for (int64_t s = s0; s < s1; s++) {
+            const char *src = base + s * ss * esize;
+            const float *vr;
+            if (dt == DT_F32) {
+                vr = (const float *)src;
+            } else {
+                widen_row(src, dt, Ev, row);
+                vr = row;
+            }
+            for (int64_t r = 0; r < R; r++) {
+                const float w = pp[r * S + s];
+                float *a = acc + r * Ev;
+#pragma omp simd
+                for (int64_t e = 0; e < Ev; e++) a[e] += w * vr[e];
+            }
+        }
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define ATTNKIT_AVX2 1
+
+/* 8 consecutive elements of a row, widened to float32 (dt is a compile-time constant after inlining) */
+static inline __attribute__((always_inline)) __m256 load8(const char *p, int dt) {
+    if (dt == DT_F32) return _mm256_loadu_ps((const float *)p);
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (dt == DT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+/* the sums of the 8 lanes of a0..a3, as one vector of 4 */
+static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* four key rows at a time against every query row: each row is read from memory once, the 4 x R dot products
+ * come from L1, and one horizontal reduction gives four contiguous scores. */
+static inline __attribute__((always_inline)) void scores_avx2(const char *k, int dt, int64_t B, int64_t Hk,
+        int64_t S, int64_t E, int64_t sb, int64_t sh, int64_t ss, const float *q, int64_t R, float *out,
+        int64_t block, int nthreads) {
+    const int64_t esize = dt == DT_F32 ? 4 : 2, rs = ss * esize;
+    const int64_t nblk = (S + block - 1) / block;
+    const int64_t units = B * Hk * nblk;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t bh = u / nblk, blk = u % nblk, b = bh / Hk, h = bh % Hk;
+        const int64_t s0 = blk * block, s1 = s0 + block < S ? s0 + block : S;
+        const float *qq = q + bh * R * E;
+        float *o = out + bh * R * S;
+        const char *base = k + (b * sb + h * sh) * esize;
+        int64_t s = s0;
+        for (; s + 4 <= s1; s += 4) {
+            const char *k0 = base + s * rs, *k1 = k0 + rs, *k2 = k1 + rs, *k3 = k2 + rs;
+            for (int64_t r = 0; r < R; r++) {
+                const float *qr = qq + r * E;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t j = 0; j < E; j += 8) {
+                    const __m256 qv = _mm256_loadu_ps(qr + j);
+                    a0 = _mm256_fmadd_ps(load8(k0 + j * esize, dt), qv, a0);
+                    a1 = _mm256_fmadd_ps(load8(k1 + j * esize, dt), qv, a1);
+                    a2 = _mm256_fmadd_ps(load8(k2 + j * esize, dt), qv, a2);
+                    a3 = _mm256_fmadd_ps(load8(k3 + j * esize, dt), qv, a3);
+                }
+                _mm_storeu_ps(o + r * S + s, hsum4(a0, a1, a2, a3));
+            }
+        }
+        for (; s < s1; s++) {
+            const char *k0 = base + s * rs;
+            for (int64_t r = 0; r < R; r++) {
+                __m256 a0 = _mm256_setzero_ps();
+                for (int64_t j = 0; j < E; j += 8) a0 = _mm256_fmadd_ps(load8(k0 + j * esize, dt), _mm256_loadu_ps(qq + r * E + j), a0);
+                o[r * S + s] = _mm_cvtss_f32(hsum4(a0, a0, a0, a0));
+            }
+        }
+    }
+}
+
+/* p V over chunks of keys; within a chunk, sub-blocks of SUB rows (which stay in L1/L2) are swept once per query
+ * row and per tile of 64 output features, with the tile's 8 accumulators in registers. */
+#define SUB 128
+static inline __attribute__((always_inline)) void pv_avx2(const float *p, const char *v, int dt, int64_t B,
+        int64_t Hk, int64_t S, int64_t Ev, int64_t sb, int64_t sh, int64_t ss, int64_t R, float *part,
+        int64_t nchunk, int nthreads) {
+    const int64_t esize = dt == DT_F32 ? 4 : 2, rs = ss * esize;
+    const int64_t units = B * Hk * nchunk;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t bh = u / nchunk, c = u % nchunk, b = bh / Hk, h = bh % Hk;
+        const int64_t c0 = S * c / nchunk, c1 = S * (c + 1) / nchunk;
+        const float *pp = p + bh * R * S;
+        float *acc = part + u * R * Ev;
+        memset(acc, 0, (size_t)(R * Ev) * sizeof(float));
+        const char *base = v + (b * sb + h * sh) * esize;
+        for (int64_t s0 = c0; s0 < c1; s0 += SUB) {
+            const int64_t s1 = s0 + SUB < c1 ? s0 + SUB : c1;
+            for (int64_t r = 0; r < R; r++) {
+                const float *pr = pp + r * S;
+                float *ar = acc + r * Ev;
+                int64_t e0 = 0;
+                for (; e0 + 64 <= Ev; e0 += 64) {
+                    __m256 x0 = _mm256_loadu_ps(ar + e0), x1 = _mm256_loadu_ps(ar + e0 + 8);
+                    __m256 x2 = _mm256_loadu_ps(ar + e0 + 16), x3 = _mm256_loadu_ps(ar + e0 + 24);
+                    __m256 x4 = _mm256_loadu_ps(ar + e0 + 32), x5 = _mm256_loadu_ps(ar + e0 + 40);
+                    __m256 x6 = _mm256_loadu_ps(ar + e0 + 48), x7 = _mm256_loadu_ps(ar + e0 + 56);
+                    for (int64_t s = s0; s < s1; s++) {
+                        const __m256 w = _mm256_broadcast_ss(pr + s);
+                        const char *vr = base + s * rs + e0 * esize;
+                        x0 = _mm256_fmadd_ps(w, load8(vr, dt), x0);
+                        x1 = _mm256_fmadd_ps(w, load8(vr + 8 * esize, dt), x1);
+                        x2 = _mm256_fmadd_ps(w, load8(vr + 16 * esize, dt), x2);
+                        x3 = _mm256_fmadd_ps(w, load8(vr + 24 * esize, dt), x3);
+                        x4 = _mm256_fmadd_ps(w, load8(vr + 32 * esize, dt), x4);
+                        x5 = _mm256_fmadd_ps(w, load8(vr + 40 * esize, dt), x5);
+                        x6 = _mm256_fmadd_ps(w, load8(vr + 48 * esize, dt), x6);
+                        x7 = _mm256_fmadd_ps(w, load8(vr + 56 * esize, dt), x7);
+                    }
+                    _mm256_storeu_ps(ar + e0, x0), _mm256_storeu_ps(ar + e0 + 8, x1);
+                    _mm256_storeu_ps(ar + e0 + 16, x2), _mm256_storeu_ps(ar + e0 + 24, x3);
+                    _mm256_storeu_ps(ar + e0 + 32, x4), _mm256_storeu_ps(ar + e0 + 40, x5);
+                    _mm256_storeu_ps(ar + e0 + 48, x6), _mm256_storeu_ps(ar + e0 + 56, x7);
+                }
+                for (; e0 < Ev; e0 += 8) {
+                    __m256 x0 = _mm256_loadu_ps(ar + e0);
+                    for (int64_t s = s0; s < s1; s++)
+                        x0 = _mm256_fmadd_ps(_mm256_broadcast_ss(pr + s), load8(base + s * rs + e0 * esize, dt), x0);
+                    _mm256_storeu_ps(ar + e0, x0);
+                }
+            }
+        }
+    }
+}
+#endif
+
+int attnkit_simd(void) {
+#ifdef ATTNKIT_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void attnkit_decode_scores(const void *k, int dt, int64_t B, int64_t Hk, int64_t S, int64_t E, int64_t sb,
+                           int64_t sh, int64_t ss, const float *q, int64_t R, float *out, int64_t block,
+                           int nthreads) {
+#ifdef ATTNKIT_AVX2
+    if (E % 8 == 0) {
+        if (dt == DT_F32) scores_avx2(k, DT_F32, B, Hk, S, E, sb, sh, ss, q, R, out, block, nthreads);
+        else if (dt == DT_BF16) scores_avx2(k, DT_BF16, B, Hk, S, E, sb, sh, ss, q, R, out, block, nthreads);
+        else scores_avx2(k, DT_F16, B, Hk, S, E, sb, sh, ss, q, R, out, block, nthreads);
+        return;
+    }
+#endif
+    scores_generic(k, dt, B, Hk, S, E, sb, sh, ss, q, R, out, block, nthreads);
+}
+
+void attnkit_decode_pv(const float *p, const void *v, int dt, int64_t B, int64_t Hk, int64_t S, int64_t Ev,
+                       int64_t sb, int64_t sh, int64_t ss, int64_t R, float *part, int64_t nchunk, int nthreads) {
+#ifdef ATTNKIT_AVX2
+    if (Ev % 8 == 0) {
+        if (dt == DT_F32) pv_avx2(p, v, DT_F32, B, Hk, S, Ev, sb, sh, ss, R, part, nchunk, nthreads);
+        else if (dt == DT_BF16) pv_avx2(p, v, DT_BF16, B, Hk, S, Ev, sb, sh, ss, R, part, nchunk, nthreads);
+        else pv_avx2(p, v, DT_F16, B, Hk, S, Ev, sb, sh, ss, R, part, nchunk, nthreads);
+        return;
+    }
+#endif
+    pv_generic(p, v, dt, B, Hk, S, Ev, sb, sh, ss, R, part, nchunk, nthreads);
+}

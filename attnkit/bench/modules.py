@@ -13,7 +13,8 @@ machine shared with other jobs slows both alike):
    ``--quick``: 1k, 8k)
    against the memory-bandwidth bound ``bytes(K) + bytes(V)`` / read bandwidth, where the read bandwidth is that
    of a large tensor sum measured in the same run; for float32 and bfloat16 caches, PyTorch's fused SDPA next to
-   attnkit's ``decode`` kernel, and which of them ``backend="auto"`` picks at this thread count. Run it with
+   attnkit's ``decode`` kernel (the native C kernel, and its PyTorch-only path), and which of them
+   ``backend="auto"`` picks at this thread count. Run it with
    ``OMP_NUM_THREADS=1`` as well: on a busy machine the thread count changes the picture.
 
 ``--quick`` shrinks the module sizes and repeats (for CI and the tour; under 20 s).
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from attnkit.bench._timing import Table, machine_line, ratio
-from attnkit.functional import decode_attention, scaled_dot_product_attention, which_backend
+from attnkit.functional import _native, decode_attention, scaled_dot_product_attention, which_backend
 from attnkit.layers import KVCache, MultiHeadAttention
 
 
@@ -145,6 +146,7 @@ def bandwidth_table(quick: bool) -> Table:
     numel = (16 if quick else 64) * 1024 * 1024  # 64 or 256 MiB of float32: well beyond the CPU caches
     sums = 3 if quick else 5
     torch.manual_seed(0)
+    impl = "auto" if _native.load() is None else "native"
     bws = [read_bandwidth(numel, sums)]
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -159,26 +161,31 @@ def bandwidth_table(quick: bool) -> Table:
             def sdpa_step(q: torch.Tensor = q, k: torch.Tensor = keys, v: torch.Tensor = values) -> Any:
                 return scaled_dot_product_attention(q, k, v, backend="sdpa")
 
-            def decode_step(q: torch.Tensor = q, k: torch.Tensor = keys, v: torch.Tensor = values) -> Any:
-                return decode_attention(q, k, v)
+            def native_step(q: torch.Tensor = q, k: torch.Tensor = keys, v: torch.Tensor = values) -> Any:
+                return decode_attention(q, k, v, impl=impl)
+
+            def torch_step(q: torch.Tensor = q, k: torch.Tensor = keys, v: torch.Tensor = values) -> Any:
+                return decode_attention(q, k, v, impl="torch")
 
             with torch.no_grad():
-                t_sdpa, t_decode = _paired([sdpa_step, decode_step], repeats=reps, min_time=0.0 if quick else 0.3)
+                t_sdpa, t_native, t_torch = _paired([sdpa_step, native_step, torch_step], repeats=reps,
+                                                    min_time=0.0 if quick else 0.3)
             bws.append(read_bandwidth(numel, sums))
-            rows.append((dtype, ctx, nbytes, name, t_sdpa, t_decode))
+            rows.append((dtype, ctx, nbytes, name, t_sdpa, t_native, t_torch))
     bw = statistics.median(bws)
     table = Table(f"decode step vs memory-bandwidth bound (1 query, H={h}, E={e}, B=1, "
                   f"{torch.get_num_threads()} threads)",
-                  ["cache", "context", "MB read", "bound ms", "sdpa ms", "sdpa of bound", "decode ms",
-                   "decode of bound", "auto picks"])
-    for dtype, ctx, nbytes, name, t_sdpa, t_decode in rows:
+                  ["cache", "context", "MB read", "bound ms", "sdpa ms", "sdpa of bound", f"decode ({impl}) ms",
+                   "of bound", "decode (torch) ms", "of bound", "auto picks"])
+    for dtype, ctx, nbytes, name, t_sdpa, t_native, t_torch in rows:
         bound = nbytes / bw
         table.add(str(dtype).replace("torch.", ""), ctx, f"{nbytes / 1e6:.1f}", f"{bound * 1e3:.2f}",
-                  f"{t_sdpa * 1e3:.2f}", f"{bound / t_sdpa:.2f}", f"{t_decode * 1e3:.2f}", f"{bound / t_decode:.2f}",
-                  name)
+                  f"{t_sdpa * 1e3:.2f}", f"{bound / t_sdpa:.2f}", f"{t_native * 1e3:.2f}", f"{bound / t_native:.2f}",
+                  f"{t_torch * 1e3:.2f}", f"{bound / t_torch:.2f}", name)
     table.notes.append(f"read bandwidth: median {bw / 1e9:.2f} GB/s over {len(bws)} measurements (each the median "
                        f"of {sums} sums of a {numel * 4 >> 20} MiB float32 tensor; min {min(bws) / 1e9:.2f}, "
                        f"max {max(bws) / 1e9:.2f}), taken between the rows")
+    table.notes.append(f"native kernel: {_native.status()}")
     table.notes.append("bound = bytes of K and V / read bandwidth; 'of bound' = bound / measured time (above 1: the "
                        "cache was served from the CPU caches)")
     return table

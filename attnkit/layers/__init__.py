@@ -12,7 +12,7 @@ __all__ += ["AdditiveAttention", "CoverageAttention", "LocationAwareAttention", 
 from .hard import GaussianGlimpse, GlimpseSensor, HardAttention, MovingAverageBaseline, ValueBaseline  # noqa: E402
 
 __all__ += ["GaussianGlimpse", "GlimpseSensor", "HardAttention", "MovingAverageBaseline", "ValueBaseline"]
-from .cache import KVCache, RingKVCache  # noqa: E402
+from .cache import CrossKVCache, KVCache, RingKVCache  # noqa: E402
 from .multi_head import MultiHeadAttention  # noqa: E402
 from .position import (  # noqa: E402
     ALiBiPosition,
@@ -25,6 +25,7 @@ from .position import (  # noqa: E402
 )
 
 __all__ += ["KVCache", "MultiHeadAttention", "RingKVCache"]
+__all__ += ["CrossKVCache"]
 __all__ += ["ALiBiPosition", "LearnedPosition", "PositionEncoding", "RotaryPosition", "ShawRelative"]
 __all__ += ["SinusoidalPosition", "T5RelativeBias"]
 from .transformer import (  # noqa: E402

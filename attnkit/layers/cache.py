@@ -15,6 +15,13 @@ positions, and causal alignment for a query block shorter than the keys is lower
 * :class:`RingKVCache` keeps only the last ``window`` tokens, for sliding-window attention: memory stays
   ``O(window)`` however long the decode runs. Its slots are out of order after the ring wraps; the cache returns
   each slot's position, and the module masks by position.
+* :class:`CrossKVCache` keeps the projected keys/values of a fixed cross-attention memory (an encoder's output):
+  :class:`~attnkit.layers.MultiHeadAttention` fills it at the first call and reuses it afterwards, so each decoding
+  step projects only its queries (the role of the cross-attention half of an encoder-decoder cache).
+
+Every cache has ``reorder(index)``: keep batch rows ``index`` in that order (beam search's reordering step, also
+for repeating rows or dropping finished sentences). It equals a cache rebuilt from the reordered inputs, and reuses
+the buffers in place when the batch size stays the same.
 
 Example:
     >>> import torch
@@ -26,6 +33,9 @@ Example:
     >>> keys, values, positions = cache.update(k[:, :, :1], v[:, :, :1])
     >>> keys.shape, cache.length
     (torch.Size([2, 4, 4, 8]), 4)
+    >>> cache.reorder(torch.tensor([1, 1]))                   # beam search: both rows continue from row 1
+    >>> torch.equal(cache.keys[0], cache.keys[1]), cache.length
+    (True, 4)
 """
 
 from __future__ import annotations
@@ -35,7 +45,18 @@ from torch import Tensor
 
 from attnkit.functional._validate import fail
 
-__all__ = ["KVCache", "RingKVCache"]
+__all__ = ["CrossKVCache", "KVCache", "RingKVCache"]
+
+
+def _check_index(index: object, batch: int | None) -> Tensor:
+    """A 1-D integer tensor of batch rows, each in ``[0, batch)`` (any rows while nothing is cached)."""
+    if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+        got = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, Tensor) else type(index).__name__
+        raise fail("index: a 1-D integer tensor of batch rows", got, "torch.tensor([1, 0]) (beam search's parent rows)")
+    if batch is not None and index.numel() and (int(index.min()) < 0 or int(index.max()) >= batch):
+        raise fail(f"batch rows in [0, {batch}) (the batch this cache holds)",
+                   f"rows in [{int(index.min())}, {int(index.max())}]", "the parent rows of the current batch")
+    return index
 
 
 class KVCache:
@@ -112,6 +133,35 @@ class KVCache:
         positions = torch.arange(stop, device=key.device)  # (S,)
         return k[:, :, :stop], v[:, :, :stop], positions
 
+    def _slots_in_use(self) -> int:
+        return self.length
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (in that order, repeats allowed) of every cached token.
+
+        Beam search calls it after each step with the parent row of every surviving hypothesis. The result equals
+        a cache filled with the reordered keys/values; with ``len(index)`` equal to the cached batch the buffers are
+        reused in place (only the used slots are copied, the capacity is kept), otherwise new buffers of the same
+        capacity hold the new batch.
+
+        Shape:
+            index ``(B_new,)`` integers in ``[0, B)``; afterwards the cache holds ``B_new`` rows.
+        """
+        if self._k is None or self._v is None:
+            _check_index(index, None)  # nothing cached yet: nothing to reorder
+            return
+        index = _check_index(index, self._k.shape[0]).to(self._k.device)
+        n = self._slots_in_use()
+        if index.numel() == self._k.shape[0]:
+            self._k[:, :, :n] = self._k[:, :, :n].index_select(0, index)  # gather, then write back in place
+            self._v[:, :, :n] = self._v[:, :, :n].index_select(0, index)
+            return
+        k = self._k.new_empty(index.numel(), *self._k.shape[1:])  # (B_new, Hkv, capacity, E)
+        v = self._v.new_empty(index.numel(), *self._v.shape[1:])  # (B_new, Hkv, capacity, Ev)
+        k[:, :, :n] = self._k[:, :, :n].index_select(0, index)
+        v[:, :, :n] = self._v[:, :, :n].index_select(0, index)
+        self._k, self._v = k, v
+
     @property
     def keys(self) -> Tensor | None:
         """The cached keys ``(B, Hkv, S, E)`` (a view), or ``None`` before the first update."""
@@ -159,6 +209,9 @@ class RingKVCache(KVCache):
         super().reset()
         self._pos = None
 
+    def _slots_in_use(self) -> int:
+        return self.capacity  # the whole ring (slots never written hold zeros at position -1)
+
     def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         self._check(key, value)
         w, n = self.capacity, key.shape[2]
@@ -200,3 +253,87 @@ class RingKVCache(KVCache):
     def slot_positions(self) -> Tensor | None:
         """Position of the token in each slot ``(window,)``; ``-1`` for an empty slot."""
         return self._pos
+
+
+class CrossKVCache:
+    """The projected keys and values of a fixed cross-attention memory, computed once and reused.
+
+    Pass it as ``cache=`` to a cross-attention :class:`~attnkit.layers.MultiHeadAttention` call: the first call
+    projects ``key``/``value`` (the encoder memory) and stores them here; later calls reuse them and project only the
+    queries, so ``key``/``value`` may then be ``None`` (if given, they must have the batch and length the cache was
+    filled with; they are not projected again). Every call equals the uncached call with the same memory. The memory
+    must stay the same while the cache lives: :meth:`reset` before a new one.
+
+    Shape:
+        :attr:`keys` ``(B, Hkv, S, E)`` and :attr:`values` ``(B, Hkv, S, Ev)`` once filled.
+
+    Example:
+        >>> import torch
+        >>> from attnkit.layers import MultiHeadAttention
+        >>> cross = MultiHeadAttention(16, 4, kdim=12, vdim=12)
+        >>> memory = torch.randn(2, 5, 12)                        # (B, S, kdim)
+        >>> cache = CrossKVCache()
+        >>> first = cross(torch.randn(2, 1, 16), memory, cache=cache)   # projects the memory once
+        >>> later = cross(torch.randn(2, 1, 16), cache=cache)           # queries only
+        >>> cache.keys.shape, later.shape
+        (torch.Size([2, 4, 5, 4]), torch.Size([2, 1, 16]))
+    """
+
+    def __init__(self) -> None:
+        self._k: Tensor | None = None
+        self._v: Tensor | None = None
+
+    @property
+    def filled(self) -> bool:
+        """Whether the memory's keys and values are stored."""
+        return self._k is not None
+
+    @property
+    def keys(self) -> Tensor | None:
+        """The memory's keys ``(B, Hkv, S, E)``, or ``None`` before the first call."""
+        return self._k
+
+    @property
+    def values(self) -> Tensor | None:
+        """The memory's values ``(B, Hkv, S, Ev)``, or ``None`` before the first call."""
+        return self._v
+
+    def fill(self, key: Tensor, value: Tensor) -> None:
+        """Store the projected, head-split keys ``(B, Hkv, S, E)`` and values ``(B, Hkv, S, Ev)``."""
+        if key.dim() != 4 or value.dim() != 4 or key.shape[:3] != value.shape[:3]:
+            raise fail("key (B, Hkv, S, E) and value (B, Hkv, S, Ev)", f"{tuple(key.shape)} and {tuple(value.shape)}",
+                       "the projected, head-split keys and values of the memory")
+        self._k, self._v = key, value
+
+    def check_memory(self, batch: int, length: int | None) -> None:
+        """Raise unless the stored memory has ``batch`` rows and ``length`` tokens (``None``: any length)."""
+        if self._k is None:
+            return
+        b, s = self._k.shape[0], self._k.shape[2]
+        if b != batch or (length is not None and length != s):
+            got = f"({batch}, {'?' if length is None else length})"
+            raise fail(f"the memory this cache was filled with: (B, S) = ({b}, {s})", got,
+                       "cache.reset() (or a new cache) for a new batch or memory")
+
+    def reset(self) -> None:
+        """Forget the memory."""
+        self._k = self._v = None
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (in that order, repeats allowed) of the memory's keys and values.
+
+        The stored tensors are exactly the memory's size, so the gathered copies replace them (one pass, no spare
+        capacity to keep). Equals a cache filled from ``memory[index]``.
+
+        Shape:
+            index ``(B_new,)`` integers in ``[0, B)``.
+        """
+        if self._k is None or self._v is None:
+            _check_index(index, None)
+            return
+        index = _check_index(index, self._k.shape[0]).to(self._k.device)
+        self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+
+    def __repr__(self) -> str:
+        shape = None if self._k is None else tuple(self._k.shape)
+        return f"{type(self).__name__}(keys={shape})"

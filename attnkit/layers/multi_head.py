@@ -20,7 +20,7 @@ fused kernel where it can and ``attnkit.viz.capture`` sees the exact weights; th
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +38,13 @@ from attnkit.functional._validate import fail
 from attnkit.registry import register_attention
 
 from .attend import Attend
-from .cache import KVCache
+from .cache import CrossKVCache, KVCache
 from .position import PositionEncoding
 
 __all__ = ["MultiHeadAttention"]
+
+
+_UNUSED = torch.empty(0, dtype=torch.long)  # stands for positions no step of the call reads
 
 
 def _window_allowed(q_pos: Tensor, k_pos: Tensor, window: int | None, causal: bool) -> Tensor:
@@ -226,11 +229,15 @@ class MultiHeadAttention(nn.Module):
         return new
 
     # ------------------------------------------------------------------------------------------ forward
-    def _check_inputs(self, query: Any, key: Any, value: Any) -> tuple[Tensor, Tensor, Tensor]:
+    def _check_query(self, query: Any) -> Tensor:
         if not isinstance(query, Tensor) or query.dim() != 3 or query.shape[-1] != self.embed_dim:
             got = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
             raise fail(f"query of shape (B, L, D={self.embed_dim})", str(got),
                        "query.unsqueeze(0) for one sequence (batch-first layout)")
+        return query
+
+    def _check_inputs(self, query: Any, key: Any, value: Any) -> tuple[Tensor, Tensor, Tensor]:
+        query = self._check_query(query)
         key = query if key is None else key
         value = key if value is None else value
         for name, x, dim in (("key", key, self.kdim), ("value", value, self.vdim)):
@@ -274,6 +281,18 @@ class MultiHeadAttention(nn.Module):
             q, k = pos.rotate(q, q_pos), pos.rotate(k, k_pos)
         return q, k, v
 
+    def _project_query(self, query: Tensor, q_pos: Tensor) -> Tensor:
+        """The query projection alone, head split ``(B, H, L, E)`` (a cross-attention call with a filled cache)."""
+        b, q_len, _ = query.shape
+        pos = self.position
+        q_in = pos.encode_inputs(query, q_pos) if pos is not None and pos.kind == "input" else query  # (B, L, D)
+        q = self.q_proj(q_in).view(b, q_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, E)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if pos is not None and pos.kind == "rotary":
+            q = pos.rotate(q, q_pos)
+        return q
+
     def _tensor_mask(self, attn_mask: Tensor, b: int, q_len: int, k_len: int, dtype: torch.dtype) -> Tensor:
         if attn_mask.dtype.is_complex:
             raise fail("a boolean (True = may attend) or float (added) attn_mask", str(attn_mask.dtype),
@@ -304,7 +323,7 @@ class MultiHeadAttention(nn.Module):
         attn_mask: Tensor | AttentionMask | None = None,
         key_mask: Tensor | None = None,
         is_causal: bool = False,
-        cache: KVCache | None = None,
+        cache: KVCache | CrossKVCache | None = None,
         need_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from ``query`` to ``key``/``value`` (self-attention when both are ``None``).
@@ -321,29 +340,56 @@ class MultiHeadAttention(nn.Module):
                 sees every cached key up to its own position).
             cache: a :class:`~attnkit.layers.KVCache` / :class:`~attnkit.layers.RingKVCache` for self-attention
                 decoding: the new keys/values are appended and the queries sit at positions ``cache.length ..``.
+                A :class:`~attnkit.layers.CrossKVCache` for cross-attention to a fixed memory: the first call
+                projects ``key``/``value`` into it, later calls reuse it (``key``/``value`` may then be ``None``)
+                and project only the queries; each call equals the uncached one.
             need_weights: also return the exact weights ``(B, H, L, S)`` (per head, before dropout).
 
         Returns:
             ``(B, L, D)``, or ``(output, weights)`` with ``need_weights=True``.
         """
-        self_attn = key is None and value is None
-        query, key, value = self._check_inputs(query, key, value)
+        kv_cache = cache if isinstance(cache, KVCache) else None
+        cross_cache = cache if isinstance(cache, CrossKVCache) else None
+        if cache is not None and kv_cache is None and cross_cache is None:
+            raise fail("cache= a KVCache, RingKVCache, CrossKVCache or None", type(cache).__name__,
+                       "KVCache() for self-attention decoding, CrossKVCache() for a fixed cross-attention memory")
+        no_kv = key is None and value is None
+        self_attn = no_kv and cross_cache is None
+        reuse = cross_cache is not None and cross_cache.filled  # cross-attention keys/values already projected
+        if kv_cache is not None and not self_attn:
+            raise fail("a KVCache only with self-attention (key=None, value=None)", "a key/value input",
+                       "cache=CrossKVCache() to project a cross-attention memory once and reuse it")
+        if cross_cache is not None and not reuse and key is None:
+            raise fail("key (the memory) at the first call with a CrossKVCache", "key=None",
+                       "mha(query, memory, cache=cross_cache); a KVCache for self-attention")
+        if reuse and no_kv:
+            query = self._check_query(query)
+        else:
+            query, key, value = self._check_inputs(query, key, value)
         b, q_len, _ = query.shape
         dev = query.device
-        if cache is not None and not self_attn:
-            raise fail("cache= only with self-attention (key=None, value=None)", "a key/value input",
-                       "projecting the encoder memory once and calling without a cache for cross-attention")
         window = self.window if isinstance(self.window, int) else None
-        if cache is not None and cache.window is not None and (window is None or window > cache.window):
-            raise fail(f"an int window <= the ring buffer's window {cache.window}", f"window={self.window!r}",
-                       f"MultiHeadAttention(..., window={cache.window}) with a RingKVCache, or a KVCache")
-        offset = cache.length if cache is not None else 0
-        q_pos = torch.arange(offset, offset + q_len, device=dev)  # (L,)
-        k_pos = q_pos if self_attn else torch.arange(key.shape[1], device=dev)  # (S_new,)
+        if kv_cache is not None and kv_cache.window is not None and (window is None or window > kv_cache.window):
+            raise fail(f"an int window <= the ring buffer's window {kv_cache.window}", f"window={self.window!r}",
+                       f"MultiHeadAttention(..., window={kv_cache.window}) with a RingKVCache, or a KVCache")
+        offset = kv_cache.length if kv_cache is not None else 0
+        # token positions matter only to a position module, an int window or a cache; otherwise skip building them
+        use_pos = self.position is not None or window is not None or kv_cache is not None
+        q_pos = torch.arange(offset, offset + q_len, device=dev) if use_pos else _UNUSED  # (L,)
 
-        q, k, v = self._project(query, key, value, self_attn, q_pos, k_pos)
-        if cache is not None:
-            k, v, k_pos = cache.update(k, v)  # (B, Hkv, S, E) x2, (S,)
+        if reuse and cross_cache is not None and cross_cache.keys is not None and cross_cache.values is not None:
+            cross_cache.check_memory(b, None if key is None else key.shape[1])
+            q = self._project_query(query, q_pos)  # (B, H, L, E); the memory is not projected again
+            k, v = cross_cache.keys, cross_cache.values  # (B, Hkv, S, E) x2
+            k_pos = torch.arange(k.shape[2], device=dev) if use_pos else _UNUSED  # (S,)
+        else:
+            key, value = cast(Tensor, key), cast(Tensor, value)  # both set by _check_inputs
+            k_pos = q_pos if self_attn or not use_pos else torch.arange(key.shape[1], device=dev)  # (S_new,)
+            q, k, v = self._project(query, key, value, self_attn, q_pos, k_pos)
+            if cross_cache is not None:
+                cross_cache.fill(k, v)
+            elif kv_cache is not None:
+                k, v, k_pos = kv_cache.update(k, v)  # (B, Hkv, S, E) x2, (S,)
         k_len = k.shape[2]
 
         # ---- masks, one meaning: boolean True = may attend; floats are added
@@ -354,7 +400,7 @@ class MultiHeadAttention(nn.Module):
             causal_done = is_causal
             structures.append(replace(self.window, causal=True) if is_causal else self.window)
         if self.layout is not None:
-            if is_causal and cache is None and q_len == k_len:
+            if is_causal and kv_cache is None and q_len == k_len:
                 structures.append(replace(self.layout, causal=True))
                 causal_done = True
             else:
@@ -368,17 +414,17 @@ class MultiHeadAttention(nn.Module):
                 got = f"{key_mask.dtype} {tuple(key_mask.shape)}" if isinstance(key_mask, Tensor) else repr(key_mask)
                 raise fail(f"key_mask of shape (B, S) = {(b, k_len)}, boolean, True = real key", got,
                            "~key_padding_mask for a mask in nn.MultiheadAttention's meaning")
-            lengths = key_mask.sum(-1)  # (B,)
-            if structures and torch.equal(key_mask, torch.arange(k_len, device=dev) < lengths.view(b, 1)):
+            lengths = key_mask.sum(-1) if structures else None  # (B,), only needed to keep a structure
+            if lengths is not None and torch.equal(key_mask, torch.arange(k_len, device=dev) < lengths.view(b, 1)):
                 structures.append(PaddingMask(lengths))  # right padding: stays a structure the kernels can read
             else:
                 parts.append(key_mask.view(b, 1, 1, k_len))
         kernel_causal = False
-        ordered = cache is None or cache.contiguous
+        ordered = kv_cache is None or kv_cache.contiguous
         if window is not None or not ordered:
             parts.append(_window_allowed(q_pos, k_pos, window, is_causal).view(1, 1, q_len, k_len))
         elif is_causal and not causal_done:
-            if cache is None:
+            if kv_cache is None:
                 kernel_causal = True  # upper-left, the fused kernel's own causal path
             elif q_len > 1:
                 parts.append(_window_allowed(q_pos, k_pos, None, True).view(1, 1, q_len, k_len))

@@ -23,9 +23,10 @@ PyTorch's ``*_key_padding_mask`` (pass ``~src_key_padding_mask``), and PyTorch's
 where attention is *not* allowed (pass ``~mask``). Rows with no key to attend to give zeros, never NaN.
 
 Incremental decoding: :meth:`TransformerDecoder.new_cache` returns one :class:`DecoderLayerCache` per layer: the
-self-attention keys/values (a :class:`~attnkit.layers.KVCache`) and the cross-attention keys/values of the memory,
-projected once at the first step and reused. Feed one (or a few) new target tokens per call with
-``is_causal=True``; the outputs equal those of a full recomputation.
+self-attention keys/values (a :class:`~attnkit.layers.KVCache`) and the cross-attention keys/values of the memory
+(a :class:`~attnkit.layers.CrossKVCache` that the cross-attention fills at the first step and reuses). Feed one (or a
+few) new target tokens per call with ``is_causal=True``; the outputs equal those of a full recomputation. Beam search
+reorders both in place with :meth:`DecoderLayerCache.reorder`.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnkit.functional import AttentionMask, combine_masks
+from attnkit.functional import AttentionMask
 from attnkit.functional._validate import check_tensor, fail
 
-from .cache import KVCache
+from .cache import CrossKVCache, KVCache
 from .multi_head import MultiHeadAttention
 from .position import PositionEncoding
 
@@ -247,26 +248,27 @@ class DecoderLayerCache:
 
     Attributes:
         self_attn: keys/values of every target token so far (a :class:`~attnkit.layers.KVCache`).
-        memory: the cross-attention keys and values of the memory, ``(B, Hkv, S, E)`` each, projected at the first
-            step and reused (the memory must stay the same while the cache lives; :meth:`reset` forgets it).
+        cross_attn: the cross-attention keys and values of the memory (a :class:`~attnkit.layers.CrossKVCache`),
+            projected at the first step and reused (the memory must stay the same while the cache lives;
+            :meth:`reset` forgets it).
     """
 
     self_attn: KVCache = field(default_factory=KVCache)
-    memory: tuple[Tensor, Tensor] | None = None
+    cross_attn: CrossKVCache = field(default_factory=CrossKVCache)
 
     def reset(self) -> None:
+        """Forget the target tokens and the memory."""
         self.self_attn.reset()
-        self.memory = None
+        self.cross_attn.reset()
 
     def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (in that order) of everything cached: beam search's reordering step."""
-        k, v = self.self_attn.keys, self.self_attn.values
-        if k is not None and v is not None:
-            k, v = k.index_select(0, index), v.index_select(0, index)  # copies, before the buffer is dropped
-            self.self_attn.reset()
-            self.self_attn.update(k, v)
-        if self.memory is not None:
-            self.memory = (self.memory[0].index_select(0, index), self.memory[1].index_select(0, index))
+        """Keep batch rows ``index`` (in that order, repeats allowed) of everything cached: beam search's step.
+
+        The self-attention buffers are reused in place when the batch size stays the same (see
+        :meth:`KVCache.reorder <attnkit.layers.KVCache.reorder>`).
+        """
+        self.self_attn.reorder(index)
+        self.cross_attn.reorder(index)
 
     @property
     def length(self) -> int:
@@ -353,39 +355,10 @@ class TransformerDecoderLayer(nn.Module):
         return self.dropout1(out)
 
     def _cross(
-        self, x: Tensor, memory: Tensor, mask: Tensor | None, key_mask: Tensor | None, cache: DecoderLayerCache | None
+        self, x: Tensor, memory: Tensor, mask: Tensor | None, key_mask: Tensor | None, cache: CrossKVCache | None
     ) -> Tensor:
-        mha = self.multihead_attn
-        if cache is None:
-            out = mha(x, memory, attn_mask=mask, key_mask=key_mask)
-            return self.dropout2(out)
-        # cached path: the memory's keys/values are projected once per sequence, the queries every step
-        b, q_len, _ = x.shape
-        if cache.memory is None:
-            s = memory.shape[1]
-            k = mha.k_proj(memory).view(b, s, mha.num_kv_heads, mha.head_dim).transpose(1, 2)  # (B, Hkv, S, E)
-            v = mha.v_proj(memory).view(b, s, mha.num_kv_heads, mha.head_dim).transpose(1, 2)  # (B, Hkv, S, E)
-            cache.memory = (k, v)
-        k, v = cache.memory
-        if k.shape[0] != b or k.shape[2] != memory.shape[1]:
-            raise fail(
-                f"the memory this cache was filled with: (B, S) = ({k.shape[0]}, {k.shape[2]})",
-                f"({b}, {memory.shape[1]})",
-                "cache.reset() (or a new cache) for a new batch",
-            )
-        s = k.shape[2]
-        q = mha.q_proj(x).view(b, q_len, mha.num_heads, mha.head_dim).transpose(1, 2)  # (B, H, L, E)
-        parts: list[Tensor | None] = []
-        if mask is not None:
-            parts.append(mha._tensor_mask(check_tensor("memory_mask", mask), b, q_len, s, q.dtype))
-        if key_mask is not None:
-            check_tensor("memory_key_mask", key_mask)
-            if key_mask.dtype != torch.bool or key_mask.shape != (b, s):
-                raise fail(f"memory_key_mask (B, S) = {(b, s)}, boolean, True = real token",
-                           f"{key_mask.dtype} {tuple(key_mask.shape)}", "~memory_key_padding_mask")
-            parts.append(key_mask.view(b, 1, 1, s))
-        out = mha.attend(q, k, v, combine_masks(*parts), scale=mha.scale)  # (B, H, L, E)
-        out = mha.out_proj(out.transpose(1, 2).reshape(b, q_len, mha.embed_dim))  # (B, L, D)
+        # with a cache, the memory's keys/values are projected at the first step and reused; the queries every step
+        out = self.multihead_attn(x, memory, attn_mask=mask, key_mask=key_mask, cache=cache)
         return self.dropout2(out)
 
     def _ff(self, x: Tensor) -> Tensor:
@@ -406,19 +379,19 @@ class TransformerDecoderLayer(nn.Module):
         x = _check_x("tgt", tgt, self.d_model)
         _check_x("memory", memory, self.d_model)
         self_cache: KVCache | None = None
-        layer_cache: DecoderLayerCache | None = None
+        cross_cache: CrossKVCache | None = None
         if isinstance(cache, KVCache):  # a bare KVCache caches the self-attention only
             self_cache = cache
         elif isinstance(cache, DecoderLayerCache):
-            self_cache, layer_cache = cache.self_attn, cache
+            self_cache, cross_cache = cache.self_attn, cache.cross_attn
         elif cache is not None:
             raise fail("cache= a DecoderLayerCache, a KVCache or None", type(cache).__name__, "layer.new_cache()")
         if self.norm_first:
             x = x + self._sa(self.norm1(x), tgt_mask, tgt_key_mask, is_causal, self_cache)
-            x = x + self._cross(self.norm2(x), memory, memory_mask, memory_key_mask, layer_cache)
+            x = x + self._cross(self.norm2(x), memory, memory_mask, memory_key_mask, cross_cache)
             return x + self._ff(self.norm3(x))
         x = self.norm1(x + self._sa(x, tgt_mask, tgt_key_mask, is_causal, self_cache))
-        x = self.norm2(x + self._cross(x, memory, memory_mask, memory_key_mask, layer_cache))
+        x = self.norm2(x + self._cross(x, memory, memory_mask, memory_key_mask, cross_cache))
         return self.norm3(x + self._ff(x))
 
     @classmethod

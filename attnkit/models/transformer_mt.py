@@ -6,7 +6,8 @@ Embeddings scaled by ``sqrt(D)`` plus the sinusoidal table (:class:`~attnkit.lay
 pre-norm :class:`~attnkit.layers.TransformerEncoder` / :class:`~attnkit.layers.TransformerDecoder` stacks (pre-norm
 trains stably without a long warm-up, Xiong et al. 2020), and an output projection tied to the target embeddings.
 ``step`` decodes one token per call with one :class:`~attnkit.layers.DecoderLayerCache` per layer (self-attention
-keys/values cached, memory keys/values projected once); its alignment weights are the last layer's
+keys/values cached, memory keys/values projected once into a :class:`~attnkit.layers.CrossKVCache`), and beam
+search reorders those caches in place (``reorder_state``); its alignment weights are the last layer's
 cross-attention averaged over heads, read through the ``Attend`` tap (no maps are stored on the model).
 
 Example:
@@ -154,13 +155,7 @@ class TransformerMT(Seq2SeqBase):
         return self._logits(out)[:, -1], state, weights
 
     def reorder_state(self, state: dict[str, Any], index: Tensor) -> dict[str, Any]:
-        """Pick rows ``index`` of every cache (beam search), through the caches' public API."""
+        """Pick rows ``index`` of every layer's caches (beam search), in place where the batch size stays."""
         for c in state["caches"]:
-            k, v = c.self_attn.keys, c.self_attn.values
-            if k is not None and v is not None:
-                k, v = k.index_select(0, index), v.index_select(0, index)
-                c.self_attn.reset()
-                c.self_attn.update(k, v)
-            if c.memory is not None:
-                c.memory = (c.memory[0].index_select(0, index), c.memory[1].index_select(0, index))
+            c.reorder(index)
         return state

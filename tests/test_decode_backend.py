@@ -77,22 +77,29 @@ def test_decode_head_dims_and_layouts(dtype, e, ev, impl):
         out, w = decode_attention(q, key, v, impl=impl)
         torch.testing.assert_close(out.double(), ref_out, atol=TOL[dtype], rtol=TOL[dtype])
         torch.testing.assert_close(w.double(), ref_w, atol=TOL[dtype], rtol=TOL[dtype])
+        out, w = decode_attention(q, key, v, impl=impl, need_weights=False)  # native: the one-pass kernel
+        assert w is None
+        torch.testing.assert_close(out.double(), ref_out, atol=TOL[dtype], rtol=TOL[dtype])
 
 
 @pytest.mark.skipif(_native.load() is None, reason=f"native kernel unavailable: {_native.status()}")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_native_equals_torch_path_on_a_long_cache(threads):
-    """Many work units and partial outputs (several threads, chunks per head): the two implementations agree."""
+@pytest.mark.parametrize("hk", [8, 1])
+def test_native_equals_torch_path_on_a_long_cache(threads, hk):
+    """Many work units and partial outputs (several threads; one kv head splits its keys into chunks that merge with
+    their running max and sum): the native kernels (two-pass and one-pass) and the PyTorch path agree."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        k, v = _cache_views(1, 8, 5000, 64, 64, torch.float32)
-        q = torch.randn(1, 8, 1, 64)
+        k, v = _cache_views(1, hk, 5000, 64, 64, torch.float32)
+        q = torch.randn(1, 8, 1, 64) * 3  # sharper softmax: the running max moves across chunks
         out_n, w_n = decode_attention(q, k, v, impl="native")
+        out_f, _ = decode_attention(q, k, v, impl="native", need_weights=False)
         out_t, w_t = decode_attention(q, k, v, impl="torch")
     finally:
         torch.set_num_threads(saved)
     torch.testing.assert_close(out_n, out_t, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out_f, out_t, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(w_n, w_t, atol=1e-7, rtol=1e-5)
 
 

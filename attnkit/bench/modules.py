@@ -13,8 +13,8 @@ machine shared with other jobs slows both alike):
    ``--quick``: 1k, 8k)
    against the memory-bandwidth bound ``bytes(K) + bytes(V)`` / read bandwidth, where the read bandwidth is that
    of a large tensor sum measured in the same run; for float32 and bfloat16 caches, PyTorch's fused SDPA next to
-   attnkit's ``decode`` kernel (the native C kernel, and its PyTorch-only path), and which of them
-   ``backend="auto"`` picks at this thread count. Run it with
+   attnkit's ``decode`` kernel (the native C kernel in one pass, as ``backend="auto"`` runs it inside a model, and
+   its PyTorch-only path), and which of them ``backend="auto"`` picks at this thread count. Run it with
    ``OMP_NUM_THREADS=1`` as well: on a busy machine the thread count changes the picture.
 
 ``--quick`` shrinks the module sizes and repeats (for CI and the tour; under 20 s).
@@ -162,10 +162,10 @@ def bandwidth_table(quick: bool) -> Table:
                 return scaled_dot_product_attention(q, k, v, backend="sdpa")
 
             def native_step(q: torch.Tensor = q, k: torch.Tensor = keys, v: torch.Tensor = values) -> Any:
-                return decode_attention(q, k, v, impl=impl)
+                return decode_attention(q, k, v, impl=impl, need_weights=False)
 
             def torch_step(q: torch.Tensor = q, k: torch.Tensor = keys, v: torch.Tensor = values) -> Any:
-                return decode_attention(q, k, v, impl="torch")
+                return decode_attention(q, k, v, impl="torch", need_weights=False)
 
             with torch.no_grad():
                 t_sdpa, t_native, t_torch = _paired([sdpa_step, native_step, torch_step], repeats=reps,

@@ -73,8 +73,8 @@ def _compile(cc: str, flags: list[str], target: Path) -> str | None:
     reason = None
     for extra in (["-fopenmp"], []):  # without OpenMP (e.g. Apple clang) the kernels run on one thread
         try:
-            proc = subprocess.run([cc, *flags, *extra, str(_SOURCE), "-o", tmp], capture_output=True, text=True,
-                                  timeout=120)
+            proc = subprocess.run([cc, *flags, *extra, str(_SOURCE), "-lm", "-o", tmp], capture_output=True,
+                                  text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as exc:
             reason = f"{cc} failed to run: {exc}"
             break
@@ -92,6 +92,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.attnkit_decode_scores.restype = None
     lib.attnkit_decode_pv.argtypes = [ptr, ptr, cint, i64, i64, i64, i64, i64, i64, i64, i64, ptr, i64, cint]
     lib.attnkit_decode_pv.restype = None
+    lib.attnkit_decode_fused.argtypes = [ptr, ptr, cint, *[i64] * 11, ptr, i64, ptr, ptr, ptr, i64, cint]
+    lib.attnkit_decode_fused.restype = None
     lib.attnkit_simd.restype = cint
     lib.attnkit_has_f16.restype = cint
     return lib

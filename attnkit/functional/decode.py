@@ -74,6 +74,8 @@ BLOCK = 1024
 NATIVE_BLOCK = 512
 #: the native kernel's largest head dim (its row buffer)
 MAX_NATIVE_DIM = 512
+#: the one-pass kernel keeps G*L rows of FB scores on each thread's stack
+MAX_FUSED_ROWS = 1024
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -106,7 +108,8 @@ def decode_attention(
     scale: float | None = None,
     block: int = BLOCK,
     impl: str = "auto",
-) -> tuple[Tensor, Tensor]:
+    need_weights: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """Attention of a few queries over a long cache; returns ``(out, weights)``. Inference only (no autograd).
 
     Args:
@@ -118,10 +121,12 @@ def decode_attention(
         block: keys per converted block for half-precision caches (PyTorch path).
         impl: ``"native"`` (the C kernel; raises if it cannot run this input), ``"torch"`` (PyTorch operators
             only), or ``"auto"`` (native where it can run, else PyTorch).
+        need_weights: return the weights; with ``False`` and no mask the native kernel runs in one pass (online
+            softmax per chunk of keys, merged with the log-sum-exp) and the weights are ``None``.
 
     Returns:
         ``out (B, H, L, Ev)`` in the query dtype and ``weights (B, H, L, S)`` in the accumulation dtype (float32,
-        or float64 for float64 inputs); rows with no allowed key give zeros.
+        or float64 for float64 inputs), or ``None``; rows with no allowed key give zeros.
     """
     if impl not in ("auto", "native", "torch"):
         raise V.fail("impl to be 'auto', 'native' or 'torch'", repr(impl), "impl='auto'")
@@ -140,9 +145,13 @@ def decode_attention(
             raise V.fail(f"a CPU float32/bfloat16/float16 cache with E, Ev <= {MAX_NATIVE_DIM} and a loadable "
                          "native library for impl='native'", why, "impl='auto'")
         lib = None if why else _native.load()
+    if lib is not None and attn_mask is None and not need_weights and qg.shape[2] <= MAX_FUSED_ROWS:
+        return _decode_fused(lib, qg.contiguous(), key, value, (b, h, q_len, ev), query.dtype), None
     if lib is not None:
-        return _decode_native(lib, qg.contiguous(), key, value, attn_mask, (b, h, q_len, ev), query.dtype)
-    return _decode_torch(qg, key, value, attn_mask, block, (b, h, q_len, ev), query.dtype)
+        out, weights = _decode_native(lib, qg.contiguous(), key, value, attn_mask, (b, h, q_len, ev), query.dtype)
+    else:
+        out, weights = _decode_torch(qg, key, value, attn_mask, block, (b, h, q_len, ev), query.dtype)
+    return out, weights if need_weights else None
 
 
 def native_unsupported(query: Tensor, key: Tensor, value: Tensor) -> str:
@@ -162,20 +171,49 @@ def native_unsupported(query: Tensor, key: Tensor, value: Tensor) -> str:
     return ""
 
 
+def _rows_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()  # rows must be contiguous; heads/keys may be strided
+
+
+def _chunks(k_len: int, units: int) -> int:
+    """Chunks of keys per (batch, kv head): at least 4 work units per thread, at least NATIVE_BLOCK keys each."""
+    return max(1, min(-(-k_len // NATIVE_BLOCK), -(-4 * torch.get_num_threads() // units)))
+
+
+def _decode_fused(lib: object, qg: Tensor, key: Tensor, value: Tensor, out_shape: tuple[int, int, int, int],
+                  out_dtype: torch.dtype) -> Tensor:
+    """The C kernel in one pass: each (batch, head, chunk) unit returns an unnormalised output, its running max and
+    sum; they merge here exactly (the log-sum-exp recurrence), in small tensors."""
+    b, h, q_len, ev = out_shape
+    key, value = _rows_contiguous(key), _rows_contiguous(value)
+    hk, k_len, e, rows = key.shape[1], key.shape[2], key.shape[3], qg.shape[2]
+    chunks = _chunks(k_len, b * hk)
+    acc = qg.new_empty(b * hk, chunks, rows, ev)
+    run_max, run_sum = qg.new_empty(b * hk, chunks, rows), qg.new_empty(b * hk, chunks, rows)
+    lib.attnkit_decode_fused(key.data_ptr(), value.data_ptr(), _NATIVE_DTYPES[key.dtype], b, hk, k_len, e,  # type: ignore
+                             ev, *key.stride()[:3], *value.stride()[:3], qg.data_ptr(), rows, acc.data_ptr(),
+                             run_max.data_ptr(), run_sum.data_ptr(), chunks, torch.get_num_threads())
+    if chunks == 1:
+        out = acc[:, 0] / run_sum[:, 0, :, None]
+    else:
+        w = torch.exp(run_max - run_max.amax(dim=1, keepdim=True))  # (B*Hkv, C, G*L)
+        out = (acc * w[..., None]).sum(dim=1) / (run_sum * w).sum(dim=1)[..., None]
+    return out.view(b, h, q_len, ev).to(out_dtype)
+
+
 def _decode_native(lib: object, qg: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
                    out_shape: tuple[int, int, int, int], out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The C kernel: one streaming pass over K for the scores, the softmax here, one streaming pass over V."""
     b, h, q_len, ev = out_shape
     hk, k_len, e, rows = key.shape[1], key.shape[2], key.shape[3], qg.shape[2]
-    key = key if key.stride(-1) == 1 else key.contiguous()  # rows must be contiguous; heads/keys may be strided
-    value = value if value.stride(-1) == 1 else value.contiguous()
+    key, value = _rows_contiguous(key), _rows_contiguous(value)
     threads = torch.get_num_threads()
     dt = _NATIVE_DTYPES[key.dtype]
     scores = qg.new_empty(b, hk, rows, k_len)  # (B, Hkv, G*L, S) == (B, H, L, S) as a view
     lib.attnkit_decode_scores(key.data_ptr(), dt, b, hk, k_len, e, key.stride(0), key.stride(1),  # type: ignore
                               key.stride(2), qg.data_ptr(), rows, scores.data_ptr(), NATIVE_BLOCK, threads)
     weights = _masked_softmax_(scores.view(b, h, q_len, k_len), mask).contiguous()  # (B, H, L, S) float32
-    chunks = max(1, min(-(-k_len // NATIVE_BLOCK), -(-4 * threads // (b * hk))))  # >= 4 work units per thread
+    chunks = _chunks(k_len, b * hk)
     part = qg.new_empty(b * hk, chunks, rows, ev)
     lib.attnkit_decode_pv(weights.data_ptr(), value.data_ptr(), dt, b, hk, k_len, ev, value.stride(0),  # type: ignore
                           value.stride(1), value.stride(2), rows, part.data_ptr(), chunks, threads)
@@ -217,13 +255,14 @@ def _decode_torch(qg: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, b
     return out.view(b, h, q_len, ev).to(out_dtype), weights
 
 
-def _decode_fn(call: AttentionCall) -> tuple[Tensor, Tensor]:
+def _decode_fn(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
     mask, causal = call.dense_mask()
     if causal:  # upper-left causal as a tensor (rarely used with a cache; the module passes lower-right masks)
         c = causal_mask(call.q_len, call.k_len, device=call.query.device)
         mask = c if mask is None else (mask & c if mask.dtype == torch.bool else mask.masked_fill(~c, float("-inf")))
-    out, weights = decode_attention(call.query, call.key, call.value, mask, scale=call.scale)
-    return out, weights.to(call.query.dtype)
+    out, weights = decode_attention(call.query, call.key, call.value, mask, scale=call.scale,
+                                    need_weights=call.need_weights)
+    return out, None if weights is None else weights.to(call.query.dtype)
 
 
 def _decode_supports(call: AttentionCall) -> list[str]:

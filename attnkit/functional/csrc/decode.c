@@ -11,6 +11,7 @@
  * Threads: OpenMP, sharing PyTorch's libgomp (same soname), with the thread count PyTorch uses.
  */
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #define ATTNKIT_MAX_DIM 512
@@ -108,6 +109,52 @@ static void pv_generic(const float *p, const void *v, int dt, int64_t B, int64_t
                 float *a = acc + r * Ev;
 #pragma omp simd
                 for (int64_t e = 0; e < Ev; e++) a[e] += w * vr[e];
+            }
+        }
+    }
+}
+
+/* One pass (flash-decoding): each work unit (bh, chunk of keys) keeps a running max m, a running sum l and an
+ * unnormalised output acc, over sub-blocks of FB keys; the units' partials are merged by the caller with their m and
+ * l. K and V are each read once and the only synchronisation is the end of the parallel loop. No mask, no weights. */
+#define FB 64
+static void fused_generic(const void *k, const void *v, int dt, int64_t B, int64_t Hk, int64_t S, int64_t E,
+                          int64_t Ev, int64_t kb, int64_t kh, int64_t ks, int64_t vb, int64_t vh, int64_t vs,
+                          const float *q, int64_t R, float *acc_out, float *m_out, float *l_out, int64_t nchunk,
+                          int nthreads) {
+    const int64_t esize = dt == DT_F32 ? 4 : 2;
+    const int64_t units = B * Hk * nchunk;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t bh = u / nchunk, c = u % nchunk, b = bh / Hk, h = bh % Hk;
+        const int64_t c0 = S * c / nchunk, c1 = S * (c + 1) / nchunk;
+        const float *qq = q + bh * R * E;
+        float *acc = acc_out + u * R * Ev, *m = m_out + u * R, *l = l_out + u * R;
+        const char *kbase = (const char *)k + (b * kb + h * kh) * esize;
+        const char *vbase = (const char *)v + (b * vb + h * vh) * esize;
+        float krow[ATTNKIT_MAX_DIM], vrow[ATTNKIT_MAX_DIM];
+        memset(acc, 0, (size_t)(R * Ev) * sizeof(float));
+        for (int64_t r = 0; r < R; r++) m[r] = -INFINITY, l[r] = 0.0f;
+        for (int64_t s = c0; s < c1; s++) {
+            const float *kr = (const float *)(kbase + s * ks * esize), *vr = (const float *)(vbase + s * vs * esize);
+            if (dt != DT_F32) {
+                widen_row(kbase + s * ks * esize, dt, E, krow);
+                widen_row(vbase + s * vs * esize, dt, Ev, vrow);
+                kr = krow, vr = vrow;
+            }
+            for (int64_t r = 0; r < R; r++) {
+                const float sc = dot(kr, qq + r * E, E);
+                float *a = acc + r * Ev;
+                if (sc > m[r]) {
+                    const float alpha = expf(m[r] - sc);
+                    for (int64_t e = 0; e < Ev; e++) a[e] *= alpha;
+                    l[r] *= alpha;
+                    m[r] = sc;
+                }
+                const float p = expf(sc - m[r]);
+                l[r] += p;
+#pragma omp simd
+                for (int64_t e = 0; e < Ev; e++) a[e] += p * vr[e];
             }
         }
     }
@@ -227,6 +274,128 @@ static inline __attribute__((always_inline)) void pv_avx2(const float *p, const 
         }
     }
 }
+
+/* exp of 8 floats: Cody-Waite range reduction exp(x) = 2^n exp(r), |r| <= ln2/2, and the degree-5 polynomial of the
+ * Cephes library's expf for exp(r) (about 1 ulp); inputs below -87.3 (far below the largest score) give ~0. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447504f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+
+static inline __attribute__((always_inline)) void fused_avx2(const char *k, const char *v, int dt, int64_t B,
+        int64_t Hk, int64_t S, int64_t E, int64_t Ev, int64_t kb, int64_t kh, int64_t ks, int64_t vb, int64_t vh,
+        int64_t vs, const float *q, int64_t R, float *acc_out, float *m_out, float *l_out, int64_t nchunk,
+        int nthreads) {
+    const int64_t esize = dt == DT_F32 ? 4 : 2, krs = ks * esize, vrs = vs * esize;
+    const int64_t units = B * Hk * nchunk;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t bh = u / nchunk, c = u % nchunk, b = bh / Hk, h = bh % Hk;
+        const int64_t c0 = S * c / nchunk, c1 = S * (c + 1) / nchunk;
+        const float *qq = q + bh * R * E;
+        float *acc = acc_out + u * R * Ev, *m = m_out + u * R, *l = l_out + u * R;
+        const char *kbase = k + (b * kb + h * kh) * esize, *vbase = v + (b * vb + h * vh) * esize;
+        float sc[R * FB];
+        memset(acc, 0, (size_t)(R * Ev) * sizeof(float));
+        for (int64_t r = 0; r < R; r++) m[r] = -INFINITY, l[r] = 0.0f;
+        for (int64_t s0 = c0; s0 < c1; s0 += FB) {
+            const int64_t n = s0 + FB < c1 ? FB : c1 - s0;
+            /* scores of the sub-block, four key rows at a time */
+            int64_t j = 0;
+            for (; j + 4 <= n; j += 4) {
+                const char *k0 = kbase + (s0 + j) * krs, *k1 = k0 + krs, *k2 = k1 + krs, *k3 = k2 + krs;
+                for (int64_t r = 0; r < R; r++) {
+                    const float *qr = qq + r * E;
+                    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                    for (int64_t e = 0; e < E; e += 8) {
+                        const __m256 qv = _mm256_loadu_ps(qr + e);
+                        a0 = _mm256_fmadd_ps(load8(k0 + e * esize, dt), qv, a0);
+                        a1 = _mm256_fmadd_ps(load8(k1 + e * esize, dt), qv, a1);
+                        a2 = _mm256_fmadd_ps(load8(k2 + e * esize, dt), qv, a2);
+                        a3 = _mm256_fmadd_ps(load8(k3 + e * esize, dt), qv, a3);
+                    }
+                    _mm_storeu_ps(sc + r * FB + j, hsum4(a0, a1, a2, a3));
+                }
+            }
+            for (; j < n; j++) {
+                const char *k0 = kbase + (s0 + j) * krs;
+                for (int64_t r = 0; r < R; r++) {
+                    __m256 a0 = _mm256_setzero_ps();
+                    for (int64_t e = 0; e < E; e += 8)
+                        a0 = _mm256_fmadd_ps(load8(k0 + e * esize, dt), _mm256_loadu_ps(qq + r * E + e), a0);
+                    sc[r * FB + j] = _mm_cvtss_f32(hsum4(a0, a0, a0, a0));
+                }
+            }
+            /* online softmax: new running max, rescale, probabilities in place of the scores */
+            for (int64_t r = 0; r < R; r++) {
+                float *sr = sc + r * FB, bm = sr[0];
+                for (int64_t i = 1; i < n; i++) bm = sr[i] > bm ? sr[i] : bm;
+                const float mn = bm > m[r] ? bm : m[r], alpha = expf(m[r] - mn);
+                m[r] = mn;
+                const __m256 mv = _mm256_set1_ps(mn);
+                __m256 tot = _mm256_setzero_ps();
+                int64_t i = 0;
+                for (; i + 8 <= n; i += 8) {
+                    const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + i), mv));
+                    _mm256_storeu_ps(sr + i, p);
+                    tot = _mm256_add_ps(tot, p);
+                }
+                float sum = _mm_cvtss_f32(hsum4(tot, tot, tot, tot));
+                for (; i < n; i++) sum += (sr[i] = expf(sr[i] - mn));
+                l[r] = l[r] * alpha + sum;
+                if (alpha != 1.0f) {
+                    float *a = acc + r * Ev;
+                    for (int64_t e = 0; e < Ev; e++) a[e] *= alpha;
+                }
+            }
+            /* acc += p V over the sub-block, 64 output features at a time in registers */
+            for (int64_t r = 0; r < R; r++) {
+                const float *pr = sc + r * FB;
+                float *ar = acc + r * Ev;
+                int64_t e0 = 0;
+                for (; e0 + 64 <= Ev; e0 += 64) {
+                    __m256 x0 = _mm256_loadu_ps(ar + e0), x1 = _mm256_loadu_ps(ar + e0 + 8);
+                    __m256 x2 = _mm256_loadu_ps(ar + e0 + 16), x3 = _mm256_loadu_ps(ar + e0 + 24);
+                    __m256 x4 = _mm256_loadu_ps(ar + e0 + 32), x5 = _mm256_loadu_ps(ar + e0 + 40);
+                    __m256 x6 = _mm256_loadu_ps(ar + e0 + 48), x7 = _mm256_loadu_ps(ar + e0 + 56);
+                    for (int64_t i = 0; i < n; i++) {
+                        const __m256 w = _mm256_broadcast_ss(pr + i);
+                        const char *vr = vbase + (s0 + i) * vrs + e0 * esize;
+                        x0 = _mm256_fmadd_ps(w, load8(vr, dt), x0);
+                        x1 = _mm256_fmadd_ps(w, load8(vr + 8 * esize, dt), x1);
+                        x2 = _mm256_fmadd_ps(w, load8(vr + 16 * esize, dt), x2);
+                        x3 = _mm256_fmadd_ps(w, load8(vr + 24 * esize, dt), x3);
+                        x4 = _mm256_fmadd_ps(w, load8(vr + 32 * esize, dt), x4);
+                        x5 = _mm256_fmadd_ps(w, load8(vr + 40 * esize, dt), x5);
+                        x6 = _mm256_fmadd_ps(w, load8(vr + 48 * esize, dt), x6);
+                        x7 = _mm256_fmadd_ps(w, load8(vr + 56 * esize, dt), x7);
+                    }
+                    _mm256_storeu_ps(ar + e0, x0), _mm256_storeu_ps(ar + e0 + 8, x1);
+                    _mm256_storeu_ps(ar + e0 + 16, x2), _mm256_storeu_ps(ar + e0 + 24, x3);
+                    _mm256_storeu_ps(ar + e0 + 32, x4), _mm256_storeu_ps(ar + e0 + 40, x5);
+                    _mm256_storeu_ps(ar + e0 + 48, x6), _mm256_storeu_ps(ar + e0 + 56, x7);
+                }
+                for (; e0 < Ev; e0 += 8) {
+                    __m256 x0 = _mm256_loadu_ps(ar + e0);
+                    for (int64_t i = 0; i < n; i++)
+                        x0 = _mm256_fmadd_ps(_mm256_broadcast_ss(pr + i), load8(vbase + (s0 + i) * vrs + e0 * esize, dt), x0);
+                    _mm256_storeu_ps(ar + e0, x0);
+                }
+            }
+        }
+    }
+}
 #endif
 
 int attnkit_simd(void) {
@@ -262,4 +431,26 @@ void attnkit_decode_pv(const float *p, const void *v, int dt, int64_t B, int64_t
     }
 #endif
     pv_generic(p, v, dt, B, Hk, S, Ev, sb, sh, ss, R, part, nchunk, nthreads);
+}
+
+/* acc_out: (B*Hk, nchunk, R, Ev); m_out, l_out: (B*Hk, nchunk, R); all float32, written. */
+void attnkit_decode_fused(const void *k, const void *v, int dt, int64_t B, int64_t Hk, int64_t S, int64_t E,
+                          int64_t Ev, int64_t kb, int64_t kh, int64_t ks, int64_t vb, int64_t vh, int64_t vs,
+                          const float *q, int64_t R, float *acc_out, float *m_out, float *l_out, int64_t nchunk,
+                          int nthreads) {
+#ifdef ATTNKIT_AVX2
+    if (E % 8 == 0 && Ev % 8 == 0) {
+        if (dt == DT_F32)
+            fused_avx2(k, v, DT_F32, B, Hk, S, E, Ev, kb, kh, ks, vb, vh, vs, q, R, acc_out, m_out, l_out, nchunk,
+                       nthreads);
+        else if (dt == DT_BF16)
+            fused_avx2(k, v, DT_BF16, B, Hk, S, E, Ev, kb, kh, ks, vb, vh, vs, q, R, acc_out, m_out, l_out, nchunk,
+                       nthreads);
+        else
+            fused_avx2(k, v, DT_F16, B, Hk, S, E, Ev, kb, kh, ks, vb, vh, vs, q, R, acc_out, m_out, l_out, nchunk,
+                       nthreads);
+        return;
+    }
+#endif
+    fused_generic(k, v, dt, B, Hk, S, E, Ev, kb, kh, ks, vb, vh, vs, q, R, acc_out, m_out, l_out, nchunk, nthreads);
 }

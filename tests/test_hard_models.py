@@ -65,7 +65,7 @@ def test_ram_loss_trains_every_part_and_respects_detach_rules() -> None:
     assert torch.equal(a.locations, b.locations) and torch.equal(a.logits, b.logits)  # eval is deterministic
 
 
-@pytest.mark.parametrize("attention", ["soft", "hard"])
+@pytest.mark.parametrize("attention", ["soft", "hard", "gumbel"])
 def test_captioner_loss_and_generation(attention: str) -> None:
     torch.manual_seed(0)
     model = ShowAttendTell(attention, hidden=32, attn_dim=16, feature_dim=16, expected_prob=0.0)
@@ -74,10 +74,12 @@ def test_captioner_loss_and_generation(attention: str) -> None:
     out = model(s.images, s.tokens, generator=torch.Generator().manual_seed(0))
     assert out.logits.shape == (4, 5, len(CAPTION_VOCAB)) and out.weights.shape == (4, 5, 80)
     torch.testing.assert_close(out.probs.sum(-1), torch.ones(4, 5))
-    if attention == "hard":
+    if attention != "soft":
         assert bool((out.weights.sum(-1) == 1).all()) and bool((out.weights.max(-1).values == 1).all())
+    # gumbel: trained through the straight-through weights, so no REINFORCE term (log_prob carries no gradient)
+    assert out.log_prob.requires_grad == (attention == "hard")
     baseline = MovingAverageBaseline(0.9)
-    loss = caption_loss(out, s.tokens, baseline=baseline, entropy_weight=0.01)
+    loss = caption_loss(out, s.tokens, baseline=baseline, entropy_weight=0.01, normalize=True)
     assert (loss.reinforce.abs() > 0) == (attention == "hard")
     assert int(baseline.count) == (1 if attention == "hard" else 0)
     loss.total.backward()

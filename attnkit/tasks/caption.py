@@ -28,9 +28,12 @@ from attnkit.tasks.report import Section, format_table
 
 HELP = "Show-Attend-and-Tell on multi-digit MNIST scenes: soft vs hard (REINFORCE) attention"
 
+# final probability that a training step uses the expected context (Xu et al. 2015 use 0.5 for hard attention)
+DEFAULT_EXPECTED_PROB = {"hard": 0.5, "gumbel": 0.0}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--attention", default="soft,hard", help="comma-separated: soft, hard")
+    p.add_argument("--attention", default="soft,hard", help="comma-separated: soft, hard, gumbel")
     p.add_argument("--quick", action="store_true", help="small data, few epochs (CI / tour, ~1-2 min)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: 4 quick, 10 full)")
     p.add_argument("--train-size", type=int, default=None, help="training scenes (default: 4000 quick, 40000)")
@@ -39,6 +42,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--entropy-weight", type=float, default=0.01, help="entropy bonus of hard attention")
     p.add_argument("--reinforce-weight", type=float, default=0.1, help="weight of the REINFORCE term (lambda_r)")
+    p.add_argument(
+        "--expected-prob",
+        type=float,
+        default=None,
+        help="hard/gumbel: final probability of using the expected context at a step (default: 0.5 hard, 0 gumbel)",
+    )
+    p.add_argument(
+        "--expected-anneal",
+        type=float,
+        default=1.0,
+        help="fraction of the steps over which that probability falls from 1 (soft) to --expected-prob; 0 = none",
+    )
+    p.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="hard: divide the REINFORCE advantages by their batch standard deviation",
+    )
+    p.add_argument("--tau", type=float, default=1.0, help="gumbel: temperature of the relaxed softmax")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/caption", help="folder for results.json and overlays")
 
@@ -48,6 +70,20 @@ def _parse_attention(text: str) -> list[str]:
     if not names or any(n not in ATTENTIONS for n in names):
         raise ValueError(f"expected --attention from {ATTENTIONS}, got {text!r}; try --attention soft,hard")
     return names
+
+
+def expected_schedule(step: int, total: int, *, final: float, anneal: float) -> float:
+    """The curriculum of hard attention: the probability that training step ``step`` (of ``total``) uses the
+    expected context; 1 (soft attention) at step 0, falling linearly to ``final`` at ``anneal * total`` steps.
+
+    Example:
+        >>> [round(expected_schedule(s, 100, final=0.5, anneal=0.5), 2) for s in (0, 25, 50, 99)]
+        [1.0, 0.75, 0.5, 0.5]
+    """
+    if anneal <= 0:
+        return final
+    frac = min(step / (anneal * total), 1.0)
+    return 1.0 + (final - 1.0) * frac
 
 
 def train_captioner(
@@ -60,10 +96,25 @@ def train_captioner(
     entropy_weight: float,
     seed: int,
     reinforce_weight: float = 0.1,
+    expected_prob: float | None = None,
+    expected_anneal: float = 1.0,
+    normalize: bool = True,
+    tau: float = 1.0,
 ) -> tuple[ShowAttendTell, float]:
-    """Train one captioner (teacher forcing); returns the model in eval mode and the training seconds."""
+    """Train one captioner (teacher forcing); returns the model in eval mode and the training seconds.
+
+    Hard attention uses a curriculum: the probability that a step uses the expected context starts at 1 (soft
+    attention) and falls linearly to ``expected_prob`` over the first ``expected_anneal`` fraction of the steps
+    (0 = no curriculum, the paper's fixed ``expected_prob`` from the start). ``expected_prob=None`` means 0.5
+    for ``"hard"`` (Xu et al.) and 0 for ``"gumbel"``. ``normalize`` divides the REINFORCE advantages by their
+    standard deviation over the batch.
+    """
+    if expected_prob is None:
+        expected_prob = DEFAULT_EXPECTED_PROB.get(attention, 0.0)
+    if not 0.0 <= expected_anneal <= 1.0:
+        raise ValueError(f"expected expected_anneal in [0, 1], got {expected_anneal!r}; try expected_anneal=1.0")
     torch.manual_seed(seed)
-    model = ShowAttendTell(attention)
+    model = ShowAttendTell(attention, expected_prob=expected_prob, tau=tau)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     baseline = MovingAverageBaseline(0.9)
     g = torch.Generator().manual_seed(seed + 1)
@@ -72,15 +123,23 @@ def train_captioner(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05, div_factor=5.0)
     model.train()
     start = time.perf_counter()
+    step = 0
     with tqdm(total=steps, desc=f"caption {attention}", leave=False) as bar:
         for _ in range(epochs):
             order = torch.randperm(n, generator=g)
             for i in range(0, n, batch_size):
+                model.expected_prob = expected_schedule(step, steps, final=expected_prob, anneal=expected_anneal)
+                step += 1
                 idx = order[i : i + batch_size]
                 tokens = data.tokens[idx]
                 out = model(data.images[idx], tokens, generator=g)
                 loss = caption_loss(
-                    out, tokens, baseline=baseline, entropy_weight=entropy_weight, reinforce_weight=reinforce_weight
+                    out,
+                    tokens,
+                    baseline=baseline,
+                    entropy_weight=entropy_weight,
+                    reinforce_weight=reinforce_weight,
+                    normalize=normalize,
                 )
                 opt.zero_grad(set_to_none=True)
                 loss.total.backward()
@@ -156,6 +215,10 @@ def run_experiment(
     entropy_weight: float = 0.01,
     seed: int = 0,
     reinforce_weight: float = 0.1,
+    expected_prob: float | None = None,
+    expected_anneal: float = 1.0,
+    normalize: bool = True,
+    tau: float = 1.0,
 ) -> dict:
     epochs = epochs or (4 if quick else 10)
     train_size = train_size or (4000 if quick else 40_000)
@@ -175,6 +238,10 @@ def run_experiment(
             entropy_weight=entropy_weight,
             seed=seed,
             reinforce_weight=reinforce_weight,
+            expected_prob=expected_prob,
+            expected_anneal=expected_anneal,
+            normalize=normalize,
+            tau=tau,
         )
         metrics = evaluate_captioner(model, test)
         picture = plot_overlays(model, test, out_dir / f"caption_overlay_{name}.png")
@@ -188,6 +255,10 @@ def run_experiment(
             "lr": lr,
             "entropy_weight": entropy_weight,
             "reinforce_weight": reinforce_weight,
+            "expected_prob": expected_prob,
+            "expected_anneal": expected_anneal,
+            "normalize": normalize,
+            "tau": tau,
             "seed": seed,
             "quick": quick,
         },
@@ -226,6 +297,10 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         entropy_weight=args.entropy_weight,
         reinforce_weight=args.reinforce_weight,
+        expected_prob=args.expected_prob,
+        expected_anneal=args.expected_anneal,
+        normalize=args.normalize,
+        tau=args.tau,
         seed=args.seed,
     )
     s = summary["settings"]

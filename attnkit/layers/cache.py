@@ -53,9 +53,11 @@ def _check_index(index: object, batch: int | None) -> Tensor:
     if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
         got = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, Tensor) else type(index).__name__
         raise fail("index: a 1-D integer tensor of batch rows", got, "torch.tensor([1, 0]) (beam search's parent rows)")
-    if batch is not None and index.numel() and (int(index.min()) < 0 or int(index.max()) >= batch):
-        raise fail(f"batch rows in [0, {batch}) (the batch this cache holds)",
-                   f"rows in [{int(index.min())}, {int(index.max())}]", "the parent rows of the current batch")
+    if batch is not None and index.numel():
+        low, high = (int(x) for x in torch.aminmax(index))
+        if low < 0 or high >= batch:
+            raise fail(f"batch rows in [0, {batch}) (the batch this cache holds)", f"rows in [{low}, {high}]",
+                       "the parent rows of the current batch")
     return index
 
 

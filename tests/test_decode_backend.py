@@ -133,6 +133,29 @@ def test_native_build_fallbacks(tmp_path, monkeypatch):
     assert _native._build()[0] is not None
 
 
+@pytest.mark.skipif(_native.load() is None, reason=f"native kernel unavailable: {_native.status()}")
+def test_portable_c_path_matches_reference(tmp_path, monkeypatch):
+    """The C code without AVX2 (what a CPU without it, or another architecture, runs): both kernels, all dtypes."""
+    from attnkit.functional.decode import _decode_fused, _decode_native
+
+    monkeypatch.setenv("ATTNKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("ATTNKIT_NATIVE_SIMD", "0")
+    lib, why = _native._build()
+    assert lib is not None and "portable C" in why and not lib.attnkit_simd()
+    for dtype in (torch.float32, torch.bfloat16) + ((torch.float16,) if lib.attnkit_has_f16() else ()):
+        k, v = _cache_views(2, 2, 301, 24, 16, dtype)
+        q = torch.randn(2, 4, 2, 24, dtype=torch.float64).to(dtype)
+        qg = (q.float() * 24**-0.5).reshape(2, 2, 4, 24).contiguous()
+        mask = torch.rand(2, 1, 2, 301) > 0.2
+        ref, ref_w = attention_reference(q.double(), k.double(), v.double(), mask)
+        out, w = _decode_native(lib, qg, k, v, mask, (2, 4, 2, 16), dtype)
+        torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+        torch.testing.assert_close(w.double(), ref_w, atol=TOL[dtype], rtol=TOL[dtype])
+        ref, _ = attention_reference(q.double(), k.double(), v.double())
+        out = _decode_fused(lib, qg, k, v, (2, 4, 2, 16), dtype)
+        torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
 def test_routing_and_reasons(one_thread, monkeypatch):
     q = torch.randn(1, 8, 1, 32).bfloat16()
     k = v = torch.randn(1, 2, 512, 32).bfloat16()

@@ -12,6 +12,8 @@ and writes it under a temporary name first, then renames it, so processes racing
 Later calls and processes load the cached library. The library links the same ``libgomp.so.1`` that PyTorch
 loaded, so both share one OpenMP runtime, and it runs with PyTorch's thread count.
 
+``ATTNKIT_NATIVE_SIMD=0`` builds the portable C code only (no AVX2), which the tests use to check that path too.
+
 Nothing depends on it. Without a compiler, or with ``ATTNKIT_NATIVE=0``, :func:`load` returns ``None``, callers run
 their pure-PyTorch path, and :func:`status` says why. Every native kernel has a parity test against the reference.
 
@@ -60,7 +62,8 @@ def _cpu_flags() -> set[str]:
 
 def _flags() -> list[str]:
     flags = ["-O3", "-std=gnu11", "-fPIC", "-shared"]
-    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= _cpu_flags():
+    simd = os.environ.get("ATTNKIT_NATIVE_SIMD", "1").strip().lower() not in ("0", "false", "no", "off")
+    if simd and platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= _cpu_flags():
         flags += ["-mavx2", "-mfma", "-mf16c"]
     return flags
 

@@ -178,8 +178,73 @@ static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
-/* four key rows at a time against every query row: each row is read from memory once, the 4 x R dot products
- * come from L1, and one horizontal reduction gives four contiguous scores. */
+/* scores of four consecutive key rows (k0, k0 + rs, ...) against R query rows: o[r * ostride + 0..3]. Each row is
+ * read from memory once; the 4 x R dot products come from L1; one horizontal reduction gives four scores. */
+static inline __attribute__((always_inline)) void scores4(const char *k0, int64_t rs, int dt, const float *q,
+                                                          int64_t R, int64_t E, float *o, int64_t ostride) {
+    const int64_t esize = dt == DT_F32 ? 4 : 2;
+    const char *k1 = k0 + rs, *k2 = k1 + rs, *k3 = k2 + rs;
+    for (int64_t r = 0; r < R; r++) {
+        const float *qr = q + r * E;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < E; j += 8) {
+            const __m256 qv = _mm256_loadu_ps(qr + j);
+            a0 = _mm256_fmadd_ps(load8(k0 + j * esize, dt), qv, a0);
+            a1 = _mm256_fmadd_ps(load8(k1 + j * esize, dt), qv, a1);
+            a2 = _mm256_fmadd_ps(load8(k2 + j * esize, dt), qv, a2);
+            a3 = _mm256_fmadd_ps(load8(k3 + j * esize, dt), qv, a3);
+        }
+        _mm_storeu_ps(o + r * ostride, hsum4(a0, a1, a2, a3));
+    }
+}
+
+/* the score of one key row against R query rows: o[r * ostride] */
+static inline __attribute__((always_inline)) void scores1(const char *k0, int dt, const float *q, int64_t R,
+                                                          int64_t E, float *o, int64_t ostride) {
+    const int64_t esize = dt == DT_F32 ? 4 : 2;
+    for (int64_t r = 0; r < R; r++) {
+        __m256 a0 = _mm256_setzero_ps();
+        for (int64_t j = 0; j < E; j += 8) a0 = _mm256_fmadd_ps(load8(k0 + j * esize, dt), _mm256_loadu_ps(q + r * E + j), a0);
+        o[r * ostride] = _mm_cvtss_f32(hsum4(a0, a0, a0, a0));
+    }
+}
+
+/* acc[0..Ev) += sum_i p[i] * V[i, :] over n value rows (v0, v0 + rs, ...), 64 output features at a time in
+ * registers (8 accumulators), then 8 at a time. */
+static inline __attribute__((always_inline)) void pv_rows(const float *p, const char *v0, int64_t n, int64_t rs,
+                                                          int dt, float *acc, int64_t Ev) {
+    const int64_t esize = dt == DT_F32 ? 4 : 2;
+    int64_t e0 = 0;
+    for (; e0 + 64 <= Ev; e0 += 64) {
+        float *a = acc + e0;
+        __m256 x0 = _mm256_loadu_ps(a), x1 = _mm256_loadu_ps(a + 8), x2 = _mm256_loadu_ps(a + 16);
+        __m256 x3 = _mm256_loadu_ps(a + 24), x4 = _mm256_loadu_ps(a + 32), x5 = _mm256_loadu_ps(a + 40);
+        __m256 x6 = _mm256_loadu_ps(a + 48), x7 = _mm256_loadu_ps(a + 56);
+        for (int64_t i = 0; i < n; i++) {
+            const __m256 w = _mm256_broadcast_ss(p + i);
+            const char *vr = v0 + i * rs + e0 * esize;
+            x0 = _mm256_fmadd_ps(w, load8(vr, dt), x0);
+            x1 = _mm256_fmadd_ps(w, load8(vr + 8 * esize, dt), x1);
+            x2 = _mm256_fmadd_ps(w, load8(vr + 16 * esize, dt), x2);
+            x3 = _mm256_fmadd_ps(w, load8(vr + 24 * esize, dt), x3);
+            x4 = _mm256_fmadd_ps(w, load8(vr + 32 * esize, dt), x4);
+            x5 = _mm256_fmadd_ps(w, load8(vr + 40 * esize, dt), x5);
+            x6 = _mm256_fmadd_ps(w, load8(vr + 48 * esize, dt), x6);
+            x7 = _mm256_fmadd_ps(w, load8(vr + 56 * esize, dt), x7);
+        }
+        _mm256_storeu_ps(a, x0), _mm256_storeu_ps(a + 8, x1), _mm256_storeu_ps(a + 16, x2);
+        _mm256_storeu_ps(a + 24, x3), _mm256_storeu_ps(a + 32, x4), _mm256_storeu_ps(a + 40, x5);
+        _mm256_storeu_ps(a + 48, x6), _mm256_storeu_ps(a + 56, x7);
+    }
+    for (; e0 < Ev; e0 += 8) {
+        __m256 x0 = _mm256_loadu_ps(acc + e0);
+        for (int64_t i = 0; i < n; i++)
+            x0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p + i), load8(v0 + i * rs + e0 * esize, dt), x0);
+        _mm256_storeu_ps(acc + e0, x0);
+    }
+}
+
+/* scores, four key rows at a time */
 static inline __attribute__((always_inline)) void scores_avx2(const char *k, int dt, int64_t B, int64_t Hk,
         int64_t S, int64_t E, int64_t sb, int64_t sh, int64_t ss, const float *q, int64_t R, float *out,
         int64_t block, int nthreads) {
@@ -194,34 +259,13 @@ static inline __attribute__((always_inline)) void scores_avx2(const char *k, int
         float *o = out + bh * R * S;
         const char *base = k + (b * sb + h * sh) * esize;
         int64_t s = s0;
-        for (; s + 4 <= s1; s += 4) {
-            const char *k0 = base + s * rs, *k1 = k0 + rs, *k2 = k1 + rs, *k3 = k2 + rs;
-            for (int64_t r = 0; r < R; r++) {
-                const float *qr = qq + r * E;
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (int64_t j = 0; j < E; j += 8) {
-                    const __m256 qv = _mm256_loadu_ps(qr + j);
-                    a0 = _mm256_fmadd_ps(load8(k0 + j * esize, dt), qv, a0);
-                    a1 = _mm256_fmadd_ps(load8(k1 + j * esize, dt), qv, a1);
-                    a2 = _mm256_fmadd_ps(load8(k2 + j * esize, dt), qv, a2);
-                    a3 = _mm256_fmadd_ps(load8(k3 + j * esize, dt), qv, a3);
-                }
-                _mm_storeu_ps(o + r * S + s, hsum4(a0, a1, a2, a3));
-            }
-        }
-        for (; s < s1; s++) {
-            const char *k0 = base + s * rs;
-            for (int64_t r = 0; r < R; r++) {
-                __m256 a0 = _mm256_setzero_ps();
-                for (int64_t j = 0; j < E; j += 8) a0 = _mm256_fmadd_ps(load8(k0 + j * esize, dt), _mm256_loadu_ps(qq + r * E + j), a0);
-                o[r * S + s] = _mm_cvtss_f32(hsum4(a0, a0, a0, a0));
-            }
-        }
+        for (; s + 4 <= s1; s += 4) scores4(base + s * rs, rs, dt, qq, R, E, o + s, S);
+        for (; s < s1; s++) scores1(base + s * rs, dt, qq, R, E, o + s, S);
     }
 }
 
 /* p V over chunks of keys; within a chunk, sub-blocks of SUB rows (which stay in L1/L2) are swept once per query
- * row and per tile of 64 output features, with the tile's 8 accumulators in registers. */
+ * row, so grouped queries re-read a sub-block from the CPU cache, not from memory. */
 #define SUB 128
 static inline __attribute__((always_inline)) void pv_avx2(const float *p, const char *v, int dt, int64_t B,
         int64_t Hk, int64_t S, int64_t Ev, int64_t sb, int64_t sh, int64_t ss, int64_t R, float *part,
@@ -237,40 +281,8 @@ static inline __attribute__((always_inline)) void pv_avx2(const float *p, const 
         memset(acc, 0, (size_t)(R * Ev) * sizeof(float));
         const char *base = v + (b * sb + h * sh) * esize;
         for (int64_t s0 = c0; s0 < c1; s0 += SUB) {
-            const int64_t s1 = s0 + SUB < c1 ? s0 + SUB : c1;
-            for (int64_t r = 0; r < R; r++) {
-                const float *pr = pp + r * S;
-                float *ar = acc + r * Ev;
-                int64_t e0 = 0;
-                for (; e0 + 64 <= Ev; e0 += 64) {
-                    __m256 x0 = _mm256_loadu_ps(ar + e0), x1 = _mm256_loadu_ps(ar + e0 + 8);
-                    __m256 x2 = _mm256_loadu_ps(ar + e0 + 16), x3 = _mm256_loadu_ps(ar + e0 + 24);
-                    __m256 x4 = _mm256_loadu_ps(ar + e0 + 32), x5 = _mm256_loadu_ps(ar + e0 + 40);
-                    __m256 x6 = _mm256_loadu_ps(ar + e0 + 48), x7 = _mm256_loadu_ps(ar + e0 + 56);
-                    for (int64_t s = s0; s < s1; s++) {
-                        const __m256 w = _mm256_broadcast_ss(pr + s);
-                        const char *vr = base + s * rs + e0 * esize;
-                        x0 = _mm256_fmadd_ps(w, load8(vr, dt), x0);
-                        x1 = _mm256_fmadd_ps(w, load8(vr + 8 * esize, dt), x1);
-                        x2 = _mm256_fmadd_ps(w, load8(vr + 16 * esize, dt), x2);
-                        x3 = _mm256_fmadd_ps(w, load8(vr + 24 * esize, dt), x3);
-                        x4 = _mm256_fmadd_ps(w, load8(vr + 32 * esize, dt), x4);
-                        x5 = _mm256_fmadd_ps(w, load8(vr + 40 * esize, dt), x5);
-                        x6 = _mm256_fmadd_ps(w, load8(vr + 48 * esize, dt), x6);
-                        x7 = _mm256_fmadd_ps(w, load8(vr + 56 * esize, dt), x7);
-                    }
-                    _mm256_storeu_ps(ar + e0, x0), _mm256_storeu_ps(ar + e0 + 8, x1);
-                    _mm256_storeu_ps(ar + e0 + 16, x2), _mm256_storeu_ps(ar + e0 + 24, x3);
-                    _mm256_storeu_ps(ar + e0 + 32, x4), _mm256_storeu_ps(ar + e0 + 40, x5);
-                    _mm256_storeu_ps(ar + e0 + 48, x6), _mm256_storeu_ps(ar + e0 + 56, x7);
-                }
-                for (; e0 < Ev; e0 += 8) {
-                    __m256 x0 = _mm256_loadu_ps(ar + e0);
-                    for (int64_t s = s0; s < s1; s++)
-                        x0 = _mm256_fmadd_ps(_mm256_broadcast_ss(pr + s), load8(base + s * rs + e0 * esize, dt), x0);
-                    _mm256_storeu_ps(ar + e0, x0);
-                }
-            }
+            const int64_t n = s0 + SUB < c1 ? SUB : c1 - s0;
+            for (int64_t r = 0; r < R; r++) pv_rows(pp + r * S + s0, base + s0 * rs, n, rs, dt, acc + r * Ev, Ev);
         }
     }
 }
@@ -313,30 +325,8 @@ static inline __attribute__((always_inline)) void fused_avx2(const char *k, cons
             const int64_t n = s0 + FB < c1 ? FB : c1 - s0;
             /* scores of the sub-block, four key rows at a time */
             int64_t j = 0;
-            for (; j + 4 <= n; j += 4) {
-                const char *k0 = kbase + (s0 + j) * krs, *k1 = k0 + krs, *k2 = k1 + krs, *k3 = k2 + krs;
-                for (int64_t r = 0; r < R; r++) {
-                    const float *qr = qq + r * E;
-                    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                    for (int64_t e = 0; e < E; e += 8) {
-                        const __m256 qv = _mm256_loadu_ps(qr + e);
-                        a0 = _mm256_fmadd_ps(load8(k0 + e * esize, dt), qv, a0);
-                        a1 = _mm256_fmadd_ps(load8(k1 + e * esize, dt), qv, a1);
-                        a2 = _mm256_fmadd_ps(load8(k2 + e * esize, dt), qv, a2);
-                        a3 = _mm256_fmadd_ps(load8(k3 + e * esize, dt), qv, a3);
-                    }
-                    _mm_storeu_ps(sc + r * FB + j, hsum4(a0, a1, a2, a3));
-                }
-            }
-            for (; j < n; j++) {
-                const char *k0 = kbase + (s0 + j) * krs;
-                for (int64_t r = 0; r < R; r++) {
-                    __m256 a0 = _mm256_setzero_ps();
-                    for (int64_t e = 0; e < E; e += 8)
-                        a0 = _mm256_fmadd_ps(load8(k0 + e * esize, dt), _mm256_loadu_ps(qq + r * E + e), a0);
-                    sc[r * FB + j] = _mm_cvtss_f32(hsum4(a0, a0, a0, a0));
-                }
-            }
+            for (; j + 4 <= n; j += 4) scores4(kbase + (s0 + j) * krs, krs, dt, qq, R, E, sc + j, FB);
+            for (; j < n; j++) scores1(kbase + (s0 + j) * krs, dt, qq, R, E, sc + j, FB);
             /* online softmax: new running max, rescale, probabilities in place of the scores */
             for (int64_t r = 0; r < R; r++) {
                 float *sr = sc + r * FB, bm = sr[0];
@@ -359,40 +349,8 @@ static inline __attribute__((always_inline)) void fused_avx2(const char *k, cons
                     for (int64_t e = 0; e < Ev; e++) a[e] *= alpha;
                 }
             }
-            /* acc += p V over the sub-block, 64 output features at a time in registers */
-            for (int64_t r = 0; r < R; r++) {
-                const float *pr = sc + r * FB;
-                float *ar = acc + r * Ev;
-                int64_t e0 = 0;
-                for (; e0 + 64 <= Ev; e0 += 64) {
-                    __m256 x0 = _mm256_loadu_ps(ar + e0), x1 = _mm256_loadu_ps(ar + e0 + 8);
-                    __m256 x2 = _mm256_loadu_ps(ar + e0 + 16), x3 = _mm256_loadu_ps(ar + e0 + 24);
-                    __m256 x4 = _mm256_loadu_ps(ar + e0 + 32), x5 = _mm256_loadu_ps(ar + e0 + 40);
-                    __m256 x6 = _mm256_loadu_ps(ar + e0 + 48), x7 = _mm256_loadu_ps(ar + e0 + 56);
-                    for (int64_t i = 0; i < n; i++) {
-                        const __m256 w = _mm256_broadcast_ss(pr + i);
-                        const char *vr = vbase + (s0 + i) * vrs + e0 * esize;
-                        x0 = _mm256_fmadd_ps(w, load8(vr, dt), x0);
-                        x1 = _mm256_fmadd_ps(w, load8(vr + 8 * esize, dt), x1);
-                        x2 = _mm256_fmadd_ps(w, load8(vr + 16 * esize, dt), x2);
-                        x3 = _mm256_fmadd_ps(w, load8(vr + 24 * esize, dt), x3);
-                        x4 = _mm256_fmadd_ps(w, load8(vr + 32 * esize, dt), x4);
-                        x5 = _mm256_fmadd_ps(w, load8(vr + 40 * esize, dt), x5);
-                        x6 = _mm256_fmadd_ps(w, load8(vr + 48 * esize, dt), x6);
-                        x7 = _mm256_fmadd_ps(w, load8(vr + 56 * esize, dt), x7);
-                    }
-                    _mm256_storeu_ps(ar + e0, x0), _mm256_storeu_ps(ar + e0 + 8, x1);
-                    _mm256_storeu_ps(ar + e0 + 16, x2), _mm256_storeu_ps(ar + e0 + 24, x3);
-                    _mm256_storeu_ps(ar + e0 + 32, x4), _mm256_storeu_ps(ar + e0 + 40, x5);
-                    _mm256_storeu_ps(ar + e0 + 48, x6), _mm256_storeu_ps(ar + e0 + 56, x7);
-                }
-                for (; e0 < Ev; e0 += 8) {
-                    __m256 x0 = _mm256_loadu_ps(ar + e0);
-                    for (int64_t i = 0; i < n; i++)
-                        x0 = _mm256_fmadd_ps(_mm256_broadcast_ss(pr + i), load8(vbase + (s0 + i) * vrs + e0 * esize, dt), x0);
-                    _mm256_storeu_ps(ar + e0, x0);
-                }
-            }
+            /* acc += p V over the sub-block */
+            for (int64_t r = 0; r < R; r++) pv_rows(sc + r * FB, vbase + s0 * vrs, n, vrs, dt, acc + r * Ev, Ev);
         }
     }
 }

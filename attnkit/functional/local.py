@@ -12,9 +12,11 @@ also only to keys at positions ``<=`` its own. With ``L`` queries and ``S`` keys
 How it is fast. The band is cut into *pieces*: for every block offset ``d`` one batched call of PyTorch's CPU flash
 kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``) over all blocks at once, using views of the inputs
 and no copies; the diagonal piece runs with ``is_causal`` so it costs half. The pieces' outputs are merged exactly
-with their log-sum-exp, and the backward pass drives the flash backward kernel of every piece with the *merged*
-output and log-sum-exp (the recurrence of ring attention), so training also costs O(N·w). Inputs the fast path does
-not cover (a key-padding mask, ``L != S``) go through a readable blockwise path with autograd that is O(N·w) as well.
+with their log-sum-exp. The causal band's backward recomputes the probabilities from the *merged* log-sum-exp
+tile by tile (128 query rows against their contiguous key range) with batched matrix products, split over threads by
+rows of ``B*H``; the other windows drive the flash backward kernel of every piece with the merged output and
+log-sum-exp (the recurrence of ring attention). Training costs O(N·w) either way. Inputs the fast path does not
+cover (a key-padding mask, ``L != S``) go through a readable blockwise path with autograd that is O(N·w) as well.
 
 Example:
     >>> import torch
@@ -30,11 +32,15 @@ Example:
 
 from __future__ import annotations
 
+import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from attnkit._runtime import torch_threads
 
 from . import _validate as V
 from ._reference import expand_kv_heads
@@ -289,8 +295,14 @@ def _band_plan(n: int, w: int, lb: int) -> _BandPlan:
     return _BandPlan(n, w, lb, sub, tuple(pieces))
 
 
+_BWD_ROWS = 128  # query rows per backward tile: small causal diagonals, matrix products that stay in cache
+_BWD_TILE_BYTES = 4 * 1024**2  # score buffer per backward tile (per thread)
+_BWD_MIN_THREADED = 1 << 16  # elements of q below which the backward stays in one thread
+
+
 class _CausalBandFn(torch.autograd.Function):
-    """Causal window attention on ``(BH, N, E)`` (N a multiple of w): exact, one flash call per piece."""
+    """Causal window attention on ``(BH, N, E)`` (N a multiple of w): exact; forward one flash call per piece,
+    backward tiles of batched matrix products (:func:`_band_backward`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):  # type: ignore[no-untyped-def, override]
@@ -317,19 +329,91 @@ class _CausalBandFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def, override]
         q, k, v, out, lse = ctx.saved_tensors
-        plan = ctx.plan
-        grad_out = grad_out.contiguous()
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for p in plan.pieces:
-            g_q, g_k, g_v = _flash_backward(
-                plan.q_view(grad_out, p).contiguous(), plan.q_view(q, p), plan.k_view(k, p), plan.k_view(v, p),
-                plan.q_view(out, p).contiguous(), plan.q_view(lse, p).squeeze(-1).contiguous(), 0.0,
-                p.kind == "diag", scale=ctx.scale,
-            )
-            plan.q_view(dq, p).add_(g_q)
-            plan.k_add(dk, g_k, p)
-            plan.k_add(dv, g_v, p)
+        dq, dk, dv = _band_backward(grad_out.contiguous(), q, k, v, out, lse, ctx.plan, ctx.scale)
         return dq, dk, dv, None, None
+
+
+@torch.no_grad()  # also in worker threads, where grad mode is on by default
+def _band_grads_rows(
+    grad: Tensor, qs: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, plan: _BandPlan,
+    dq: Tensor, dk: Tensor, dv: Tensor,
+) -> None:
+    """The causal band's gradients for some rows of ``(BH, N, X)``, tile by tile, with batched matrix products.
+
+    ``qs`` is the query already multiplied by the scale, ``lse (BH, N, 1)`` the merged log-sum-exp of the forward,
+    ``delta (BH, N, 1) = rowsum(dO * O)``. For a tile of ``t`` query rows ``[r0, r1)`` of bucket ``b`` the keys are
+    the contiguous range ``[k0, r1)`` from the first bucket it looks back to, so per tile (``c = r1 - k0`` keys)::
+
+        P  = exp(Qs K^T - lse)      (t, c), future keys of the last t columns set to 0
+        dV += P^T dO,   dP = dO V^T,   dS = P * (dP - delta)
+        dQ  = dS K (times scale at the end),   dK += dS^T Qs
+
+    Memory stays O(tile): two ``(G, t, c)`` score buffers are reused for every tile. Writes ``dq`` (unscaled, every
+    row) and adds into ``dk`` and ``dv`` (zeros on entry). Like PyTorch's causal flash kernel, a tile multiplies the
+    keys after its rows inside its diagonal block by zero weights, so a NaN there is not kept out.
+    """
+    bh, n, e = qs.shape
+    w, lb = plan.w, plan.lb
+    t_max = min(w, _BWD_ROWS)
+    c_max = lb * w + w
+    g = max(1, min(bh, _BWD_TILE_BYTES // (t_max * c_max * qs.element_size())))  # rows of BH per tile
+    future = torch.ones(t_max, t_max, dtype=torch.bool, device=qs.device).triu_(1)  # (t, t): key after the query
+    s_buf, p_buf = qs.new_empty(g * t_max * c_max), qs.new_empty(g * t_max * c_max)
+    kv_buf = qs.new_empty(g * c_max * max(e, v.shape[-1]))
+    for b in range(plan.nb):
+        k0 = max(0, b - lb) * w  # first key this bucket sees
+        for r0 in range(b * w, (b + 1) * w, t_max):
+            r1 = min(r0 + t_max, (b + 1) * w)
+            t, c = r1 - r0, r1 - k0
+            for h0 in range(0, bh, g):
+                hs, m = slice(h0, min(bh, h0 + g)), min(bh, h0 + g) - h0
+                q_t, k_t, v_t, do_t = qs[hs, r0:r1], k[hs, k0:r1], v[hs, k0:r1], grad[hs, r0:r1]
+                p = torch.bmm(q_t, k_t.transpose(1, 2), out=s_buf[: m * t * c].view(m, t, c))  # (G, t, c) scores
+                p.sub_(lse[hs, r0:r1]).exp_()  # the probabilities of the forward
+                p[:, :, c - t :].masked_fill_(future[:t, :t], 0.0)  # causal diagonal: keys after the row
+                dv_t = torch.bmm(p.transpose(1, 2), do_t, out=kv_buf[: m * c * v.shape[-1]].view(m, c, -1))
+                dv[hs, k0:r1] += dv_t
+                ds = torch.bmm(do_t, v_t.transpose(1, 2), out=p_buf[: m * t * c].view(m, t, c))  # (G, t, c) dP
+                ds.sub_(delta[hs, r0:r1]).mul_(p)  # dS = P * (dP - delta)
+                torch.bmm(ds, k_t, out=dq[hs, r0:r1])  # every row belongs to exactly one tile
+                dk_t = torch.bmm(ds.transpose(1, 2), q_t, out=kv_buf[: m * c * e].view(m, c, e))
+                dk[hs, k0:r1] += dk_t
+
+
+def _band_backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: _BandPlan, scale: float,
+    *, workers: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the causal band from the merged output and log-sum-exp (see :func:`_band_grads_rows`).
+
+    Low-precision inputs are computed in float32. With ``workers > 1`` the rows of ``BH`` are split between that
+    many threads, each running single-threaded matrix products (the intra-op thread count is set to 1 meanwhile and
+    restored after): coarse parallel work keeps its speed when the cores are shared, where thousands of small
+    multithreaded calls would wait on each other. ``workers=None`` uses the current intra-op thread count (one for
+    small inputs).
+    """
+    dtype = q.dtype
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    grad, q, k, v, out = (t.to(work) for t in (grad, q, k, v, out))
+    lse = lse.to(work)
+    qs = q * scale
+    delta = (grad * out).sum(-1, keepdim=True)  # (BH, N, 1): rowsum(dO * O)
+    bh = q.shape[0]
+    if workers is None:  # small inputs are not worth a thread
+        workers = 1 if q.numel() < _BWD_MIN_THREADED else torch.get_num_threads()
+    workers = min(bh, workers)
+    dq, dk, dv = torch.empty_like(qs), torch.zeros_like(k), torch.zeros_like(v)
+    if workers <= 1:
+        _band_grads_rows(grad, qs, k, v, lse, delta, plan, dq, dk, dv)
+    else:
+        bounds = [bh * i // workers for i in range(workers + 1)]
+        with torch_threads(1), ThreadPoolExecutor(workers) as pool:  # each thread owns its rows of BH
+            jobs = [pool.submit(_band_grads_rows, *(x[lo:hi] for x in (grad, qs, k, v, lse, delta)), plan,
+                                dq[lo:hi], dk[lo:hi], dv[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
+            for job in jobs:
+                job.result()  # re-raises a worker's exception here
+    dq.mul_(scale)
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------- sliding window

@@ -39,7 +39,7 @@ from . import _validate as V
 from ._reference import expand_kv_heads
 from .dense import AttentionCall, Backend, register_backend, scaled_dot_product_attention
 from .local import _Piece, run_pieces, same_head_dim
-from .masks import AttentionMask, causal_mask
+from .masks import AndMask, AttentionMask, PaddingMask, causal_mask, padding_mask
 
 __all__ = [
     "BlockSparseMask",
@@ -213,6 +213,16 @@ def _pieces_for(layout: Tensor, causal: bool, k_pad: int, dtype: torch.dtype, bs
     return pieces
 
 
+def _with_key_padding(piece: _Piece, pad_add: Tensor, heads: int) -> _Piece:
+    """``piece`` with the additive key-padding mask of its key blocks, ``(B*heads, P, 1, bs)`` (replaces the tail
+    mask: the padding covers the tail). Padding gets the lowest finite value, not ``-inf``, so a row whose keys in a
+    piece are all padding keeps a finite log-sum-exp that the merge weighs to zero."""
+    add = pad_add[:, piece.k] if isinstance(piece.k, slice) else pad_add.index_select(1, piece.k)  # (B, P, bs)
+    b, p, bs = add.shape
+    mask = add.unsqueeze(1).expand(b, heads, p, bs).reshape(b * heads, p, 1, bs)
+    return _Piece(piece.q, piece.k, piece.causal, mask)
+
+
 def block_sparse_attention(
     query: Tensor,
     key: Tensor,
@@ -221,12 +231,14 @@ def block_sparse_attention(
     *,
     block_size: int,
     causal: bool = False,
+    key_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Exact attention over the non-zero blocks of ``layout``; time and memory proportional to their number.
 
     Equivalent to ``scaled_dot_product_attention(query, key, value, BlockSparseMask(layout, block_size,
-    causal=causal).materialize(L, S))`` (boolean mask, ``True`` = may attend) without the dense mask or scores.
+    causal=causal).materialize(L, S) & key_mask)`` (boolean masks, ``True`` = may attend) without the dense mask or
+    scores.
 
     Args:
         query: ``(B, H, L, E)``.
@@ -236,11 +248,13 @@ def block_sparse_attention(
             ``ceil(L / block_size)`` by ``ceil(S / block_size)`` (extra blocks are ignored).
         block_size: tokens per block.
         causal: also forbid keys after the query's position (upper-left; needs ``L == S``).
+        key_mask: optional boolean ``(B, S)``, ``True`` = real key that may be attended (key padding). Padding keys
+            are never read: NaN there stays out of the outputs and gradients.
         scale: score scale, ``1/sqrt(E)`` when ``None``.
 
     Returns:
-        ``(B, H, L, Ev)``; queries whose blocks see no key give zeros. On devices other than the CPU the result
-        comes from dense masked SDPA (same values, quadratic cost).
+        ``(B, H, L, Ev)``; queries whose blocks see no (real) key give zeros, with zero gradients. On devices other
+        than the CPU the result comes from dense masked SDPA (same values, quadratic cost).
 
     Shape:
         query ``(B, H, L, E)``, key ``(B, Hkv, S, E)``, value ``(B, Hkv, S, Ev)`` -> ``(B, H, L, Ev)``.
@@ -249,6 +263,9 @@ def block_sparse_attention(
         >>> import torch
         >>> q = torch.randn(2, 4, 50, 8)
         >>> block_sparse_attention(q, q, q, strided_layout(7, stride=2), block_size=8, causal=True).shape
+        torch.Size([2, 4, 50, 8])
+        >>> real = torch.arange(50) < torch.tensor([[50], [31]])                    # (B, S): second sequence padded
+        >>> block_sparse_attention(q, q, q, local_layout(7), block_size=8, key_mask=real).shape
         torch.Size([2, 4, 50, 8])
     """
     q, k, v = V.check_qkv(query, key, value, allow_3d=False)
@@ -260,18 +277,35 @@ def block_sparse_attention(
     fitted = _fit_layout(layout, q_len, k_len, block_size)  # (H|1, Nq, Nk)
     if fitted.shape[0] not in (1, h):
         raise V.fail(f"a layout with 1 or H={h} heads", f"{tuple(layout.shape)}", "a (Nq, Nk) layout for all heads")
+    if key_mask is not None:
+        key_mask = V.check_tensor("key_mask", key_mask)
+        if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (b, k_len):
+            raise V.fail(
+                f"key_mask as a boolean (B, S) = ({b}, {k_len}) tensor, True = may attend",
+                f"{key_mask.dtype} {tuple(key_mask.shape)}",
+                "padding_mask(lengths, S).view(B, S)",
+            )
+        key_mask = key_mask.to(q.device)
     scale_f = V.check_scale(scale, q.shape[-1])
     if q_len == 0 or k_len == 0:
         return q.new_zeros(b, h, q_len, ev) + 0.0 * (q.sum() + k.sum() + v.sum())
     if q.device.type != "cpu":  # the piece engine drives PyTorch's CPU flash kernel; elsewhere: dense masked SDPA
         dense_mask = BlockSparseMask(layout, block_size, causal=causal).materialize(q_len, k_len, device=q.device)
+        if key_mask is not None:
+            dense_mask = dense_mask & key_mask.view(b, 1, 1, k_len)
         return scaled_dot_product_attention(q, k, v, dense_mask, scale=scale_f)  # type: ignore[return-value]
     bs = block_size
     nq, nk = fitted.shape[-2:]
+    k_pad = nk * bs - k_len
+    pad_add = None  # (B, Nk, bs) additive: 0 for a real key, the dtype's lowest finite value for padding
+    if key_mask is not None:
+        hidden = ~key_mask.view(b, 1, k_len, 1)  # padding keys are zeroed: even NaN padding never leaks in
+        k, v = k.masked_fill(hidden, 0.0), v.masked_fill(hidden, 0.0)
+        real = F.pad(key_mask, (0, k_pad), value=False).view(b, nk, bs)
+        pad_add = torch.zeros(b, nk, bs, dtype=q.dtype, device=q.device).masked_fill_(~real, torch.finfo(q.dtype).min)
     k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)  # (B, H, S, E|Ev)
     q, k, v = same_head_dim(q, k, v)  # flash wants E == Ev
     e = q.shape[-1]
-    k_pad = nk * bs - k_len
     q = F.pad(q, (0, 0, 0, nq * bs - q_len)).view(b, h, nq, bs, e)  # (B, H, Nq, bs, E)
     k = F.pad(k, (0, 0, 0, k_pad)).view(b, h, nk, bs, e)  # (B, H, Nk, bs, E)
     v = F.pad(v, (0, 0, 0, k_pad)).view(b, h, nk, bs, e)  # (B, H, Nk, bs, E)
@@ -286,24 +320,42 @@ def block_sparse_attention(
         if not pieces:  # nothing to attend to anywhere
             outs.append(qh.new_zeros(b, hh, nq, bs, e) + 0.0 * (qh.sum() + kh.sum() + vh.sum()))
             continue
-        out, _ = run_pieces(
+        if pad_add is not None:
+            pieces = [_with_key_padding(p, pad_add, hh) for p in pieces]
+        out, lse = run_pieces(
             qh.reshape(b * hh, nq, bs, e), kh.reshape(b * hh, nk, bs, e), vh.reshape(b * hh, nk, bs, e), pieces,
             scale_f,
-        )  # (B*Hh, Nq, bs, E)
+        )  # (B*Hh, Nq, bs, E), (B*Hh, Nq, bs)
+        if pad_add is not None:  # rows that saw only padding averaged zeroed values: make them (and their grads) 0
+            alive = lse > torch.finfo(q.dtype).min / 2  # a real key scores far above the padding's lowest value
+            out = out * alive.unsqueeze(-1).to(out.dtype)
         outs.append(out.view(b, hh, nq, bs, e))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, H, Nq, bs, E)
     return out.reshape(b, h, nq * bs, e)[:, :, :q_len, :ev]  # (B, H, L, Ev)
 
 
 # --------------------------------------------------------------------------------------------- dispatcher
+def _sparse_parts(structure: AttentionMask | None) -> tuple[BlockSparseMask | None, PaddingMask | None, str]:
+    """Split a structure into (layout, padding); the reason string says why it is not one."""
+    parts = structure.parts if isinstance(structure, AndMask) else (structure,) if structure is not None else ()
+    layouts = [p for p in parts if isinstance(p, BlockSparseMask)]
+    pads = [p for p in parts if isinstance(p, PaddingMask)]
+    if not layouts:
+        return None, None, "no block-sparse structure (pass a BlockSparseMask)"
+    if len(layouts) > 1 or len(pads) > 1 or len(layouts) + len(pads) != len(parts):
+        return None, None, "the structure is more than one BlockSparseMask and at most one PaddingMask"
+    return layouts[0], (pads[0] if pads else None), ""
+
+
 def _sparse_supports(call: AttentionCall) -> list[str]:
     reasons = []
-    if not isinstance(call.structure, BlockSparseMask):
-        reasons.append("no block-sparse structure (pass a BlockSparseMask)")
-    elif call.structure.causal and call.q_len != call.k_len:
+    sparse, _, why = _sparse_parts(call.structure)
+    if sparse is None:
+        reasons.append(why)
+    elif sparse.causal and call.q_len != call.k_len:
         reasons.append("a causal block-sparse layout needs L == S")
     if call.mask is not None:
-        reasons.append("an explicit tensor mask (the block-sparse kernel reads only its layout)")
+        reasons.append("an explicit tensor mask (the block-sparse kernel reads only its layout and a PaddingMask)")
     if call.is_causal:
         reasons.append("is_causal=True on top of a layout (use BlockSparseMask(causal=True))")
     if call.dropout_p > 0:
@@ -314,17 +366,21 @@ def _sparse_supports(call: AttentionCall) -> list[str]:
 
 
 def _sparse_fn(call: AttentionCall) -> tuple[Tensor, None]:
-    mask = call.structure
-    if not isinstance(mask, BlockSparseMask):
-        raise V.fail("a BlockSparseMask structure", repr(mask), "backend='auto'")
+    mask, pad, _ = _sparse_parts(call.structure)
+    if mask is None:
+        raise V.fail("a BlockSparseMask structure", repr(call.structure), "backend='auto'")
+    key_mask = None
+    if pad is not None:
+        key_mask = padding_mask(pad.lengths.to(call.query.device), call.k_len).view(call.batch, call.k_len)
     out = block_sparse_attention(
         call.query, call.key, call.value, mask.layout, block_size=mask.block_size, causal=mask.causal,
-        scale=call.scale,
+        key_mask=key_mask, scale=call.scale,
     )
     return out, None
 
 
 register_backend(
-    Backend("block_sparse", _sparse_fn, False, _sparse_supports, "block-sparse attention over a layout"),
+    Backend("block_sparse", _sparse_fn, False, _sparse_supports,
+            "block-sparse attention over a layout (and key padding), O(non-zero blocks)"),
     before="sdpa",
 )

@@ -296,7 +296,7 @@ def _band_plan(n: int, w: int, lb: int) -> _BandPlan:
 
 
 _BWD_ROWS = 128  # query rows per backward tile: small causal diagonals, matrix products that stay in cache
-_BWD_TILE_BYTES = 4 * 1024**2  # score buffer per backward tile (per thread)
+_BWD_TILE_BYTES = 1024**2  # score buffer per backward tile (per thread): two of them stay in a core's L2 cache
 _BWD_MIN_THREADED = 1 << 16  # elements of q below which the backward stays in one thread
 
 
@@ -408,8 +408,9 @@ def _band_backward(
     else:
         bounds = [bh * i // workers for i in range(workers + 1)]
         with torch_threads(1), ThreadPoolExecutor(workers) as pool:  # each thread owns its rows of BH
-            jobs = [pool.submit(_band_grads_rows, *(x[lo:hi] for x in (grad, qs, k, v, lse, delta)), plan,
-                                dq[lo:hi], dk[lo:hi], dv[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
+            jobs = [pool.submit(_band_grads_rows, grad[lo:hi], qs[lo:hi], k[lo:hi], v[lo:hi], lse[lo:hi],
+                                delta[lo:hi], plan, dq[lo:hi], dk[lo:hi], dv[lo:hi])
+                    for lo, hi in itertools.pairwise(bounds)]
             for job in jobs:
                 job.result()  # re-raises a worker's exception here
     dq.mul_(scale)

@@ -45,7 +45,7 @@ def _dense(window, back):  # type: ignore[no-untyped-def]
 )
 def test_band_backward_matches_dense_reference(n, window, back, hkv, threads, monkeypatch):  # type: ignore[no-untyped-def]
     """Threads split B*H (threads=3 over B*H=6 gives uneven parts); windows above the 128-row tile give ragged tiles."""
-    monkeypatch.setattr(local_mod, "_BWD_MIN_THREADED", 0)  # small inputs would stay in one thread
+    monkeypatch.setattr(local_mod, "_MIN_THREADED", 0)  # small inputs would stay in one thread
     q, k, v = _inputs(2, 3, hkv, n, 16, 8)
     g = torch.randn(2, 3, n, 8, dtype=torch.float64)
     with torch_threads(threads):
@@ -79,3 +79,16 @@ def test_band_backward_low_precision() -> None:
     for a, b in zip(got, want, strict=True):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.double(), b, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("back", [1, 2])
+def test_band_backward_splits_buckets_when_rows_are_few(back, monkeypatch):  # type: ignore[no-untyped-def]
+    """B*H = 1 with 2 threads: each row's buckets are split between tasks, key gradients summed from their buffers."""
+    monkeypatch.setattr(local_mod, "_MIN_THREADED", 0)
+    q, k, v = _inputs(1, 1, 1, 333, 8, 8)
+    g = torch.randn(1, 1, 333, 8, dtype=torch.float64)
+    with torch_threads(2):
+        got = _grads(lambda q, k, v: sliding_window_attention(q, k, v, window=32, look_backward=back), q, k, v, g)
+    want = _grads(_dense(32, back), q, k, v, g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)

@@ -32,9 +32,12 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +52,7 @@ from .masks import AndMask, AttentionMask, PaddingMask, padding_mask
 
 __all__ = ["WindowMask", "sliding_window_attention"]
 
+_T = TypeVar("_T")
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -297,7 +301,60 @@ def _band_plan(n: int, w: int, lb: int) -> _BandPlan:
 
 _BWD_ROWS = 128  # query rows per backward tile: small causal diagonals, matrix products that stay in cache
 _BWD_TILE_BYTES = 1024**2  # score buffer per backward tile (per thread): two of them stay in a core's L2 cache
-_BWD_MIN_THREADED = 1 << 16  # elements of q below which the backward stays in one thread
+_MIN_THREADED = 1 << 16  # elements of q below which the band kernels stay in the calling thread
+
+
+def _over_rows(task: Callable[[int, int], None], bh: int, numel: int, workers: int | None = None) -> None:
+    """Run ``task(lo, hi)`` over the rows ``[0, bh)`` of ``B*H``, each row exactly once (``task`` must write only
+    its own rows).
+
+    Small inputs (or one intra-op thread) run as one call in this thread. Otherwise every row is its own task, pulled
+    from one queue by ``workers`` threads (default: the intra-op thread count) that each run single-threaded kernels:
+    the count is set to 1 meanwhile and restored after. When other work shares the cores, a thread that gets less CPU
+    time simply takes fewer rows, where a kernel's own threads split the work evenly up front and wait for the
+    slowest; and thousands of small multithreaded calls would each wait on a barrier.
+    """
+    workers = min(bh, _workers(numel, workers))
+    if workers <= 1:
+        task(0, bh)
+        return
+    _run_tasks([functools.partial(task, row, row + 1) for row in range(bh)], workers)
+
+
+def _workers(numel: int, workers: int | None) -> int:
+    """Threads for a band kernel on ``numel`` query elements: ``workers``, else 1 when small, else intra-op count."""
+    if workers is not None:
+        return workers
+    return 1 if numel < _MIN_THREADED else torch.get_num_threads()
+
+
+def _run_tasks(tasks: Sequence[Callable[[], _T]], workers: int) -> list[_T]:
+    """Results of ``tasks``, pulled from one queue by ``workers`` threads with one intra-op thread each."""
+
+    def run(task: Callable[[], _T]) -> _T:
+        with torch.no_grad():  # grad mode is thread-local and on by default in a new thread
+            return task()
+
+    with torch_threads(1), ThreadPoolExecutor(workers) as pool:
+        jobs = [pool.submit(run, task) for task in tasks]
+        return [job.result() for job in jobs]  # re-raises a worker's exception here
+
+
+def _band_forward_rows(q: Tensor, k: Tensor, v: Tensor, plan: _BandPlan, scale: float, out: Tensor, lse: Tensor
+                       ) -> None:
+    """The causal band's forward for some rows of ``(BH, N, X)``: one flash call per piece, merged exactly in place
+    into ``out (BH, N, Ev)`` and ``lse (BH, N, 1)``."""
+    for i, p in enumerate(plan.pieces):
+        o_p, l_p = _flash(plan.q_view(q, p), plan.k_view(k, p), plan.k_view(v, p), 0.0, p.kind == "diag",
+                          scale=scale)  # (BH, P, rows, Ev), (BH, P, rows)
+        o_view, l_view = plan.q_view(out, p), plan.q_view(lse, p).squeeze(-1)
+        if i == 0:  # the diagonal covers every row
+            o_view.copy_(o_p)
+            l_view.copy_(l_p)
+            continue
+        l_new = torch.logaddexp(l_view, l_p)
+        o_view.lerp_(o_p, torch.exp(l_p - l_new).to(o_p.dtype).unsqueeze(-1))  # exact merge, in place
+        l_view.copy_(l_new)
 
 
 class _CausalBandFn(torch.autograd.Function):
@@ -310,17 +367,8 @@ class _CausalBandFn(torch.autograd.Function):
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = q.new_empty(bh, n, v.shape[-1])  # (BH, N, Ev)
         lse = torch.empty(bh, n, 1, dtype=lse_dtype, device=q.device)  # (BH, N, 1)
-        for i, p in enumerate(plan.pieces):
-            o_p, l_p = _flash(plan.q_view(q, p), plan.k_view(k, p), plan.k_view(v, p), 0.0, p.kind == "diag",
-                              scale=scale)  # (BH, P, rows, Ev), (BH, P, rows)
-            o_view, l_view = plan.q_view(out, p), plan.q_view(lse, p).squeeze(-1)
-            if i == 0:  # the diagonal covers every row
-                o_view.copy_(o_p)
-                l_view.copy_(l_p)
-                continue
-            l_new = torch.logaddexp(l_view, l_p)
-            o_view.lerp_(o_p, torch.exp(l_p - l_new).to(o_p.dtype).unsqueeze(-1))  # exact merge, in place
-            l_view.copy_(l_new)
+        _over_rows(lambda lo, hi: _band_forward_rows(q[lo:hi], k[lo:hi], v[lo:hi], plan, scale, out[lo:hi],
+                                                     lse[lo:hi]), bh, q.numel())
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale
         return out
@@ -333,10 +381,10 @@ class _CausalBandFn(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-@torch.no_grad()  # also in worker threads, where grad mode is on by default
+@torch.no_grad()
 def _band_grads_rows(
     grad: Tensor, qs: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, plan: _BandPlan,
-    dq: Tensor, dk: Tensor, dv: Tensor,
+    dq: Tensor, dk: Tensor, dv: Tensor, buckets: tuple[int, int] | None = None, key0: int = 0,
 ) -> None:
     """The causal band's gradients for some rows of ``(BH, N, X)``, tile by tile, with batched matrix products.
 
@@ -349,8 +397,9 @@ def _band_grads_rows(
         dQ  = dS K (times scale at the end),   dK += dS^T Qs
 
     Memory stays O(tile): two ``(G, t, c)`` score buffers are reused for every tile. Writes ``dq`` (unscaled, every
-    row) and adds into ``dk`` and ``dv`` (zeros on entry). Like PyTorch's causal flash kernel, a tile multiplies the
-    keys after its rows inside its diagonal block by zero weights, so a NaN there is not kept out.
+    row) and adds into ``dk`` and ``dv`` (zeros on entry). ``buckets = (b0, b1)`` limits the work to those query
+    buckets; ``dk`` and ``dv`` then start at key position ``key0``. Like PyTorch's causal flash kernel, a tile
+    multiplies the keys after its rows inside its diagonal block by zero weights, so a NaN there is not kept out.
     """
     bh, n, e = qs.shape
     w, lb = plan.w, plan.lb
@@ -360,7 +409,7 @@ def _band_grads_rows(
     future = torch.ones(t_max, t_max, dtype=torch.bool, device=qs.device).triu_(1)  # (t, t): key after the query
     s_buf, p_buf = qs.new_empty(g * t_max * c_max), qs.new_empty(g * t_max * c_max)
     kv_buf = qs.new_empty(g * c_max * max(e, v.shape[-1]))
-    for b in range(plan.nb):
+    for b in range(*(buckets or (0, plan.nb))):
         k0 = max(0, b - lb) * w  # first key this bucket sees
         for r0 in range(b * w, (b + 1) * w, t_max):
             r1 = min(r0 + t_max, (b + 1) * w)
@@ -372,12 +421,12 @@ def _band_grads_rows(
                 p.sub_(lse[hs, r0:r1]).exp_()  # the probabilities of the forward
                 p[:, :, c - t :].masked_fill_(future[:t, :t], 0.0)  # causal diagonal: keys after the row
                 dv_t = torch.bmm(p.transpose(1, 2), do_t, out=kv_buf[: m * c * v.shape[-1]].view(m, c, -1))
-                dv[hs, k0:r1] += dv_t
+                dv[hs, k0 - key0 : r1 - key0] += dv_t
                 ds = torch.bmm(do_t, v_t.transpose(1, 2), out=p_buf[: m * t * c].view(m, t, c))  # (G, t, c) dP
                 ds.sub_(delta[hs, r0:r1]).mul_(p)  # dS = P * (dP - delta)
                 torch.bmm(ds, k_t, out=dq[hs, r0:r1])  # every row belongs to exactly one tile
                 dk_t = torch.bmm(ds.transpose(1, 2), q_t, out=kv_buf[: m * c * e].view(m, c, e))
-                dk[hs, k0:r1] += dk_t
+                dk[hs, k0 - key0 : r1 - key0] += dk_t
 
 
 def _band_backward(
@@ -386,11 +435,8 @@ def _band_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of the causal band from the merged output and log-sum-exp (see :func:`_band_grads_rows`).
 
-    Low-precision inputs are computed in float32. With ``workers > 1`` the rows of ``BH`` are split between that
-    many threads, each running single-threaded matrix products (the intra-op thread count is set to 1 meanwhile and
-    restored after): coarse parallel work keeps its speed when the cores are shared, where thousands of small
-    multithreaded calls would wait on each other. ``workers=None`` uses the current intra-op thread count (one for
-    small inputs).
+    Low-precision inputs are computed in float32. The rows of ``BH`` are shared between ``workers`` threads
+    (:func:`_over_rows`; ``None``: the intra-op thread count, one for small inputs).
     """
     dtype = q.dtype
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -398,21 +444,28 @@ def _band_backward(
     lse = lse.to(work)
     qs = q * scale
     delta = (grad * out).sum(-1, keepdim=True)  # (BH, N, 1): rowsum(dO * O)
-    bh = q.shape[0]
-    if workers is None:  # small inputs are not worth a thread
-        workers = 1 if q.numel() < _BWD_MIN_THREADED else torch.get_num_threads()
-    workers = min(bh, workers)
     dq, dk, dv = torch.empty_like(qs), torch.zeros_like(k), torch.zeros_like(v)
-    if workers <= 1:
-        _band_grads_rows(grad, qs, k, v, lse, delta, plan, dq, dk, dv)
-    else:
-        bounds = [bh * i // workers for i in range(workers + 1)]
-        with torch_threads(1), ThreadPoolExecutor(workers) as pool:  # each thread owns its rows of BH
-            jobs = [pool.submit(_band_grads_rows, grad[lo:hi], qs[lo:hi], k[lo:hi], v[lo:hi], lse[lo:hi],
-                                delta[lo:hi], plan, dq[lo:hi], dk[lo:hi], dv[lo:hi])
-                    for lo, hi in itertools.pairwise(bounds)]
-            for job in jobs:
-                job.result()  # re-raises a worker's exception here
+    bh, threads = q.shape[0], _workers(q.numel(), workers)
+    if bh >= threads or plan.nb < 2:
+        _over_rows(lambda lo, hi: _band_grads_rows(grad[lo:hi], qs[lo:hi], k[lo:hi], v[lo:hi], lse[lo:hi],
+                                                   delta[lo:hi], plan, dq[lo:hi], dk[lo:hi], dv[lo:hi]),
+                   bh, q.numel(), threads)
+    else:  # fewer rows than threads: each row's buckets are split too; a split's key gradients get their own buffer
+        parts = min(plan.nb, 2 * threads)
+        cuts = [plan.nb * i // parts for i in range(parts + 1)]
+
+        def split(row: int, b0: int, b1: int) -> tuple[int, int, Tensor, Tensor]:
+            key0, key1 = max(0, b0 - plan.lb) * plan.w, b1 * plan.w
+            r = slice(row, row + 1)
+            dk_part, dv_part = k.new_zeros(1, key1 - key0, k.shape[-1]), v.new_zeros(1, key1 - key0, v.shape[-1])
+            _band_grads_rows(grad[r], qs[r], k[r], v[r], lse[r], delta[r], plan, dq[r], dk_part, dv_part,
+                             buckets=(b0, b1), key0=key0)
+            return row, key0, dk_part, dv_part
+
+        tasks = [functools.partial(split, row, b0, b1) for row in range(bh) for b0, b1 in itertools.pairwise(cuts)]
+        for row, key0, dk_part, dv_part in _run_tasks(tasks, threads):
+            dk[row : row + 1, key0 : key0 + dk_part.shape[1]] += dk_part
+            dv[row : row + 1, key0 : key0 + dv_part.shape[1]] += dv_part
     dq.mul_(scale)
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 

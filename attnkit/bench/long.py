@@ -10,7 +10,10 @@ forward+backward and measures the extra peak memory of:
 * FlexAttention compiled with a block mask: **forward only** (no CPU backward in PyTorch);
 * attnkit's :func:`~attnkit.functional.sliding_window_attention`.
 
-Then the chunked kernel's peak memory for dense causal attention at N=32768 against PyTorch's SDPA (and the size the
+Then, at N=16384, the same kernels timed interleaved (every round calls each once, in turn) with one intra-op
+thread: with one thread each, a ratio is the ratio of the work done, and it moves little when other jobs share the
+cores (multithreaded kernels wait on each other there, some far more than others). Then the chunked kernel's peak
+memory for dense causal attention at N=32768 against PyTorch's SDPA (and the size the
 materialised scores would take). Times are medians; ratios are against baselines measured in the same process.
 ``--out DIR`` writes ``long.md``, ``long.json`` and the log-log plot ``long.png``.
 """
@@ -27,7 +30,8 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from attnkit.bench._timing import Table, machine_line, measure_peak_memory, median_time, ratio
+from attnkit._runtime import torch_threads
+from attnkit.bench._timing import Table, interleaved_medians, machine_line, measure_peak_memory, median_time, ratio
 from attnkit.functional import WindowMask, chunked_attention, sliding_window_attention
 
 GUARD_BYTES = 6 * 1024**3  # never start a run estimated above this (the machine is shared)
@@ -55,6 +59,14 @@ def _fwd_bwd(forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch
 
 def _bind(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
     return lambda: fn(*args)
+
+
+def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        with torch.no_grad():
+            return fn()
+
+    return run
 
 
 def _kernels(n: int, window: int, with_flex: bool) -> dict[str, dict[str, Any]]:
@@ -214,6 +226,32 @@ def main(quick: bool = False, out: str | None = None) -> int:
     else:
         table.notes.append("--quick: FlexAttention left out (its compile takes minutes on this CPU)")
 
+    # one thread, interleaved: the work ratio, which moves little with the machine's load
+    n_one = sizes[1]
+    q, k, v = (torch.randn(1, heads, n_one, dim) for _ in range(3))
+    one = Table(f"one intra-op thread, interleaved medians (3 rounds), N={n_one}, H={heads}, causal window {window}",
+                ["kernel", "fwd ms", "fwd+bwd ms", "attnkit speed-up fwd", "attnkit speed-up fwd+bwd"])
+    picked = {name: spec for name, spec in _kernels(n_one, window, with_flex).items()
+              if spec["fn"] is not None and not name.startswith("dense")}
+    calls: dict[str, Callable[[], Any]] = {}
+    for name, spec in picked.items():
+        calls[name + " fwd"] = _no_grad(_bind(spec["fn"], q, k, v))
+        if spec["trains"]:
+            calls[name + " fwd+bwd"] = _fwd_bwd(spec["fn"], q, k, v)
+    with torch_threads(1):
+        medians = interleaved_medians(calls, rounds=3)
+    mine_name = "attnkit sliding_window_attention"
+    for name in picked:
+        fwd_ms = medians[name + " fwd"][0]
+        train = medians.get(name + " fwd+bwd")
+        up_f = ratio(medians[mine_name + " fwd"][0], fwd_ms) if name != mine_name else "-"
+        up_b = "-"
+        if name != mine_name and train is not None:
+            up_b = ratio(medians[mine_name + " fwd+bwd"][0], train[0])
+        one.add(name, f"{fwd_ms * 1e3:.0f}", "n/a" if train is None else f"{train[0] * 1e3:.0f}", up_f, up_b)
+        print(f"  one thread N={n_one} {name:34s} fwd {fwd_ms * 1e3:8.0f} ms", flush=True)
+    one.notes.append("wall-time medians; each kernel got one thread, so other jobs on the machine slow all alike")
+
     # chunked kernel: dense causal attention, peak memory against PyTorch's SDPA
     n_dense, h_dense = (2048, 1) if quick else (32768, 1)
     q, k, v = (torch.randn(1, h_dense, n_dense, dim) for _ in range(3))
@@ -233,16 +271,17 @@ def main(quick: bool = False, out: str | None = None) -> int:
                      "(scores and weights) in fp32")
     mem.notes.append("one forward+backward call each, first call in the process for its kernel (not a median)")
 
-    for t in (table, ratios, mem):
+    for t in (table, ratios, one, mem):
         print()
         print(t.text())
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        md = "\n\n".join(t.markdown() for t in (table, ratios, mem))
+        md = "\n\n".join(t.markdown() for t in (table, ratios, one, mem))
         (folder / "long.md").write_text(md + "\n", encoding="utf-8")
         table.save(folder, "long_times")
         ratios.save(folder, "long_ratios")
+        one.save(folder, "long_one_thread")
         mem.save(folder, "long_chunked_memory")
         _plot(results, folder, table.title)
         print(f"\nwrote {folder / 'long.md'} and {folder / 'long.png'}")

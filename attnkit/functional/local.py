@@ -301,7 +301,7 @@ def _band_plan(n: int, w: int, lb: int) -> _BandPlan:
 
 _BWD_ROWS = 128  # query rows per backward tile: small causal diagonals, matrix products that stay in cache
 _BWD_TILE_BYTES = 1024**2  # score buffer per backward tile (per thread): two of them stay in a core's L2 cache
-_MIN_THREADED = 1 << 16  # elements of q below which the band kernels stay in the calling thread
+_MIN_THREADED = 1 << 21  # elements of q below which the band kernels stay in the calling thread (pool overhead)
 
 
 def _over_rows(task: Callable[[int, int], None], bh: int, numel: int, workers: int | None = None) -> None:

@@ -245,7 +245,15 @@ def run_experiment(
         )
         metrics = evaluate_captioner(model, test)
         picture = plot_overlays(model, test, out_dir / f"caption_overlay_{name}.png")
-        results.append({"attention": name, "seconds": seconds, "picture": str(picture), **metrics})
+        results.append(
+            {
+                "attention": name,
+                "seconds": seconds,
+                "picture": str(picture),
+                "final_expected_prob": model.expected_prob,  # after the curriculum (None in settings: the default)
+                **metrics,
+            }
+        )
     summary = {
         "settings": {
             "epochs": epochs,
@@ -328,7 +336,9 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
         summary=(
             f"Captions of 2-4 digit MNIST scenes, {s['train_size']} training scenes x {s['epochs']} epochs, "
             f"{s['test_size']} held-out scenes. Hard attention is trained with REINFORCE (moving-average baseline, "
-            "entropy bonus). Overlays show the attention distribution at each generated word."
+            "advantages normalised over the batch, entropy bonus) after a curriculum that starts as soft attention "
+            "(the expected context at every step, falling to half the steps). Overlays show the attention "
+            "distribution at each generated word."
         ),
         table=result_rows(summary),
         images=[str(Path(r["picture"]).relative_to(out_dir)) for r in summary["results"]],

@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--std", type=float, default=0.15, help="standard deviation of the location policy")
     p.add_argument("--what", choices=("linear", "conv"), default="conv", help="glimpse 'what' pathway (paper: linear)")
+    p.add_argument(
+        "--policy-lr", type=float, default=None, help="peak learning rate of the location layer (default: --lr / 10)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/glimpse", help="folder for results.json and pictures")
 
@@ -83,19 +86,25 @@ def train_one(
     what: str = "conv",
     desc: str = "",
     task: str | None = None,
+    policy_lr: float | None = None,
 ) -> tuple[RecurrentAttentionModel, float]:
     """Train one RAM with the hybrid loss; returns the model (in eval mode) and the training seconds.
 
     ``train_x`` are 60x60 scenes, or, with ``task`` given, the 28x28 training digits: then every epoch places
-    them anew (new positions, new clutter), so each epoch sees new scenes of the same digits.
+    them anew (new positions, new clutter), so each epoch sees new scenes of the same digits. ``policy_lr`` is
+    the peak learning rate of the location layer (default ``lr / 10``: a slower policy stays near the digit
+    while the classifier learns, instead of drifting to an empty corner; docs/hard.md).
     """
     torch.manual_seed(seed)
     model = RecurrentAttentionModel(glimpses=glimpses, patch=12, scales=3, std=std, what=what)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    policy_lr = lr / 10 if policy_lr is None else policy_lr
+    policy = list(model.policy.parameters())
+    rest = [p for name, p in model.named_parameters() if not name.startswith("policy.")]
+    opt = torch.optim.Adam([{"params": rest, "lr": lr}, {"params": policy, "lr": policy_lr}])
     g = torch.Generator().manual_seed(seed + 1)
     n = train_x.shape[0]
     steps = epochs * ((n + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, policy_lr], total_steps=steps, pct_start=0.1)
     start = time.perf_counter()
     model.train()
     with tqdm(total=steps, desc=desc or f"RAM {glimpses} glimpses", leave=False) as bar:
@@ -189,6 +198,7 @@ def run_experiment(
     std: float = 0.15,
     seed: int = 0,
     what: str = "conv",
+    policy_lr: float | None = None,
 ) -> dict:
     """Train one RAM per glimpse count and evaluate on held-out scenes; write results.json and the picture."""
     epochs = epochs or (4 if quick else 10)
@@ -214,6 +224,7 @@ def run_experiment(
             seed=seed,
             what=what,
             desc=f"{task} {k}",
+            policy_lr=policy_lr,
         )
         err = evaluate(model, test_x, test_y)
         results.append({"glimpses": k, "test_error": err, "paper_error": PAPER_ERROR[task].get(k), "seconds": seconds})
@@ -229,6 +240,7 @@ def run_experiment(
             "lr": lr,
             "std": std,
             "what": what,
+            "policy_lr": policy_lr,
             "seed": seed,
             "patch": 12,
             "scales": 3,
@@ -263,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         std=args.std,
         what=args.what,
+        policy_lr=args.policy_lr,
         seed=args.seed,
     )
     s = summary["settings"]

@@ -401,14 +401,13 @@ def _band_grads_rows(
     buckets; ``dk`` and ``dv`` then start at key position ``key0``. Like PyTorch's causal flash kernel, a tile
     multiplies the keys after its rows inside its diagonal block by zero weights, so a NaN there is not kept out.
     """
-    bh, n, e = qs.shape
+    bh = qs.shape[0]
     w, lb = plan.w, plan.lb
     t_max = min(w, _BWD_ROWS)
     c_max = lb * w + w
     g = max(1, min(bh, _BWD_TILE_BYTES // (t_max * c_max * qs.element_size())))  # rows of BH per tile
     future = torch.ones(t_max, t_max, dtype=torch.bool, device=qs.device).triu_(1)  # (t, t): key after the query
     s_buf, p_buf = qs.new_empty(g * t_max * c_max), qs.new_empty(g * t_max * c_max)
-    kv_buf = qs.new_empty(g * c_max * max(e, v.shape[-1]))
     for b in range(*(buckets or (0, plan.nb))):
         k0 = max(0, b - lb) * w  # first key this bucket sees
         for r0 in range(b * w, (b + 1) * w, t_max):
@@ -420,13 +419,11 @@ def _band_grads_rows(
                 p = torch.bmm(q_t, k_t.transpose(1, 2), out=s_buf[: m * t * c].view(m, t, c))  # (G, t, c) scores
                 p.sub_(lse[hs, r0:r1]).exp_()  # the probabilities of the forward
                 p[:, :, c - t :].masked_fill_(future[:t, :t], 0.0)  # causal diagonal: keys after the row
-                dv_t = torch.bmm(p.transpose(1, 2), do_t, out=kv_buf[: m * c * v.shape[-1]].view(m, c, -1))
-                dv[hs, k0 - key0 : r1 - key0] += dv_t
+                dv[hs, k0 - key0 : r1 - key0].baddbmm_(p.transpose(1, 2), do_t)  # dV += P^T dO
                 ds = torch.bmm(do_t, v_t.transpose(1, 2), out=p_buf[: m * t * c].view(m, t, c))  # (G, t, c) dP
                 ds.sub_(delta[hs, r0:r1]).mul_(p)  # dS = P * (dP - delta)
                 torch.bmm(ds, k_t, out=dq[hs, r0:r1])  # every row belongs to exactly one tile
-                dk_t = torch.bmm(ds.transpose(1, 2), q_t, out=kv_buf[: m * c * e].view(m, c, e))
-                dk[hs, k0 - key0 : r1 - key0] += dk_t
+                dk[hs, k0 - key0 : r1 - key0].baddbmm_(ds.transpose(1, 2), q_t)  # dK += dS^T Qs
 
 
 def _band_backward(

@@ -328,8 +328,14 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
     start = time.perf_counter()
     folder = out_dir / "caption"
     # The tour is the short version: its full mode stays within minutes (the full study is `attnkit caption`).
-    sizes = {} if quick else {"train_size": 8000, "epochs": 5, "test_size": 1000}
-    summary = run_experiment(["soft", "hard"], quick=quick, out_dir=folder, **sizes)
+    summary = run_experiment(
+        ["soft", "hard"],
+        quick=quick,
+        out_dir=folder,
+        train_size=None if quick else 8000,
+        epochs=None if quick else 5,
+        test_size=None if quick else 1000,
+    )
     s = summary["settings"]
     return Section(
         title="Show, Attend and Tell: soft vs hard attention on digit scenes",

@@ -48,7 +48,7 @@ from attnkit._runtime import torch_threads
 from . import _validate as V
 from ._reference import expand_kv_heads
 from .dense import AttentionCall, Backend, register_backend
-from .masks import AndMask, AttentionMask, PaddingMask, padding_mask
+from .masks import AttentionMask, padding_mask, split_with_padding
 
 __all__ = ["WindowMask", "sliding_window_attention"]
 
@@ -616,21 +616,9 @@ def sliding_window_attention(
 
 
 # --------------------------------------------------------------------------------------------- dispatcher
-def _window_parts(structure: AttentionMask | None) -> tuple[WindowMask | None, PaddingMask | None, str]:
-    """Split a structure into (window, padding); the reason string says why it is not one."""
-    parts = structure.parts if isinstance(structure, AndMask) else (structure,) if structure is not None else ()
-    windows = [p for p in parts if isinstance(p, WindowMask)]
-    pads = [p for p in parts if isinstance(p, PaddingMask)]
-    if not windows:
-        return None, None, "no window structure (pass a WindowMask)"
-    if len(windows) > 1 or len(pads) > 1 or len(windows) + len(pads) != len(parts):
-        return None, None, "the structure is more than one WindowMask and at most one PaddingMask"
-    return windows[0], (pads[0] if pads else None), ""
-
-
 def _local_supports(call: AttentionCall) -> list[str]:
     reasons = []
-    win, _, why = _window_parts(call.structure)
+    win, _, why = split_with_padding(call.structure, WindowMask, "window")
     if win is None:
         reasons.append(why)
     if call.mask is not None:
@@ -647,7 +635,7 @@ def _local_supports(call: AttentionCall) -> list[str]:
 
 
 def _local_fn(call: AttentionCall) -> tuple[Tensor, None]:
-    win, pad, _ = _window_parts(call.structure)
+    win, pad, _ = split_with_padding(call.structure, WindowMask, "window")
     if win is None:
         raise V.fail("a WindowMask structure", repr(call.structure), "backend='auto'")
     key_mask = None

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -152,6 +153,27 @@ class AndMask(AttentionMask):
         for part in self.parts[1:]:
             out = out & part.materialize(q_len, k_len, device=device)
         return out
+
+
+_M = TypeVar("_M", bound=AttentionMask)
+
+
+def split_with_padding(
+    structure: AttentionMask | None, kind: type[_M], what: str
+) -> tuple[_M | None, PaddingMask | None, str]:
+    """Split ``structure`` into one ``kind`` mask and at most one :class:`PaddingMask` (``kind & padding``).
+
+    Returns ``(kind part, padding part or None, "")``, or ``(None, None, reason)`` when the structure is not of that
+    shape; a structured kernel's ``supports`` function reports the reason (``what`` names the structure in it).
+    """
+    parts = _parts(structure) if structure is not None else ()
+    mains = [p for p in parts if isinstance(p, kind)]
+    pads = [p for p in parts if isinstance(p, PaddingMask)]
+    if not mains:
+        return None, None, f"no {what} structure (pass a {kind.__name__})"
+    if len(mains) > 1 or len(pads) > 1 or len(mains) + len(pads) != len(parts):
+        return None, None, f"the structure is more than one {kind.__name__} and at most one PaddingMask"
+    return mains[0], (pads[0] if pads else None), ""
 
 
 def combine_masks(*masks: Tensor | None) -> Tensor | None:

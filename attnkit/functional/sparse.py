@@ -39,7 +39,7 @@ from . import _validate as V
 from ._reference import expand_kv_heads
 from .dense import AttentionCall, Backend, register_backend, scaled_dot_product_attention
 from .local import _Piece, run_pieces, same_head_dim
-from .masks import AndMask, AttentionMask, PaddingMask, causal_mask, padding_mask
+from .masks import AttentionMask, causal_mask, padding_mask, split_with_padding
 
 __all__ = [
     "BlockSparseMask",
@@ -335,21 +335,9 @@ def block_sparse_attention(
 
 
 # --------------------------------------------------------------------------------------------- dispatcher
-def _sparse_parts(structure: AttentionMask | None) -> tuple[BlockSparseMask | None, PaddingMask | None, str]:
-    """Split a structure into (layout, padding); the reason string says why it is not one."""
-    parts = structure.parts if isinstance(structure, AndMask) else (structure,) if structure is not None else ()
-    layouts = [p for p in parts if isinstance(p, BlockSparseMask)]
-    pads = [p for p in parts if isinstance(p, PaddingMask)]
-    if not layouts:
-        return None, None, "no block-sparse structure (pass a BlockSparseMask)"
-    if len(layouts) > 1 or len(pads) > 1 or len(layouts) + len(pads) != len(parts):
-        return None, None, "the structure is more than one BlockSparseMask and at most one PaddingMask"
-    return layouts[0], (pads[0] if pads else None), ""
-
-
 def _sparse_supports(call: AttentionCall) -> list[str]:
     reasons = []
-    sparse, _, why = _sparse_parts(call.structure)
+    sparse, _, why = split_with_padding(call.structure, BlockSparseMask, "block-sparse")
     if sparse is None:
         reasons.append(why)
     elif sparse.causal and call.q_len != call.k_len:
@@ -366,7 +354,7 @@ def _sparse_supports(call: AttentionCall) -> list[str]:
 
 
 def _sparse_fn(call: AttentionCall) -> tuple[Tensor, None]:
-    mask, pad, _ = _sparse_parts(call.structure)
+    mask, pad, _ = split_with_padding(call.structure, BlockSparseMask, "block-sparse")
     if mask is None:
         raise V.fail("a BlockSparseMask structure", repr(call.structure), "backend='auto'")
     key_mask = None

@@ -356,6 +356,24 @@ static inline __attribute__((always_inline)) void fused_avx2(const char *k, cons
 }
 #endif
 
+/* Run `call` with `dtc` bound to `dt` as a compile-time constant: each dtype gets its own inlined copy of the
+ * kernel, with the row loads specialised and no per-element branch. */
+#ifdef ATTNKIT_AVX2
+#define WITH_CONSTANT_DTYPE(dt, call)                                                                                 \
+    do {                                                                                                               \
+        if ((dt) == DT_F32) {                                                                                          \
+            const int dtc = DT_F32;                                                                                    \
+            call;                                                                                                      \
+        } else if ((dt) == DT_BF16) {                                                                                  \
+            const int dtc = DT_BF16;                                                                                   \
+            call;                                                                                                      \
+        } else {                                                                                                       \
+            const int dtc = DT_F16;                                                                                    \
+            call;                                                                                                      \
+        }                                                                                                              \
+    } while (0)
+#endif
+
 int attnkit_simd(void) {
 #ifdef ATTNKIT_AVX2
     return 1;
@@ -369,9 +387,7 @@ void attnkit_decode_scores(const void *k, int dt, int64_t B, int64_t Hk, int64_t
                            int nthreads) {
 #ifdef ATTNKIT_AVX2
     if (E % 8 == 0) {
-        if (dt == DT_F32) scores_avx2(k, DT_F32, B, Hk, S, E, sb, sh, ss, q, R, out, block, nthreads);
-        else if (dt == DT_BF16) scores_avx2(k, DT_BF16, B, Hk, S, E, sb, sh, ss, q, R, out, block, nthreads);
-        else scores_avx2(k, DT_F16, B, Hk, S, E, sb, sh, ss, q, R, out, block, nthreads);
+        WITH_CONSTANT_DTYPE(dt, scores_avx2(k, dtc, B, Hk, S, E, sb, sh, ss, q, R, out, block, nthreads));
         return;
     }
 #endif
@@ -382,9 +398,7 @@ void attnkit_decode_pv(const float *p, const void *v, int dt, int64_t B, int64_t
                        int64_t sb, int64_t sh, int64_t ss, int64_t R, float *part, int64_t nchunk, int nthreads) {
 #ifdef ATTNKIT_AVX2
     if (Ev % 8 == 0) {
-        if (dt == DT_F32) pv_avx2(p, v, DT_F32, B, Hk, S, Ev, sb, sh, ss, R, part, nchunk, nthreads);
-        else if (dt == DT_BF16) pv_avx2(p, v, DT_BF16, B, Hk, S, Ev, sb, sh, ss, R, part, nchunk, nthreads);
-        else pv_avx2(p, v, DT_F16, B, Hk, S, Ev, sb, sh, ss, R, part, nchunk, nthreads);
+        WITH_CONSTANT_DTYPE(dt, pv_avx2(p, v, dtc, B, Hk, S, Ev, sb, sh, ss, R, part, nchunk, nthreads));
         return;
     }
 #endif
@@ -398,15 +412,8 @@ void attnkit_decode_fused(const void *k, const void *v, int dt, int64_t B, int64
                           int nthreads) {
 #ifdef ATTNKIT_AVX2
     if (E % 8 == 0 && Ev % 8 == 0) {
-        if (dt == DT_F32)
-            fused_avx2(k, v, DT_F32, B, Hk, S, E, Ev, kb, kh, ks, vb, vh, vs, q, R, acc_out, m_out, l_out, nchunk,
-                       nthreads);
-        else if (dt == DT_BF16)
-            fused_avx2(k, v, DT_BF16, B, Hk, S, E, Ev, kb, kh, ks, vb, vh, vs, q, R, acc_out, m_out, l_out, nchunk,
-                       nthreads);
-        else
-            fused_avx2(k, v, DT_F16, B, Hk, S, E, Ev, kb, kh, ks, vb, vh, vs, q, R, acc_out, m_out, l_out, nchunk,
-                       nthreads);
+        WITH_CONSTANT_DTYPE(dt, fused_avx2(k, v, dtc, B, Hk, S, E, Ev, kb, kh, ks, vb, vh, vs, q, R, acc_out, m_out,
+                                           l_out, nchunk, nthreads));
         return;
     }
 #endif

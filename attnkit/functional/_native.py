@@ -132,6 +132,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
 
 def load() -> ctypes.CDLL | None:
     """The native library (built on first call), or ``None`` when it cannot be built; see :func:`status`."""
+    if "status" in _STATE:  # built or refused already: no lock on the decode hot path
+        return _STATE["lib"]  # type: ignore[return-value]
     with _LOCK:
         if "lib" not in _STATE:
             _STATE["lib"], _STATE["status"] = _build()

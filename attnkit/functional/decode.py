@@ -277,14 +277,16 @@ def _decode_supports(call: AttentionCall) -> list[str]:
         reasons.append("dropout > 0")
     if call.query.device.type != "cpu":
         reasons.append("not a CPU tensor (the fused kernel decodes well on accelerators)")
-    why = native_unsupported(call.query, call.key, call.value) if not reasons else "skipped"
-    if why == "":  # the C kernel streams any float32/bfloat16/float16 cache at any thread count
+    if reasons:
+        return reasons
+    why = native_unsupported(call.query, call.key, call.value)
+    if not why:  # the C kernel streams any float32/bfloat16/float16 cache at any thread count
         return reasons
     if call.key.dtype not in _HALF:
         reasons.append(f"a {str(call.key.dtype).replace('torch.', '')} cache and no native kernel ({why}): the "
                        "fused kernel streams it as fast as the PyTorch path would")
     threads = torch.get_num_threads()
-    if threads > 1 and why != "skipped":
+    if threads > 1:
         reasons.append(f"no native kernel ({why}) and {threads} intra-op threads: the PyTorch path is a chain of "
                        "parallel regions, and on a busy machine each one can wait for a descheduled thread, where "
                        "the fused kernel waits once (use one thread, or call decode_attention)")

@@ -154,15 +154,10 @@ class KVCache:
             return
         index = _check_index(index, self._k.shape[0]).to(self._k.device)
         n = self._slots_in_use()
-        if index.numel() == self._k.shape[0]:
-            self._k[:, :, :n] = self._k[:, :, :n].index_select(0, index)  # gather, then write back in place
-            self._v[:, :, :n] = self._v[:, :, :n].index_select(0, index)
-            return
-        k = self._k.new_empty(index.numel(), *self._k.shape[1:])  # (B_new, Hkv, capacity, E)
-        v = self._v.new_empty(index.numel(), *self._v.shape[1:])  # (B_new, Hkv, capacity, Ev)
-        k[:, :, :n] = self._k[:, :, :n].index_select(0, index)
-        v[:, :, :n] = self._v[:, :, :n].index_select(0, index)
-        self._k, self._v = k, v
+        k_rows, v_rows = (t[:, :, :n].index_select(0, index) for t in (self._k, self._v))  # gather the used slots
+        if index.numel() != self._k.shape[0]:  # a new batch size: new buffers (B_new, Hkv, capacity, E|Ev)
+            self._k, self._v = (t.new_empty(index.numel(), *t.shape[1:]) for t in (self._k, self._v))
+        self._k[:, :, :n], self._v[:, :, :n] = k_rows, v_rows  # in place when the batch size stays
 
     @property
     def keys(self) -> Tensor | None:

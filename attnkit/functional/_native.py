@@ -1,9 +1,15 @@
 """attnkit's small native kernels: C source shipped with the package, compiled on first use, loaded with ctypes.
 
-Some kernels cannot reach the speed of the hardware through PyTorch operators. The decode step is one: it should
-take as long as reading the KV cache once, and PyTorch's CPU kernels convert a whole half-precision cache to float32
-first (several times the read). ``csrc/decode.c`` streams the cache once, widening half-precision rows in registers
-(AVX2/FMA/F16C where the CPU has them, portable C otherwise), with OpenMP threads.
+Some kernels cannot reach the speed of the hardware through PyTorch operators:
+
+* The decode step should take as long as reading the KV cache once, and PyTorch's CPU kernels convert a whole
+  half-precision cache to float32 first (several times the read). ``csrc/decode.c`` streams the cache once,
+  widening half-precision rows in registers (AVX2/FMA/F16C where the CPU has them, portable C otherwise), with
+  OpenMP threads.
+* Sliding-window attention, forward and backward: ``csrc/band.c`` (body in ``csrc/band_impl.h``). PyTorch's CPU
+  matrix products run MKL's AVX2 code on AMD processors (about 110 GFLOP/s a core on a Zen 5, where an AVX-512
+  microkernel reaches 255); the band kernel keeps its accumulators in registers and is compiled for AVX-512 as
+  well as for the build's target, picked at run time.
 
 How it is built. Nothing happens at install time. The first call that wants a native kernel compiles the C source
 with the system C compiler (``$CC`` or ``cc``) into a shared library in the cache folder (``$ATTNKIT_CACHE``, else
@@ -12,7 +18,8 @@ and writes it under a temporary name first, then renames it, so processes racing
 Later calls and processes load the cached library. The library links the same ``libgomp.so.1`` that PyTorch
 loaded, so both share one OpenMP runtime, and it runs with PyTorch's thread count.
 
-``ATTNKIT_NATIVE_SIMD=0`` builds the portable C code only (no AVX2), which the tests use to check that path too.
+``ATTNKIT_NATIVE_SIMD=0`` builds the portable C code only (no AVX2, no AVX-512), which the tests use to check that
+path too.
 
 Nothing depends on it. Without a compiler, or with ``ATTNKIT_NATIVE=0``, :func:`load` returns ``None``, callers run
 their pure-PyTorch path, and :func:`status` says why. Every native kernel has a parity test against the reference.
@@ -37,7 +44,9 @@ from pathlib import Path
 
 __all__ = ["load", "status"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "decode.c"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = (_CSRC / "decode.c", _CSRC / "band.c")  # compiled together into one library
+_HEADERS = (_CSRC / "band_impl.h",)  # part of the hash: a changed header rebuilds
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -65,6 +74,8 @@ def _flags() -> list[str]:
     simd = os.environ.get("ATTNKIT_NATIVE_SIMD", "1").strip().lower() not in ("0", "false", "no", "off")
     if simd and platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= _cpu_flags():
         flags += ["-mavx2", "-mfma", "-mf16c"]
+    if not simd:
+        flags.append("-DATTNKIT_PORTABLE")  # no AVX-512 body in band.c either
     return flags
 
 
@@ -76,8 +87,8 @@ def _compile(cc: str, flags: list[str], target: Path) -> str | None:
     reason = None
     for extra in (["-fopenmp"], []):  # without OpenMP (e.g. Apple clang) the kernels run on one thread
         try:
-            proc = subprocess.run([cc, *flags, *extra, str(_SOURCE), "-lm", "-o", tmp], capture_output=True,
-                                  text=True, timeout=120)
+            proc = subprocess.run([cc, *flags, *extra, *map(str, _SOURCES), "-lm", "-o", tmp],
+                                  capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as exc:
             reason = f"{cc} failed to run: {exc}"
             break
@@ -97,6 +108,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.attnkit_decode_pv.restype = None
     lib.attnkit_decode_fused.argtypes = [ptr, ptr, cint, *[i64] * 11, ptr, i64, ptr, ptr, ptr, i64, cint]
     lib.attnkit_decode_fused.restype = None
+    f32 = ctypes.c_float
+    lib.attnkit_band_fwd.argtypes = [*[ptr] * 5, *[i64] * 6, cint, f32, i64, i64, cint]
+    lib.attnkit_band_fwd.restype = cint
+    lib.attnkit_band_bwd.argtypes = [*[ptr] * 9, *[i64] * 6, cint, f32, i64, i64, cint]
+    lib.attnkit_band_bwd.restype = cint
+    lib.attnkit_band_isa.restype = cint
     lib.attnkit_simd.restype = cint
     lib.attnkit_has_f16.restype = cint
     return lib
@@ -113,7 +130,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, f"{cc} failed to run: {exc}"
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc, *flags, version]).encode()).hexdigest()[:16]
+    code = b"".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
+    key = hashlib.sha256(code + " ".join([cc, *flags, version]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"attnkit_native_{key}.so"
     if not target.exists():
         try:
@@ -127,7 +145,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, AttributeError) as exc:
         return None, f"cannot load {target}: {exc}"
     simd = "AVX2/FMA/F16C" if lib.attnkit_simd() else "portable C"
-    return lib, f"loaded {target.name} ({simd})"
+    band = {2: "AVX-512", 1: "AVX2", 0: "portable C"}.get(lib.attnkit_band_isa(), "portable C")
+    return lib, f"loaded {target.name} (decode: {simd}; sliding window: {band})"
 
 
 def load() -> ctypes.CDLL | None:

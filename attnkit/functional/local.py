@@ -45,6 +45,7 @@ from torch import Tensor
 
 from attnkit._runtime import torch_threads
 
+from . import _native
 from . import _validate as V
 from ._reference import expand_kv_heads
 from .dense import AttentionCall, Backend, register_backend
@@ -335,6 +336,9 @@ def _run_tasks(tasks: Sequence[Callable[[], _T]], workers: int) -> list[_T]:
         with torch.no_grad():  # grad mode is thread-local and on by default in a new thread
             return task()
 
+    if workers <= 1:
+        return [run(task) for task in tasks]
+
     with torch_threads(1), ThreadPoolExecutor(workers) as pool:
         jobs = [pool.submit(run, task) for task in tasks]
         return [job.result() for job in jobs]  # re-raises a worker's exception here
@@ -467,9 +471,136 @@ def _band_backward(
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
+# --------------------------------------------------------------------------------------------- native kernel
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # computed in float32; float64 stays in PyTorch
+
+
+def native_unsupported(q: Tensor, impl: str) -> str:
+    """Why the native sliding-window kernel cannot serve ``q`` (``""`` when it can)."""
+    if impl == "torch":
+        return "impl='torch'"
+    if q.device.type != "cpu":
+        return f"a {q.device.type} tensor (the native kernel is for CPU)"
+    if q.dtype not in _NATIVE_DTYPES:
+        return f"{q.dtype} (the native kernel computes float32, bfloat16 and float16 in float32)"
+    if _native.load() is None:
+        return f"no native library ({_native.status()})"
+    return ""
+
+
+def _rows_f32(x: Tensor, width: int) -> Tensor:
+    """``(B, H, N, X) -> (B*H, N, width)`` float32, contiguous, zero columns after ``X`` (a view when it can be)."""
+    b, h, n, d = x.shape
+    x = x.to(torch.float32).reshape(b * h, n, d)
+    return (F.pad(x, (0, width - d)) if width > d else x).contiguous()
+
+
+def _bucket_tasks(rows: int, nb: int, workers: int) -> list[tuple[int, int, int]]:
+    """``(row, b0, b1)`` tasks covering every bucket of every row once: whole rows, or rows cut into a few bucket
+    ranges when there are fewer rows than ``2 * workers`` (so that every thread keeps busy to the end)."""
+    parts = 1 if workers <= 1 else max(1, min(nb, -(-2 * workers // rows)))
+    cuts = [nb * i // parts for i in range(parts + 1)]
+    return [(row, b0, b1) for row in range(rows) for b0, b1 in itertools.pairwise(cuts) if b1 > b0]
+
+
+def _key_range(win: WindowMask, n: int, b0: int, b1: int) -> tuple[int, int]:
+    """The keys ``[key0, key1)`` that the query buckets ``[b0, b1)`` read (as ``csrc/band.c`` computes them)."""
+    return max(0, b0 - win.look_backward) * win.window, min(n, (b1 + win.look_forward) * win.window)
+
+
+def _native_call(fn: Callable[..., int], *args: object) -> None:
+    if fn(*args) != 0:
+        raise MemoryError("attnkit's native sliding-window kernel could not allocate its tile buffers")
+
+
+class _NativeWindowFn(torch.autograd.Function):
+    """The window on float32 ``(B*H, N, E)`` rows with the C kernel (``csrc/band.c``), forward and backward.
+
+    ``q (BH, N, E)``, ``k (BHkv, N, E)``, ``v (BHkv, N, Ev)`` (``E``, ``Ev`` multiples of 16; query row ``r`` reads
+    key/value row ``r // rep``). The rows, or bucket ranges of them, run as tasks on :func:`_run_tasks`' threads
+    (the C calls release the GIL). The backward gives every query head its own key/value gradient rows (summed over
+    the ``rep`` heads of a group at the end) and, when a row is cut into bucket ranges, every range its own buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, win, scale, rep, isa):  # type: ignore[no-untyped-def, override]
+        lib = _native.load()
+        bh, n, e = q.shape
+        ev = v.shape[-1]
+        out = q.new_empty(bh, n, ev)
+        lse = q.new_empty(bh, n)
+        fl = 4  # bytes per float32
+
+        def task(row: int, b0: int, b1: int) -> None:
+            kv = row // rep
+            _native_call(lib.attnkit_band_fwd, q.data_ptr() + row * n * e * fl, k.data_ptr() + kv * n * e * fl,
+                         v.data_ptr() + kv * n * ev * fl, out.data_ptr() + row * n * ev * fl,
+                         lse.data_ptr() + row * n * fl, n, e, ev, win.window, win.look_backward, win.look_forward,
+                         int(win.causal), scale, b0, b1, isa)
+
+        workers = _workers(q.numel(), None)
+        _run_tasks([functools.partial(task, *t) for t in _bucket_tasks(bh, -(-n // win.window), workers)], workers)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.win, ctx.scale, ctx.rep, ctx.isa = win, scale, rep, isa
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_lse):  # type: ignore[no-untyped-def, override]
+        lib = _native.load()
+        q, k, v, out, lse = ctx.saved_tensors
+        win, scale, rep, isa = ctx.win, ctx.scale, ctx.rep, ctx.isa
+        grad = grad_out.contiguous()
+        bh, n, e = q.shape
+        ev = v.shape[-1]
+        fl = 4
+        dq = torch.empty_like(q)
+        workers = _workers(q.numel(), None)
+        tasks = _bucket_tasks(bh, -(-n // win.window), workers)
+        whole = len(tasks) == bh  # one task per row: it owns (and zeroes) that row's dk, dv
+        dk = q.new_empty(bh, n, e) if whole else None
+        dv = q.new_empty(bh, n, ev) if whole else None
+
+        def task(row: int, b0: int, b1: int) -> tuple[int, int, Tensor, Tensor]:
+            kv = row // rep
+            key0, key1 = _key_range(win, n, b0, b1)
+            if dk is not None and dv is not None:
+                dk_t, dv_t = dk[row], dv[row]
+            else:
+                dk_t, dv_t = q.new_empty(key1 - key0, e), q.new_empty(key1 - key0, ev)
+            _native_call(lib.attnkit_band_bwd, q.data_ptr() + row * n * e * fl, k.data_ptr() + kv * n * e * fl,
+                         v.data_ptr() + kv * n * ev * fl, out.data_ptr() + row * n * ev * fl,
+                         grad.data_ptr() + row * n * ev * fl, lse.data_ptr() + row * n * fl,
+                         dq.data_ptr() + row * n * e * fl, dk_t.data_ptr(), dv_t.data_ptr(), n, e, ev, win.window,
+                         win.look_backward, win.look_forward, int(win.causal), scale, b0, b1, isa)
+            return row, key0, dk_t, dv_t
+
+        parts = _run_tasks([functools.partial(task, *t) for t in tasks], workers)
+        if dk is None or dv is None:  # bucket ranges: sum the overlapping key rows of their buffers
+            dk, dv = q.new_zeros(bh, n, e), q.new_zeros(bh, n, ev)
+            for row, key0, dk_t, dv_t in parts:
+                dk[row, key0 : key0 + dk_t.shape[0]] += dk_t
+                dv[row, key0 : key0 + dv_t.shape[0]] += dv_t
+        if rep > 1:  # the query heads of a group share one key/value head
+            dk = dk.view(bh // rep, rep, n, e).sum(1)
+            dv = dv.view(bh // rep, rep, n, ev).sum(1)
+        return dq, dk, dv, None, None, None, None
+
+
+def _window_native(q: Tensor, k: Tensor, v: Tensor, win: WindowMask, scale: float, isa: int = 2) -> Tensor:
+    """``L == S``, no key mask, on the C kernel: float32 rows, feature dims zero-padded to multiples of 16."""
+    b, h, n, e = q.shape
+    hkv, ev = k.shape[1], v.shape[-1]
+    e16, ev16 = -(-e // 16) * 16, -(-ev // 16) * 16
+    out, _ = _NativeWindowFn.apply(_rows_f32(q, e16), _rows_f32(k, e16), _rows_f32(v, ev16), win, scale, h // hkv,
+                                   isa)
+    return out.view(b, h, n, ev16)[..., :ev].to(q.dtype)  # (B, H, N, Ev)
+
+
 # --------------------------------------------------------------------------------------------- sliding window
 def _window_fast(q: Tensor, k: Tensor, v: Tensor, win: WindowMask, scale: float) -> Tensor:
-    """``L == S``, no key mask: one flash call per block offset, merged with the log-sum-exp."""
+    """``L == S``, no key mask, in PyTorch: one flash call per block offset, merged with the log-sum-exp."""
     b, h, n, e = q.shape
     w = win.window
     nb = -(-n // w)
@@ -562,6 +693,7 @@ def sliding_window_attention(
     look_forward: int = 0,
     key_mask: Tensor | None = None,
     scale: float | None = None,
+    impl: str = "auto",
 ) -> Tensor:
     """Exact attention restricted to a blocked sliding window (:class:`WindowMask`), in O(N·w) time and memory.
 
@@ -579,6 +711,10 @@ def sliding_window_attention(
         look_forward: buckets ahead a query sees.
         key_mask: optional boolean ``(B, S)``, ``True`` = real key that may be attended (key padding).
         scale: score scale, ``1/sqrt(E)`` when ``None``.
+        impl: for ``L == S`` without ``key_mask`` on the CPU: ``"native"`` (the C kernel, ``csrc/band.c``, in
+            float32 for float32 / bfloat16 / float16 inputs; raises when it cannot run), ``"torch"`` (PyTorch's
+            flash kernel per block offset, merged with the log-sum-exp; also float64), or ``"auto"`` (native when it
+            can run, else torch). Other inputs always take the readable blockwise path.
 
     Returns:
         ``(B, H, L, Ev)``; query ``i`` sits at position ``i + S - L``. Rows with no key to attend to give zeros.
@@ -607,11 +743,22 @@ def sliding_window_attention(
                 f"{key_mask.dtype} {tuple(key_mask.shape)}",
                 "padding_mask(lengths, S).view(B, S)",
             )
+    if impl not in ("auto", "native", "torch"):
+        raise V.fail("impl to be 'auto', 'native' or 'torch'", repr(impl), "impl='auto'")
     scale_f = V.check_scale(scale, e)
     if q_len == 0 or k_len == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0.0 * (q.sum() + k.sum() + v.sum())
-    if key_mask is None and q_len == k_len and q.device.type == "cpu":  # the flash op is PyTorch's CPU kernel
+    if key_mask is None and q_len == k_len and q.device.type == "cpu":  # the fast paths: both CPU kernels
+        why = native_unsupported(q, impl)
+        if not why:
+            return _window_native(q, k, v, win, scale_f)
+        if impl == "native":
+            raise V.fail("an input the native sliding-window kernel serves", why, "impl='auto'")
         return _window_fast(q, k, v, win, scale_f)
+    if impl == "native":
+        raise V.fail("L == S, no key_mask and CPU tensors for impl='native'",
+                     f"L={q_len}, S={k_len}, key_mask={'set' if key_mask is not None else None}, {q.device}",
+                     "impl='auto'")
     return _window_blockwise(q, k, v, win, key_mask, scale_f)
 
 

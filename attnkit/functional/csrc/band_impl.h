@@ -1,0 +1,334 @@
+/* The sliding-window kernel body, included by band.c once per instruction set with:
+ *   BK_SUFFIX  name suffix of every function (generic, avx512)
+ *   BK_VEC     floats per vector (GCC vector extensions: the compiler maps them to the target's registers)
+ *   BK_NV      vectors per microkernel row (columns per microkernel call: BK_NV * BK_VEC)
+ *   BK_MR      rows per microkernel call
+ * See band.c for the algorithm and the layout of the arguments.
+ */
+#define BK_CAT2(a, b) a##_##b
+#define BK_CAT(a, b) BK_CAT2(a, b)
+#define BK(name) BK_CAT(name, BK_SUFFIX)
+#define VF BK(vf)
+#define VI BK(vi)
+#define VFU BK(vfu)
+
+typedef float VF __attribute__((vector_size(BK_VEC * 4)));
+typedef int32_t VI __attribute__((vector_size(BK_VEC * 4)));
+typedef float VFU __attribute__((vector_size(BK_VEC * 4), aligned(4), may_alias));
+
+static inline VF BK(ld)(const float *p) { return *(const VFU *)p; }
+static inline void BK(st)(float *p, VF x) { *(VFU *)p = x; }
+static inline VF BK(splat)(float x) { return (VF){0} + x; }
+static inline VF BK(sel)(VI m, VF a, VF b) { return (VF)(((VI)a & m) | ((VI)b & ~m)); } /* m ? a : b */
+
+/* Horizontal max / sum of a vector (the instruction set's own reductions where there is one). */
+#if BK_VEC == 16 && defined(__AVX512F__)
+static inline float BK(hmax)(VF x) { return _mm512_reduce_max_ps((__m512)x); }
+static inline float BK(hsum)(VF x) { return _mm512_reduce_add_ps((__m512)x); }
+#elif BK_VEC == 8 && defined(__AVX2__)
+static inline float BK(hmax)(VF x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128((__m256)x), _mm256_extractf128_ps((__m256)x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+static inline float BK(hsum)(VF x) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128((__m256)x), _mm256_extractf128_ps((__m256)x, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+#else
+static inline float BK(hmax)(VF x) {
+    float m = x[0];
+    for (int i = 1; i < BK_VEC; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+static inline float BK(hsum)(VF x) {
+    float m = x[0];
+    for (int i = 1; i < BK_VEC; i++) m += x[i];
+    return m;
+}
+#endif
+
+static inline VI BK(iota)(void) {
+    VI r;
+    for (int i = 0; i < BK_VEC; i++) r[i] = i;
+    return r;
+}
+
+/* 2**x for x <= 0 (x = -inf gives 0, NaN stays NaN): x = n + f with |f| <= 1/2, 2**f by its Taylor series to
+ * degree 7 (relative error below 1e-8), 2**n built in the exponent bits. Results below 2**-126 flush to 0. */
+static inline VF BK(exp2v)(VF x) {
+    const VF lo = BK(splat)(-127.0f);
+    x = BK(sel)(x < lo, lo, x);
+    const VF magic = BK(splat)(12582912.0f); /* 1.5 * 2**23: adding it rounds to an integer */
+    VF r = x + magic;
+    VF n = r - magic;
+    VF f = x - n;
+    VI ni = (VI)r - (VI)magic; /* the integer n, from the low mantissa bits */
+    VF p = BK(splat)(1.5252733804059841e-05f);
+    p = p * f + 1.5403530393381608e-04f;
+    p = p * f + 1.3333558146428443e-03f;
+    p = p * f + 9.6181291076284772e-03f;
+    p = p * f + 5.5504108664821580e-02f;
+    p = p * f + 2.4022650695910071e-01f;
+    p = p * f + 6.9314718055994531e-01f;
+    p = p * f + 1.0f;
+    VF scale = (VF)((ni + 127) << 23); /* 2**n; n = -127 gives the bits of 0.0 */
+    return p * scale;
+}
+
+/* The one microkernel: C[r][0:nv*VEC] = (acc ? C[r] : 0) + sum_k a[r*ar + k*ak] * y[k*ys + 0:nv*VEC], r < MR.
+ * Strided scalars a (broadcast) times rows of y: every product of the kernel is this shape, with a either a tile
+ * read by rows (ar = row stride, ak = 1) or read transposed (ar = 1, ak = row stride). */
+static inline __attribute__((always_inline)) void BK(mk)(float *restrict c, int64_t ldc, const float *restrict a,
+                                                         int64_t ar, int64_t ak, const float *restrict y,
+                                                         int64_t ys, int64_t kn, int acc, const int nv) {
+    VF s[BK_MR][BK_NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < BK_MR; r++)
+#pragma GCC unroll 8
+        for (int u = 0; u < nv; u++) s[r][u] = acc ? BK(ld)(c + r * ldc + u * BK_VEC) : (VF){0};
+    for (int64_t k = 0; k < kn; k++) {
+        VF yv[BK_NV];
+        const float *yk = y + k * ys;
+#pragma GCC unroll 8
+        for (int u = 0; u < nv; u++) yv[u] = BK(ld)(yk + u * BK_VEC);
+        const float *ak_ = a + k * ak;
+#pragma GCC unroll 8
+        for (int r = 0; r < BK_MR; r++) {
+            const float x = ak_[r * ar];
+#pragma GCC unroll 8
+            for (int u = 0; u < nv; u++) s[r][u] += yv[u] * x;
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < BK_MR; r++)
+#pragma GCC unroll 8
+        for (int u = 0; u < nv; u++) BK(st)(c + r * ldc + u * BK_VEC, s[r][u]);
+}
+
+/* C (m x width) (+)= A (m x kn, strides ar / ak) times Y (kn x width, row stride ys). m is a multiple of BK_MR,
+ * width a multiple of 16. */
+static void BK(gemm)(float *c, int64_t ldc, const float *a, int64_t ar, int64_t ak, const float *y, int64_t ys,
+                     int64_t m, int64_t width, int64_t kn, int acc) {
+    for (int64_t c0 = 0; c0 < width; c0 += BK_NV * BK_VEC) {
+        const int64_t left = (width - c0) / BK_VEC;
+        for (int64_t i = 0; i < m; i += BK_MR) {
+            float *ci = c + i * ldc + c0;
+            const float *ai = a + i * ar;
+            if (left >= BK_NV)
+                BK(mk)(ci, ldc, ai, ar, ak, y + c0, ys, kn, acc, BK_NV);
+#if BK_NV > 3
+            else if (left == 3)
+                BK(mk)(ci, ldc, ai, ar, ak, y + c0, ys, kn, acc, 3);
+#endif
+#if BK_NV > 2
+            else if (left == 2)
+                BK(mk)(ci, ldc, ai, ar, ak, y + c0, ys, kn, acc, 2);
+#endif
+            else
+                BK(mk)(ci, ldc, ai, ar, ak, y + c0, ys, kn, acc, 1);
+        }
+    }
+}
+
+/* One row of the tile: keep the first `lim` of `jw` scores (the rest become -inf), return their max. */
+static inline float BK(mask_max)(float *row, int64_t jw, int64_t lim) {
+    const VF ninf = BK(splat)(-INFINITY);
+    const VI idx0 = BK(iota)();
+    VF mv = ninf;
+    for (int64_t j = 0; j < jw; j += BK_VEC) {
+        VF x = BK(sel)(idx0 + (int32_t)j < (int32_t)lim, BK(ld)(row + j), ninf);
+        mv = BK(sel)(x > mv, x, mv);
+        BK(st)(row + j, x);
+    }
+    return BK(hmax)(mv);
+}
+
+/* row = 2**(row - m) in place (masked entries, -inf, give 0); returns the sum. */
+static inline float BK(exp_sum)(float *row, int64_t jw, float m) {
+    VF acc = (VF){0};
+    const VF mv = BK(splat)(m);
+    for (int64_t j = 0; j < jw; j += BK_VEC) {
+        VF p = BK(exp2v)(BK(ld)(row + j) - mv);
+        BK(st)(row + j, p);
+        acc += p;
+    }
+    return BK(hsum)(acc);
+}
+
+/* A 64-byte aligned scratch buffer of `count` floats (NULL when out of memory). */
+static float *BK(scratch)(int64_t count) {
+    return aligned_alloc(64, (size_t)((count * (int64_t)sizeof(float) + 63) / 64 * 64));
+}
+
+static inline int64_t BK(min64)(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t BK(max64)(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t BK(up)(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+/* Keys of query row `i` in bucket `b` among the block [j0, j0 + jn): how many of the first ones it may see. */
+static inline int64_t BK(limit)(int64_t i, int64_t j0, int64_t jn, int causal) {
+    if (!causal) return jn;
+    return BK(min64)(jn, i - j0 + 1);
+}
+
+#define BK_TQP ((BK_TQ + BK_MR - 1) / BK_MR * BK_MR) /* tile rows, padded to whole microkernels */
+#define BK_LDS (BK_TK + 16) /* row stride of score tiles */
+
+/* C (m x width) += A^T-style product for exactly m rows (m need not be a multiple of MR): the last m % MR rows
+ * go through `tmp` (MR x width), so no row after the m-th is read or written. */
+static void BK(gemm_rows)(float *c, int64_t ldc, const float *a, int64_t ar, int64_t ak, const float *y, int64_t ys,
+                          int64_t m, int64_t width, int64_t kn, float *tmp) {
+    const int64_t whole = m / BK_MR * BK_MR;
+    if (whole) BK(gemm)(c, ldc, a, ar, ak, y, ys, whole, width, kn, 1);
+    if (m == whole) return;
+    for (int64_t r = 0; r < BK_MR; r++)
+        for (int64_t d = 0; d < width; d++) tmp[r * width + d] = whole + r < m ? c[(whole + r) * ldc + d] : 0.0f;
+    BK(gemm)(tmp, width, a + whole * ar, ar, ak, y, ys, BK_MR, width, kn, 1);
+    for (int64_t r = 0; whole + r < m; r++)
+        for (int64_t d = 0; d < width; d++) c[(whole + r) * ldc + d] = tmp[r * width + d];
+}
+
+/* The keys that the query buckets [b0, b1) read: [key0, key1). */
+static inline void BK(key_range)(int64_t n, int64_t w, int64_t lb, int64_t lf, int64_t b0, int64_t b1, int64_t *key0,
+                                 int64_t *key1) {
+    *key0 = BK(max64)(0, (b0 - lb) * w);
+    *key1 = BK(min64)(n, (b1 + lf) * w);
+}
+
+/* xt (cols x ldt) = the rows [r0, r1) of x (rows x cols) transposed, zero from column r1 - r0 to ldt. */
+static void BK(transpose)(const float *x, int64_t cols, int64_t r0, int64_t r1, float *xt, int64_t ldt) {
+    for (int64_t c = 0; c < cols; c++) memset(xt + c * ldt + (r1 - r0), 0, sizeof(float) * (size_t)(ldt - r1 + r0));
+    for (int64_t rb = r0; rb < r1; rb += 16) {
+        const int64_t re = BK(min64)(rb + 16, r1);
+        for (int64_t c = 0; c < cols; c++)
+            for (int64_t r = rb; r < re; r++) xt[c * ldt + (r - r0)] = x[r * cols + c];
+    }
+}
+
+static int BK(band_fwd)(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n, int64_t e,
+                        int64_t ev, int64_t w, int64_t lb, int64_t lf, int causal, float scale, int64_t b0,
+                        int64_t b1) {
+    const float c2 = scale * 1.4426950408889634f; /* scores in base 2 */
+    int64_t key0, key1;
+    BK(key_range)(n, w, lb, lf, b0, b1, &key0, &key1);
+    const int64_t ldt = key1 - key0 + BK_TK; /* the transposed keys, zero after the last one */
+    float *buf = BK(scratch)(BK_TQP * (e + BK_LDS + ev) + 2 * BK_TQP + e * ldt);
+    if (!buf) return -1;
+    float *qs = buf, *s = qs + BK_TQP * e, *o = s + BK_TQP * BK_LDS, *m = o + BK_TQP * ev, *l = m + BK_TQP;
+    float *kt = l + BK_TQP;
+    BK(transpose)(k, e, key0, key1, kt, ldt);
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t row_end = BK(min64)(n, (b + 1) * w);
+        const int64_t lo = BK(max64)(0, (b - lb) * w);
+        for (int64_t r0 = b * w; r0 < row_end; r0 += BK_TQ) {
+            const int64_t r1 = BK(min64)(r0 + BK_TQ, row_end), t = r1 - r0, tp = BK(up)(t, BK_MR);
+            const int64_t hi = causal ? r1 : BK(min64)(n, (b + lf + 1) * w);
+            for (int64_t i = 0; i < tp; i++)
+                for (int64_t d = 0; d < e; d++) qs[i * e + d] = i < t ? q[(r0 + i) * e + d] * c2 : 0.0f;
+            memset(o, 0, sizeof(float) * (size_t)(tp * ev));
+            for (int64_t i = 0; i < t; i++) m[i] = -INFINITY, l[i] = 0.0f;
+            for (int64_t j0 = lo; j0 < hi; j0 += BK_TK) {
+                const int64_t jn = BK(min64)(BK_TK, hi - j0), jw = BK(up)(jn, 16);
+                BK(gemm)(s, BK_LDS, qs, e, 1, kt + (j0 - key0), ldt, tp, jw, e, 0); /* S = Qs K^T, base 2 */
+                for (int64_t i = 0; i < tp; i++) {
+                    float *row = s + i * BK_LDS;
+                    const int64_t lim = i < t ? BK(limit)(r0 + i, j0, jn, causal) : 0;
+                    if (lim <= 0) {
+                        memset(row, 0, sizeof(float) * (size_t)jw);
+                        continue;
+                    }
+                    const float mx = BK(mask_max)(row, jw, lim);
+                    if (mx > m[i] + 8.0f) { /* a new reference only when the scores outgrow it by 2**8: any */
+                        const float alpha = exp2f(m[i] - mx); /* reference is exact, and this one keeps */
+                        l[i] *= alpha;                        /* every weight below 256 */
+                        for (int64_t d = 0; d < ev; d++) o[i * ev + d] *= alpha;
+                        m[i] = mx;
+                    }
+                    l[i] += BK(exp_sum)(row, jw, m[i]);
+                }
+                BK(gemm)(o, ev, s, BK_LDS, 1, v + j0 * ev, ev, tp, ev, jn, 1); /* O += P V */
+            }
+            for (int64_t i = 0; i < t; i++) {
+                const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+                for (int64_t d = 0; d < ev; d++) out[(r0 + i) * ev + d] = o[i * ev + d] * inv;
+                lse[r0 + i] = l[i] > 0.0f ? (m[i] + log2f(l[i])) * 0.6931471805599453f : -INFINITY;
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+static int BK(band_bwd)(const float *q, const float *k, const float *v, const float *out, const float *dout,
+                        const float *lse, float *dq, float *dk, float *dv, int64_t n, int64_t e, int64_t ev,
+                        int64_t w, int64_t lb, int64_t lf, int causal, float scale, int64_t b0, int64_t b1) {
+    int64_t key0, key1;
+    BK(key_range)(n, w, lb, lf, b0, b1, &key0, &key1);
+    const int64_t ldt = key1 - key0 + BK_TK;
+    const int64_t wmax = e > ev ? e : ev;
+    float *buf = BK(scratch)(BK_TQP * (3 * e + ev + 2 * BK_LDS) + 2 * BK_TQP + (e + ev) * ldt + BK_MR * wmax);
+    if (!buf) return -1;
+    float *qs2 = buf, *qs = qs2 + BK_TQP * e, *gq = qs + BK_TQP * e, *go = gq + BK_TQP * e;
+    float *p = go + BK_TQP * ev, *ds = p + BK_TQP * BK_LDS, *lse2 = ds + BK_TQP * BK_LDS, *dl = lse2 + BK_TQP;
+    float *kt = dl + BK_TQP, *vt = kt + e * ldt, *tmp = vt + ev * ldt;
+    BK(transpose)(k, e, key0, key1, kt, ldt);
+    BK(transpose)(v, ev, key0, key1, vt, ldt);
+    memset(dk, 0, sizeof(float) * (size_t)((key1 - key0) * e)); /* dk, dv: the rows [key0, key1), owned */
+    memset(dv, 0, sizeof(float) * (size_t)((key1 - key0) * ev));
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t row_end = BK(min64)(n, (b + 1) * w);
+        const int64_t lo = BK(max64)(0, (b - lb) * w);
+        for (int64_t r0 = b * w; r0 < row_end; r0 += BK_TQ) {
+            const int64_t r1 = BK(min64)(r0 + BK_TQ, row_end), t = r1 - r0, tp = BK(up)(t, BK_MR);
+            const int64_t hi = causal ? r1 : BK(min64)(n, (b + lf + 1) * w);
+            for (int64_t i = 0; i < tp; i++) {
+                float delta = 0.0f; /* rowsum(dO * O) */
+                for (int64_t d = 0; d < ev; d++) {
+                    const float g = i < t ? dout[(r0 + i) * ev + d] : 0.0f;
+                    go[i * ev + d] = g;
+                    delta += i < t ? g * out[(r0 + i) * ev + d] : 0.0f;
+                }
+                for (int64_t d = 0; d < e; d++) {
+                    const float x = i < t ? q[(r0 + i) * e + d] * scale : 0.0f;
+                    qs[i * e + d] = x;
+                    qs2[i * e + d] = x * 1.4426950408889634f;
+                }
+                lse2[i] = i < t ? lse[r0 + i] * 1.4426950408889634f : 0.0f;
+                dl[i] = delta;
+            }
+            memset(gq, 0, sizeof(float) * (size_t)(tp * e));
+            for (int64_t j0 = lo; j0 < hi; j0 += BK_TK) {
+                const int64_t jn = BK(min64)(BK_TK, hi - j0), jw = BK(up)(jn, 16);
+                BK(gemm)(p, BK_LDS, qs2, e, 1, kt + (j0 - key0), ldt, tp, jw, e, 0); /* S = Qs K^T (base 2) */
+                BK(gemm)(ds, BK_LDS, go, ev, 1, vt + (j0 - key0), ldt, tp, jw, ev, 0); /* dP = dO V^T */
+                const VI idx0 = BK(iota)();
+                for (int64_t i = 0; i < tp; i++) {
+                    float *prow = p + i * BK_LDS, *drow = ds + i * BK_LDS;
+                    const int64_t lim = i < t ? BK(limit)(r0 + i, j0, jn, causal) : 0;
+                    const VF l2 = BK(splat)(lse2[i]), dd = BK(splat)(dl[i]);
+                    for (int64_t j = 0; j < jw; j += BK_VEC) {
+                        const VI ok = idx0 + (int32_t)j < (int32_t)lim;
+                        const VF pv = BK(sel)(ok, BK(exp2v)(BK(ld)(prow + j) - l2), (VF){0}); /* P */
+                        BK(st)(prow + j, pv);
+                        BK(st)(drow + j, BK(sel)(ok, pv * (BK(ld)(drow + j) - dd), (VF){0})); /* dS */
+                    }
+                }
+                BK(gemm_rows)(dv + (j0 - key0) * ev, ev, p, 1, BK_LDS, go, ev, jn, ev, tp, tmp); /* dV += P^T dO */
+                BK(gemm)(gq, e, ds, BK_LDS, 1, k + j0 * e, e, tp, e, jn, 1);                  /* dQ += dS K */
+                BK(gemm_rows)(dk + (j0 - key0) * e, e, ds, 1, BK_LDS, qs, e, jn, e, tp, tmp); /* dK += dS^T sQ */
+            }
+            for (int64_t i = 0; i < t; i++)
+                for (int64_t d = 0; d < e; d++) dq[(r0 + i) * e + d] = gq[i * e + d] * scale;
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+#undef BK_CAT2
+#undef BK_CAT
+#undef BK
+#undef VF
+#undef VI
+#undef VFU

@@ -8,7 +8,9 @@ forward+backward and measures the extra peak memory of:
   memory passes a guard, so the shared machine is never pushed out of memory);
 * the ``local-attention`` package (``LocalAttention(window_size, causal=True)``);
 * FlexAttention compiled with a block mask: **forward only** (no CPU backward in PyTorch);
-* attnkit's :func:`~attnkit.functional.sliding_window_attention`.
+* attnkit's :func:`~attnkit.functional.sliding_window_attention` on PyTorch's flash kernel (``impl="torch"``);
+* attnkit's :func:`~attnkit.functional.sliding_window_attention` as users call it (``impl="auto"``: the native C
+  kernel where it builds).
 
 Then, at N=16384, the same kernels timed interleaved (every round calls each once, in turn) with one intra-op
 thread: with one thread each, a ratio is the ratio of the work done, and it moves little when other jobs share the
@@ -32,8 +34,10 @@ import torch.nn.functional as F
 
 from attnkit._runtime import torch_threads
 from attnkit.bench._timing import Table, interleaved_medians, machine_line, measure_peak_memory, median_time, ratio
-from attnkit.functional import WindowMask, chunked_attention, sliding_window_attention
+from attnkit.functional import WindowMask, _native, chunked_attention, sliding_window_attention
 
+MINE = "attnkit sliding_window_attention"  # impl='auto': the native kernel where it builds
+TORCH_PATH = "attnkit impl='torch' (flash pieces)"  # the same function on PyTorch's CPU flash kernel
 GUARD_BYTES = 6 * 1024**3  # never start a run estimated above this (the machine is shared)
 MB = 1024**2
 PROFILE_LIMIT_S = 20.0  # calls slower than this are not run again under the memory profiler (estimate shown)
@@ -103,7 +107,10 @@ def _kernels(n: int, window: int, with_flex: bool) -> dict[str, dict[str, Any]]:
                 "est": lambda h: (h * n * 64 * 4 * 8, 0)}
         except Exception as exc:  # noqa: BLE001 - report any compile failure as a note, do not stop the suite
             print(f"FlexAttention unavailable: {type(exc).__name__}: {exc}")
-    kernels["attnkit sliding_window_attention"] = {
+    kernels[TORCH_PATH] = {
+        "fn": lambda q, k, v: sliding_window_attention(q, k, v, window=window, impl="torch"), "trains": True,
+        "est": lambda h: (h * n * 64 * 4 * 8, h * n * 64 * 4 * 16)}
+    kernels[MINE] = {
         "fn": lambda q, k, v: sliding_window_attention(q, k, v, window=window), "trains": True,
         "est": lambda h: (h * n * 64 * 4 * 8, h * n * 64 * 4 * 16)}
     return kernels
@@ -198,11 +205,11 @@ def main(quick: bool = False, out: str | None = None) -> int:
             results.setdefault(name, {})[n] = row
             print(f"  N={n:6d} {name:34s} fwd {row['fwd'] * 1e3:8.0f} ms  fwd+bwd {train_cells[0]:>8s} ms", flush=True)
             gc.collect()
-    ours = results["attnkit sliding_window_attention"]
+    ours = results[MINE]
     ratios = Table("attnkit speed-up (baseline time / attnkit time; > 1 = attnkit faster)",
                    ["N", "against", "fwd", "fwd+bwd"])
     for name, by_n in results.items():
-        if name.startswith("attnkit"):
+        if name == MINE:
             continue
         for n in sizes:
             base, mine = by_n.get(n, {}), ours.get(n, {})
@@ -215,6 +222,9 @@ def main(quick: bool = False, out: str | None = None) -> int:
                 b = "-"
             ratios.add(str(n), name, f, b)
     table.notes.append(machine_line())
+    table.notes.append(f"native library: {_native.status()}")
+    table.notes.append(f"'{MINE}' runs impl='auto' (the native kernel when it builds); '{TORCH_PATH}' is the "
+                       "same function on PyTorch's CPU flash kernel, merged by log-sum-exp, with its tiled backward")
     table.notes.append(f"load average (1 min) at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f}: "
                        "the machine is shared, so wall times carry that noise; ratios come from one process")
     table.notes.append("peak MB: extra resident memory at peak (RSS sampled every 2 ms), inputs excluded; "
@@ -240,7 +250,7 @@ def main(quick: bool = False, out: str | None = None) -> int:
             calls[name + " fwd+bwd"] = _fwd_bwd(spec["fn"], q, k, v)
     with torch_threads(1):
         medians = interleaved_medians(calls, rounds=3)
-    mine_name = "attnkit sliding_window_attention"
+    mine_name = MINE
     for name in picked:
         fwd_ms = medians[name + " fwd"][0]
         train = medians.get(name + " fwd+bwd")

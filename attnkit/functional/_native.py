@@ -6,10 +6,10 @@ Some kernels cannot reach the speed of the hardware through PyTorch operators:
   half-precision cache to float32 first (several times the read). ``csrc/decode.c`` streams the cache once,
   widening half-precision rows in registers (AVX2/FMA/F16C where the CPU has them, portable C otherwise), with
   OpenMP threads.
-* Sliding-window attention, forward and backward: ``csrc/band.c`` (body in ``csrc/band_impl.h``). PyTorch's CPU
-  matrix products run MKL's AVX2 code on AMD processors (about 110 GFLOP/s a core on a Zen 5, where an AVX-512
-  microkernel reaches 255); the band kernel keeps its accumulators in registers and is compiled for AVX-512 as
-  well as for the build's target, picked at run time.
+* Sliding-window attention, forward and backward: ``csrc/band.c`` (body in ``csrc/band_impl.h``). On an AMD Zen 5
+  PyTorch's CPU matrix products (MKL, with no AVX-512 code path for that CPU) reach about 110 GFLOP/s a core, where
+  the band kernel's AVX-512 microkernel, its accumulators kept in registers, reaches about 255. The body is compiled
+  for the build's target and again for AVX-512, and picked at run time.
 
 How it is built. Nothing happens at install time. The first call that wants a native kernel compiles the C source
 with the system C compiler (``$CC`` or ``cc``) into a shared library in the cache folder (``$ATTNKIT_CACHE``, else

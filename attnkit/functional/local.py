@@ -329,8 +329,12 @@ def _workers(numel: int, workers: int | None) -> int:
     return 1 if numel < _MIN_THREADED else torch.get_num_threads()
 
 
-def _run_tasks(tasks: Sequence[Callable[[], _T]], workers: int) -> list[_T]:
-    """Results of ``tasks``, pulled from one queue by ``workers`` threads with one intra-op thread each."""
+def _run_tasks(tasks: Sequence[Callable[[], _T]], workers: int, *, torch_ops: bool = True) -> list[_T]:
+    """Results of ``tasks``, pulled from one queue by ``workers`` threads with one intra-op thread each.
+
+    ``torch_ops=False``: the tasks run no multithreaded PyTorch kernels (native calls), so the process's intra-op
+    thread count is left alone.
+    """
 
     def run(task: Callable[[], _T]) -> _T:
         with torch.no_grad():  # grad mode is thread-local and on by default in a new thread
@@ -339,7 +343,7 @@ def _run_tasks(tasks: Sequence[Callable[[], _T]], workers: int) -> list[_T]:
     if workers <= 1:
         return [run(task) for task in tasks]
 
-    with torch_threads(1), ThreadPoolExecutor(workers) as pool:
+    with torch_threads(1 if torch_ops else None), ThreadPoolExecutor(workers) as pool:
         jobs = [pool.submit(run, task) for task in tasks]
         return [job.result() for job in jobs]  # re-raises a worker's exception here
 
@@ -539,7 +543,8 @@ class _NativeWindowFn(torch.autograd.Function):
                          int(win.causal), scale, b0, b1, isa)
 
         workers = _workers(q.numel(), None)
-        _run_tasks([functools.partial(task, *t) for t in _bucket_tasks(bh, -(-n // win.window), workers)], workers)
+        tasks = _bucket_tasks(bh, -(-n // win.window), workers)
+        _run_tasks([functools.partial(task, *t) for t in tasks], workers, torch_ops=False)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.win, ctx.scale, ctx.rep, ctx.isa = win, scale, rep, isa
         ctx.mark_non_differentiable(lse)
@@ -576,7 +581,7 @@ class _NativeWindowFn(torch.autograd.Function):
                          win.look_backward, win.look_forward, int(win.causal), scale, b0, b1, isa)
             return row, key0, dk_t, dv_t
 
-        parts = _run_tasks([functools.partial(task, *t) for t in tasks], workers)
+        parts = _run_tasks([functools.partial(task, *t) for t in tasks], workers, torch_ops=False)
         if dk is None or dv is None:  # bucket ranges: sum the overlapping key rows of their buffers
             dk, dv = q.new_zeros(bh, n, e), q.new_zeros(bh, n, ev)
             for row, key0, dk_t, dv_t in parts:

@@ -168,7 +168,7 @@ def test_native_equals_torch_path_and_impl_errors() -> None:
     with pytest.raises(ValueError, match="native"):
         sliding_window_attention(q.double(), k.double(), v.double(), window=64, impl="native")
     with pytest.raises(ValueError, match="L == S"):
-        sliding_window_attention(q, k, v, window=64, impl="native", key_mask=torch.ones(1, 257, dtype=torch.bool))
+        sliding_window_attention(q[:, :, :100], k, v, window=64, impl="native")
     with pytest.raises(ValueError, match="impl"):
         sliding_window_attention(q, k, v, window=64, impl="fast")
     assert local_mod.native_unsupported(q.double(), "auto").startswith("torch.float64")
@@ -215,3 +215,64 @@ def test_without_native_library_auto_runs_the_torch_path(monkeypatch):  # type: 
     torch.testing.assert_close(out, sliding_window_attention(q, k, v, window=16, impl="torch"), atol=0, rtol=0)
     with pytest.raises(ValueError, match="no native library"):
         sliding_window_attention(q, k, v, window=16, impl="native")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_native_window_right_padding(isa, causal):  # type: ignore[no-untyped-def]
+    """Right padding (a PaddingMask, or a key_mask of that form) runs natively: padded keys are never read (they are
+    NaN here), and queries whose window holds only padding give zeros with zero gradients."""
+    _skip_unless_isa(isa)
+    n, w = 230, 32
+    lengths = torch.tensor([230, 97, 0])  # full, padded mid-bucket, all padding
+    win = WindowMask(w, causal=causal, look_forward=0 if causal else 1)
+    key_mask = torch.arange(n) < lengths.view(-1, 1)  # (B, S)
+    q, k, v = _inputs(3, 2, 1, n, 16, 16)
+    kp, vp = k.clone(), v.clone()
+    kp.masked_fill_(~key_mask.view(3, 1, n, 1), float("nan"))
+    vp.masked_fill_(~key_mask.view(3, 1, n, 1), float("nan"))
+    g = torch.randn(3, 2, n, 16, dtype=torch.float64)
+
+    def native(a, b, c):  # type: ignore[no-untyped-def]
+        return local_mod._window_native(a, b, c, win, 16**-0.5, isa, lengths=lengths)
+
+    def dense(a, b, c):  # type: ignore[no-untyped-def]
+        mask = win.materialize(n, n) & key_mask.view(3, 1, 1, n)
+        b, c = (t.masked_fill(~key_mask.view(3, 1, n, 1), 0.0) for t in (b, c))
+        return attention_reference(a, b.repeat_interleave(2, 1), c.repeat_interleave(2, 1), mask)[0]
+
+    got = _grads(native, q, kp, vp, g, torch.float32)
+    want = _grads(dense, q, k, v, g, torch.float64)
+    assert all(torch.isfinite(t).all() for t in got)
+    dead = (win.materialize(n, n)[0, 0] & key_mask.view(3, 1, n)).sum(-1) == 0  # (B, L): rows that see nothing
+    assert dead[2].all() and dead.sum() > n
+    assert (got[0].transpose(1, 2)[dead] == 0).all() and (got[1].transpose(1, 2)[dead] == 0).all()
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        if i >= 2:  # key and value gradients: padded keys get none (the reference's are zeros there too)
+            b = b.masked_fill(~key_mask.view(3, 1, n, 1), 0.0)
+        tol = TOL[torch.float32] * (1 if i == 0 else 10)
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+
+
+@NEEDS_LIB
+def test_padding_routes_natively_and_left_padding_stays_blockwise(monkeypatch):  # type: ignore[no-untyped-def]
+    from attnkit.functional import PaddingMask, scaled_dot_product_attention
+
+    calls = []
+    real = local_mod._window_native
+    monkeypatch.setattr(local_mod, "_window_native", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    q, k, v = (torch.randn(2, 2, 150, 16) for _ in range(3))
+    mask = WindowMask(32) & PaddingMask(torch.tensor([150, 60]))
+    out = scaled_dot_product_attention(q, k, v, mask)  # the dispatcher's local backend
+    assert len(calls) == 1 and calls[0]["lengths"].tolist() == [150, 60]
+    ref = attention_reference(q.double(), k.double(), v.double(), mask)[0]
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    left = torch.ones(2, 150, dtype=torch.bool)
+    left[1, :10] = False  # left padding: not of the native kernel's form
+    out = sliding_window_attention(q, k, v, window=32, key_mask=left)
+    assert len(calls) == 1
+    ref = attention_reference(q.double(), k.double(), v.double(), WindowMask(32).materialize(150, 150)
+                              & left.view(2, 1, 1, 150))[0]
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="right padding"):
+        sliding_window_attention(q, k, v, window=32, key_mask=left, impl="native")

@@ -109,9 +109,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.attnkit_decode_fused.argtypes = [ptr, ptr, cint, *[i64] * 11, ptr, i64, ptr, ptr, ptr, i64, cint]
     lib.attnkit_decode_fused.restype = None
     f32 = ctypes.c_float
-    lib.attnkit_band_fwd.argtypes = [*[ptr] * 5, *[i64] * 6, cint, f32, i64, i64, cint]
+    lib.attnkit_band_fwd.argtypes = [*[ptr] * 5, *[i64] * 7, cint, f32, i64, i64, cint]
     lib.attnkit_band_fwd.restype = cint
-    lib.attnkit_band_bwd.argtypes = [*[ptr] * 9, *[i64] * 6, cint, f32, i64, i64, cint]
+    lib.attnkit_band_bwd.argtypes = [*[ptr] * 9, *[i64] * 7, cint, f32, i64, i64, cint]
     lib.attnkit_band_bwd.restype = cint
     lib.attnkit_band_isa.restype = cint
     lib.attnkit_simd.restype = cint

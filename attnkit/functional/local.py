@@ -521,13 +521,14 @@ class _NativeWindowFn(torch.autograd.Function):
     """The window on float32 ``(B*H, N, E)`` rows with the C kernel (``csrc/band.c``), forward and backward.
 
     ``q (BH, N, E)``, ``k (BHkv, N, E)``, ``v (BHkv, N, Ev)`` (``E``, ``Ev`` multiples of 16; query row ``r`` reads
-    key/value row ``r // rep``). The rows, or bucket ranges of them, run as tasks on :func:`_run_tasks`' threads
-    (the C calls release the GIL). The backward gives every query head its own key/value gradient rows (summed over
-    the ``rep`` heads of a group at the end) and, when a row is cut into bucket ranges, every range its own buffer.
+    key/value row ``r // rep`` and its first ``lengths[r]`` keys only: right padding). The rows, or bucket ranges
+    of them, run as tasks on :func:`_run_tasks`' threads (the C calls release the GIL). The backward gives every
+    query head its own key/value gradient rows (summed over the ``rep`` heads of a group at the end) and, when a row
+    is cut into bucket ranges, every range its own buffer.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, win, scale, rep, isa):  # type: ignore[no-untyped-def, override]
+    def forward(ctx, q, k, v, win, scale, rep, isa, lengths):  # type: ignore[no-untyped-def, override]
         lib = _native.load()
         bh, n, e = q.shape
         ev = v.shape[-1]
@@ -539,14 +540,14 @@ class _NativeWindowFn(torch.autograd.Function):
             kv = row // rep
             _native_call(lib.attnkit_band_fwd, q.data_ptr() + row * n * e * fl, k.data_ptr() + kv * n * e * fl,
                          v.data_ptr() + kv * n * ev * fl, out.data_ptr() + row * n * ev * fl,
-                         lse.data_ptr() + row * n * fl, n, e, ev, win.window, win.look_backward, win.look_forward,
-                         int(win.causal), scale, b0, b1, isa)
+                         lse.data_ptr() + row * n * fl, n, lengths[row], e, ev, win.window, win.look_backward,
+                         win.look_forward, int(win.causal), scale, b0, b1, isa)
 
         workers = _workers(q.numel(), None)
         tasks = _bucket_tasks(bh, -(-n // win.window), workers)
         _run_tasks([functools.partial(task, *t) for t in tasks], workers, torch_ops=False)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.win, ctx.scale, ctx.rep, ctx.isa = win, scale, rep, isa
+        ctx.win, ctx.scale, ctx.rep, ctx.isa, ctx.lengths = win, scale, rep, isa, lengths
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -555,7 +556,7 @@ class _NativeWindowFn(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lse):  # type: ignore[no-untyped-def, override]
         lib = _native.load()
         q, k, v, out, lse = ctx.saved_tensors
-        win, scale, rep, isa = ctx.win, ctx.scale, ctx.rep, ctx.isa
+        win, scale, rep, isa, lengths = ctx.win, ctx.scale, ctx.rep, ctx.isa, ctx.lengths
         grad = grad_out.contiguous()
         bh, n, e = q.shape
         ev = v.shape[-1]
@@ -577,8 +578,8 @@ class _NativeWindowFn(torch.autograd.Function):
             _native_call(lib.attnkit_band_bwd, q.data_ptr() + row * n * e * fl, k.data_ptr() + kv * n * e * fl,
                          v.data_ptr() + kv * n * ev * fl, out.data_ptr() + row * n * ev * fl,
                          grad.data_ptr() + row * n * ev * fl, lse.data_ptr() + row * n * fl,
-                         dq.data_ptr() + row * n * e * fl, dk_t.data_ptr(), dv_t.data_ptr(), n, e, ev, win.window,
-                         win.look_backward, win.look_forward, int(win.causal), scale, b0, b1, isa)
+                         dq.data_ptr() + row * n * e * fl, dk_t.data_ptr(), dv_t.data_ptr(), n, lengths[row], e, ev,
+                         win.window, win.look_backward, win.look_forward, int(win.causal), scale, b0, b1, isa)
             return row, key0, dk_t, dv_t
 
         parts = _run_tasks([functools.partial(task, *t) for t in tasks], workers, torch_ops=False)
@@ -590,17 +591,27 @@ class _NativeWindowFn(torch.autograd.Function):
         if rep > 1:  # the query heads of a group share one key/value head
             dk = dk.view(bh // rep, rep, n, e).sum(1)
             dv = dv.view(bh // rep, rep, n, ev).sum(1)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def _window_native(q: Tensor, k: Tensor, v: Tensor, win: WindowMask, scale: float, isa: int = 2) -> Tensor:
-    """``L == S``, no key mask, on the C kernel: float32 rows, feature dims zero-padded to multiples of 16."""
+def _window_native(q: Tensor, k: Tensor, v: Tensor, win: WindowMask, scale: float, isa: int = 2,
+                   lengths: Tensor | None = None) -> Tensor:
+    """``L == S`` on the C kernel: float32 rows, feature dims zero-padded to multiples of 16. ``lengths (B,)``: the
+    number of real keys of each sequence (right padding), ``None`` for all of them."""
     b, h, n, e = q.shape
     hkv, ev = k.shape[1], v.shape[-1]
     e16, ev16 = -(-e // 16) * 16, -(-ev // 16) * 16
+    per_row = [n] * (b * h) if lengths is None else [int(x) for x in lengths.repeat_interleave(h)]
     out, _ = _NativeWindowFn.apply(_rows_f32(q, e16), _rows_f32(k, e16), _rows_f32(v, ev16), win, scale, h // hkv,
-                                   isa)
+                                   isa, per_row)
     return out.view(b, h, n, ev16)[..., :ev].to(q.dtype)  # (B, H, N, Ev)
+
+
+def _right_padding(key_mask: Tensor) -> Tensor | None:
+    """The lengths ``(B,)`` when ``key_mask (B, S)`` is right padding (``True`` then ``False``), else ``None``."""
+    lengths = key_mask.sum(-1)
+    positions = torch.arange(key_mask.shape[-1], device=key_mask.device)
+    return lengths if torch.equal(key_mask, positions < lengths.unsqueeze(-1)) else None
 
 
 # --------------------------------------------------------------------------------------------- sliding window
@@ -716,10 +727,11 @@ def sliding_window_attention(
         look_forward: buckets ahead a query sees.
         key_mask: optional boolean ``(B, S)``, ``True`` = real key that may be attended (key padding).
         scale: score scale, ``1/sqrt(E)`` when ``None``.
-        impl: for ``L == S`` without ``key_mask`` on the CPU: ``"native"`` (the C kernel, ``csrc/band.c``, in
-            float32 for float32 / bfloat16 / float16 inputs; raises when it cannot run), ``"torch"`` (PyTorch's
-            flash kernel per block offset, merged with the log-sum-exp; also float64), or ``"auto"`` (native when it
-            can run, else torch). Other inputs always take the readable blockwise path.
+        impl: for ``L == S`` on the CPU: ``"native"`` (the C kernel, ``csrc/band.c``, in float32 for float32 /
+            bfloat16 / float16 inputs, with no ``key_mask`` or a right-padding one; raises when it cannot run),
+            ``"torch"`` (PyTorch's flash kernel per block offset, merged with the log-sum-exp; also float64; no
+            ``key_mask``), or ``"auto"`` (native when it can run, else torch). Other inputs take the readable
+            blockwise path.
 
     Returns:
         ``(B, H, L, Ev)``; query ``i`` sits at position ``i + S - L``. Rows with no key to attend to give zeros.
@@ -753,15 +765,17 @@ def sliding_window_attention(
     scale_f = V.check_scale(scale, e)
     if q_len == 0 or k_len == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0.0 * (q.sum() + k.sum() + v.sum())
-    if key_mask is None and q_len == k_len and q.device.type == "cpu":  # the fast paths: both CPU kernels
+    lengths = None if key_mask is None else _right_padding(key_mask)
+    if q_len == k_len and q.device.type == "cpu" and (key_mask is None or lengths is not None):  # the fast paths
         why = native_unsupported(q, impl)
         if not why:
-            return _window_native(q, k, v, win, scale_f)
+            return _window_native(q, k, v, win, scale_f, lengths=lengths)
         if impl == "native":
             raise V.fail("an input the native sliding-window kernel serves", why, "impl='auto'")
-        return _window_fast(q, k, v, win, scale_f)
+        if key_mask is None:
+            return _window_fast(q, k, v, win, scale_f)
     if impl == "native":
-        raise V.fail("L == S, no key_mask and CPU tensors for impl='native'",
+        raise V.fail("L == S, no key_mask or right padding, and CPU tensors for impl='native'",
                      f"L={q_len}, S={k_len}, key_mask={'set' if key_mask is not None else None}, {q.device}",
                      "impl='auto'")
     return _window_blockwise(q, k, v, win, key_mask, scale_f)
@@ -801,5 +815,7 @@ def _local_fn(call: AttentionCall) -> tuple[Tensor, None]:
 
 
 register_backend(
-    Backend("local", _local_fn, False, _local_supports, "blockwise sliding-window attention, O(N*w)"), before="sdpa"
+    Backend("local", _local_fn, False, _local_supports,
+            "sliding-window attention, O(N*w): the native C kernel, else PyTorch's flash kernel blockwise"),
+    before="sdpa",
 )

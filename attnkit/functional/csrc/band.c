@@ -4,7 +4,9 @@
  * reference attnkit.functional.attention_reference with WindowMask(...).materialize(); tests compare all of them.
  *
  * The window. Positions are cut into buckets of w tokens. Query i (bucket b = i / w) sees the keys of buckets
- * b - lb ... b + lf, and with `causal` only keys j <= i. One call handles the query buckets [b0, b1) of one row.
+ * b - lb ... b + lf, and with `causal` only keys j <= i; and only keys j < kv_len (right padding: the keys from
+ * kv_len on are never attended, and a query with no key left gives zeros, lse = -inf and zero gradients). One call
+ * handles the query buckets [b0, b1) of one row.
  *
  * Forward (FlashAttention's recurrence, in tiles of TQ query rows and blocks of TK keys):
  *     S = (scale * log2 e) Q_tile K_blk^T       base-2 scores
@@ -92,24 +94,27 @@ int attnkit_band_isa(void) {
 #endif
 }
 
-int attnkit_band_fwd(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n, int64_t e,
+int attnkit_band_fwd(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n,
+                     int64_t kv_len, int64_t e, int64_t ev, int64_t w, int64_t lb, int64_t lf, int causal, float scale,
+                     int64_t b0, int64_t b1, int isa) {
+#ifdef ATTNKIT_HAVE_AVX512
+    if (isa == 2 && attnkit_band_isa() == 2)
+        return band_fwd_avx512(q, k, v, out, lse, n, kv_len, e, ev, w, lb, lf, causal, scale, b0, b1);
+#endif
+    (void)isa;
+    return band_fwd_generic(q, k, v, out, lse, n, kv_len, e, ev, w, lb, lf, causal, scale, b0, b1);
+}
+
+int attnkit_band_bwd(const float *q, const float *k, const float *v, const float *out, const float *dout,
+                     const float *lse, float *dq, float *dk, float *dv, int64_t n, int64_t kv_len, int64_t e,
                      int64_t ev, int64_t w, int64_t lb, int64_t lf, int causal, float scale, int64_t b0, int64_t b1,
                      int isa) {
 #ifdef ATTNKIT_HAVE_AVX512
     if (isa == 2 && attnkit_band_isa() == 2)
-        return band_fwd_avx512(q, k, v, out, lse, n, e, ev, w, lb, lf, causal, scale, b0, b1);
+        return band_bwd_avx512(q, k, v, out, dout, lse, dq, dk, dv, n, kv_len, e, ev, w, lb, lf, causal, scale, b0,
+                               b1);
 #endif
     (void)isa;
-    return band_fwd_generic(q, k, v, out, lse, n, e, ev, w, lb, lf, causal, scale, b0, b1);
-}
-
-int attnkit_band_bwd(const float *q, const float *k, const float *v, const float *out, const float *dout,
-                     const float *lse, float *dq, float *dk, float *dv, int64_t n, int64_t e, int64_t ev, int64_t w,
-                     int64_t lb, int64_t lf, int causal, float scale, int64_t b0, int64_t b1, int isa) {
-#ifdef ATTNKIT_HAVE_AVX512
-    if (isa == 2 && attnkit_band_isa() == 2)
-        return band_bwd_avx512(q, k, v, out, dout, lse, dq, dk, dv, n, e, ev, w, lb, lf, causal, scale, b0, b1);
-#endif
-    (void)isa;
-    return band_bwd_generic(q, k, v, out, dout, lse, dq, dk, dv, n, e, ev, w, lb, lf, causal, scale, b0, b1);
+    return band_bwd_generic(q, k, v, out, dout, lse, dq, dk, dv, n, kv_len, e, ev, w, lb, lf, causal, scale, b0,
+                            b1);
 }

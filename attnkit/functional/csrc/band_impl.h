@@ -206,9 +206,9 @@ static void BK(transpose)(const float *x, int64_t cols, int64_t r0, int64_t r1, 
     }
 }
 
-static int BK(band_fwd)(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n, int64_t e,
-                        int64_t ev, int64_t w, int64_t lb, int64_t lf, int causal, float scale, int64_t b0,
-                        int64_t b1) {
+static int BK(band_fwd)(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n,
+                        int64_t kv_len, int64_t e, int64_t ev, int64_t w, int64_t lb, int64_t lf, int causal,
+                        float scale, int64_t b0, int64_t b1) {
     const float c2 = scale * 1.4426950408889634f; /* scores in base 2 */
     int64_t key0, key1;
     BK(key_range)(n, w, lb, lf, b0, b1, &key0, &key1);
@@ -223,7 +223,7 @@ static int BK(band_fwd)(const float *q, const float *k, const float *v, float *o
         const int64_t lo = BK(max64)(0, (b - lb) * w);
         for (int64_t r0 = b * w; r0 < row_end; r0 += BK_TQ) {
             const int64_t r1 = BK(min64)(r0 + BK_TQ, row_end), t = r1 - r0, tp = BK(up)(t, BK_MR);
-            const int64_t hi = causal ? r1 : BK(min64)(n, (b + lf + 1) * w);
+            const int64_t hi = BK(min64)(kv_len, causal ? r1 : BK(min64)(n, (b + lf + 1) * w)); /* padding */
             for (int64_t i = 0; i < tp; i++)
                 for (int64_t d = 0; d < e; d++) qs[i * e + d] = i < t ? q[(r0 + i) * e + d] * c2 : 0.0f;
             memset(o, 0, sizeof(float) * (size_t)(tp * ev));
@@ -261,8 +261,9 @@ static int BK(band_fwd)(const float *q, const float *k, const float *v, float *o
 }
 
 static int BK(band_bwd)(const float *q, const float *k, const float *v, const float *out, const float *dout,
-                        const float *lse, float *dq, float *dk, float *dv, int64_t n, int64_t e, int64_t ev,
-                        int64_t w, int64_t lb, int64_t lf, int causal, float scale, int64_t b0, int64_t b1) {
+                        const float *lse, float *dq, float *dk, float *dv, int64_t n, int64_t kv_len, int64_t e,
+                        int64_t ev, int64_t w, int64_t lb, int64_t lf, int causal, float scale, int64_t b0,
+                        int64_t b1) {
     int64_t key0, key1;
     BK(key_range)(n, w, lb, lf, b0, b1, &key0, &key1);
     const int64_t ldt = key1 - key0 + BK_TK;
@@ -281,7 +282,7 @@ static int BK(band_bwd)(const float *q, const float *k, const float *v, const fl
         const int64_t lo = BK(max64)(0, (b - lb) * w);
         for (int64_t r0 = b * w; r0 < row_end; r0 += BK_TQ) {
             const int64_t r1 = BK(min64)(r0 + BK_TQ, row_end), t = r1 - r0, tp = BK(up)(t, BK_MR);
-            const int64_t hi = causal ? r1 : BK(min64)(n, (b + lf + 1) * w);
+            const int64_t hi = BK(min64)(kv_len, causal ? r1 : BK(min64)(n, (b + lf + 1) * w)); /* padding */
             for (int64_t i = 0; i < tp; i++) {
                 float delta = 0.0f; /* rowsum(dO * O) */
                 for (int64_t d = 0; d < ev; d++) {

@@ -276,3 +276,19 @@ def test_padding_routes_natively_and_left_padding_stays_blockwise(monkeypatch): 
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="right padding"):
         sliding_window_attention(q, k, v, window=32, key_mask=left, impl="native")
+
+
+def test_which_backend_names_the_kernel_inside_the_local_backend(monkeypatch):  # type: ignore[no-untyped-def]
+    from attnkit.functional import PaddingMask, which_backend
+
+    q = torch.randn(1, 2, 256, 32)
+    choice = which_backend(q, q, q, WindowMask(64) & PaddingMask(torch.tensor([200])))
+    assert choice.name == "local"
+    if LIB is not None:
+        assert choice.kernel.startswith("native C kernel") and "kernel: native C kernel" in str(choice)
+    double = which_backend(q.double(), q.double(), q.double(), WindowMask(64))
+    assert double.kernel.startswith("PyTorch flash pieces") and "float64" in double.kernel
+    padded = which_backend(q.double(), q.double(), q.double(), WindowMask(64) & PaddingMask(torch.tensor([200])))
+    assert padded.kernel.startswith("blockwise PyTorch path (key padding")
+    monkeypatch.setattr(_native, "load", lambda: None)
+    assert which_backend(q, q, q, WindowMask(64)).kernel.startswith("PyTorch flash pieces (no native kernel")

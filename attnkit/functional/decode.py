@@ -293,7 +293,13 @@ def _decode_supports(call: AttentionCall) -> list[str]:
     return reasons
 
 
+def _decode_kernel(call: AttentionCall) -> str:
+    why = native_unsupported(call.query, call.key, call.value)
+    return "native C kernel" if not why else f"PyTorch path (no native kernel: {why})"
+
+
 register_backend(
-    Backend("decode", _decode_fn, True, _decode_supports, "a few queries over a long KV cache, bandwidth-bound"),
+    Backend("decode", _decode_fn, True, _decode_supports, "a few queries over a long KV cache, bandwidth-bound",
+            kernel=_decode_kernel),
     before="sdpa",
 )

@@ -128,6 +128,8 @@ class Backend:
         returns_weights: whether ``fn`` returns the weights it used.
         supports: ``supports(call) -> list of reasons it cannot serve`` (empty = it can).
         description: one line for :func:`which_backend`.
+        kernel: optional ``kernel(call) -> str``: which of the backend's own implementations would run, and why
+            (for backends with a native kernel and a PyTorch path); :func:`which_backend` prints it.
     """
 
     name: str
@@ -135,6 +137,7 @@ class Backend:
     returns_weights: bool
     supports: Callable[[AttentionCall], list[str]] = field(default=lambda call: [])
     description: str = ""
+    kernel: Callable[[AttentionCall], str] | None = None
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         return list(self.supports(call))
@@ -373,9 +376,12 @@ class BackendChoice:
     name: str
     reasons: dict[str, list[str]]
     weights_from: str | None = None
+    kernel: str | None = None  # which implementation inside the backend, where it has several
 
     def __str__(self) -> str:
         lines = [f"backend: {self.name}"]
+        if self.kernel:
+            lines.append(f"kernel: {self.kernel}")
         if self.weights_from:
             lines.append(f"weights: recomputed by '{self.weights_from}'")
         for name, why in self.reasons.items():
@@ -394,14 +400,14 @@ def _choose(call: AttentionCall, backend: str) -> BackendChoice:
         if why:
             raise V.fail(f"inputs that backend {backend!r} can serve", "; ".join(why), 'backend="auto"')
         weights_from = "math" if hides_weights else None
-        return BackendChoice(backend, {}, weights_from)
+        return BackendChoice(backend, {}, weights_from, chosen.kernel(call) if chosen.kernel else None)
     reasons: dict[str, list[str]] = {}
     for name, b in _BACKENDS.items():
         why = b.not_supported_reasons(call)
         if call.need_weights and not b.returns_weights and not why:
             why = ["does not return the attention weights (return_weights=True)"]
         if not why:
-            return BackendChoice(name, reasons)
+            return BackendChoice(name, reasons, kernel=b.kernel(call) if b.kernel else None)
         reasons[name] = why
     raise ValueError(f"no backend can serve these inputs: {reasons}")  # pragma: no cover - reference serves all
 

@@ -486,7 +486,7 @@ def native_unsupported(q: Tensor, impl: str) -> str:
     if q.device.type != "cpu":
         return f"a {q.device.type} tensor (the native kernel is for CPU)"
     if q.dtype not in _NATIVE_DTYPES:
-        return f"{q.dtype} (the native kernel computes float32, bfloat16 and float16 in float32)"
+        return f"{q.dtype} inputs (the native kernel takes float32, bfloat16 and float16, computed in float32)"
     if _native.load() is None:
         return f"no native library ({_native.status()})"
     return ""
@@ -814,8 +814,24 @@ def _local_fn(call: AttentionCall) -> tuple[Tensor, None]:
     return out, None
 
 
+def _local_kernel(call: AttentionCall) -> str:
+    """Which implementation :func:`sliding_window_attention` runs for a call the local backend serves."""
+    _, pad, _ = split_with_padding(call.structure, WindowMask, "window")
+    if call.q_len != call.k_len or call.query.device.type != "cpu":
+        return "blockwise PyTorch path (L != S, or not a CPU tensor)"
+    why = native_unsupported(call.query, "auto")
+    if not why:
+        status = _native.status()
+        body = status[status.find("sliding window:") :].rstrip(")") if "sliding window:" in status else ""
+        return f"native C kernel ({body or status})"
+    if pad is not None:
+        return f"blockwise PyTorch path (key padding, and no native kernel: {why})"
+    return f"PyTorch flash pieces (no native kernel: {why})"
+
+
 register_backend(
     Backend("local", _local_fn, False, _local_supports,
-            "sliding-window attention, O(N*w): the native C kernel, else PyTorch's flash kernel blockwise"),
+            "sliding-window attention, O(N*w): the native C kernel, else PyTorch's flash kernel blockwise",
+            kernel=_local_kernel),
     before="sdpa",
 )

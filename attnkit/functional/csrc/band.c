@@ -45,6 +45,80 @@
 #define BK_TK 64
 #endif
 
+static inline int64_t bk_min(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t bk_max(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* The pattern of one row: which keys each group of query rows may read.
+ *   window (row_ptr == NULL): groups are buckets of g = w rows; bucket b reads [(b - lb) w, (b + lf + 1) w);
+ *   block-sparse:            groups are query blocks of g = bs rows; block i reads the key blocks
+ *                            cols[row_ptr[i] .. row_ptr[i + 1]) (ascending), each [j bs, (j + 1) bs).
+ * Keys from kv_len on are never read (right padding); with `causal`, query row i reads keys j <= i only. */
+typedef struct {
+    int64_t n_q, n_k, kv_len, g, lb, lf;
+    int causal;
+    const int64_t *row_ptr, *cols;
+} bk_pat;
+
+/* The next key range [lo, hi) of group `grp` from `*cursor` on (0 at the start): adjacent key blocks of a sparse
+ * row come as one range. Returns 0 when there is none left. The range is not yet clipped. */
+static inline int bk_next_range(const bk_pat *P, int64_t grp, int64_t *cursor, int64_t *lo, int64_t *hi) {
+    if (!P->row_ptr) {
+        if (*cursor) return 0;
+        *cursor = 1;
+        *lo = bk_max(0, (grp - P->lb) * P->g);
+        *hi = bk_min(P->n_k, (grp + P->lf + 1) * P->g);
+        return 1;
+    }
+    int64_t c = P->row_ptr[grp] + *cursor;
+    const int64_t end = P->row_ptr[grp + 1];
+    if (c >= end) return 0;
+    int64_t last = P->cols[c];
+    *lo = last * P->g;
+    for (c++; c < end && P->cols[c] == last + 1; c++) last++;
+    *hi = bk_min(P->n_k, (last + 1) * P->g);
+    *cursor = c - P->row_ptr[grp];
+    return 1;
+}
+
+/* The keys [key0, key1) that the groups [g0, g1) may read (key1 = key0 = 0 when none). */
+static void bk_pat_keys(const bk_pat *P, int64_t g0, int64_t g1, int64_t *key0, int64_t *key1) {
+    *key0 = P->n_k;
+    *key1 = 0;
+    for (int64_t grp = g0; grp < g1; grp++) {
+        int64_t cursor = 0, lo, hi;
+        while (bk_next_range(P, grp, &cursor, &lo, &hi)) {
+            if (hi <= lo) continue;
+            *key0 = bk_min(*key0, lo);
+            *key1 = bk_max(*key1, hi);
+        }
+    }
+    if (*key1 <= *key0) *key0 = *key1 = 0;
+}
+
+/* One query tile: rows [r0, r1) of group grp (t rows). */
+typedef struct {
+    int64_t grp, r0, r1, t;
+} bk_tile;
+
+static inline int bk_tile_next(bk_tile *T, const bk_pat *P, int64_t g1) {
+    for (; T->grp < g1; T->grp++, T->r1 = T->grp * P->g) {
+        const int64_t row_end = bk_min(P->n_q, (T->grp + 1) * P->g);
+        if (T->r1 >= row_end) continue;
+        T->r0 = T->r1;
+        T->r1 = bk_min(T->r0 + BK_TQ, row_end);
+        T->t = T->r1 - T->r0;
+        return 1;
+    }
+    return 0;
+}
+
+/* The keys [lo, hi) of a range that the tile may read: real keys only, and none after its last row if causal. */
+static inline int bk_clip(const bk_pat *P, const bk_tile *T, int64_t *lo, int64_t *hi) {
+    *hi = bk_min(*hi, P->kv_len);
+    if (P->causal) *hi = bk_min(*hi, T->r1);
+    return *hi > *lo;
+}
+
 #define BK_SUFFIX generic
 #define BK_VEC 8
 #define BK_NV 2
@@ -94,27 +168,42 @@ int attnkit_band_isa(void) {
 #endif
 }
 
+#ifdef ATTNKIT_HAVE_AVX512
+#define BK_DISPATCH(fn, ...) \
+    ((isa == 2 && attnkit_band_isa() == 2) ? fn##_avx512(__VA_ARGS__) : fn##_generic(__VA_ARGS__))
+#else
+#define BK_DISPATCH(fn, ...) ((void)isa, fn##_generic(__VA_ARGS__))
+#endif
+
+/* Sliding window: the query buckets [b0, b1) of one row (n queries and keys, the first kv_len of them real). */
 int attnkit_band_fwd(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n,
                      int64_t kv_len, int64_t e, int64_t ev, int64_t w, int64_t lb, int64_t lf, int causal, float scale,
                      int64_t b0, int64_t b1, int isa) {
-#ifdef ATTNKIT_HAVE_AVX512
-    if (isa == 2 && attnkit_band_isa() == 2)
-        return band_fwd_avx512(q, k, v, out, lse, n, kv_len, e, ev, w, lb, lf, causal, scale, b0, b1);
-#endif
-    (void)isa;
-    return band_fwd_generic(q, k, v, out, lse, n, kv_len, e, ev, w, lb, lf, causal, scale, b0, b1);
+    const bk_pat P = {n, n, kv_len, w, lb, lf, causal, NULL, NULL};
+    return BK_DISPATCH(attend_fwd, &P, q, k, v, out, lse, e, ev, scale, b0, b1);
 }
 
 int attnkit_band_bwd(const float *q, const float *k, const float *v, const float *out, const float *dout,
                      const float *lse, float *dq, float *dk, float *dv, int64_t n, int64_t kv_len, int64_t e,
                      int64_t ev, int64_t w, int64_t lb, int64_t lf, int causal, float scale, int64_t b0, int64_t b1,
                      int isa) {
-#ifdef ATTNKIT_HAVE_AVX512
-    if (isa == 2 && attnkit_band_isa() == 2)
-        return band_bwd_avx512(q, k, v, out, dout, lse, dq, dk, dv, n, kv_len, e, ev, w, lb, lf, causal, scale, b0,
-                               b1);
-#endif
-    (void)isa;
-    return band_bwd_generic(q, k, v, out, dout, lse, dq, dk, dv, n, kv_len, e, ev, w, lb, lf, causal, scale, b0,
-                            b1);
+    const bk_pat P = {n, n, kv_len, w, lb, lf, causal, NULL, NULL};
+    return BK_DISPATCH(attend_bwd, &P, q, k, v, out, dout, lse, dq, dk, dv, e, ev, scale, b0, b1);
+}
+
+/* Block-sparse: the query blocks [g0, g1) of one row (n_q queries, n_k keys, the first kv_len real; blocks of bs),
+ * block i reading the key blocks cols[row_ptr[i] .. row_ptr[i + 1]) in ascending order. */
+int attnkit_sparse_fwd(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n_q,
+                       int64_t n_k, int64_t kv_len, int64_t e, int64_t ev, int64_t bs, const int64_t *row_ptr,
+                       const int64_t *cols, int causal, float scale, int64_t g0, int64_t g1, int isa) {
+    const bk_pat P = {n_q, n_k, kv_len, bs, 0, 0, causal, row_ptr, cols};
+    return BK_DISPATCH(attend_fwd, &P, q, k, v, out, lse, e, ev, scale, g0, g1);
+}
+
+int attnkit_sparse_bwd(const float *q, const float *k, const float *v, const float *out, const float *dout,
+                       const float *lse, float *dq, float *dk, float *dv, int64_t n_q, int64_t n_k, int64_t kv_len,
+                       int64_t e, int64_t ev, int64_t bs, const int64_t *row_ptr, const int64_t *cols, int causal,
+                       float scale, int64_t g0, int64_t g1, int isa) {
+    const bk_pat P = {n_q, n_k, kv_len, bs, 0, 0, causal, row_ptr, cols};
+    return BK_DISPATCH(attend_bwd, &P, q, k, v, out, dout, lse, dq, dk, dv, e, ev, scale, g0, g1);
 }

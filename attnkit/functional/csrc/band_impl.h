@@ -189,40 +189,6 @@ static void BK(gemm_rows)(float *c, int64_t ldc, const float *a, int64_t ar, int
         for (int64_t d = 0; d < width; d++) c[(whole + r) * ldc + d] = tmp[r * width + d];
 }
 
-/* The keys that the query buckets [b0, b1) read: [key0, key1). */
-static inline void BK(key_range)(int64_t n, int64_t w, int64_t lb, int64_t lf, int64_t b0, int64_t b1, int64_t *key0,
-                                 int64_t *key1) {
-    *key0 = BK(max64)(0, (b0 - lb) * w);
-    *key1 = BK(min64)(n, (b1 + lf) * w);
-}
-
-/* One query tile: rows [r0, r1) of bucket b (t rows, tp padded to whole microkernels) and the keys [lo, hi) they
- * may read. BK(tile_next) walks the tiles of the buckets [b0, b1) in order, starting from BK(tile_first). */
-typedef struct {
-    int64_t b, r0, r1, t, tp, lo, hi;
-} BK(tile_t);
-
-static inline BK(tile_t) BK(tile_first)(int64_t b0, int64_t w) {
-    BK(tile_t) T = {b0, 0, b0 * w, 0, 0, 0, 0};
-    return T;
-}
-
-static inline int BK(tile_next)(BK(tile_t) *T, int64_t b1, int64_t n, int64_t kv_len, int64_t w, int64_t lb,
-                                int64_t lf, int causal) {
-    for (; T->b < b1; T->b++, T->r1 = T->b * w) {
-        const int64_t row_end = BK(min64)(n, (T->b + 1) * w);
-        if (T->r1 >= row_end) continue;
-        T->r0 = T->r1;
-        T->r1 = BK(min64)(T->r0 + BK_TQ, row_end);
-        T->t = T->r1 - T->r0;
-        T->tp = BK(up)(T->t, BK_MR);
-        T->lo = BK(max64)(0, (T->b - lb) * w);
-        T->hi = BK(min64)(kv_len, causal ? T->r1 : BK(min64)(n, (T->b + lf + 1) * w)); /* kv_len: padding */
-        return 1;
-    }
-    return 0;
-}
-
 /* xt (cols x ldt) = the rows [r0, r1) of x (rows x cols) transposed, zero from column r1 - r0 to ldt. */
 static void BK(transpose)(const float *x, int64_t cols, int64_t r0, int64_t r1, float *xt, int64_t ldt) {
     for (int64_t c = 0; c < cols; c++) memset(xt + c * ldt + (r1 - r0), 0, sizeof(float) * (size_t)(ldt - r1 + r0));
@@ -233,44 +199,48 @@ static void BK(transpose)(const float *x, int64_t cols, int64_t r0, int64_t r1, 
     }
 }
 
-static int BK(band_fwd)(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n,
-                        int64_t kv_len, int64_t e, int64_t ev, int64_t w, int64_t lb, int64_t lf, int causal,
-                        float scale, int64_t b0, int64_t b1) {
+/* Forward of the query groups [g0, g1) of one row: out (n_q, ev) and lse (n_q) for their rows. */
+static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const float *v, float *out,
+                          float *lse, int64_t e, int64_t ev, float scale, int64_t g0, int64_t g1) {
     const float c2 = scale * 1.4426950408889634f; /* scores in base 2 */
     int64_t key0, key1;
-    BK(key_range)(n, w, lb, lf, b0, b1, &key0, &key1);
+    bk_pat_keys(P, g0, g1, &key0, &key1);
     const int64_t ldt = key1 - key0 + BK_TK; /* the transposed keys, zero after the last one */
     float *buf = BK(scratch)(BK_TQP * (e + BK_LDS + ev) + 2 * BK_TQP + e * ldt);
     if (!buf) return -1;
     float *qs = buf, *s = qs + BK_TQP * e, *o = s + BK_TQP * BK_LDS, *m = o + BK_TQP * ev, *l = m + BK_TQP;
     float *kt = l + BK_TQP;
     BK(transpose)(k, e, key0, key1, kt, ldt);
-    for (BK(tile_t) T = BK(tile_first)(b0, w); BK(tile_next)(&T, b1, n, kv_len, w, lb, lf, causal);) {
-        const int64_t r0 = T.r0, t = T.t, tp = T.tp, lo = T.lo, hi = T.hi;
+    for (bk_tile T = {g0, 0, g0 * P->g, 0}; bk_tile_next(&T, P, g1);) {
+        const int64_t r0 = T.r0, t = T.t, tp = BK(up)(t, BK_MR);
         for (int64_t i = 0; i < tp; i++)
             for (int64_t d = 0; d < e; d++) qs[i * e + d] = i < t ? q[(r0 + i) * e + d] * c2 : 0.0f;
         memset(o, 0, sizeof(float) * (size_t)(tp * ev));
         for (int64_t i = 0; i < t; i++) m[i] = -INFINITY, l[i] = 0.0f;
-        for (int64_t j0 = lo; j0 < hi; j0 += BK_TK) {
-            const int64_t jn = BK(min64)(BK_TK, hi - j0), jw = BK(up)(jn, 16);
-            BK(gemm)(s, BK_LDS, qs, e, 1, kt + (j0 - key0), ldt, tp, jw, e, 0); /* S = Qs K^T, base 2 */
-            for (int64_t i = 0; i < tp; i++) {
-                float *row = s + i * BK_LDS;
-                const int64_t lim = i < t ? BK(limit)(r0 + i, j0, jn, causal) : 0;
-                if (lim <= 0) {
-                    memset(row, 0, sizeof(float) * (size_t)jw);
-                    continue;
+        int64_t cursor = 0, lo, hi;
+        while (bk_next_range(P, T.grp, &cursor, &lo, &hi)) {
+            if (!bk_clip(P, &T, &lo, &hi)) continue;
+            for (int64_t j0 = lo; j0 < hi; j0 += BK_TK) {
+                const int64_t jn = BK(min64)(BK_TK, hi - j0), jw = BK(up)(jn, 16);
+                BK(gemm)(s, BK_LDS, qs, e, 1, kt + (j0 - key0), ldt, tp, jw, e, 0); /* S = Qs K^T, base 2 */
+                for (int64_t i = 0; i < tp; i++) {
+                    float *row = s + i * BK_LDS;
+                    const int64_t lim = i < t ? BK(limit)(r0 + i, j0, jn, P->causal) : 0;
+                    if (lim <= 0) {
+                        memset(row, 0, sizeof(float) * (size_t)jw);
+                        continue;
+                    }
+                    const float mx = BK(mask_max)(row, jw, lim);
+                    if (mx > m[i] + 8.0f) { /* a new reference only when the scores outgrow it by 2**8: any */
+                        const float alpha = exp2f(m[i] - mx); /* reference is exact, and this one keeps */
+                        l[i] *= alpha;                        /* every weight below 256 */
+                        for (int64_t d = 0; d < ev; d++) o[i * ev + d] *= alpha;
+                        m[i] = mx;
+                    }
+                    l[i] += BK(exp_sum)(row, jw, m[i]);
                 }
-                const float mx = BK(mask_max)(row, jw, lim);
-                if (mx > m[i] + 8.0f) { /* a new reference only when the scores outgrow it by 2**8: any */
-                    const float alpha = exp2f(m[i] - mx); /* reference is exact, and this one keeps */
-                    l[i] *= alpha;                        /* every weight below 256 */
-                    for (int64_t d = 0; d < ev; d++) o[i * ev + d] *= alpha;
-                    m[i] = mx;
-                }
-                l[i] += BK(exp_sum)(row, jw, m[i]);
+                BK(gemm)(o, ev, s, BK_LDS, 1, v + j0 * ev, ev, tp, ev, jn, 1); /* O += P V */
             }
-            BK(gemm)(o, ev, s, BK_LDS, 1, v + j0 * ev, ev, tp, ev, jn, 1); /* O += P V */
         }
         for (int64_t i = 0; i < t; i++) {
             const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
@@ -282,12 +252,13 @@ static int BK(band_fwd)(const float *q, const float *k, const float *v, float *o
     return 0;
 }
 
-static int BK(band_bwd)(const float *q, const float *k, const float *v, const float *out, const float *dout,
-                        const float *lse, float *dq, float *dk, float *dv, int64_t n, int64_t kv_len, int64_t e,
-                        int64_t ev, int64_t w, int64_t lb, int64_t lf, int causal, float scale, int64_t b0,
-                        int64_t b1) {
+/* Backward of the query groups [g0, g1): dq for their rows; dk, dv hold the key rows [key0, key1) of
+ * bk_pat_keys, which the call zeroes and then accumulates into. */
+static int BK(attend_bwd)(const bk_pat *P, const float *q, const float *k, const float *v, const float *out,
+                          const float *dout, const float *lse, float *dq, float *dk, float *dv, int64_t e,
+                          int64_t ev, float scale, int64_t g0, int64_t g1) {
     int64_t key0, key1;
-    BK(key_range)(n, w, lb, lf, b0, b1, &key0, &key1);
+    bk_pat_keys(P, g0, g1, &key0, &key1);
     const int64_t ldt = key1 - key0 + BK_TK;
     const int64_t wmax = e > ev ? e : ev;
     float *buf = BK(scratch)(BK_TQP * (3 * e + ev + 2 * BK_LDS) + 2 * BK_TQP + (e + ev) * ldt + BK_MR * wmax);
@@ -299,8 +270,8 @@ static int BK(band_bwd)(const float *q, const float *k, const float *v, const fl
     BK(transpose)(v, ev, key0, key1, vt, ldt);
     memset(dk, 0, sizeof(float) * (size_t)((key1 - key0) * e)); /* dk, dv: the rows [key0, key1), owned */
     memset(dv, 0, sizeof(float) * (size_t)((key1 - key0) * ev));
-    for (BK(tile_t) T = BK(tile_first)(b0, w); BK(tile_next)(&T, b1, n, kv_len, w, lb, lf, causal);) {
-        const int64_t r0 = T.r0, t = T.t, tp = T.tp, lo = T.lo, hi = T.hi;
+    for (bk_tile T = {g0, 0, g0 * P->g, 0}; bk_tile_next(&T, P, g1);) {
+        const int64_t r0 = T.r0, t = T.t, tp = BK(up)(t, BK_MR);
         for (int64_t i = 0; i < tp; i++) {
             float delta = 0.0f; /* rowsum(dO * O) */
             for (int64_t d = 0; d < ev; d++) {
@@ -317,25 +288,29 @@ static int BK(band_bwd)(const float *q, const float *k, const float *v, const fl
             dl[i] = delta;
         }
         memset(gq, 0, sizeof(float) * (size_t)(tp * e));
-        for (int64_t j0 = lo; j0 < hi; j0 += BK_TK) {
-            const int64_t jn = BK(min64)(BK_TK, hi - j0), jw = BK(up)(jn, 16);
-            BK(gemm)(p, BK_LDS, qs2, e, 1, kt + (j0 - key0), ldt, tp, jw, e, 0); /* S = Qs K^T (base 2) */
-            BK(gemm)(ds, BK_LDS, go, ev, 1, vt + (j0 - key0), ldt, tp, jw, ev, 0); /* dP = dO V^T */
-            const VI idx0 = BK(iota)();
-            for (int64_t i = 0; i < tp; i++) {
-                float *prow = p + i * BK_LDS, *drow = ds + i * BK_LDS;
-                const int64_t lim = i < t ? BK(limit)(r0 + i, j0, jn, causal) : 0;
-                const VF l2 = BK(splat)(lse2[i]), dd = BK(splat)(dl[i]);
-                for (int64_t j = 0; j < jw; j += BK_VEC) {
-                    const VI ok = idx0 + (int32_t)j < (int32_t)lim;
-                    const VF pv = BK(sel)(ok, BK(exp2v)(BK(ld)(prow + j) - l2), (VF){0}); /* P */
-                    BK(st)(prow + j, pv);
-                    BK(st)(drow + j, BK(sel)(ok, pv * (BK(ld)(drow + j) - dd), (VF){0})); /* dS */
+        int64_t cursor = 0, lo, hi;
+        while (bk_next_range(P, T.grp, &cursor, &lo, &hi)) {
+            if (!bk_clip(P, &T, &lo, &hi)) continue;
+            for (int64_t j0 = lo; j0 < hi; j0 += BK_TK) {
+                const int64_t jn = BK(min64)(BK_TK, hi - j0), jw = BK(up)(jn, 16);
+                BK(gemm)(p, BK_LDS, qs2, e, 1, kt + (j0 - key0), ldt, tp, jw, e, 0);  /* S = Qs K^T (base 2) */
+                BK(gemm)(ds, BK_LDS, go, ev, 1, vt + (j0 - key0), ldt, tp, jw, ev, 0); /* dP = dO V^T */
+                const VI idx0 = BK(iota)();
+                for (int64_t i = 0; i < tp; i++) {
+                    float *prow = p + i * BK_LDS, *drow = ds + i * BK_LDS;
+                    const int64_t lim = i < t ? BK(limit)(r0 + i, j0, jn, P->causal) : 0;
+                    const VF l2 = BK(splat)(lse2[i]), dd = BK(splat)(dl[i]);
+                    for (int64_t j = 0; j < jw; j += BK_VEC) {
+                        const VI ok = idx0 + (int32_t)j < (int32_t)lim;
+                        const VF pv = BK(sel)(ok, BK(exp2v)(BK(ld)(prow + j) - l2), (VF){0}); /* P */
+                        BK(st)(prow + j, pv);
+                        BK(st)(drow + j, BK(sel)(ok, pv * (BK(ld)(drow + j) - dd), (VF){0})); /* dS */
+                    }
                 }
+                BK(gemm_rows)(dv + (j0 - key0) * ev, ev, p, 1, BK_LDS, go, ev, jn, ev, tp, tmp); /* dV += P^T dO */
+                BK(gemm)(gq, e, ds, BK_LDS, 1, k + j0 * e, e, tp, e, jn, 1);                  /* dQ += dS K */
+                BK(gemm_rows)(dk + (j0 - key0) * e, e, ds, 1, BK_LDS, qs, e, jn, e, tp, tmp); /* dK += dS^T sQ */
             }
-            BK(gemm_rows)(dv + (j0 - key0) * ev, ev, p, 1, BK_LDS, go, ev, jn, ev, tp, tmp); /* dV += P^T dO */
-            BK(gemm)(gq, e, ds, BK_LDS, 1, k + j0 * e, e, tp, e, jn, 1);                  /* dQ += dS K */
-            BK(gemm_rows)(dk + (j0 - key0) * e, e, ds, 1, BK_LDS, qs, e, jn, e, tp, tmp); /* dK += dS^T sQ */
         }
         for (int64_t i = 0; i < t; i++)
             for (int64_t d = 0; d < e; d++) dq[(r0 + i) * e + d] = gq[i * e + d] * scale;

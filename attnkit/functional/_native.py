@@ -6,10 +6,11 @@ Some kernels cannot reach the speed of the hardware through PyTorch operators:
   half-precision cache to float32 first (several times the read). ``csrc/decode.c`` streams the cache once,
   widening half-precision rows in registers (AVX2/FMA/F16C where the CPU has them, portable C otherwise), with
   OpenMP threads.
-* Sliding-window attention, forward and backward: ``csrc/band.c`` (body in ``csrc/band_impl.h``). On an AMD Zen 5
-  PyTorch's CPU matrix products (MKL, with no AVX-512 code path for that CPU) reach about 110 GFLOP/s a core, where
-  the band kernel's AVX-512 microkernel, its accumulators kept in registers, reaches about 255. The body is compiled
-  for the build's target and again for AVX-512, and picked at run time.
+* Sliding-window and block-sparse attention, forward and backward: ``csrc/band.c`` (body in
+  ``csrc/band_impl.h``). On an AMD Zen 5 PyTorch's CPU matrix products (MKL, with no AVX-512 code path for that
+  CPU) reach about 110 GFLOP/s a core, where the band kernel's AVX-512 microkernel, its accumulators kept in
+  registers, reaches about 255. The body is compiled for the build's target and again for AVX-512, and picked at
+  run time.
 
 How it is built. Nothing happens at install time. The first call that wants a native kernel compiles the C source
 with the system C compiler (``$CC`` or ``cc``) into a shared library in the cache folder (``$ATTNKIT_CACHE``, else
@@ -113,6 +114,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.attnkit_band_fwd.restype = cint
     lib.attnkit_band_bwd.argtypes = [*[ptr] * 9, *[i64] * 7, cint, f32, i64, i64, cint]
     lib.attnkit_band_bwd.restype = cint
+    lib.attnkit_sparse_fwd.argtypes = [*[ptr] * 5, *[i64] * 6, ptr, ptr, cint, f32, i64, i64, cint]
+    lib.attnkit_sparse_fwd.restype = cint
+    lib.attnkit_sparse_bwd.argtypes = [*[ptr] * 9, *[i64] * 6, ptr, ptr, cint, f32, i64, i64, cint]
+    lib.attnkit_sparse_bwd.restype = cint
     lib.attnkit_band_isa.restype = cint
     lib.attnkit_simd.restype = cint
     lib.attnkit_has_f16.restype = cint

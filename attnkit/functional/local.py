@@ -51,7 +51,7 @@ from ._reference import expand_kv_heads
 from .dense import AttentionCall, Backend, register_backend
 from .masks import AttentionMask, padding_mask, split_with_padding
 
-__all__ = ["WindowMask", "sliding_window_attention"]
+__all__ = ["NativeBandFn", "NativePattern", "WindowMask", "sliding_window_attention"]
 
 _T = TypeVar("_T")
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -507,90 +507,126 @@ def _bucket_tasks(rows: int, nb: int, workers: int) -> list[tuple[int, int, int]
     return [(row, b0, b1) for row in range(rows) for b0, b1 in itertools.pairwise(cuts) if b1 > b0]
 
 
-def _key_range(win: WindowMask, n: int, b0: int, b1: int) -> tuple[int, int]:
-    """The keys ``[key0, key1)`` that the query buckets ``[b0, b1)`` read (as ``csrc/band.c`` computes them)."""
-    return max(0, b0 - win.look_backward) * win.window, min(n, (b1 + win.look_forward) * win.window)
+@dataclass(frozen=True)
+class NativePattern:
+    """Which keys each group of query rows reads, for the native kernel (``csrc/band.c``): the C entry points and
+    their pattern arguments. :class:`_WindowPattern` (buckets of a sliding window) and the block-sparse pattern of
+    :mod:`attnkit.functional.sparse` (query blocks over a layout) fill it in."""
+
+    groups: int  # query groups per row
+    n_q: int
+    n_k: int
+    fwd: str  # names of the library's functions
+    bwd: str
+
+    def args(self, row: int, kv_len: int, e: int, ev: int) -> tuple[object, ...]:
+        """The C arguments between the tensor pointers and ``scale`` for ``row`` of ``B*H``."""
+        raise NotImplementedError
+
+    def keys(self, row: int, g0: int, g1: int) -> tuple[int, int]:
+        """The keys ``[key0, key1)`` the groups ``[g0, g1)`` of ``row`` may read (as the C code computes them)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _WindowPattern(NativePattern):
+    win: WindowMask = WindowMask(1)
+
+    def args(self, row: int, kv_len: int, e: int, ev: int) -> tuple[object, ...]:
+        w = self.win
+        return self.n_q, kv_len, e, ev, w.window, w.look_backward, w.look_forward, int(w.causal)
+
+    def keys(self, row: int, g0: int, g1: int) -> tuple[int, int]:
+        w = self.win
+        return max(0, g0 - w.look_backward) * w.window, min(self.n_k, (g1 + w.look_forward) * w.window)
 
 
 def _native_call(fn: Callable[..., int], *args: object) -> None:
     if fn(*args) != 0:
-        raise MemoryError("attnkit's native sliding-window kernel could not allocate its tile buffers")
+        raise MemoryError("attnkit's native attention kernel could not allocate its tile buffers")
 
 
-class _NativeWindowFn(torch.autograd.Function):
-    """The window on float32 ``(B*H, N, E)`` rows with the C kernel (``csrc/band.c``), forward and backward.
+class NativeBandFn(torch.autograd.Function):
+    """Attention over a :class:`NativePattern` on float32 rows with the C kernel (``csrc/band.c``), forward and
+    backward: ``out (BH, Lq, Ev)`` and the log-sum-exp ``(BH, Lq)`` (no gradient).
 
-    ``q (BH, N, E)``, ``k (BHkv, N, E)``, ``v (BHkv, N, Ev)`` (``E``, ``Ev`` multiples of 16; query row ``r`` reads
-    key/value row ``r // rep`` and its first ``lengths[r]`` keys only: right padding). The rows, or bucket ranges
-    of them, run as tasks on :func:`_run_tasks`' threads (the C calls release the GIL). The backward gives every
-    query head its own key/value gradient rows (summed over the ``rep`` heads of a group at the end) and, when a row
-    is cut into bucket ranges, every range its own buffer.
+    ``q (BH, Lq, E)``, ``k (BHkv, Lk, E)``, ``v (BHkv, Lk, Ev)`` (``E``, ``Ev`` multiples of 16; query row ``r``
+    reads key/value row ``r // rep`` and its first ``lengths[r]`` keys only: right padding). The rows, or ranges of
+    query groups of a row, run as tasks on :func:`_run_tasks`' threads (the C calls release the GIL). The backward
+    gives every query head its own key/value gradient rows (summed over the ``rep`` heads of a group at the end)
+    and, when a row is cut into ranges, every range its own buffer.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, win, scale, rep, isa, lengths):  # type: ignore[no-untyped-def, override]
+    def forward(ctx, q, k, v, pattern, scale, rep, isa, lengths):  # type: ignore[no-untyped-def, override]
         lib = _native.load()
-        bh, n, e = q.shape
-        ev = v.shape[-1]
-        out = q.new_empty(bh, n, ev)
-        lse = q.new_empty(bh, n)
+        fwd = getattr(lib, pattern.fwd)
+        bh, n_q, e = q.shape
+        n_k, ev = k.shape[1], v.shape[-1]
+        out = q.new_empty(bh, n_q, ev)
+        lse = q.new_empty(bh, n_q)
         fl = 4  # bytes per float32
 
-        def task(row: int, b0: int, b1: int) -> None:
+        def task(row: int, g0: int, g1: int) -> None:
             kv = row // rep
-            _native_call(lib.attnkit_band_fwd, q.data_ptr() + row * n * e * fl, k.data_ptr() + kv * n * e * fl,
-                         v.data_ptr() + kv * n * ev * fl, out.data_ptr() + row * n * ev * fl,
-                         lse.data_ptr() + row * n * fl, n, lengths[row], e, ev, win.window, win.look_backward,
-                         win.look_forward, int(win.causal), scale, b0, b1, isa)
+            _native_call(fwd, q.data_ptr() + row * n_q * e * fl, k.data_ptr() + kv * n_k * e * fl,
+                         v.data_ptr() + kv * n_k * ev * fl, out.data_ptr() + row * n_q * ev * fl,
+                         lse.data_ptr() + row * n_q * fl, *pattern.args(row, lengths[row], e, ev), scale, g0, g1,
+                         isa)
 
         workers = _workers(q.numel(), None)
-        tasks = _bucket_tasks(bh, -(-n // win.window), workers)
+        tasks = _bucket_tasks(bh, pattern.groups, workers)
         _run_tasks([functools.partial(task, *t) for t in tasks], workers, torch_ops=False)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.win, ctx.scale, ctx.rep, ctx.isa, ctx.lengths = win, scale, rep, isa, lengths
+        ctx.pattern, ctx.scale, ctx.rep, ctx.isa, ctx.lengths = pattern, scale, rep, isa, lengths
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_lse):  # type: ignore[no-untyped-def, override]
-        lib = _native.load()
         q, k, v, out, lse = ctx.saved_tensors
-        win, scale, rep, isa, lengths = ctx.win, ctx.scale, ctx.rep, ctx.isa, ctx.lengths
+        pattern, scale, rep, isa, lengths = ctx.pattern, ctx.scale, ctx.rep, ctx.isa, ctx.lengths
+        bwd = getattr(_native.load(), pattern.bwd)
         grad = grad_out.contiguous()
-        bh, n, e = q.shape
-        ev = v.shape[-1]
+        bh, n_q, e = q.shape
+        n_k, ev = k.shape[1], v.shape[-1]
         fl = 4
         dq = torch.empty_like(q)
         workers = _workers(q.numel(), None)
-        tasks = _bucket_tasks(bh, -(-n // win.window), workers)
-        whole = len(tasks) == bh  # one task per row: it owns (and zeroes) that row's dk, dv
-        dk = q.new_empty(bh, n, e) if whole else None
-        dv = q.new_empty(bh, n, ev) if whole else None
+        tasks = _bucket_tasks(bh, pattern.groups, workers)
+        whole = len(tasks) == bh  # one task per row: it owns (and zeroes) the keys of that row it reads
+        dk = q.new_empty(bh, n_k, e) if whole else None
+        dv = q.new_empty(bh, n_k, ev) if whole else None
 
-        def task(row: int, b0: int, b1: int) -> tuple[int, int, Tensor, Tensor]:
+        def task(row: int, g0: int, g1: int) -> tuple[int, int, int, Tensor, Tensor]:
             kv = row // rep
-            key0, key1 = _key_range(win, n, b0, b1)
+            key0, key1 = pattern.keys(row, g0, g1)
             if dk is not None and dv is not None:
-                dk_t, dv_t = dk[row], dv[row]
+                dk_t, dv_t = dk[row, key0:key1], dv[row, key0:key1]
             else:
                 dk_t, dv_t = q.new_empty(key1 - key0, e), q.new_empty(key1 - key0, ev)
-            _native_call(lib.attnkit_band_bwd, q.data_ptr() + row * n * e * fl, k.data_ptr() + kv * n * e * fl,
-                         v.data_ptr() + kv * n * ev * fl, out.data_ptr() + row * n * ev * fl,
-                         grad.data_ptr() + row * n * ev * fl, lse.data_ptr() + row * n * fl,
-                         dq.data_ptr() + row * n * e * fl, dk_t.data_ptr(), dv_t.data_ptr(), n, lengths[row], e, ev,
-                         win.window, win.look_backward, win.look_forward, int(win.causal), scale, b0, b1, isa)
-            return row, key0, dk_t, dv_t
+            _native_call(bwd, q.data_ptr() + row * n_q * e * fl, k.data_ptr() + kv * n_k * e * fl,
+                         v.data_ptr() + kv * n_k * ev * fl, out.data_ptr() + row * n_q * ev * fl,
+                         grad.data_ptr() + row * n_q * ev * fl, lse.data_ptr() + row * n_q * fl,
+                         dq.data_ptr() + row * n_q * e * fl, dk_t.data_ptr(), dv_t.data_ptr(),
+                         *pattern.args(row, lengths[row], e, ev), scale, g0, g1, isa)
+            return row, key0, key1, dk_t, dv_t
 
         parts = _run_tasks([functools.partial(task, *t) for t in tasks], workers, torch_ops=False)
-        if dk is None or dv is None:  # bucket ranges: sum the overlapping key rows of their buffers
-            dk, dv = q.new_zeros(bh, n, e), q.new_zeros(bh, n, ev)
-            for row, key0, dk_t, dv_t in parts:
-                dk[row, key0 : key0 + dk_t.shape[0]] += dk_t
-                dv[row, key0 : key0 + dv_t.shape[0]] += dv_t
+        if dk is not None and dv is not None:  # whole rows: keys no query reads get zero gradients
+            for row, key0, key1, _, _ in parts:
+                for grads in (dk, dv):
+                    grads[row, :key0] = 0.0
+                    grads[row, key1:] = 0.0
+        else:  # ranges of groups: sum the overlapping key rows of their buffers
+            dk, dv = q.new_zeros(bh, n_k, e), q.new_zeros(bh, n_k, ev)
+            for row, key0, key1, dk_t, dv_t in parts:
+                dk[row, key0:key1] += dk_t
+                dv[row, key0:key1] += dv_t
         if rep > 1:  # the query heads of a group share one key/value head
-            dk = dk.view(bh // rep, rep, n, e).sum(1)
-            dv = dv.view(bh // rep, rep, n, ev).sum(1)
+            dk = dk.view(bh // rep, rep, n_k, e).sum(1)
+            dv = dv.view(bh // rep, rep, n_k, ev).sum(1)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -602,8 +638,9 @@ def _window_native(q: Tensor, k: Tensor, v: Tensor, win: WindowMask, scale: floa
     hkv, ev = k.shape[1], v.shape[-1]
     e16, ev16 = -(-e // 16) * 16, -(-ev // 16) * 16
     per_row = [n] * (b * h) if lengths is None else [int(x) for x in lengths.repeat_interleave(h)]
-    out, _ = _NativeWindowFn.apply(_rows_f32(q, e16), _rows_f32(k, e16), _rows_f32(v, ev16), win, scale, h // hkv,
-                                   isa, per_row)
+    pattern = _WindowPattern(-(-n // win.window), n, n, "attnkit_band_fwd", "attnkit_band_bwd", win)
+    out, _ = NativeBandFn.apply(_rows_f32(q, e16), _rows_f32(k, e16), _rows_f32(v, ev16), pattern, scale, h // hkv,
+                                isa, per_row)
     return out.view(b, h, n, ev16)[..., :ev].to(q.dtype)  # (B, H, N, Ev)
 
 

@@ -8,10 +8,12 @@ A *layout* is a boolean ``(Nq, Nk)`` (or per-head ``(H, Nq, Nk)``) tensor over b
 ``layout[i, j]`` is ``True`` when query block ``i`` may attend to key block ``j`` (the one mask meaning of attnkit,
 one level up). With ``causal=True`` keys after the query's position are also forbidden (upper-left, ``L == S``).
 
-The kernel groups the non-zero blocks into *pieces* — the ``r``-th non-zero key block of every query block — and
-runs one batched flash call per piece; pieces merge exactly with their log-sum-exp, and the backward pass reuses
-the flash backward kernel with the merged output (see :mod:`attnkit.functional.local`). Diagonal blocks of a causal
-layout run with ``is_causal`` and cost half.
+On the CPU the native kernel of :mod:`attnkit.functional.local` (``csrc/band.c``) serves float32, bfloat16 and
+float16 inputs: each query block walks its own list of key blocks (adjacent ones as one range) with the same tiles
+and microkernel as the sliding window, forward and backward. The PyTorch path (``impl="torch"``, and float64)
+groups the non-zero blocks into *pieces* — the ``r``-th non-zero key block of every query block — and runs one
+batched flash call per piece; pieces merge exactly with their log-sum-exp, and the backward pass reuses the flash
+backward kernel with the merged output. Diagonal blocks of a causal layout run with ``is_causal`` and cost half.
 
 Example:
     >>> import torch
@@ -38,7 +40,16 @@ from torch import Tensor
 from . import _validate as V
 from ._reference import expand_kv_heads
 from .dense import AttentionCall, Backend, register_backend, scaled_dot_product_attention
-from .local import _Piece, run_pieces, same_head_dim
+from .local import (
+    NativeBandFn,
+    NativePattern,
+    _Piece,
+    _right_padding,
+    _rows_f32,
+    native_unsupported,
+    run_pieces,
+    same_head_dim,
+)
 from .masks import AttentionMask, causal_mask, padding_mask, split_with_padding
 
 __all__ = [
@@ -223,6 +234,64 @@ def _with_key_padding(piece: _Piece, pad_add: Tensor, heads: int) -> _Piece:
     return _Piece(piece.q, piece.k, piece.causal, mask)
 
 
+@dataclass(frozen=True)
+class _SparsePattern(NativePattern):
+    """A layout as the native kernel reads it: per layout head, the key blocks of every query block (CSR)."""
+
+    bs: int = 1
+    causal: bool = False
+    heads: int = 1  # query heads H: row r of B*H uses layout head (r % H) when the layout has one per head
+    row_ptr: Tensor | None = None  # (Hl, Nq + 1) int64: offsets into cols
+    cols: Tensor | None = None  # (nnz,) int64: key blocks, ascending within each query block
+    ptr_list: tuple[tuple[int, ...], ...] = ()
+    col_list: tuple[int, ...] = ()
+
+    @staticmethod
+    def build(layout: Tensor, bs: int, causal: bool, heads: int, n_q: int, n_k: int) -> _SparsePattern:
+        """From a fitted ``(Hl, Nq, Nk)`` layout; with ``causal`` the blocks after the diagonal are dropped."""
+        lay = layout.cpu()
+        hl, nq, nk = lay.shape
+        if causal:
+            i, j = torch.meshgrid(torch.arange(nq), torch.arange(nk), indexing="ij")
+            lay = lay & (j <= i)
+        counts = lay.sum(-1).reshape(-1)  # (Hl * Nq,)
+        ends = torch.cumsum(counts, 0)
+        row_ptr = torch.cat([torch.zeros(hl, 1, dtype=torch.long), ends.view(hl, nq)], dim=1)  # (Hl, Nq + 1)
+        row_ptr[1:, 0] = row_ptr[:-1, -1]  # each head starts where the previous one ended
+        cols = lay.nonzero()[:, 2].contiguous()  # sorted by head, query block, key block
+        return _SparsePattern(nq, n_q, n_k, "attnkit_sparse_fwd", "attnkit_sparse_bwd", bs, causal, heads,
+                              row_ptr.contiguous(), cols, tuple(tuple(r) for r in row_ptr.tolist()),
+                              tuple(cols.tolist()))
+
+    def _head(self, row: int) -> int:
+        return row % self.heads if len(self.ptr_list) > 1 else 0
+
+    def args(self, row: int, kv_len: int, e: int, ev: int) -> tuple[object, ...]:
+        assert self.row_ptr is not None and self.cols is not None
+        ptr = self.row_ptr.data_ptr() + self._head(row) * (self.groups + 1) * 8
+        return self.n_q, self.n_k, kv_len, e, ev, self.bs, ptr, self.cols.data_ptr(), int(self.causal)
+
+    def keys(self, row: int, g0: int, g1: int) -> tuple[int, int]:
+        ptr = self.ptr_list[self._head(row)]
+        blocks = self.col_list[ptr[g0] : ptr[g1]]
+        if not blocks:
+            return 0, 0
+        return min(blocks) * self.bs, min(self.n_k, (max(blocks) + 1) * self.bs)
+
+
+def _sparse_native(q: Tensor, k: Tensor, v: Tensor, fitted: Tensor, bs: int, causal: bool, scale: float,
+                   lengths: Tensor | None, isa: int = 2) -> Tensor:
+    """The C kernel over a fitted layout: float32 rows, feature dims zero-padded to multiples of 16."""
+    b, h, q_len, e = q.shape
+    hkv, k_len, ev = k.shape[1], k.shape[2], v.shape[-1]
+    e16, ev16 = -(-e // 16) * 16, -(-ev // 16) * 16
+    pattern = _SparsePattern.build(fitted, bs, causal, h, q_len, k_len)
+    per_row = [k_len] * (b * h) if lengths is None else [int(x) for x in lengths.repeat_interleave(h)]
+    out, _ = NativeBandFn.apply(_rows_f32(q, e16), _rows_f32(k, e16), _rows_f32(v, ev16), pattern, scale, h // hkv,
+                                isa, per_row)
+    return out.view(b, h, q_len, ev16)[..., :ev].to(q.dtype)  # (B, H, L, Ev)
+
+
 def block_sparse_attention(
     query: Tensor,
     key: Tensor,
@@ -233,6 +302,7 @@ def block_sparse_attention(
     causal: bool = False,
     key_mask: Tensor | None = None,
     scale: float | None = None,
+    impl: str = "auto",
 ) -> Tensor:
     """Exact attention over the non-zero blocks of ``layout``; time and memory proportional to their number.
 
@@ -251,6 +321,10 @@ def block_sparse_attention(
         key_mask: optional boolean ``(B, S)``, ``True`` = real key that may be attended (key padding). Padding keys
             are never read: NaN there stays out of the outputs and gradients.
         scale: score scale, ``1/sqrt(E)`` when ``None``.
+        impl: on the CPU: ``"native"`` (the C kernel of :mod:`attnkit.functional.local`, in float32 for float32 /
+            bfloat16 / float16 inputs, with no ``key_mask`` or a right-padding one; raises when it cannot run),
+            ``"torch"`` (PyTorch's flash kernel per piece, merged by log-sum-exp; any dtype and key mask), or
+            ``"auto"`` (native when it can run, else torch).
 
     Returns:
         ``(B, H, L, Ev)``; queries whose blocks see no (real) key give zeros, with zero gradients. On devices other
@@ -286,9 +360,19 @@ def block_sparse_attention(
                 "padding_mask(lengths, S).view(B, S)",
             )
         key_mask = key_mask.to(q.device)
+    if impl not in ("auto", "native", "torch"):
+        raise V.fail("impl to be 'auto', 'native' or 'torch'", repr(impl), "impl='auto'")
     scale_f = V.check_scale(scale, q.shape[-1])
     if q_len == 0 or k_len == 0:
         return q.new_zeros(b, h, q_len, ev) + 0.0 * (q.sum() + k.sum() + v.sum())
+    lengths = None if key_mask is None else _right_padding(key_mask)
+    why = native_unsupported(q, impl)
+    if key_mask is not None and lengths is None:
+        why = why or "a key_mask that is not right padding"
+    if not why:
+        return _sparse_native(q, k, v, fitted, block_size, causal, scale_f, lengths)
+    if impl == "native":
+        raise V.fail("an input the native block-sparse kernel serves", why, "impl='auto'")
     if q.device.type != "cpu":  # the piece engine drives PyTorch's CPU flash kernel; elsewhere: dense masked SDPA
         dense_mask = BlockSparseMask(layout, block_size, causal=causal).materialize(q_len, k_len, device=q.device)
         if key_mask is not None:
@@ -367,8 +451,16 @@ def _sparse_fn(call: AttentionCall) -> tuple[Tensor, None]:
     return out, None
 
 
+def _sparse_kernel(call: AttentionCall) -> str:
+    """Which implementation :func:`block_sparse_attention` runs for a call the block-sparse backend serves."""
+    if call.query.device.type != "cpu":
+        return "dense masked SDPA (not a CPU tensor)"
+    why = native_unsupported(call.query, "auto")
+    return "native C kernel" if not why else f"PyTorch flash pieces (no native kernel: {why})"
+
+
 register_backend(
     Backend("block_sparse", _sparse_fn, False, _sparse_supports,
-            "block-sparse attention over a layout (and key padding), O(non-zero blocks)"),
+            "block-sparse attention over a layout (and key padding), O(non-zero blocks)", kernel=_sparse_kernel),
     before="sdpa",
 )

@@ -1,4 +1,5 @@
-/* attnkit native sliding-window attention: forward and backward of one row of B*H, exact, in O(N*w).
+/* attnkit native sliding-window and block-sparse attention: forward and backward of one row of B*H, exact, at a
+ * cost proportional to the keys each query may read (O(N*w) for a window, O(non-zero blocks) for a layout).
  *
  * The readable versions are attnkit/functional/local.py (_window_blockwise, and the flash-piece path) and the dense
  * reference attnkit.functional.attention_reference with WindowMask(...).materialize(); tests compare all of them.
@@ -6,7 +7,9 @@
  * The window. Positions are cut into buckets of w tokens. Query i (bucket b = i / w) sees the keys of buckets
  * b - lb ... b + lf, and with `causal` only keys j <= i; and only keys j < kv_len (right padding: the keys from
  * kv_len on are never attended, and a query with no key left gives zeros, lse = -inf and zero gradients). One call
- * handles the query buckets [b0, b1) of one row.
+ * handles the query buckets [b0, b1) of one row. A block-sparse row is the same walk with other key ranges: query
+ * block i (bs rows) reads its list of key blocks, each [j bs, (j + 1) bs) (bk_pat below); the readable versions are
+ * attnkit/functional/sparse.py's piece path and BlockSparseMask(...).materialize().
  *
  * Forward (FlashAttention's recurrence, in tiles of TQ query rows and blocks of TK keys):
  *     S = (scale * log2 e) Q_tile K_blk^T       base-2 scores
@@ -18,17 +21,18 @@
  * Every product is one microkernel (band_impl.h): broadcast scalars of one operand times vectors of rows of the
  * other, with MR x NV*VEC accumulators kept in registers.
  *
- * Layout: q, k (n, e), v, out, dout (n, ev) row-major float32, lse (n); e and ev multiples of 16. A call reads the
- * keys [key0, key1) that its buckets can see (key0 = max(0, (b0 - lb) w), key1 = min(n, (b1 + lf) w)) and
- * transposes them into its own buffer. dq is written for the rows of [b0, b1); dk and dv point at key key0 and hold
- * key1 - key0 rows, which the call owns: it zeroes them, then accumulates into them. Single-threaded: the caller
+ * Layout: q (n_q, e), k (n_k, e), v (n_k, ev), out, dout (n_q, ev) row-major float32, lse (n_q); e and ev
+ * multiples of 16. A call reads the keys [key0, key1) that its query groups can see (bk_pat_keys: for a window
+ * key0 = max(0, (b0 - lb) w), key1 = min(n, (b1 + lf) w)) and transposes them into its own buffer. dq is written
+ * for the rows of its groups; dk and dv point at key key0 and hold key1 - key0 rows, which the call owns: it zeroes
+ * them, then accumulates into them. Single-threaded: the caller
  * runs rows, or bucket ranges of a row with their own dk / dv buffers, in parallel. Returns 0, or -1 when a buffer
  * cannot be allocated.
  *
  * Instruction sets: the body is compiled once for the build's target (AVX2/FMA where _native enables it, portable C
  * otherwise) and, with GCC on x86-64, once more for AVX-512; the entry points pick at run time.
  * A NaN in a key after a query's position inside its last key block reaches that query's output through a zero
- * weight (as in PyTorch's causal flash kernel); keys outside the window are never read.
+ * weight (as in PyTorch's causal flash kernel); keys outside the window (or the layout's blocks) are never read.
  */
 #include <math.h>
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -14,14 +14,16 @@ forward+backward and measures the extra peak memory of:
 
 Then, at N=16384, the same kernels timed interleaved (every round calls each once, in turn) with one intra-op
 thread: with one thread each, a ratio is the ratio of the work done, and it moves little when other jobs share the
-cores (multithreaded kernels wait on each other there, some far more than others). Then the chunked kernel's peak
-memory for dense causal attention at N=32768 against PyTorch's SDPA (and the size the
-materialised scores would take). Times are medians; ratios are against baselines measured in the same process.
+cores (multithreaded kernels wait on each other there, some far more than others). Then block-sparse layouts
+(BigBird, strided causal) at N=16384 on the native kernel against attnkit's PyTorch path. Then the chunked
+kernel's peak memory for dense causal attention at N=32768 against PyTorch's SDPA (and the size the materialised
+scores would take). Times are medians; ratios are against baselines measured in the same process.
 ``--out DIR`` writes ``long.md``, ``long.json`` and the log-log plot ``long.png``.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import time
@@ -34,7 +36,15 @@ import torch.nn.functional as F
 
 from attnkit._runtime import torch_threads
 from attnkit.bench._timing import Table, interleaved_medians, machine_line, measure_peak_memory, median_time, ratio
-from attnkit.functional import WindowMask, _native, chunked_attention, sliding_window_attention
+from attnkit.functional import (
+    WindowMask,
+    _native,
+    bigbird_layout,
+    block_sparse_attention,
+    chunked_attention,
+    sliding_window_attention,
+    strided_layout,
+)
 
 MINE = "attnkit sliding_window_attention"  # impl='auto': the native kernel where it builds
 TORCH_PATH = "attnkit impl='torch' (flash pieces)"  # the same function on PyTorch's CPU flash kernel
@@ -114,6 +124,17 @@ def _kernels(n: int, window: int, with_flex: bool) -> dict[str, dict[str, Any]]:
         "fn": lambda q, k, v: sliding_window_attention(q, k, v, window=window), "trains": True,
         "est": lambda h: (h * n * 64 * 4 * 8, h * n * 64 * 4 * 16)}
     return kernels
+
+
+def _block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: torch.Tensor, block_size: int,
+                  causal: bool, impl: str) -> torch.Tensor:
+    return block_sparse_attention(q, k, v, layout, block_size=block_size, causal=causal, impl=impl)
+
+
+def _layouts(n_blocks: int) -> list[tuple[str, torch.Tensor, bool]]:
+    """The block-sparse layouts the suite times: BigBird (window 3, 2 global, 3 random) and strided causal."""
+    return [("BigBird", bigbird_layout(n_blocks, window=3, n_global=2, n_random=3, seed=0), False),
+            ("strided, causal", strided_layout(n_blocks, stride=8), True)]
 
 
 def _plot(results: dict[str, dict[int, dict[str, float]]], out: Path, title: str) -> None:
@@ -262,6 +283,27 @@ def main(quick: bool = False, out: str | None = None) -> int:
         print(f"  one thread N={n_one} {name:34s} fwd {fwd_ms * 1e3:8.0f} ms", flush=True)
     one.notes.append("wall-time medians; each kernel got one thread, so other jobs on the machine slow all alike")
 
+    # block-sparse layouts: the native kernel against attnkit's PyTorch path (flash pieces), same inputs
+    n_sp, bs = (2048, 64) if quick else (16384, 64)
+    q, k, v = (torch.randn(1, heads, n_sp, dim) for _ in range(3))
+    sparse = Table(f"block-sparse layouts, N={n_sp}, blocks of {bs}, H={heads}, E={dim}, fp32",
+                   ["layout", "blocks used", "impl", "fwd ms", "fwd+bwd ms", "native speed-up fwd",
+                    "native speed-up fwd+bwd"])
+    for lay_name, lay, causal in _layouts(n_sp // bs):
+        timed: dict[str, tuple[float, float]] = {}
+        for impl in ("torch", "native"):
+            run_sparse = functools.partial(_block_sparse, layout=lay, block_size=bs, causal=causal, impl=impl)
+            with torch.no_grad():
+                t_fwd = _timed(_bind(run_sparse, q, k, v), slow=2.0)
+            timed[impl] = (t_fwd, _timed(_fwd_bwd(run_sparse, q, k, v), slow=2.0))
+        used = f"{int(lay.sum())} of {lay.numel()}"
+        for impl, (t_f, t_b) in timed.items():
+            up = ("-", "-") if impl == "torch" else (ratio(t_f, timed["torch"][0]), ratio(t_b, timed["torch"][1]))
+            sparse.add(lay_name, used, impl, f"{t_f * 1e3:.0f}", f"{t_b * 1e3:.0f}", *up)
+        print(f"  block-sparse {lay_name}: native {timed['native'][1] * 1e3:.0f} ms fwd+bwd, "
+              f"PyTorch path {timed['torch'][1] * 1e3:.0f} ms", flush=True)
+    sparse.notes.append("impl='native': csrc/band.c; impl='torch': one flash call per piece, merged by log-sum-exp")
+
     # chunked kernel: dense causal attention, peak memory against PyTorch's SDPA
     n_dense, h_dense = (2048, 1) if quick else (32768, 1)
     q, k, v = (torch.randn(1, h_dense, n_dense, dim) for _ in range(3))
@@ -281,17 +323,18 @@ def main(quick: bool = False, out: str | None = None) -> int:
                      "(scores and weights) in fp32")
     mem.notes.append("one forward+backward call each, first call in the process for its kernel (not a median)")
 
-    for t in (table, ratios, one, mem):
+    for t in (table, ratios, one, sparse, mem):
         print()
         print(t.text())
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        md = "\n\n".join(t.markdown() for t in (table, ratios, one, mem))
+        md = "\n\n".join(t.markdown() for t in (table, ratios, one, sparse, mem))
         (folder / "long.md").write_text(md + "\n", encoding="utf-8")
         table.save(folder, "long_times")
         ratios.save(folder, "long_ratios")
         one.save(folder, "long_one_thread")
+        sparse.save(folder, "long_block_sparse")
         mem.save(folder, "long_chunked_memory")
         _plot(results, folder, table.title)
         print(f"\nwrote {folder / 'long.md'} and {folder / 'long.png'}")

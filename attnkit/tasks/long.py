@@ -29,7 +29,7 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
     folder = out_dir / "long"
     bench_long.main(quick=True, out=str(folder))
     tables = []
-    for stem in ("long_times", "long_ratios", "long_chunked_memory"):
+    for stem in ("long_times", "long_ratios", "long_block_sparse", "long_chunked_memory"):
         path = folder / f"{stem}.json"
         if path.exists():
             t = json.loads(path.read_text(encoding="utf-8"))

@@ -126,11 +126,6 @@ def _kernels(n: int, window: int, with_flex: bool) -> dict[str, dict[str, Any]]:
     return kernels
 
 
-def _block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: torch.Tensor, block_size: int,
-                  causal: bool, impl: str) -> torch.Tensor:
-    return block_sparse_attention(q, k, v, layout, block_size=block_size, causal=causal, impl=impl)
-
-
 def _layouts(n_blocks: int) -> list[tuple[str, torch.Tensor, bool]]:
     """The block-sparse layouts the suite times: BigBird (window 3, 2 global, 3 random) and strided causal."""
     return [("BigBird", bigbird_layout(n_blocks, window=3, n_global=2, n_random=3, seed=0), False),
@@ -292,7 +287,8 @@ def main(quick: bool = False, out: str | None = None) -> int:
     for lay_name, lay, causal in _layouts(n_sp // bs):
         timed: dict[str, tuple[float, float]] = {}
         for impl in ("torch", "native"):
-            run_sparse = functools.partial(_block_sparse, layout=lay, block_size=bs, causal=causal, impl=impl)
+            run_sparse = functools.partial(block_sparse_attention, layout=lay, block_size=bs, causal=causal,
+                                           impl=impl)
             with torch.no_grad():
                 t_fwd = _timed(_bind(run_sparse, q, k, v), slow=2.0)
             timed[impl] = (t_fwd, _timed(_fwd_bwd(run_sparse, q, k, v), slow=2.0))

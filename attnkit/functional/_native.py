@@ -43,7 +43,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["load", "status"]
+__all__ = ["band_body", "load", "status"]
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = (_CSRC / "decode.c", _CSRC / "band.c")  # compiled together into one library
@@ -150,8 +150,12 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, AttributeError) as exc:
         return None, f"cannot load {target}: {exc}"
     simd = "AVX2/FMA/F16C" if lib.attnkit_simd() else "portable C"
-    band = {2: "AVX-512", 1: "AVX2", 0: "portable C"}.get(lib.attnkit_band_isa(), "portable C")
-    return lib, f"loaded {target.name} (decode: {simd}; sliding window: {band})"
+    return lib, f"loaded {target.name} (decode: {simd}; sliding window: {band_body(lib)})"
+
+
+def band_body(lib: ctypes.CDLL) -> str:
+    """Which body of the sliding-window / block-sparse kernel ``lib`` runs on this CPU."""
+    return {2: "AVX-512", 1: "AVX2"}.get(lib.attnkit_band_isa(), "portable C")
 
 
 def load() -> ctypes.CDLL | None:

@@ -37,7 +37,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ from ._reference import expand_kv_heads
 from .dense import AttentionCall, Backend, register_backend
 from .masks import AttentionMask, padding_mask, split_with_padding
 
-__all__ = ["NativeBandFn", "NativePattern", "WindowMask", "sliding_window_attention"]
+__all__ = ["NativeBandFn", "NativePattern", "WindowMask", "native_attention", "sliding_window_attention"]
 
 _T = TypeVar("_T")
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -480,7 +480,7 @@ _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # computed in f
 
 
 def native_unsupported(q: Tensor, impl: str) -> str:
-    """Why the native sliding-window kernel cannot serve ``q`` (``""`` when it can)."""
+    """Why the native kernel (sliding window, block-sparse) cannot serve ``q`` (``""`` when it can)."""
     if impl == "torch":
         return "impl='torch'"
     if q.device.type != "cpu":
@@ -507,38 +507,53 @@ def _bucket_tasks(rows: int, nb: int, workers: int) -> list[tuple[int, int, int]
     return [(row, b0, b1) for row in range(rows) for b0, b1 in itertools.pairwise(cuts) if b1 > b0]
 
 
-@dataclass(frozen=True)
-class NativePattern:
+class NativePattern(Protocol):
     """Which keys each group of query rows reads, for the native kernel (``csrc/band.c``): the C entry points and
     their pattern arguments. :class:`_WindowPattern` (buckets of a sliding window) and the block-sparse pattern of
-    :mod:`attnkit.functional.sparse` (query blocks over a layout) fill it in."""
+    :mod:`attnkit.functional.sparse` (query blocks over a layout) provide it."""
 
-    groups: int  # query groups per row
-    n_q: int
-    n_k: int
-    fwd: str  # names of the library's functions
-    bwd: str
+    @property
+    def groups(self) -> int:
+        """Query groups per row."""
+        ...
+
+    @property
+    def fwd(self) -> str:
+        """Name of the library's forward function."""
+        ...
+
+    @property
+    def bwd(self) -> str:
+        """Name of the library's backward function."""
+        ...
 
     def args(self, row: int, kv_len: int, e: int, ev: int) -> tuple[object, ...]:
         """The C arguments between the tensor pointers and ``scale`` for ``row`` of ``B*H``."""
-        raise NotImplementedError
+        ...
 
     def keys(self, row: int, g0: int, g1: int) -> tuple[int, int]:
         """The keys ``[key0, key1)`` the groups ``[g0, g1)`` of ``row`` may read (as the C code computes them)."""
-        raise NotImplementedError
+        ...
 
 
 @dataclass(frozen=True)
-class _WindowPattern(NativePattern):
-    win: WindowMask = WindowMask(1)
+class _WindowPattern:
+    win: WindowMask
+    n: int  # queries = keys
+    fwd: str = "attnkit_band_fwd"
+    bwd: str = "attnkit_band_bwd"
+
+    @property
+    def groups(self) -> int:
+        return -(-self.n // self.win.window)
 
     def args(self, row: int, kv_len: int, e: int, ev: int) -> tuple[object, ...]:
         w = self.win
-        return self.n_q, kv_len, e, ev, w.window, w.look_backward, w.look_forward, int(w.causal)
+        return self.n, kv_len, e, ev, w.window, w.look_backward, w.look_forward, int(w.causal)
 
     def keys(self, row: int, g0: int, g1: int) -> tuple[int, int]:
         w = self.win
-        return max(0, g0 - w.look_backward) * w.window, min(self.n_k, (g1 + w.look_forward) * w.window)
+        return max(0, g0 - w.look_backward) * w.window, min(self.n, (g1 + w.look_forward) * w.window)
 
 
 def _native_call(fn: Callable[..., int], *args: object) -> None:
@@ -630,18 +645,24 @@ class NativeBandFn(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _window_native(q: Tensor, k: Tensor, v: Tensor, win: WindowMask, scale: float, isa: int = 2,
-                   lengths: Tensor | None = None) -> Tensor:
-    """``L == S`` on the C kernel: float32 rows, feature dims zero-padded to multiples of 16. ``lengths (B,)``: the
-    number of real keys of each sequence (right padding), ``None`` for all of them."""
-    b, h, n, e = q.shape
-    hkv, ev = k.shape[1], v.shape[-1]
+def native_attention(q: Tensor, k: Tensor, v: Tensor, pattern: NativePattern, scale: float, isa: int,
+                     lengths: Tensor | None) -> Tensor:
+    """``(B, H, L, E)`` inputs through :class:`NativeBandFn`: float32 rows, feature dims zero-padded to multiples of
+    16, the output back in the input dtype. ``lengths (B,)``: real keys of each sequence (right padding), ``None``
+    for all of them."""
+    b, h, q_len, e = q.shape
+    hkv, k_len, ev = k.shape[1], k.shape[2], v.shape[-1]
     e16, ev16 = -(-e // 16) * 16, -(-ev // 16) * 16
-    per_row = [n] * (b * h) if lengths is None else [int(x) for x in lengths.repeat_interleave(h)]
-    pattern = _WindowPattern(-(-n // win.window), n, n, "attnkit_band_fwd", "attnkit_band_bwd", win)
+    per_row = [k_len] * (b * h) if lengths is None else [int(x) for x in lengths.repeat_interleave(h)]
     out, _ = NativeBandFn.apply(_rows_f32(q, e16), _rows_f32(k, e16), _rows_f32(v, ev16), pattern, scale, h // hkv,
                                 isa, per_row)
-    return out.view(b, h, n, ev16)[..., :ev].to(q.dtype)  # (B, H, N, Ev)
+    return out.view(b, h, q_len, ev16)[..., :ev].to(q.dtype)  # (B, H, L, Ev)
+
+
+def _window_native(q: Tensor, k: Tensor, v: Tensor, win: WindowMask, scale: float, isa: int = 2,
+                   lengths: Tensor | None = None) -> Tensor:
+    """``L == S`` on the C kernel (see :func:`native_attention`)."""
+    return native_attention(q, k, v, _WindowPattern(win, q.shape[2]), scale, isa, lengths)
 
 
 def _right_padding(key_mask: Tensor) -> Tensor | None:
@@ -802,8 +823,9 @@ def sliding_window_attention(
     scale_f = V.check_scale(scale, e)
     if q_len == 0 or k_len == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0.0 * (q.sum() + k.sum() + v.sum())
-    lengths = None if key_mask is None else _right_padding(key_mask)
-    if q_len == k_len and q.device.type == "cpu" and (key_mask is None or lengths is not None):  # the fast paths
+    fast = q_len == k_len and q.device.type == "cpu"
+    lengths = None if key_mask is None or not fast else _right_padding(key_mask)
+    if fast and (key_mask is None or lengths is not None):  # the fast paths
         why = native_unsupported(q, impl)
         if not why:
             return _window_native(q, k, v, win, scale_f, lengths=lengths)
@@ -857,10 +879,9 @@ def _local_kernel(call: AttentionCall) -> str:
     if call.q_len != call.k_len or call.query.device.type != "cpu":
         return "blockwise PyTorch path (L != S, or not a CPU tensor)"
     why = native_unsupported(call.query, "auto")
-    if not why:
-        status = _native.status()
-        body = status[status.find("sliding window:") :].rstrip(")") if "sliding window:" in status else ""
-        return f"native C kernel ({body or status})"
+    lib = _native.load()
+    if not why and lib is not None:
+        return f"native C kernel (sliding window: {_native.band_body(lib)})"
     if pad is not None:
         return f"blockwise PyTorch path (key padding, and no native kernel: {why})"
     return f"PyTorch flash pieces (no native kernel: {why})"

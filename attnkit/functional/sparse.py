@@ -40,16 +40,7 @@ from torch import Tensor
 from . import _validate as V
 from ._reference import expand_kv_heads
 from .dense import AttentionCall, Backend, register_backend, scaled_dot_product_attention
-from .local import (
-    NativeBandFn,
-    NativePattern,
-    _Piece,
-    _right_padding,
-    _rows_f32,
-    native_unsupported,
-    run_pieces,
-    same_head_dim,
-)
+from .local import _Piece, _right_padding, native_attention, native_unsupported, run_pieces, same_head_dim
 from .masks import AttentionMask, causal_mask, padding_mask, split_with_padding
 
 __all__ = [
@@ -235,16 +226,19 @@ def _with_key_padding(piece: _Piece, pad_add: Tensor, heads: int) -> _Piece:
 
 
 @dataclass(frozen=True)
-class _SparsePattern(NativePattern):
-    """A layout as the native kernel reads it: per layout head, the key blocks of every query block (CSR)."""
+class _SparsePattern:
+    """A layout as the native kernel reads it (a :class:`NativePattern`): per layout head, the key blocks of every
+    query block, as a CSR."""
 
-    bs: int = 1
-    causal: bool = False
-    heads: int = 1  # query heads H: row r of B*H uses layout head (r % H) when the layout has one per head
-    row_ptr: Tensor | None = None  # (Hl, Nq + 1) int64: offsets into cols
-    cols: Tensor | None = None  # (nnz,) int64: key blocks, ascending within each query block
-    ptr_list: tuple[tuple[int, ...], ...] = ()
-    col_list: tuple[int, ...] = ()
+    row_ptr: Tensor  # (Hl, Nq + 1) int64: offsets into cols, each head starting where the previous one ended
+    cols: Tensor  # (nnz,) int64: key blocks, ascending within each query block
+    bs: int
+    causal: bool
+    heads: int  # query heads H: row r of B*H uses layout head r % H when the layout has one per head
+    n_q: int
+    n_k: int
+    fwd: str = "attnkit_sparse_fwd"
+    bwd: str = "attnkit_sparse_bwd"
 
     @staticmethod
     def build(layout: Tensor, bs: int, causal: bool, heads: int, n_q: int, n_k: int) -> _SparsePattern:
@@ -254,42 +248,36 @@ class _SparsePattern(NativePattern):
         if causal:
             i, j = torch.meshgrid(torch.arange(nq), torch.arange(nk), indexing="ij")
             lay = lay & (j <= i)
-        counts = lay.sum(-1).reshape(-1)  # (Hl * Nq,)
-        ends = torch.cumsum(counts, 0)
-        row_ptr = torch.cat([torch.zeros(hl, 1, dtype=torch.long), ends.view(hl, nq)], dim=1)  # (Hl, Nq + 1)
-        row_ptr[1:, 0] = row_ptr[:-1, -1]  # each head starts where the previous one ended
+        ends = torch.cumsum(lay.sum(-1).reshape(-1), 0).view(hl, nq)  # (Hl, Nq): running count of blocks
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), ends[:-1, -1]]).view(hl, 1)  # (Hl, 1)
+        row_ptr = torch.cat([starts, ends], dim=1).contiguous()  # (Hl, Nq + 1)
         cols = lay.nonzero()[:, 2].contiguous()  # sorted by head, query block, key block
-        return _SparsePattern(nq, n_q, n_k, "attnkit_sparse_fwd", "attnkit_sparse_bwd", bs, causal, heads,
-                              row_ptr.contiguous(), cols, tuple(tuple(r) for r in row_ptr.tolist()),
-                              tuple(cols.tolist()))
+        return _SparsePattern(row_ptr, cols, bs, causal, heads, n_q, n_k)
+
+    @property
+    def groups(self) -> int:
+        return self.row_ptr.shape[1] - 1
 
     def _head(self, row: int) -> int:
-        return row % self.heads if len(self.ptr_list) > 1 else 0
+        return row % self.heads if self.row_ptr.shape[0] > 1 else 0
 
     def args(self, row: int, kv_len: int, e: int, ev: int) -> tuple[object, ...]:
-        assert self.row_ptr is not None and self.cols is not None
-        ptr = self.row_ptr.data_ptr() + self._head(row) * (self.groups + 1) * 8
+        ptr = self.row_ptr.data_ptr() + self._head(row) * (self.groups + 1) * self.row_ptr.element_size()
         return self.n_q, self.n_k, kv_len, e, ev, self.bs, ptr, self.cols.data_ptr(), int(self.causal)
 
     def keys(self, row: int, g0: int, g1: int) -> tuple[int, int]:
-        ptr = self.ptr_list[self._head(row)]
-        blocks = self.col_list[ptr[g0] : ptr[g1]]
-        if not blocks:
+        ptr = self.row_ptr[self._head(row)]
+        blocks = self.cols[int(ptr[g0]) : int(ptr[g1])]
+        if not blocks.numel():
             return 0, 0
-        return min(blocks) * self.bs, min(self.n_k, (max(blocks) + 1) * self.bs)
+        return int(blocks.min()) * self.bs, min(self.n_k, (int(blocks.max()) + 1) * self.bs)
 
 
 def _sparse_native(q: Tensor, k: Tensor, v: Tensor, fitted: Tensor, bs: int, causal: bool, scale: float,
                    lengths: Tensor | None, isa: int = 2) -> Tensor:
-    """The C kernel over a fitted layout: float32 rows, feature dims zero-padded to multiples of 16."""
-    b, h, q_len, e = q.shape
-    hkv, k_len, ev = k.shape[1], k.shape[2], v.shape[-1]
-    e16, ev16 = -(-e // 16) * 16, -(-ev // 16) * 16
-    pattern = _SparsePattern.build(fitted, bs, causal, h, q_len, k_len)
-    per_row = [k_len] * (b * h) if lengths is None else [int(x) for x in lengths.repeat_interleave(h)]
-    out, _ = NativeBandFn.apply(_rows_f32(q, e16), _rows_f32(k, e16), _rows_f32(v, ev16), pattern, scale, h // hkv,
-                                isa, per_row)
-    return out.view(b, h, q_len, ev16)[..., :ev].to(q.dtype)  # (B, H, L, Ev)
+    """The C kernel over a fitted ``(Hl, Nq, Nk)`` layout (see :func:`~attnkit.functional.local.native_attention`)."""
+    pattern = _SparsePattern.build(fitted, bs, causal, q.shape[1], q.shape[2], k.shape[2])
+    return native_attention(q, k, v, pattern, scale, isa, lengths)
 
 
 def block_sparse_attention(
@@ -365,8 +353,8 @@ def block_sparse_attention(
     scale_f = V.check_scale(scale, q.shape[-1])
     if q_len == 0 or k_len == 0:
         return q.new_zeros(b, h, q_len, ev) + 0.0 * (q.sum() + k.sum() + v.sum())
-    lengths = None if key_mask is None else _right_padding(key_mask)
     why = native_unsupported(q, impl)
+    lengths = None if key_mask is None or why else _right_padding(key_mask)
     if key_mask is not None and lengths is None:
         why = why or "a key_mask that is not right padding"
     if not why:

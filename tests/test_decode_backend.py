@@ -4,14 +4,17 @@ fallbacks; routing (auto sends decoding steps to it)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from attnkit.functional import _native, attention_reference, scaled_dot_product_attention, which_backend
 from attnkit.functional.decode import decode_attention, native_unsupported
 from attnkit.layers import KVCache, MultiHeadAttention
+from attnkit.testing import assert_close_to_reference
 
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 def _cache_views(b, hk, s, e, ev, dtype):
@@ -24,7 +27,7 @@ def _cache_views(b, hk, s, e, ev, dtype):
 NATIVE = pytest.param("native", marks=pytest.mark.skipif(
     _native.load() is None, reason=f"native kernel unavailable: {_native.status()}"))
 IMPLS = ["torch", NATIVE]
-CASES = [(dtype, shape, "bool") for dtype in TOL for shape in ((4, 4, 1), (8, 2, 1), (4, 1, 3))]
+CASES = [(dtype, shape, "bool") for dtype in DTYPES for shape in ((4, 4, 1), (8, 2, 1), (4, 1, 3))]
 KINDS = ("none", "float", "dead_row")
 CASES += [(dtype, (8, 2, 1), kind) for dtype in (torch.float32, torch.bfloat16, torch.float16) for kind in KINDS]
 
@@ -52,8 +55,8 @@ def test_decode_matches_reference(dtype, shape, mask_kind, impl):
     ref_out, ref_w = attention_reference(q.double(), k.double(), v.double(), None if mask is None else (
         mask if mask.dtype == torch.bool else mask.double()))
     assert out.dtype == dtype and torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), ref_out, atol=TOL[dtype], rtol=TOL[dtype])
-    torch.testing.assert_close(w.double(), ref_w, atol=TOL[dtype], rtol=TOL[dtype])
+    assert_close_to_reference(out, ref_out, reduction=s)
+    assert_close_to_reference(w, ref_w, reduction=s)
     if mask_kind == "dead_row":
         assert (out[1] == 0).all() and (w[1] == 0).all()
 
@@ -78,11 +81,11 @@ def test_decode_head_dims_and_layouts(dtype, e, ev, impl):
     ref_out, ref_w = attention_reference(q.double(), k.double(), v.double())
     for key in (k, k.transpose(-1, -2).contiguous().transpose(-1, -2)):  # the second has stride(-1) != 1
         out, w = decode_attention(q, key, v, impl=impl)
-        torch.testing.assert_close(out.double(), ref_out, atol=TOL[dtype], rtol=TOL[dtype])
-        torch.testing.assert_close(w.double(), ref_w, atol=TOL[dtype], rtol=TOL[dtype])
+        assert_close_to_reference(out, ref_out, reduction=s)
+        assert_close_to_reference(w, ref_w, reduction=s)
         out, w = decode_attention(q, key, v, impl=impl, need_weights=False)  # native: the one-pass kernel
         assert w is None
-        torch.testing.assert_close(out.double(), ref_out, atol=TOL[dtype], rtol=TOL[dtype])
+        assert_close_to_reference(out, ref_out, reduction=s)
 
 
 @pytest.mark.skipif(_native.load() is None, reason=f"native kernel unavailable: {_native.status()}")
@@ -90,7 +93,8 @@ def test_decode_head_dims_and_layouts(dtype, e, ev, impl):
 @pytest.mark.parametrize("hk", [8, 1])
 def test_native_equals_torch_path_on_a_long_cache(threads, hk):
     """Many work units and partial outputs (several threads; one kv head splits its keys into chunks that merge with
-    their running max and sum): the native kernels (two-pass and one-pass) and the PyTorch path agree."""
+    their running max and sum): the native kernels (two-pass and one-pass) and the PyTorch path are each as close
+    to the float64 reference as float32 allows (never compared with each other: their rounding differs)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -101,9 +105,11 @@ def test_native_equals_torch_path_on_a_long_cache(threads, hk):
         out_t, w_t = decode_attention(q, k, v, impl="torch")
     finally:
         torch.set_num_threads(saved)
-    torch.testing.assert_close(out_n, out_t, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(out_f, out_t, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(w_n, w_t, atol=1e-7, rtol=1e-5)
+    ref_out, ref_w = attention_reference(q.double(), k.double(), v.double())
+    for name, out in (("native two-pass", out_n), ("native one-pass", out_f), ("torch", out_t)):
+        assert_close_to_reference(out, ref_out, reduction=5000, msg=name)
+    for name, w in (("native", w_n), ("torch", w_t)):
+        assert_close_to_reference(w, ref_w, reduction=5000, msg=name)
 
 
 def test_bad_impl_and_native_refusals():
@@ -152,11 +158,11 @@ def test_portable_c_path_matches_reference(tmp_path, monkeypatch):
         mask = torch.rand(2, 1, 2, 301) > 0.2
         ref, ref_w = attention_reference(q.double(), k.double(), v.double(), mask)
         out, w = _decode_native(lib, qg, k, v, mask, (2, 4, 2, 16), dtype)
-        torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
-        torch.testing.assert_close(w.double(), ref_w, atol=TOL[dtype], rtol=TOL[dtype])
+        assert_close_to_reference(out, ref, reduction=301)
+        assert_close_to_reference(w, ref_w, reduction=301)
         ref, _ = attention_reference(q.double(), k.double(), v.double())
         out = _decode_fused(lib, qg, k, v, (2, 4, 2, 16), dtype)
-        torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+        assert_close_to_reference(out, ref, reduction=301)
 
 
 def test_routing_and_reasons(one_thread, monkeypatch):
@@ -185,8 +191,8 @@ def test_routing_and_reasons(one_thread, monkeypatch):
     with pytest.raises(ValueError, match="float32 cache"):
         scaled_dot_product_attention(q.float(), k.float(), v.float(), backend="decode")
     out = scaled_dot_product_attention(q, k, v, backend="decode")
-    want = scaled_dot_product_attention(q.float(), k.float(), v.float(), backend="reference")
-    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+    want, _ = attention_reference(q.double(), k.double(), v.double())
+    assert_close_to_reference(out, want, reduction=512)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -202,6 +208,7 @@ def test_module_decoding_through_the_decode_backend(dtype, one_thread):
         assert which_backend(q, k, k).name == ("decode" if native or dtype == torch.bfloat16 else "sdpa")
         steps = torch.cat([mha(x[:, i : i + 1], cache=cache, is_causal=True) for i in range(190, 200)], dim=1)
         full = mha(x, is_causal=True)[:, 190:]
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(steps.float(), full.float(), atol=tol, rtol=tol)
+        want = copy.deepcopy(mha).double()(x.double(), is_causal=True)[:, 190:]  # the same weights, in float64
+    assert_close_to_reference(steps, want, reduction=200, msg="cached decoding steps")
+    assert_close_to_reference(full, want, reduction=200, msg="full sequence")
 

@@ -9,11 +9,11 @@ import torch
 from attnkit._runtime import torch_threads
 from attnkit.functional import WindowMask, _native, attention_reference, sliding_window_attention
 from attnkit.functional import local as local_mod
+from attnkit.testing import assert_close_to_reference
 
 LIB = _native.load()
 NEEDS_LIB = pytest.mark.skipif(LIB is None, reason=f"native kernel unavailable: {_native.status()}")
 ISAS = [pytest.param(2, id="avx512"), pytest.param(1, id="build-target")]
-TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def _inputs(b, h, hkv, n, e, ev, seed=0):  # type: ignore[no-untyped-def]
@@ -37,6 +37,22 @@ def _grads(fn, q, k, v, g, dtype):  # type: ignore[no-untyped-def]
     q, k, v = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
     out = fn(q, k, v)
     return (out, *torch.autograd.grad((out * g.to(dtype)).sum(), (q, k, v)))
+
+
+def _rounded(dtype, *tensors):  # type: ignore[no-untyped-def]
+    """The float64 values of ``tensors`` rounded to ``dtype``: the reference sees the inputs the kernel sees."""
+    return tuple(t.to(dtype).double() for t in tensors)
+
+
+def _span(n: int, window: int, back: int = 1, ahead: int = 0) -> int:
+    """Keys one query sees (and queries one key is seen by): the reduction length of the windowed attention."""
+    return min(n, window * (back + 1 + ahead))
+
+
+def _assert_close(got, want, reduction):  # type: ignore[no-untyped-def]
+    """Output and its gradients (dq, dk, dv), each against the float64 reference at the attnkit.testing policy."""
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close_to_reference(a, b, reduction=reduction, grad=name != "out", msg=name)
 
 
 def _native_fn(win, isa):  # type: ignore[no-untyped-def]
@@ -70,11 +86,9 @@ def test_native_window_matches_dense_reference(isa, n, window, back, ahead, caus
     q, k, v = _inputs(2, 4, 2, n, 24, 8)  # GQA, E and Ev padded to 32 and 16 inside
     g = torch.randn(2, 4, n, 8, dtype=torch.float64)
     got = _grads(_native_fn(win, isa), q, k, v, g, torch.float32)
-    want = _grads(_dense(win), q, k, v, g, torch.float64)
+    want = _grads(_dense(win), *_rounded(torch.float32, q, k, v, g), torch.float64)
     assert all(t.dtype == torch.float32 for t in got)
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        tol = TOL[torch.float32] * (1 if i == 0 else 10)
-        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+    _assert_close(got, want, _span(n, window, back, ahead))
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -86,10 +100,8 @@ def test_native_window_head_dims_and_groups(isa, e, ev, hkv):  # type: ignore[no
     q, k, v = _inputs(1, 8, hkv, 200, e, ev)
     g = torch.randn(1, 8, 200, ev, dtype=torch.float64)
     got = _grads(_native_fn(win, isa), q, k, v, g, torch.float32)
-    want = _grads(_dense(win), q, k, v, g, torch.float64)
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        tol = TOL[torch.float32] * (1 if i == 0 else 10)
-        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+    want = _grads(_dense(win), *_rounded(torch.float32, q, k, v, g), torch.float64)
+    _assert_close(got, want, _span(200, 64))
 
 
 @NEEDS_LIB
@@ -102,9 +114,8 @@ def test_native_window_low_precision(dtype):  # type: ignore[no-untyped-def]
     got = _grads(lambda a, b, c: sliding_window_attention(a, b, c, window=32, impl="native"), q, k, v, g, dtype)
     assert all(t.dtype == dtype for t in got)
     # the reference sees the same rounded inputs, so only the kernel's own rounding is compared
-    want = _grads(_dense(win), *(t.to(dtype).double() for t in (q, k, v)), g.to(dtype).double(), torch.float64)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a.double(), b, atol=TOL[dtype] * 4, rtol=TOL[dtype] * 4)
+    want = _grads(_dense(win), *_rounded(dtype, q, k, v, g), torch.float64)
+    _assert_close(got, want, _span(130, 32))
 
 
 @NEEDS_LIB
@@ -122,11 +133,10 @@ def test_native_window_thread_splits(b, h, threads, monkeypatch):  # type: ignor
         again = _grads(lambda a, b_, c: sliding_window_attention(a, b_, c, window=32, look_backward=2), q, k, v, g,
                        torch.float32)
         assert torch.get_num_threads() == threads
-    want = _grads(_dense(win), q, k, v, g, torch.float64)
-    for i, (a, a2, w) in enumerate(zip(got, again, want, strict=True)):
+    want = _grads(_dense(win), *_rounded(torch.float32, q, k, v, g), torch.float64)
+    for a, a2 in zip(got, again, strict=True):
         assert torch.equal(a, a2), "two runs of the same split differ"
-        tol = TOL[torch.float32] * (1 if i == 0 else 10)
-        torch.testing.assert_close(a.double(), w, atol=tol, rtol=tol)
+    _assert_close(got, want, _span(333, 32, back=2))
 
 
 @NEEDS_LIB
@@ -153,7 +163,7 @@ def test_native_window_never_reads_outside_the_windows(causal):  # type: ignore[
                                    impl="native")
     clean = slice(3 * w, n)  # buckets 3.. look back one bucket at most (bucket 2): never bucket 1
     assert torch.isfinite(out[:, :, clean]).all()
-    torch.testing.assert_close(out[:, :, clean].double(), ref[:, :, clean], atol=2e-5, rtol=2e-5)
+    assert_close_to_reference(out[:, :, clean], ref[:, :, clean], reduction=_span(n, w, ahead=0 if causal else 1))
     if not causal:  # bucket 0 looks forward to bucket 1 only; bucket 0 rows are poisoned, bucket 3 is not
         assert torch.isnan(out[:, :, :w]).all()
 
@@ -163,7 +173,9 @@ def test_native_equals_torch_path_and_impl_errors() -> None:
     q, k, v = (torch.randn(1, 2, 257, 32) for _ in range(3))
     native = sliding_window_attention(q, k, v, window=64, impl="native")
     flash = sliding_window_attention(q, k, v, window=64, impl="torch")
-    torch.testing.assert_close(native, flash, atol=2e-5, rtol=2e-5)
+    ref = _dense(WindowMask(64))(q.double(), k.double(), v.double())
+    assert_close_to_reference(native, ref, reduction=_span(257, 64), msg="native")  # each against the reference,
+    assert_close_to_reference(flash, ref, reduction=_span(257, 64), msg="torch")  # never one against the other
     torch.testing.assert_close(sliding_window_attention(q, k, v, window=64), native, atol=0, rtol=0)  # auto
     with pytest.raises(ValueError, match="native"):
         sliding_window_attention(q.double(), k.double(), v.double(), window=64, impl="native")
@@ -182,10 +194,8 @@ def test_native_window_at_benchmark_scale() -> None:
     q, k, v = _inputs(1, 2, 2, 1536, 64, 64)
     g = torch.randn(1, 2, 1536, 64, dtype=torch.float64)
     got = _grads(lambda a, b, c: sliding_window_attention(a, b, c, window=512), q, k, v, g, torch.float32)
-    want = _grads(_dense(win), q, k, v, g, torch.float64)
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        tol = TOL[torch.float32] * (1 if i == 0 else 10)
-        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+    want = _grads(_dense(win), *_rounded(torch.float32, q, k, v, g), torch.float64)
+    _assert_close(got, want, _span(1536, 512))
 
 
 @NEEDS_LIB
@@ -200,10 +210,8 @@ def test_native_portable_build_matches_reference(tmp_path, monkeypatch):  # type
     q, k, v = _inputs(1, 2, 1, 170, 16, 32)
     g = torch.randn(1, 2, 170, 32, dtype=torch.float64)
     got = _grads(_native_fn(win, 2), q, k, v, g, torch.float32)  # asks for AVX-512, gets the portable body
-    want = _grads(_dense(win), q, k, v, g, torch.float64)
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        tol = TOL[torch.float32] * (1 if i == 0 else 10)
-        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+    want = _grads(_dense(win), *_rounded(torch.float32, q, k, v, g), torch.float64)
+    _assert_close(got, want, _span(170, 40, back=2))
 
 
 def test_without_native_library_auto_runs_the_torch_path(monkeypatch):  # type: ignore[no-untyped-def]
@@ -242,16 +250,14 @@ def test_native_window_right_padding(isa, causal):  # type: ignore[no-untyped-de
         return attention_reference(a, b.repeat_interleave(2, 1), c.repeat_interleave(2, 1), mask)[0]
 
     got = _grads(native, q, kp, vp, g, torch.float32)
-    want = _grads(dense, q, k, v, g, torch.float64)
+    want = _grads(dense, *_rounded(torch.float32, q, k, v, g), torch.float64)
     assert all(torch.isfinite(t).all() for t in got)
     dead = (win.materialize(n, n)[0, 0] & key_mask.view(3, 1, n)).sum(-1) == 0  # (B, L): rows that see nothing
     assert dead[2].all() and dead.sum() > n
     assert (got[0].transpose(1, 2)[dead] == 0).all() and (got[1].transpose(1, 2)[dead] == 0).all()
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        if i >= 2:  # key and value gradients: padded keys get none (the reference's are zeros there too)
-            b = b.masked_fill(~key_mask.view(3, 1, n, 1), 0.0)
-        tol = TOL[torch.float32] * (1 if i == 0 else 10)
-        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+    # key and value gradients: padded keys get none (the reference's are zeros there too)
+    want = (*want[:2], *(b.masked_fill(~key_mask.view(3, 1, n, 1), 0.0) for b in want[2:]))
+    _assert_close(got, want, _span(n, w, ahead=0 if causal else 1))
 
 
 @NEEDS_LIB
@@ -266,14 +272,14 @@ def test_padding_routes_natively_and_left_padding_stays_blockwise(monkeypatch): 
     out = scaled_dot_product_attention(q, k, v, mask)  # the dispatcher's local backend
     assert len(calls) == 1 and calls[0]["lengths"].tolist() == [150, 60]
     ref = attention_reference(q.double(), k.double(), v.double(), mask)[0]
-    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    assert_close_to_reference(out, ref, reduction=_span(150, 32))
     left = torch.ones(2, 150, dtype=torch.bool)
     left[1, :10] = False  # left padding: not of the native kernel's form
     out = sliding_window_attention(q, k, v, window=32, key_mask=left)
     assert len(calls) == 1
     ref = attention_reference(q.double(), k.double(), v.double(), WindowMask(32).materialize(150, 150)
                               & left.view(2, 1, 1, 150))[0]
-    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    assert_close_to_reference(out, ref, reduction=_span(150, 32))
     with pytest.raises(ValueError, match="right padding"):
         sliding_window_attention(q, k, v, window=32, key_mask=left, impl="native")
 

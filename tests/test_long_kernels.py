@@ -22,8 +22,7 @@ from attnkit.functional import (
     strided_layout,
     which_backend,
 )
-
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+from attnkit.testing import assert_close_to_reference
 
 
 def _qkv(b, h, hkv, q_len, k_len, e=8, ev=8, dtype=torch.float64):  # type: ignore[no-untyped-def]
@@ -38,15 +37,28 @@ def _reference(q, k, v, mask, **kw):  # type: ignore[no-untyped-def]
     return attention_reference(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), mask, **kw)[0]
 
 
-def _assert_same(out, ref, inputs, tol):  # type: ignore[no-untyped-def]
-    """Forward and all input gradients equal the reference's within ``tol``."""
+def _reduction(mask, q_len, k_len):  # type: ignore[no-untyped-def]
+    """The longest reduction under a boolean mask: most keys one query sees, or most queries that see one key."""
+    if mask is None or mask.dtype != torch.bool:
+        return max(q_len, k_len)
+    mask = mask.expand(*mask.shape[:-2], q_len, k_len)
+    return int(max(mask.sum(-1).max(), mask.sum(-2).max(), 1))
+
+
+def _assert_same(out, reference, inputs, reduction):  # type: ignore[no-untyped-def]
+    """Forward and all input gradients against the float64 reference at the attnkit.testing policy.
+
+    ``reference(q, k, v)`` runs on float64 copies of ``inputs`` (the same values), with its own gradients.
+    """
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
-    g = torch.randn_like(out)
+    inputs64 = [t.detach().double().requires_grad_(True) for t in inputs]
+    ref = reference(*inputs64)
+    assert_close_to_reference(out, ref, reduction=reduction, msg="out")
+    g = torch.randn_like(ref).to(out.dtype)
     got = torch.autograd.grad((out * g).sum(), inputs)
-    want = torch.autograd.grad((ref * g).sum(), inputs)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, atol=tol * 10, rtol=tol * 10)
+    want = torch.autograd.grad((ref * g.double()).sum(), inputs64)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert_close_to_reference(a, b, reduction=reduction, grad=True, msg=name)
 
 
 # --------------------------------------------------------------------------------------------- sliding window
@@ -61,7 +73,7 @@ def test_window_matches_dense_reference(n, window, back, ahead, causal, hkv):  #
     q, k, v = _qkv(2, 2, hkv, n, n, ev=6)
     out = sliding_window_attention(q, k, v, window=window, look_backward=back, look_forward=ahead, causal=causal)
     mask = WindowMask(window, look_backward=back, look_forward=ahead, causal=causal).materialize(n, n)
-    _assert_same(out, _reference(q, k, v, mask), (q, k, v), TOL[torch.float64])
+    _assert_same(out, lambda *qkv: _reference(*qkv, mask), (q, k, v), _reduction(mask, n, n))
 
 
 @pytest.mark.parametrize("q_len, k_len", [(5, 37), (16, 40), (37, 37)], ids=["decode", "L<S", "L=S"])
@@ -75,18 +87,19 @@ def test_window_padding_and_unequal_lengths(q_len, k_len, causal):  # type: igno
                                    key_mask=key_mask)
     window = WindowMask(8, look_forward=0 if causal else 1, causal=causal)
     mask = window.materialize(q_len, k_len) & key_mask.view(2, 1, 1, k_len)
-    _assert_same(out, _reference(q, k, v, mask), (q, k, v), TOL[torch.float64])
+    _assert_same(out, lambda *qkv: _reference(*qkv, mask), (q, k, v), _reduction(mask, q_len, k_len))
 
 
 def test_window_float32_and_bfloat16_long() -> None:
     q, k, v = _qkv(1, 4, 4, 300, 300, e=16, ev=16, dtype=torch.float32)
     mask = WindowMask(64).materialize(300, 300)
-    _assert_same(sliding_window_attention(q, k, v, window=64), _reference(q, k, v, mask), (q, k, v),
-                 TOL[torch.float32])
+    reduction = _reduction(mask, 300, 300)
+    _assert_same(sliding_window_attention(q, k, v, window=64), lambda *qkv: _reference(*qkv, mask), (q, k, v),
+                 reduction)
     qb, kb, vb = (t.detach().bfloat16() for t in (q, k, v))
     out = sliding_window_attention(qb, kb, vb, window=64)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), _reference(q, k, v, mask).detach(), atol=TOL[torch.bfloat16], rtol=0.05)
+    assert_close_to_reference(out, _reference(qb.double(), kb.double(), vb.double(), mask), reduction=reduction)
 
 
 @pytest.mark.parametrize("with_padding", [False, True], ids=["fast", "blockwise"])
@@ -117,14 +130,18 @@ def test_window_never_reads_outside_the_windows() -> None:
     out = sliding_window_attention(q.detach(), kp, vp, window=8, key_mask=key_mask)
     ref = _reference(q, k, v, mask & key_mask.view(1, 1, 1, 64)).detach()
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    assert_close_to_reference(out, ref, reduction=_reduction(mask & key_mask.view(1, 1, 1, 64), 6, 64))
 
 
 def test_window_matches_local_attention_package() -> None:
     local_attention = pytest.importorskip("local_attention")
     q, k, v = (torch.randn(2, 3, 64, 16) for _ in range(3))
     theirs = local_attention.LocalAttention(window_size=16, causal=True, look_backward=1)(q, k, v)
-    torch.testing.assert_close(sliding_window_attention(q, k, v, window=16), theirs, atol=2e-5, rtol=2e-5)
+    mask = WindowMask(16).materialize(64, 64)
+    ref = _reference(q.double(), k.double(), v.double(), mask)
+    # each against the float64 reference, never one float32 result against the other
+    assert_close_to_reference(sliding_window_attention(q, k, v, window=16), ref, reduction=32, msg="attnkit")
+    assert_close_to_reference(theirs, ref, reduction=32, msg="local_attention")
 
 
 def test_window_dispatch_and_errors() -> None:
@@ -134,7 +151,8 @@ def test_window_dispatch_and_errors() -> None:
     both = WindowMask(8) & PaddingMask(lengths)
     assert isinstance(both, AndMask) and which_backend(q, q, q, both).name == "local"
     out = scaled_dot_product_attention(q, q, q, both)
-    torch.testing.assert_close(out, attention_reference(q, q, q, both)[0], atol=2e-5, rtol=2e-5)
+    assert_close_to_reference(out, attention_reference(q.double(), q.double(), q.double(), both)[0],
+                              reduction=_reduction(both.materialize(40, 40), 40, 40))
     choice = which_backend(q, q, q, torch.ones(40, 40, dtype=torch.bool))
     assert choice.name != "local" and "no window structure" in " ".join(choice.reasons["local"])
     with pytest.raises(ValueError, match="can serve"):
@@ -165,14 +183,15 @@ def test_block_sparse_matches_dense_reference(kind, n):  # type: ignore[no-untyp
     q, k, v = _qkv(2, 2, 1, n, n, ev=5)
     out = block_sparse_attention(q, k, v, layout, block_size=8, causal=causal)
     mask = BlockSparseMask(layout, 8, causal=causal).materialize(n, n)
-    _assert_same(out, _reference(q, k, v, mask), (q, k, v), TOL[torch.float64])
+    _assert_same(out, lambda *qkv: _reference(*qkv, mask), (q, k, v), _reduction(mask, n, n))
 
 
 def test_block_sparse_never_reads_unused_blocks_and_empty_rows_are_zero() -> None:
     layout = torch.zeros(4, 4, dtype=torch.bool)
     layout[1, 0] = layout[2, 2] = layout[3, 0] = layout[3, 2] = True  # key blocks 1 and 3 unused; query block 0 empty
     q, k, v = _qkv(1, 2, 2, 32, 32)
-    ref = _reference(q, k, v, BlockSparseMask(layout, 8).materialize(32, 32))
+    mask = BlockSparseMask(layout, 8).materialize(32, 32)
+    ref = _reference(q, k, v, mask)
     kp, vp = k.detach().clone(), v.detach().clone()
     for blk in (1, 3):
         kp[:, :, blk * 8 : blk * 8 + 8] = float("nan")
@@ -181,7 +200,7 @@ def test_block_sparse_never_reads_unused_blocks_and_empty_rows_are_zero() -> Non
     vp.requires_grad_(True)
     out = block_sparse_attention(q, kp, vp, layout, block_size=8)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    assert_close_to_reference(out, ref, reduction=_reduction(mask, 32, 32))
     assert (out[:, :, :8] == 0).all()
     grads = torch.autograd.grad(out.sum(), (q, kp, vp))
     assert all(torch.isfinite(g).all() for g in grads) and (grads[0][:, :, :8] == 0).all()
@@ -196,8 +215,9 @@ def test_block_sparse_gradcheck_and_dispatch() -> None:
     x = torch.randn(1, 2, 32, 8)
     mask = BlockSparseMask(bigbird_layout(4, seed=1), 8)
     assert which_backend(x, x, x, mask).name == "block_sparse"
-    torch.testing.assert_close(scaled_dot_product_attention(x, x, x, mask), attention_reference(x, x, x, mask)[0],
-                               atol=2e-5, rtol=2e-5)
+    x64 = x.double()
+    assert_close_to_reference(scaled_dot_product_attention(x, x, x, mask), attention_reference(x64, x64, x64, mask)[0],
+                              reduction=_reduction(mask.materialize(32, 32), 32, 32))
     with pytest.raises(ValueError, match="layout of at least"):
         block_sparse_attention(x, x, x, local_layout(2), block_size=8)
 
@@ -227,7 +247,7 @@ def test_chunked_matches_dense_reference(mask_kind, causal):  # type: ignore[no-
         "padding": torch.arange(31).view(1, 1, 1, 31) < torch.tensor([31, 12]).view(2, 1, 1, 1),
     }[mask_kind]
     out = chunked_attention(q, k, v, mask, is_causal=causal, chunk_size=8)
-    _assert_same(out, _reference(q, k, v, mask, is_causal=causal), (q, k, v), TOL[torch.float64])
+    _assert_same(out, lambda *qkv: _reference(*qkv, mask, is_causal=causal), (q, k, v), 31)
 
 
 def test_chunked_lse_fully_masked_rows_and_gradcheck() -> None:
@@ -236,7 +256,7 @@ def test_chunked_lse_fully_masked_rows_and_gradcheck() -> None:
     mask[0, 1, 5] = False  # a row with nothing to attend to
     out, lse = chunked_attention(q, k, v, mask, chunk_size=5, return_lse=True)
     scores = (q @ k.transpose(-1, -2) * 0.5).masked_fill(~mask, float("-inf"))
-    torch.testing.assert_close(lse, torch.logsumexp(scores, -1).detach())
+    assert_close_to_reference(lse, torch.logsumexp(scores, -1).detach(), reduction=12)
     assert torch.isneginf(lse[0, 1, 5]) and (out[0, 1, 5] == 0).all()
     assert torch.autograd.gradcheck(lambda q, k, v: chunked_attention(q, k, v, mask, chunk_size=5), (q, k, v),
                                       fast_mode=True)
@@ -248,10 +268,10 @@ def test_merge_attention_is_exact_over_key_splits() -> None:
     q, k, v = _qkv(1, 2, 2, 10, 30)
     parts = [chunked_attention(q, k[:, :, a:b], v[:, :, a:b], return_lse=True) for a, b in ((0, 7), (7, 30))]
     out, lse = merge_attention([p[0] for p in parts], [p[1] for p in parts])
-    torch.testing.assert_close(out, _reference(q, k, v, None))
+    assert_close_to_reference(out, _reference(q, k, v, None), reduction=30)
     dead = torch.full((1, 2, 10), float("-inf"), dtype=torch.float64)
     out2, lse2 = merge_attention([out, torch.zeros_like(out)], [lse, dead])  # a part that saw nothing changes nothing
-    torch.testing.assert_close(out2, out)
+    assert torch.equal(out2, out)
     with pytest.raises(ValueError, match="lse of shape"):
         merge_attention([out], [lse[..., :3]])
 
@@ -261,7 +281,8 @@ def test_chunked_backend_when_forced() -> None:
     mask = torch.rand(40, 40) > 0.5
     assert which_backend(q, q, q, mask).name != "chunked"  # the fused kernel wins on CPU
     out = scaled_dot_product_attention(q, q, q, mask, backend="chunked")
-    torch.testing.assert_close(out, attention_reference(q, q, q, mask)[0], atol=2e-5, rtol=2e-5)
+    q64 = q.double()
+    assert_close_to_reference(out, attention_reference(q64, q64, q64, mask)[0], reduction=40)
 
 
 def test_block_math_equals_flash_block() -> None:
@@ -278,11 +299,11 @@ def test_block_math_equals_flash_block() -> None:
     mask[..., 4, :] = float("-inf")  # a dead row
     for m, causal in ((None, True), (mask, False)):
         o1, l1 = _block_forward(q, k, v, m, causal, 0.3)
-        o2, l2 = _block_forward_math(q, k, v, m, causal, 0.3)
-        torch.testing.assert_close(o1, o2)
-        torch.testing.assert_close(l1, l2)
+        o2, l2 = _block_forward_math(q, k, v, m, causal, 0.3)  # float64: the readable math is the reference
+        assert_close_to_reference(o1, o2, reduction=12)
+        assert_close_to_reference(l1, l2, reduction=12)
         g = torch.randn_like(o1)
         for a, b in zip(_block_backward(g, q, k, v, o1, l1, m, causal, 0.3),
                         _block_backward_math(g, q, k, v, o1, l1, m, causal, 0.3), strict=True):
             assert torch.isfinite(a).all()
-            torch.testing.assert_close(a, b)
+            assert_close_to_reference(a, b, reduction=12, grad=True)

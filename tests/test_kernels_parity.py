@@ -1,4 +1,4 @@
-"""Every backend of ``scaled_dot_product_attention`` against the float64 reference and against PyTorch's SDPA.
+"""Every backend of ``scaled_dot_product_attention``, and PyTorch's SDPA, against the float64 reference.
 
 Axes: backend x dtype x mask kind, and backend x dtype x shape (``L != S``, one-token sequences, head dims 1..256,
 grouped-query and multi-query heads). Each case runs twice and must give bit-identical results (determinism).
@@ -24,15 +24,10 @@ from attnkit.functional import (
     scaled_dot_product_attention,
 )
 from attnkit.functional.masks import AttentionMask
+from attnkit.testing import assert_close_to_reference
 
 BACKENDS = ["reference", "math", "sdpa", "auto"]
 DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.bfloat16}
-# (atol, rtol) of an output in this dtype against the float64 truth of the same (rounded) inputs.
-TOL = {
-    torch.float64: (1e-10, 1e-9),
-    torch.float32: (2e-5, 1e-4),
-    torch.bfloat16: (4e-2, 2e-2),
-}
 
 
 @dataclass
@@ -168,24 +163,24 @@ def _check(backend: str, dtype: torch.dtype, shape: tuple[int, ...], kind: str) 
     assert w.shape == (b, h, q_len, k_len)
     assert torch.isfinite(out).all() and torch.isfinite(w).all()
 
-    atol, rtol = TOL[dtype]
+    # every result against the float64 truth of the same (rounded) inputs, at the attnkit.testing policy
     ref_out, ref_w = _truth(q, k, v, case.meaning)
-    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
-    torch.testing.assert_close(w.double(), ref_w, atol=atol, rtol=rtol)
+    assert_close_to_reference(out, ref_out, reduction=k_len, msg="output")
+    assert_close_to_reference(w, ref_w, reduction=k_len, msg="weights")
     # The output alone (no weights requested) takes the fast path of each backend: same answer.
     alone = scaled_dot_product_attention(q, k, v, case.attn_mask, is_causal=case.is_causal, backend=backend)
-    torch.testing.assert_close(alone.double(), ref_out, atol=atol, rtol=rtol)
+    assert_close_to_reference(alone, ref_out, reduction=k_len, msg="output alone")
 
     alive = _alive(case.meaning, (b, h, q_len, k_len))
     assert not out.masked_select(~alive).any(), "a fully masked row gave a non-zero output"
     assert not w.masked_select(~alive).any(), "a fully masked row gave non-zero weights"
     live_w = w.double().sum(-1, keepdim=True).masked_fill(~alive, 1.0)  # rows sum to 1 (dead rows checked above)
-    torch.testing.assert_close(live_w, torch.ones_like(live_w), atol=max(atol, 1e-6) * k_len, rtol=0)
+    assert_close_to_reference(live_w, torch.ones_like(live_w), reduction=k_len, dtype=dtype, msg="weight sums")
 
-    theirs = _torch_sdpa(q, k, v, case.meaning)  # rows PyTorch can answer: every live row
-    torch.testing.assert_close(
-        alone.double().masked_select(alive), theirs.double().masked_select(alive), atol=2 * atol, rtol=2 * rtol
-    )
+    # PyTorch's own SDPA against the same reference (never against ours): rows it can answer, every live row
+    theirs = _torch_sdpa(q, k, v, case.meaning)
+    assert_close_to_reference(theirs.masked_select(alive), ref_out.masked_select(alive), reduction=k_len,
+                              msg="torch SDPA")
 
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
@@ -232,15 +227,16 @@ def test_tutorial_3d_api(backend: str) -> None:
     assert out.shape == (2, 5, 6) and w.shape == (2, 5, 7)
     q4, k4, v4 = Q[:, None].double(), K[:, None].double(), V[:, None].double()  # (B, 1, L, E): one head
     ref_out, ref_w = attention_reference(q4, k4, v4, mask[:, None] != 0)
-    torch.testing.assert_close(out.double(), ref_out[:, 0], atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(out_w.double(), ref_out[:, 0], atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(w.double(), ref_w[:, 0], atol=2e-5, rtol=1e-4)
+    assert_close_to_reference(out, ref_out[:, 0], reduction=7)
+    assert_close_to_reference(out_w, ref_out[:, 0], reduction=7)
+    assert_close_to_reference(w, ref_w[:, 0], reduction=7)
     assert not out[1, 2].any() and not w[1, 2].any()
-    # The tutorial's own formula, written out: softmax(QK^T/sqrt(d), mask==0 -> -1e9) V on rows that are alive.
-    scores = (Q @ K.transpose(1, 2) / 8**0.5).masked_fill(mask == 0, -1e9)
-    tutorial = scores.softmax(-1) @ V
+    # The tutorial's own formula, written out in float64: softmax(QK^T/sqrt(d), mask==0 -> -1e9) V on live rows.
+    Q64, K64, V64 = Q.double(), K.double(), V.double()
+    scores = (Q64 @ K64.transpose(1, 2) / 8**0.5).masked_fill(mask == 0, -1e9)
+    tutorial = scores.softmax(-1) @ V64
     alive = mask.any(-1)
-    torch.testing.assert_close(out[alive], tutorial[alive], atol=2e-5, rtol=1e-4)
+    assert_close_to_reference(out[alive], tutorial[alive], reduction=7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -248,9 +244,9 @@ def test_scale_argument(backend: str) -> None:
     q, k, v = _qkv(1, 2, 2, 4, 5, 8, 8, torch.float64)
     out = scaled_dot_product_attention(q, k, v, scale=0.3, backend=backend)
     ref, _ = attention_reference(q, k, v, scale=0.3)
-    torch.testing.assert_close(out, ref)
-    theirs = F.scaled_dot_product_attention(q, k, v, scale=0.3)
-    torch.testing.assert_close(out, theirs)
+    assert_close_to_reference(out, ref, reduction=5)
+    theirs = F.scaled_dot_product_attention(q, k, v, scale=0.3)  # float64: PyTorch's SDPA as a second reference
+    assert_close_to_reference(out, theirs, reduction=5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -274,7 +270,7 @@ def test_dropout(backend: str) -> None:
     out2, w2 = scaled_dot_product_attention(q, k, v, dropout_p=0.5, return_weights=True, backend=backend)
     plain, w0 = scaled_dot_product_attention(q, k, v, return_weights=True, backend=backend)
     assert torch.equal(out1, out2) and torch.equal(w1, w2)
-    torch.testing.assert_close(w1, w0)
+    assert torch.equal(w1, w0)  # the same computation: the same bits
     assert not torch.allclose(out1, plain)
     assert torch.isfinite(out1).all()
 
@@ -288,8 +284,8 @@ def test_large_weights_buffer(backend: str) -> None:
     with torch.no_grad():
         out, w = scaled_dot_product_attention(q, k, v, mask, backend=backend, return_weights=True)
     ref_out, ref_w = _truth(q, k, v, mask)
-    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(w.double(), ref_w, atol=2e-5, rtol=1e-4)
+    assert_close_to_reference(out, ref_out, reduction=1100)
+    assert_close_to_reference(w, ref_w, reduction=1100)
     assert not w[0, :, 3].any()
 
 
@@ -313,7 +309,7 @@ def test_weights_buffer_reused_only_when_nobody_holds_it() -> None:
         assert w3.data_ptr() == ptr2  # dropped: reused
         with torch.inference_mode():
             _, w4 = scaled_dot_product_attention(q, k, v, return_weights=True)
-        torch.testing.assert_close(w4, w3)
+        assert torch.equal(w4, w3)  # the same computation: the same bits
         release_buffers()
 
 
@@ -325,7 +321,7 @@ def test_attention_weights_alone(kind: str) -> None:
     case = _mask_cases(2, 4, 5, 7, torch.float64)[kind]()
     q, k, v = _qkv(2, 4, 2, 5, 7, 16, 8, torch.float64)
     w = attention_weights(q, k, case.attn_mask, is_causal=case.is_causal)
-    torch.testing.assert_close(w, _truth(q, k, v, case.meaning)[1])
+    assert_close_to_reference(w, _truth(q, k, v, case.meaning)[1], reduction=7)
     q3, k3 = q[:, 0], k[:, 0]  # (B, L, E), (B, S, E)
     w3 = attention_weights(q3, k3, torch.ones(2, 5, 7, dtype=torch.long), scale=0.5)
-    torch.testing.assert_close(w3, (q3 @ k3.transpose(1, 2) * 0.5).softmax(-1))
+    assert_close_to_reference(w3, (q3 @ k3.transpose(1, 2) * 0.5).softmax(-1), reduction=7)

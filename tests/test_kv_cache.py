@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from attnkit.layers import (
     SinusoidalPosition,
     T5RelativeBias,
 )
+from attnkit.testing import assert_close_to_reference
 
 D, H = 32, 4
 
@@ -28,6 +31,12 @@ POSITIONS = {
     "sinusoidal": lambda: SinusoidalPosition(D),
     "learned": lambda: LearnedPosition(64, D),
 }
+
+
+def _float64(mha: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor:
+    """The full causal recompute by a float64 copy of ``mha`` (the same weights): the reference."""
+    with torch.no_grad():
+        return copy.deepcopy(mha).double()(x.double(), is_causal=True)
 
 
 def _decode(mha: MultiHeadAttention, x: torch.Tensor, cache: KVCache, blocks: list[int]) -> torch.Tensor:
@@ -50,7 +59,9 @@ def test_cached_decoding_equals_full_recompute(position, kv_heads):
     cache = KVCache(capacity=2)  # grows by doubling during the run
     step = _decode(mha, x, cache, [5, 1, 1, 3, 1, 1])  # a prefill, single tokens and a block (lower-right)
     assert cache.length == 12
-    torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
+    want = _float64(mha, x)  # both float32 results against it, never one against the other
+    assert_close_to_reference(step, want, reduction=D, msg="cached decoding")
+    assert_close_to_reference(full, want, reduction=D, msg="full recompute")
 
 
 @pytest.mark.parametrize("position", ["none", "rope", "alibi"])
@@ -58,7 +69,9 @@ def test_gqa_cached_decoding(position):
     mha = MultiHeadAttention(D, H, num_kv_heads=2, position=POSITIONS[position]()).eval()
     x = torch.randn(3, 9, D)
     cache = KVCache()
-    torch.testing.assert_close(_decode(mha, x, cache, [1] * 9), mha(x, is_causal=True), atol=1e-5, rtol=0)
+    want = _float64(mha, x)
+    assert_close_to_reference(_decode(mha, x, cache, [1] * 9), want, reduction=D, msg="cached decoding")
+    assert_close_to_reference(mha(x, is_causal=True), want, reduction=D, msg="full recompute")
     assert cache.keys is not None and cache.keys.shape == (3, 2, 9, D // H)  # only Hkv heads are stored
 
 
@@ -70,7 +83,9 @@ def test_ring_buffer_sliding_window_equals_full_recompute(position, blocks):
     x = torch.randn(2, 14, D)
     full = mha(x, is_causal=True)  # the window mask on the whole sequence
     ring = RingKVCache(window)
-    torch.testing.assert_close(_decode(mha, x, ring, blocks), full, atol=1e-5, rtol=0)
+    want = _float64(mha, x)
+    assert_close_to_reference(_decode(mha, x, ring, blocks), want, reduction=D, msg="ring-buffer decoding")
+    assert_close_to_reference(full, want, reduction=D, msg="full recompute")
     assert ring.keys is not None and ring.keys.shape[2] == window  # memory bounded by the window
     assert sorted(ring.slot_positions.tolist()) == list(range(14 - window, 14))
 
@@ -89,8 +104,8 @@ def test_kv_cache_growth_and_views():
     for k in ks:
         keys, values, pos = cache.update(k, k * 2)
     assert cache._k.shape[2] == 8  # 2 -> 4 -> 8
-    torch.testing.assert_close(keys, torch.cat(ks, dim=2))
-    torch.testing.assert_close(values, 2 * keys)
+    assert torch.equal(keys, torch.cat(ks, dim=2))  # copies: the same bits
+    assert torch.equal(values, 2 * keys)
     assert pos.tolist() == list(range(6))
     with pytest.raises(ValueError, match="cache.reset"):
         cache.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))

@@ -1,4 +1,5 @@
-"""Transformer layers and stacks: parity with torch.nn (copied weights, float64, <= 1e-6) and KV-cache decoding."""
+"""Transformer layers and stacks: parity with torch.nn (copied weights, float64, the attnkit.testing policy with
+torch.nn as the reference) and KV-cache decoding."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from attnkit.layers import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
+from attnkit.testing import assert_close_to_reference
 
 D64 = torch.float64
 B, L, S, D, H = 3, 6, 7, 16, 4
+FF = 24  # dim_feedforward: the longest reduction in these layers
 
 
 def _pad(lengths: list[int], n: int) -> torch.Tensor:
@@ -48,7 +51,7 @@ def test_encoder_layer_matches_torch(norm_first: bool, activation: str) -> None:
         ({"src_mask": bias, "src_key_padding_mask": _as_float(pad)}, {"attn_mask": bias, "key_mask": ~pad}),
     ]
     for kw_ref, kw_ours in cases:
-        torch.testing.assert_close(ours(x, **kw_ours), ref(x, **kw_ref), rtol=0, atol=1e-6)
+        assert_close_to_reference(ours(x, **kw_ours), ref(x, **kw_ref), reduction=FF, msg=str(kw_ours))
 
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
@@ -67,9 +70,9 @@ def test_decoder_layer_matches_torch(norm_first: bool) -> None:
         memory_key_padding_mask=mpad,
     )
     got = ours(tgt, memory, is_causal=True, tgt_key_mask=~tpad, memory_key_mask=~mpad)
-    torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
+    assert_close_to_reference(got, expect, reduction=FF)
     got_f = ours(tgt, memory, tgt_mask=causal, memory_mask=~mem_mask)
-    torch.testing.assert_close(got_f, ref(tgt, memory, tgt_mask=causal, memory_mask=mem_mask), rtol=0, atol=1e-6)
+    assert_close_to_reference(got_f, ref(tgt, memory, tgt_mask=causal, memory_mask=mem_mask), reduction=FF)
 
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
@@ -90,11 +93,11 @@ def test_stacks_match_torch(norm_first: bool) -> None:
     src, tgt = torch.randn(B, S, D, dtype=D64), torch.randn(B, L, D, dtype=D64)
     spad = _pad([7, 3, 5], S)
     mem = enc(src, key_mask=~spad)
-    torch.testing.assert_close(mem, ref_enc(src, src_key_padding_mask=spad), rtol=0, atol=1e-6)
+    assert_close_to_reference(mem, ref_enc(src, src_key_padding_mask=spad), reduction=FF)
     causal = nn.Transformer.generate_square_subsequent_mask(L, dtype=D64)
     out = dec(tgt, mem, is_causal=True, memory_key_mask=~spad)
     expect = ref_dec(tgt, mem, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=spad)
-    torch.testing.assert_close(out, expect, rtol=0, atol=1e-6)
+    assert_close_to_reference(out, expect, reduction=FF)
 
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
@@ -108,7 +111,7 @@ def test_cached_decoding_equals_full_recompute(norm_first: bool) -> None:
     prefix = dec(tgt[:, :2], memory, is_causal=True, memory_key_mask=mkm, cache=cache)  # a 2-token prompt
     steps = [prefix] + [dec(tgt[:, t : t + 1], memory, is_causal=True, memory_key_mask=mkm, cache=cache)
                         for t in range(2, L)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-10)
+    assert_close_to_reference(torch.cat(steps, 1), full, reduction=FF)
     assert all(c.length == L for c in cache)
     # beam-search reordering: swap the two sentences and keep decoding
     swap = torch.tensor([1, 0])
@@ -117,7 +120,7 @@ def test_cached_decoding_equals_full_recompute(norm_first: bool) -> None:
     nxt = torch.randn(2, 1, D, dtype=D64)
     step = dec(nxt, memory[swap], is_causal=True, memory_key_mask=mkm[swap], cache=cache)
     again = dec(torch.cat([tgt[swap], nxt], 1), memory[swap], is_causal=True, memory_key_mask=mkm[swap])
-    torch.testing.assert_close(step, again[:, -1:], rtol=0, atol=1e-10)
+    assert_close_to_reference(step, again[:, -1:], reduction=FF)
     for c in cache:
         c.reset()
     assert cache[0].length == 0 and not cache[0].cross_attn.filled
@@ -129,7 +132,7 @@ def test_cached_decoding_with_rotary_positions_and_bare_kv_cache() -> None:
     full = layer(tgt, memory, is_causal=True)
     kv = KVCache()  # self-attention only; the memory is re-projected each step
     steps = [layer(tgt[:, t : t + 1], memory, is_causal=True, cache=kv) for t in range(L)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-10)
+    assert_close_to_reference(torch.cat(steps, 1), full, reduction=FF)
 
 
 def test_gradcheck_and_capture_points() -> None:

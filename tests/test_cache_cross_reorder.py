@@ -1,6 +1,7 @@
 """CrossKVCache (a cross-attention memory projected once), reorder(index) on every cache, and beam search with both.
 
-* cached cross-attention equals the uncached call (float64, 1e-6) and projects the memory once;
+* cached cross-attention equals the uncached call (float64, the attnkit.testing policy) and projects the memory
+  once;
 * ``reorder`` equals a cache rebuilt from the reordered inputs, exactly, and keeps the buffers when it can;
 * TransformerMT's beam search gives the same tokens and scores as rebuilding the caches every step, and as
   decoding with no cache at all.
@@ -25,6 +26,7 @@ from attnkit.layers import (
 from attnkit.models.decoding import beam_search
 from attnkit.models.seq2seq import Seq2SeqBase
 from attnkit.models.transformer_mt import TransformerMT
+from attnkit.testing import assert_close_to_reference
 
 D64 = torch.float64
 
@@ -65,10 +67,10 @@ def test_cached_cross_attention_equals_uncached_and_projects_the_memory_once(kv_
         mem = (mem_k, mem_v) if i % 2 == 0 else (None, None)  # the memory may be passed again or left out
         got, got_w = mha(q, *mem, key_mask=km, cache=cache, need_weights=True)
         want, want_w = mha(q, mem_k, mem_v, key_mask=km, need_weights=True)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-        torch.testing.assert_close(got_w, want_w, rtol=0, atol=1e-6)
+        assert_close_to_reference(got, want, reduction=16)  # float64 on both sides: the uncached call is the
+        assert_close_to_reference(got_w, want_w, reduction=16)  # reference (longest reduction: d_model 16)
     masked = mha(queries[0], attn_mask=bias, key_mask=km, cache=cache)
-    torch.testing.assert_close(masked, mha(queries[0], mem_k, mem_v, attn_mask=bias, key_mask=km), rtol=0, atol=1e-6)
+    assert_close_to_reference(masked, mha(queries[0], mem_k, mem_v, attn_mask=bias, key_mask=km), reduction=16)
     # cached calls: 5, uncached: 5; the memory was projected at the first cached call only
     assert (len(k_calls), len(v_calls), len(q_calls)) == (1 + 5, 1 + 5, 5 + 5)
     assert cache.keys is not None and cache.keys.shape == (3, kv_heads, 7, 4)
@@ -84,7 +86,7 @@ def test_decoder_layers_reuse_their_cross_cache_through_the_module() -> None:
     assert [(len(k), len(q)) for k, q in counts] == [(1, 5), (1, 5)]  # memory projected once, queries every step
     assert all(isinstance(c.cross_attn, CrossKVCache) and c.cross_attn.filled for c in cache)
     full = dec(tgt, memory, memory_key_mask=km, is_causal=True)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-10)
+    assert_close_to_reference(torch.cat(steps, 1), full, reduction=24)  # float64; dim_feedforward 24
 
 
 def test_cached_cross_attention_gradcheck() -> None:
@@ -255,4 +257,6 @@ def test_beam_search_with_caches_equals_beam_search_without() -> None:
     got = beam_search(model, src, mask, beam_size=4, max_len=10)
     want = beam_search(_NoCache(model), src, mask, beam_size=4, max_len=10)
     assert got.tokens == want.tokens
-    torch.testing.assert_close(torch.tensor(got.scores), torch.tensor(want.scores), rtol=0, atol=1e-9)
+    # float64 log-probabilities summed over up to 10 steps; the longest reduction inside is dim_feedforward 128
+    assert_close_to_reference(torch.tensor(got.scores, dtype=D64), torch.tensor(want.scores, dtype=D64),
+                              reduction=128 * 10)

@@ -112,27 +112,27 @@ def main(quick: bool = False, out: str | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"bench load: {cpu_model()}, {os.cpu_count()} CPUs, {available_cores()} available to this process, "
           f"load average {load:.2f} at the start; {steps} timed steps (batch 32) per figure")
-    rows = []
+    rows: list[tuple[str, dict[str, float], dict[str, float]]] = []
     for setting in SETTINGS:
         quiet = _measure(setting, steps, warmup, competitor=False)
         loaded = _measure(setting, steps, warmup, competitor=True)
-        ratio = loaded["steps_per_s"] / quiet["steps_per_s"]
-        rows.append({"setting": setting, "threads": int(quiet["threads"]), "quiet": quiet["steps_per_s"],
-                     "loaded": loaded["steps_per_s"], "ratio": ratio})
-        print(f"  {setting:<14} threads {int(quiet['threads'])}: quiet {quiet['steps_per_s']:6.1f} steps/s, "
-              f"beside one busy process {loaded['steps_per_s']:6.1f} steps/s ({ratio:.0%} of quiet)", flush=True)
-    best_quiet = max(r["quiet"] for r in rows)
-    lines = ["| setting | threads | quiet (steps/s) | beside one busy process (steps/s) | loaded / quiet | "
-             "loaded / best quiet |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['setting']} | {r['threads']} | {r['quiet']:.1f} | {r['loaded']:.1f} | {r['ratio']:.0%} | "
-              f"{r['loaded'] / best_quiet:.0%} |" for r in rows]
+        rows.append((setting, quiet, loaded))
+        print(f"  {setting:<14} quiet {quiet['steps_per_s']:6.1f} steps/s ({quiet['threads']:.0f} threads), beside "
+              f"one busy process {loaded['steps_per_s']:6.1f} steps/s ({loaded['threads']:.0f} threads): "
+              f"{loaded['steps_per_s'] / quiet['steps_per_s']:.0%} of quiet", flush=True)
+    best = max(quiet["steps_per_s"] for _, quiet, _ in rows)
+    lines = ["| setting | quiet: steps/s (threads) | beside one busy process: steps/s (threads) | loaded / quiet | "
+             "loaded / best quiet |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {q['steps_per_s']:.1f} ({q['threads']:.0f}) | {ld['steps_per_s']:.1f} ({ld['threads']:.0f}) | "
+              f"{ld['steps_per_s'] / q['steps_per_s']:.0%} | {ld['steps_per_s'] / best:.0%} |" for name, q, ld in rows]
     table = "\n".join(lines)
     print(table)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, "load.md").write_text(table + "\n", encoding="utf-8")
         Path(out, "load.json").write_text(json.dumps({"cpu": cpu_model(), "load_average": load, "steps": steps,
-                                                      "rows": rows}, indent=2), encoding="utf-8")
+                                                      "rows": [{"setting": n, "quiet": q, "loaded": ld}
+                                                               for n, q, ld in rows]}, indent=2), encoding="utf-8")
     return 0
 
 

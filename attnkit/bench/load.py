@@ -123,8 +123,9 @@ def main(quick: bool = False, out: str | None = None) -> int:
     best = max(quiet["steps_per_s"] for _, quiet, _ in rows)
     lines = ["| setting | quiet: steps/s (threads) | beside one busy process: steps/s (threads) | loaded / quiet | "
              "loaded / best quiet |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {q['steps_per_s']:.1f} ({q['threads']:.0f}) | {ld['steps_per_s']:.1f} ({ld['threads']:.0f}) | "
-              f"{ld['steps_per_s'] / q['steps_per_s']:.0%} | {ld['steps_per_s'] / best:.0%} |" for name, q, ld in rows]
+    lines += [f"| {name} | {q['steps_per_s']:.1f} ({q['threads']:.0f}) | {ld['steps_per_s']:.1f} "
+              f"({ld['threads']:.0f}) | {ld['steps_per_s'] / q['steps_per_s']:.0%} | {ld['steps_per_s'] / best:.0%} |"
+              for name, q, ld in rows]
     table = "\n".join(lines)
     print(table)
     if out:

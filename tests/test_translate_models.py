@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from attnkit.data.tokenizer import EOS
 from attnkit.models.decoding import beam_search, greedy_decode, length_penalty
 from attnkit.models.seq2seq import GRUSeq2Seq
 from attnkit.models.transformer_mt import TransformerMT
+from attnkit.testing import assert_close_to_reference
 from attnkit.viz import capture
 
 
@@ -35,6 +38,7 @@ def test_step_by_step_equals_teacher_forcing_and_padding_is_ignored(name: str) -
     tgt = torch.randint(4, 25, (3, 5))
     with torch.no_grad():
         full = model(src, mask, tgt)  # (B, T, V)
+        want = copy.deepcopy(model).double()(src, mask, tgt)  # the same weights in float64: the reference
         memory = model.encode(src, mask)
         state = model.init_state(memory)
         steps = []
@@ -42,12 +46,16 @@ def test_step_by_step_equals_teacher_forcing_and_padding_is_ignored(name: str) -
             logits, state, weights = model.step(tgt[:, t], state, memory)
             steps.append(logits)
             if name != "none":
-                assert weights.shape == (3, 6) and torch.allclose(weights.sum(-1), torch.ones(3), atol=1e-5)
+                assert weights.shape == (3, 6)
+                assert_close_to_reference(weights.sum(-1), torch.ones(3, dtype=torch.float64), reduction=6)
                 assert torch.all(weights[1, 4:] == 0)  # padding gets no attention
         # row 1 with its padding cut off gives the same logits
         alone = model(src[1:2, :4], mask[1:2, :4], tgt[1:2])
-    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
-    assert torch.allclose(alone, full[1:2], atol=1e-5)
+    # each float32 result against the float64 one, never against each other; the chain of sums: up to 6 steps
+    # (source and target positions) through the widest reduction (32, the transformer's feed-forward)
+    assert_close_to_reference(torch.stack(steps, 1), want, reduction=6 * 32, msg="step by step")
+    assert_close_to_reference(full, want, reduction=6 * 32, msg="teacher forcing")
+    assert_close_to_reference(alone, want[1:2], reduction=6 * 32, msg="padding cut off")
 
 
 @pytest.mark.parametrize("name", ["bahdanau", "luong"])

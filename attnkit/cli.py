@@ -1,6 +1,9 @@
 """The ``attnkit`` command. It only parses arguments and calls :mod:`attnkit.tasks`.
 
-Each task module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+Each task module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Its options use
+the types of :mod:`attnkit._argtypes`, so every value is checked while parsing, before the task does anything: a
+bad one exits with status 2 and one line on stderr (``attnkit classify: error: --batch-size: expected a positive
+integer, got 0``).
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+
+from attnkit._argtypes import ArgumentParser, exit_code
 
 # command -> module; a dict, so adding a task is one line.
 TASKS: dict[str, str] = {
@@ -23,7 +28,7 @@ TASKS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnkit", description="Attention mechanisms for PyTorch: tasks and tools.")
+    parser = ArgumentParser(prog="attnkit", description="Attention mechanisms for PyTorch: tasks and tools.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in TASKS.items():
         try:
@@ -43,7 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from attnkit.data import DataNotFoundError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as err:  # a bad option (2, after its one-line message) or --help (0)
+        return exit_code(err)
     try:
         return int(args._run(args) or 0)
     except (ValueError, DataNotFoundError) as err:

@@ -26,11 +26,22 @@ def test_every_task_module_is_wired() -> None:
 
 
 def test_unknown_tour_section_is_a_clean_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    rc = main(["tour", "--only", "nope", "--out", str(tmp_path)])
+    out = tmp_path / "tour"
+    rc = main(["tour", "--only", "nope", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "expected sections from" in err and "nope" in err
+    assert err.startswith("attnkit tour: error: --only: expected comma-separated sections from kernels, ")
+    assert "'nope'" in err and err.count("\n") == 1
     assert "Traceback" not in err
+    assert not out.exists()  # refused while parsing: the folder is not made
+
+
+def test_out_naming_a_file_is_a_clean_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    assert main(["tour", "--only", "kernels", "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnkit tour: error: --out: expected a folder") and "Traceback" not in err
 
 
 def test_kernels_section_writes_its_picture(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from attnkit._argtypes import ArgumentParser, output_dir
+
 HELP = "run a benchmark suite and print times as ratios to baselines measured in the same run"
 
 SUITES = {
@@ -19,7 +21,7 @@ SUITES = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", choices=sorted(SUITES), help="which benchmark to run")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (for CI and the tour)")
-    parser.add_argument("--out", default=None, help="folder for the table (markdown/JSON) and plots")
+    parser.add_argument("--out", type=output_dir, default=None, help="folder for the table (markdown/JSON) and plots")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +30,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="python -m attnkit.bench", description=HELP)
+    p = ArgumentParser(prog="python -m attnkit.bench", description=HELP)
     add_arguments(p)
     sys.exit(run(p.parse_args()))

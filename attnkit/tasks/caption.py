@@ -18,8 +18,17 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from attnkit._argtypes import (
+    choice_list,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    probability,
+)
+from attnkit._progress import progress
 from attnkit.data import load_mnist
 from attnkit.data.scenes import EOS, CaptionScenes, decode_caption, digit_scenes
 from attnkit.layers.hard import MovingAverageBaseline
@@ -33,24 +42,33 @@ DEFAULT_EXPECTED_PROB = {"hard": 0.5, "gumbel": 0.0}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--attention", default="soft,hard", help="comma-separated: soft, hard, gumbel")
+    p.add_argument(
+        "--attention",
+        type=choice_list(ATTENTIONS, what="names", option="--attention", example="soft,hard"),
+        default="soft,hard",
+        help="comma-separated: soft, hard, gumbel",
+    )
     p.add_argument("--quick", action="store_true", help="small data, few epochs (CI / tour, ~1-2 min)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 4 quick, 10 full)")
-    p.add_argument("--train-size", type=int, default=None, help="training scenes (default: 4000 quick, 40000)")
-    p.add_argument("--test-size", type=int, default=None, help="held-out scenes (default: 500 quick, 5000)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--entropy-weight", type=float, default=0.01, help="entropy bonus of hard attention")
-    p.add_argument("--reinforce-weight", type=float, default=0.1, help="weight of the REINFORCE term (lambda_r)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: 4 quick, 10 full)")
+    p.add_argument("--train-size", type=positive_int, default=None, help="training scenes (default: 4000 quick, 40000)")
+    p.add_argument("--test-size", type=positive_int, default=None, help="held-out scenes (default: 500 quick, 5000)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="training batch (default 32)")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument(
+        "--entropy-weight", type=non_negative_float, default=0.01, help="entropy bonus of hard attention (0 = none)"
+    )
+    p.add_argument(
+        "--reinforce-weight", type=non_negative_float, default=0.1, help="weight of the REINFORCE term (lambda_r)"
+    )
     p.add_argument(
         "--expected-prob",
-        type=float,
+        type=probability,
         default=None,
         help="hard/gumbel: final probability of using the expected context at a step (default: 0.5 hard, 0 gumbel)",
     )
     p.add_argument(
         "--expected-anneal",
-        type=float,
+        type=probability,
         default=1.0,
         help="fraction of the steps over which that probability falls from 1 (soft) to --expected-prob; 0 = none",
     )
@@ -60,16 +78,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=True,
         help="hard: divide the REINFORCE advantages by their batch standard deviation",
     )
-    p.add_argument("--tau", type=float, default=1.0, help="gumbel: temperature of the relaxed softmax")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/caption", help="folder for results.json and overlays")
+    p.add_argument("--tau", type=positive_float, default=1.0, help="gumbel: temperature of the relaxed softmax")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", type=output_dir, default="runs/caption", help="folder for results.json and overlays")
 
 
-def _parse_attention(text: str) -> list[str]:
-    names = [t.strip() for t in str(text).split(",") if t.strip()]
+def _parse_attention(text: str | list[str]) -> list[str]:
+    names = [t.strip() for t in (str(text).split(",") if isinstance(text, str) else text) if t.strip()]
     if not names or any(n not in ATTENTIONS for n in names):
         raise ValueError(f"expected --attention from {ATTENTIONS}, got {text!r}; try --attention soft,hard")
     return names
+
+
+def _check_counts(**counts: int) -> None:
+    """Counts given to :func:`run_experiment` (the CLI refuses them while parsing): each at least 1."""
+    for name, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            option = "--" + name.replace("_", "-")
+            raise ValueError(f"expected {option} >= 1, got {value!r}; try {option} 1 or more")
 
 
 def expected_schedule(step: int, total: int, *, final: float, anneal: float) -> float:
@@ -124,7 +150,7 @@ def train_captioner(
     model.train()
     start = time.perf_counter()
     step = 0
-    with tqdm(total=steps, desc=f"caption {attention}", leave=False) as bar:
+    with progress(steps, f"caption {attention}") as bar:
         for _ in range(epochs):
             order = torch.randperm(n, generator=g)
             for i in range(0, n, batch_size):
@@ -220,9 +246,10 @@ def run_experiment(
     normalize: bool = True,
     tau: float = 1.0,
 ) -> dict:
-    epochs = epochs or (4 if quick else 10)
-    train_size = train_size or (4000 if quick else 40_000)
-    test_size = test_size or (500 if quick else 5000)
+    epochs = (4 if quick else 10) if epochs is None else epochs
+    train_size = (4000 if quick else 40_000) if train_size is None else train_size
+    test_size = (500 if quick else 5000) if test_size is None else test_size
+    _check_counts(epochs=epochs, train_size=train_size, test_size=test_size, batch_size=batch_size)
     mnist = load_mnist()
     train = digit_scenes(mnist.train_x, mnist.train_y, train_size, generator=torch.Generator().manual_seed(seed))
     test = digit_scenes(mnist.test_x, mnist.test_y, test_size, generator=torch.Generator().manual_seed(seed + 1))
@@ -354,6 +381,8 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=HELP)
+    from attnkit._argtypes import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m attnkit.tasks.caption", description=HELP)
     add_arguments(parser)
     raise SystemExit(run(parser.parse_args()))

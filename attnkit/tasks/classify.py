@@ -26,8 +26,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
+from attnkit._argtypes import (
+    ArgumentTypeError,
+    choice_list,
+    int_list,
+    non_negative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+)
+from attnkit._progress import progress
 from attnkit._runtime import torch_threads
 from attnkit.bench._timing import machine_line
 from attnkit.data.images import ImageSplits, load_images
@@ -162,7 +171,7 @@ def train_model(
     order = torch.Generator().manual_seed(10_000 + seed)
     loss_sum, loss_n = 0.0, 0
     start = time.perf_counter()
-    with tqdm(total=total, desc=desc or attention, leave=False, unit="step", disable=None) as bar:
+    with progress(total, desc or attention, unit="step") as bar:
         for _ in range(config.epochs):
             model.train()
             perm = torch.randperm(len(train_x), generator=order)
@@ -355,18 +364,46 @@ def draw_pictures(models: dict[str, AttentionCNN], data: ImageSplits, test_x: Te
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="image data set")
-    parser.add_argument("--attention", default="none,se,eca,cbam", help="comma-separated attention block names")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per variant (default 3; 1 with --quick)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 3; 1 with --quick)")
-    parser.add_argument("--train-size", type=int, default=None, help="use the first N training images")
-    parser.add_argument("--test-size", type=int, default=None, help="use the first N test images")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (AdamW, one-cycle)")
-    parser.add_argument("--widths", default="16,32,64", help="channels of the three stages")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument(
+        "--attention",
+        type=choice_list(list_attentions(), what="attention names", lower=True, example="none,se,eca,cbam"),
+        default="none,se,eca,cbam",
+        help="comma-separated attention block names",
+    )
+    parser.add_argument(
+        "--seeds", type=positive_int, default=None, help="seeds 0..N-1 per variant (default 3; 1 with --quick)"
+    )
+    parser.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default 3; 1 with --quick)")
+    parser.add_argument("--train-size", type=positive_int, default=None, help="use the first N training images")
+    parser.add_argument("--test-size", type=positive_int, default=None, help="use the first N test images")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="training batch (default 32)")
+    parser.add_argument("--lr", type=positive_float, default=1e-2, help="peak learning rate (AdamW, one-cycle)")
+    parser.add_argument(
+        "--widths", type=int_list(example="16,32,64"), default="16,32,64", help="channels of the three stages"
+    )
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--quick", action="store_true", help="10,000 / 2,000 images, 1 epoch, 1 seed (CI, tour)")
     parser.add_argument("--no-plots", action="store_true", help="skip the pictures")
-    parser.add_argument("--out", default="runs/classify", help="folder for the table (markdown + JSON) and pictures")
+    parser.add_argument(
+        "--out", type=output_dir, default="runs/classify", help="folder for the table (markdown + JSON) and pictures"
+    )
+    if hasattr(parser, "add_check"):
+        parser.add_check(_check_steps)
+
+
+def _check_steps(args: argparse.Namespace) -> None:
+    """The one-cycle schedule needs 8 steps: refuse, before loading anything, a --train-size that gives fewer."""
+    base = quick_config(args.dataset) if args.quick else ClassifyConfig(dataset=args.dataset)
+    images = args.train_size if args.train_size is not None else base.train_size
+    if images is None:  # the whole split: tens of thousands of images
+        return
+    epochs = args.epochs if args.epochs is not None else base.epochs
+    total = math.ceil(images / args.batch_size) * epochs
+    if total < 8:
+        raise ArgumentTypeError(
+            f"--train-size / --batch-size: expected at least 8 training steps for the one-cycle schedule, got {total} "
+            f"({images} images / batch {args.batch_size} x {epochs} epoch(s)); try more images or --batch-size 8"
+        )
 
 
 def config_from_args(args: argparse.Namespace) -> ClassifyConfig:
@@ -380,10 +417,13 @@ def config_from_args(args: argparse.Namespace) -> ClassifyConfig:
         c.train_size = args.train_size
     if args.test_size is not None:
         c.test_size = args.test_size
-    try:
-        c.widths = tuple(int(w) for w in args.widths.split(","))
-    except ValueError:
-        raise fail("--widths as comma-separated ints", repr(args.widths), "--widths 16,32,64") from None
+    widths = args.widths
+    if isinstance(widths, str):  # a namespace built without the parser
+        try:
+            widths = [int(w) for w in widths.split(",")]
+        except ValueError:
+            raise fail("--widths as comma-separated ints", repr(args.widths), "--widths 16,32,64") from None
+    c.widths = tuple(widths)
     c.batch_size, c.lr, c.threads, c.plots = args.batch_size, args.lr, args.threads, not args.no_plots
     return c
 
@@ -418,6 +458,8 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m attnkit.tasks.classify", description=HELP)
+    from attnkit._argtypes import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m attnkit.tasks.classify", description=HELP)
     add_arguments(parser)
     raise SystemExit(run(parser.parse_args()))

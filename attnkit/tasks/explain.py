@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from attnkit._argtypes import output_dir, positive_int
 from attnkit.functional._validate import fail
 from attnkit.tasks.report import Section, format_table
 
@@ -208,8 +209,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", help=f'the sentence to explain, e.g. "{EXAMPLE}"')
     parser.add_argument("--pair", default=None, help="a second sentence (encoded as a pair)")
     parser.add_argument("--token", default=None, help="token to report on: a word piece or an index (default: first)")
-    parser.add_argument("--out", default="explain", help="output folder (default: explain/)")
-    parser.add_argument("--top", type=int, default=3, help="tokens listed per layer (default: 3)")
+    parser.add_argument("--out", type=output_dir, default="explain", help="output folder (default: explain/)")
+    parser.add_argument("--top", type=positive_int, default=3, help="tokens listed per layer (default: 3)")
     parser.add_argument(
         "--skip-special", action="store_true", help="leave [CLS] / [SEP] out of the top lists (maps unchanged)"
     )

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from attnkit._argtypes import int_list, non_negative_int, output_dir, positive_float, positive_int
+from attnkit._progress import progress
 from attnkit.data import load_mnist
 from attnkit.data.scenes import cluttered_mnist, translated_mnist
 from attnkit.models.glimpse import RecurrentAttentionModel, ram_loss
@@ -37,25 +38,33 @@ TASKS = ("translated", "cluttered")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=TASKS, default="translated", help="60x60 translated or cluttered MNIST")
-    p.add_argument("--glimpses", default="4,6,8", help="comma-separated glimpse counts, one model each")
+    p.add_argument(
+        "--glimpses",
+        type=int_list(option="--glimpses", example="4,6,8"),
+        default="4,6,8",
+        help="comma-separated glimpse counts, one model each",
+    )
     p.add_argument("--quick", action="store_true", help="6000 scenes x 4 epochs per model (CI / tour; a sanity level)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per model (default: 4 quick, 10 full)")
-    p.add_argument("--train-size", type=int, default=None, help="training scenes (default: 6000 quick, 50000)")
-    p.add_argument("--test-size", type=int, default=None, help="test scenes (default: 1000 quick, 10000)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--std", type=float, default=0.15, help="standard deviation of the location policy")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs per model (default: 4 quick, 10 full)")
+    p.add_argument("--train-size", type=positive_int, default=None, help="training scenes (default: 6000 quick, 50000)")
+    p.add_argument("--test-size", type=positive_int, default=None, help="test scenes (default: 1000 quick, 10000)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="training batch (default 64)")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--std", type=positive_float, default=0.15, help="standard deviation of the location policy")
     p.add_argument("--what", choices=("linear", "conv"), default="conv", help="glimpse 'what' pathway (paper: linear)")
     p.add_argument(
-        "--policy-lr", type=float, default=None, help="peak learning rate of the location layer (default: --lr / 10)"
+        "--policy-lr",
+        type=positive_float,
+        default=None,
+        help="peak learning rate of the location layer (default: --lr / 10)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/glimpse", help="folder for results.json and pictures")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", type=output_dir, default="runs/glimpse", help="folder for results.json and pictures")
 
 
-def _parse_glimpses(text: str) -> list[int]:
+def _parse_glimpses(text: str | list[int]) -> list[int]:
     try:
-        counts = [int(t) for t in str(text).split(",") if t.strip()]
+        counts = [int(t) for t in (str(text).split(",") if isinstance(text, str) else text) if str(t).strip()]
     except ValueError:
         counts = []
     if not counts or any(c < 1 for c in counts):
@@ -107,7 +116,7 @@ def train_one(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, policy_lr], total_steps=steps, pct_start=0.1)
     start = time.perf_counter()
     model.train()
-    with tqdm(total=steps, desc=desc or f"RAM {glimpses} glimpses", leave=False) as bar:
+    with progress(steps, desc or f"RAM {glimpses} glimpses") as bar:
         for epoch in range(epochs):
             scenes = train_x if task is None else make_scenes(task, train_x, seed + 7919 * epoch)  # (N, 1, 60, 60)
             order = torch.randperm(n, generator=g)
@@ -201,9 +210,14 @@ def run_experiment(
     policy_lr: float | None = None,
 ) -> dict:
     """Train one RAM per glimpse count and evaluate on held-out scenes; write results.json and the picture."""
-    epochs = epochs or (4 if quick else 10)
-    train_size = train_size or (6000 if quick else 50_000)
-    test_size = test_size or (1000 if quick else 10_000)
+    epochs = (4 if quick else 10) if epochs is None else epochs
+    train_size = (6000 if quick else 50_000) if train_size is None else train_size
+    test_size = (1000 if quick else 10_000) if test_size is None else test_size
+    for name, value in {"epochs": epochs, "train_size": train_size, "test_size": test_size,
+                        "batch_size": batch_size}.items():  # fmt: skip
+        if not isinstance(value, int) or value < 1:
+            option = "--" + name.replace("_", "-")
+            raise ValueError(f"expected {option} >= 1, got {value!r}; try {option} 1 or more")
     mnist = load_mnist()
     train_digits = mnist.train_x[:train_size]  # placed anew every epoch (train_one with task=...)
     train_y = mnist.train_y[:train_size]
@@ -312,6 +326,8 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=HELP)
+    from attnkit._argtypes import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m attnkit.tasks.glimpse", description=HELP)
     add_arguments(parser)
     raise SystemExit(run(parser.parse_args()))

@@ -5,7 +5,6 @@ Used by the tour (``tour_section``); ``python -m attnkit.tasks.kernels --out DIR
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import TypedDict, cast
@@ -109,8 +108,10 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="runs/kernels")
+    from attnkit._argtypes import ArgumentParser, output_dir
+
+    p = ArgumentParser(prog="python -m attnkit.tasks.kernels", description=__doc__)
+    p.add_argument("--out", type=output_dir, default="runs/kernels", help="output folder (default runs/kernels)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     section = tour_section(Path(args.out), args.quick)

@@ -13,6 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
+from attnkit._argtypes import choice_list, output_dir
 from attnkit.tasks.report import Section
 
 HELP = "run a short version of every capability on the embedded data and write one offline index.html"
@@ -38,17 +39,20 @@ th{background:#f4f4f4} img{max-width:100%;border:1px solid #eee} figure{margin:1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/tour", help="output folder (default runs/tour)")
+    parser.add_argument("--out", type=output_dir, default="runs/tour", help="output folder (default runs/tour)")
     parser.add_argument("--quick", action="store_true", help="the CI-sized tour (about 3 minutes on 2 cores)")
     parser.add_argument(
-        "--only", default=None, help=f"comma-separated sections to run, from: {', '.join(SECTIONS)} (default all)"
+        "--only",
+        type=choice_list(SECTIONS, what="sections", example="kernels"),
+        default=None,
+        help=f"comma-separated sections to run, from: {', '.join(SECTIONS)} (default all)",
     )
 
 
-def _selected(only: str | None) -> list[str]:
+def _selected(only: str | list[str] | None) -> list[str]:
     if not only:
         return list(SECTIONS)
-    names = [n.strip() for n in only.split(",") if n.strip()]
+    names = [n.strip() for n in only.split(",") if n.strip()] if isinstance(only, str) else list(only)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         raise ValueError(f"expected sections from {list(SECTIONS)}, got {unknown}; try --only kernels")
@@ -89,9 +93,9 @@ offline in packages. Pictures and tables sit beside this page; nothing is fetche
 
 
 def run(args: argparse.Namespace) -> int:
+    names = _selected(args.only)  # before the folder is made: a bad name creates nothing
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = _selected(args.only)
     sections: list[Section] = []
     failed: list[str] = []
     start = time.perf_counter()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit._argtypes import (
+    ArgumentTypeError,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    output_file,
+    positive_float,
+    positive_int,
+    probability,
+)
 from attnkit._runtime import torch_threads
 from attnkit.data.bible import LANGUAGES, language_code, load_parallel
 from attnkit.data.tokenizer import BOS, EOS, PAD, Tokenizer
@@ -74,46 +84,105 @@ FIXED = (
 
 
 # --------------------------------------------------------------------------------------------------- CLI
+# the type of each setting in DEFAULTS, and what 0 means where it is allowed
+_TYPES: dict[str, Callable[[str], Any]] = {
+    "steps": positive_int, "batch_size": positive_int, "lr": positive_float, "warmup": non_negative_int,
+    "clip": non_negative_float, "seed": non_negative_int, "vocab_size": positive_int, "max_chars": positive_int,
+    "max_tokens": positive_int, "max_train": non_negative_int, "embed_dim": positive_int,
+    "hidden_dim": positive_int, "layers": positive_int, "heads": positive_int, "ff_dim": positive_int,
+    "dropout": probability, "label_smoothing": probability, "eval_every": non_negative_int,
+    "save_every": non_negative_int, "eval_limit": non_negative_int,
+}  # fmt: skip
+_ZERO = {
+    "warmup": "0 = none",
+    "clip": "0 = no clipping",
+    "max_train": "0 = all",
+    "eval_every": "0 = at the end only",
+    "save_every": "0 = at the end only",
+    "eval_limit": "0 = all",
+}
+
+
+def _language(text: str) -> str:
+    """``--src`` / ``--tgt``: a version or ISO code the Bible database knows."""
+    try:
+        language_code(text)
+    except ValueError as err:
+        raise ArgumentTypeError(str(err)) from None
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     train = sub.add_parser("train", help="train a model (checkpoints in --out; --resume continues)")
     train.add_argument("--model", choices=MODELS, default="bahdanau", help="decoder attention (default bahdanau)")
-    train.add_argument("--src", help="source version or ISO code (default 4 = English WEB)")
-    train.add_argument("--tgt", help="target version or ISO code (default e = German Elberfelder)")
-    train.add_argument("--steps", type=int, help="last training step (default 4000; --quick 80)")
-    train.add_argument("--out", help="run folder (default runs/translate/MODEL)")
+    train.add_argument("--src", type=_language, help="source version or ISO code (default 4 = English WEB)")
+    train.add_argument("--tgt", type=_language, help="target version or ISO code (default e = German Elberfelder)")
+    train.add_argument("--steps", type=positive_int, help="last training step (default 4000; --quick 80)")
+    train.add_argument("--out", type=output_dir, help="run folder (default runs/translate/MODEL)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train.add_argument("--quick", action="store_true", help="tiny settings: a run of well under a minute")
     for name in DEFAULTS:
         if name in ("src", "tgt", "steps"):
             continue
-        kind = float if isinstance(DEFAULTS[name][0], float) else int
         full, quick = DEFAULTS[name]
-        train.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {full} (--quick {quick})")
-    train.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
+        zero = f"; {_ZERO[name]}" if name in _ZERO else ""
+        train.add_argument(
+            "--" + name.replace("_", "-"), type=_TYPES[name], help=f"default {full} (--quick {quick}){zero}"
+        )
+    train.add_argument("--keep", type=positive_int, default=3, help="checkpoints kept (default 3)")
     train.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun: one GPU per rank)")
-    train.add_argument("--threads", type=int, help="torch CPU threads")
-    train.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    train.add_argument("--threads", type=non_negative_int, help="torch CPU threads (0 = torch's default)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (or progress lines in a log)")
+    if hasattr(train, "add_check"):
+        train.add_check(_check_train)
 
     ev = sub.add_parser("evaluate", help="BLEU and chrF on the held-out books")
     _run_options(ev)
     ev.add_argument("--split", choices=("test", "valid"), default="test")
-    ev.add_argument("--limit", type=int, default=0, help="first N verses only (0 = all)")
-    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--limit", type=non_negative_int, default=0, help="first N verses only (0 = all)")
+    ev.add_argument("--batch-size", type=positive_int, default=64, help="sentences decoded together (default 64)")
 
     tr = sub.add_parser("translate", help="translate one text and print its alignment")
     tr.add_argument("text", help="the text to translate")
     _run_options(tr)
-    tr.add_argument("--plot", help="save the alignment plot here (.png, .svg or .pdf)")
+    tr.add_argument(
+        "--plot", type=output_file(".png", ".svg", ".pdf"), help="save the alignment plot here (.png, .svg or .pdf)"
+    )
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    """Combinations ``train`` refuses before it loads anything (a resumed run's settings are checked later)."""
+    quick = 1 if args.quick else 0
+
+    def value(name: str) -> Any:
+        given = getattr(args, name, None)
+        return given if given is not None or args.resume else DEFAULTS[name][quick]
+
+    src, tgt = value("src"), value("tgt")
+    if src is not None and tgt is not None and language_code(src) == language_code(tgt):
+        raise ArgumentTypeError(
+            f"--src / --tgt: expected two different versions for --src and --tgt, got {src!r} and {tgt!r}; "
+            "try --src 4 --tgt e"
+        )
+    hidden, heads = value("hidden_dim"), value("heads")
+    if args.hidden_dim is not None and args.hidden_dim % 2:
+        raise ArgumentTypeError(f"--hidden-dim: expected an even number, got {args.hidden_dim}; try "
+                                f"--hidden-dim {args.hidden_dim + 1}")  # fmt: skip
+    if args.model == "transformer" and hidden is not None and heads is not None and hidden % heads:
+        raise ArgumentTypeError(
+            f"--hidden-dim / --heads: expected --hidden-dim divisible by --heads, got {hidden} and {heads}; "
+            f"try --heads {next(h for h in range(heads, 0, -1) if hidden % h == 0)}"
+        )
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=MODELS, default="bahdanau", help="picks the default --out")
-    p.add_argument("--out", help="run folder holding checkpoints/ (default runs/translate/MODEL)")
-    p.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
-    p.add_argument("--alpha", type=float, default=0.6, help="length-penalty exponent (GNMT)")
+    p.add_argument("--out", type=output_dir, help="run folder holding checkpoints/ (default runs/translate/MODEL)")
+    p.add_argument("--beam", type=positive_int, default=4, help="beam size (1 = greedy)")
+    p.add_argument("--alpha", type=non_negative_float, default=0.6, help="length-penalty exponent (GNMT; 0 = none)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=non_negative_int, help="torch CPU threads (0 = torch's default)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -150,7 +150,8 @@ class FitConfig:
         save_every: checkpoint interval in steps (``0``: only at the end and on a stop signal).
         log_every: progress-line interval in steps.
         keep: checkpoints kept.
-        progress: show a tqdm bar (rank 0 only).
+        progress: show progress on stderr (rank 0 only): a live bar on a terminal, else a plain line every 5 % or
+            30 s (:mod:`attnkit._progress`).
     """
 
     steps: int
@@ -258,9 +259,9 @@ def fit(
 
     bar = None
     if config.progress and w.is_main and start < config.steps:
-        from tqdm.auto import tqdm
+        from attnkit._progress import progress
 
-        bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", file=sys.stderr, leave=False)
+        bar = progress(config.steps, "train", unit="step", initial=start, file=sys.stderr)
     t0, c0 = time.perf_counter(), time.process_time()
     loss_value = float("nan")
     stopped = False

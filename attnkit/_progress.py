@@ -23,6 +23,8 @@ import time
 from types import TracebackType
 from typing import IO, Any
 
+from attnkit._runtime import governor_tick
+
 
 def _clock() -> float:
     return time.monotonic()
@@ -80,6 +82,9 @@ class Progress:
         return self._bar is not None
 
     def update(self, n: int = 1) -> None:
+        """Count ``n`` more steps. A progress update marks a training step, so it also lets the process's thread
+        governor re-pick the thread count (at most every 2 s; :func:`attnkit._runtime.governor_tick`)."""
+        governor_tick()
         if self.disable or self._closed:
             return
         self.n += n

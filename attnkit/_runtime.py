@@ -83,7 +83,8 @@ class ThreadGovernor:
         self.interval = interval
         self.fixed = fixed
         self.cores = available_cores()
-        self._last: tuple[float, tuple[int, int, int]] | None = None
+        now = _cpu_jiffies() if fixed is None else None
+        self._last: tuple[float, tuple[int, int, int]] | None = None if now is None else (time.monotonic(), now)
 
     def free_cores(self, seconds: float = 0.2) -> float | None:
         """Sample for ``seconds`` (or since the last look): the cores not kept busy by other processes."""
@@ -138,8 +139,7 @@ def configure_process(threads: int | None = None) -> ThreadGovernor:
     if threads is not None:
         torch.set_num_threads(threads)
     else:
-        torch.set_num_threads(_GOVERNOR.cores)
-        _GOVERNOR.tick()
+        torch.set_num_threads(_GOVERNOR.cores)  # the first look at the others comes with the first tick after 2 s
     return _GOVERNOR
 
 

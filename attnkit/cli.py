@@ -43,6 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_threads(args: argparse.Namespace) -> None:
+    """Intra-op threads from the cores this process may use, following the cores other processes leave free
+    (docs/performance.md); ``--threads N`` fixes the count, and benchmarks always run with a fixed one."""
+    from attnkit._runtime import available_cores, configure_process
+
+    threads = getattr(args, "threads", None) or None  # --threads 0: the default
+    if args.command == "bench" and threads is None:
+        threads = available_cores()
+    configure_process(threads)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point. Bad input exits with status 2 and one line on stderr, never a traceback."""
     from attnkit.data import DataNotFoundError
@@ -52,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as err:  # a bad option (2, after its one-line message) or --help (0)
         return exit_code(err)
+    _configure_threads(args)
     try:
         return int(args._run(args) or 0)
     except (ValueError, DataNotFoundError) as err:

@@ -13,6 +13,7 @@ settings.load_profile("ci")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+    os.environ.setdefault("ATTNKIT_THREADS", "1")  # what the attnkit command's configure_process keeps
 
 
 @pytest.fixture(autouse=True)

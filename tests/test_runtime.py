@@ -51,7 +51,7 @@ def test_governor_uses_the_cores_others_leave_free(monkeypatch: pytest.MonkeyPat
                     (300, 100, 400), (500, 300, 800)])  # only this process busy: both cores free
     monkeypatch.setattr(_runtime, "_cpu_jiffies", lambda: next(samples))
     monkeypatch.setattr(_runtime.time, "sleep", lambda s: None)
-    gov = _runtime.ThreadGovernor(interval=0.0)
+    gov = _runtime.ThreadGovernor(interval=0.0)  # takes the first sample
     assert gov.tick() == 1
     gov._last = None
     assert gov.tick() == 2

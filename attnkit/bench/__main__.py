@@ -15,6 +15,7 @@ SUITES = {
     "modules": "attnkit.bench.modules",
     "vision": "attnkit.bench.vision",
     "long": "attnkit.bench.long",
+    "load": "attnkit.bench.load",
 }
 
 
@@ -30,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    from attnkit._runtime import available_cores, configure_process
+
     p = ArgumentParser(prog="python -m attnkit.bench", description=HELP)
     add_arguments(p)
-    sys.exit(run(p.parse_args()))
+    parsed = p.parse_args()
+    configure_process(available_cores())  # a fixed thread count: no measurement spans a change of threads
+    sys.exit(run(parsed))

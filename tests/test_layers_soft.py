@@ -7,6 +7,7 @@ tutorial's SoftAttention code path.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -22,6 +23,7 @@ from attnkit.layers import (
     LuongAttention,
     SoftAttention,
 )
+from attnkit.testing import assert_close_to_reference
 
 D64 = torch.float64
 
@@ -68,12 +70,12 @@ def test_soft_attention_matches_the_tutorial_module() -> None:
     ours = SoftAttention(16, dtype=D64)
     ours.load_state_dict(tut.state_dict())  # same parameter names
     x = torch.randn(3, 7, 16, dtype=D64)
-    torch.testing.assert_close(ours(x), tut(x), rtol=0, atol=1e-12)
+    assert_close_to_reference(ours(x), tut(x), reduction=16)
     mask = torch.ones(3, 7, 7, dtype=torch.long)  # the tutorial's mask: 0 = masked
     mask[1, :, 4:] = 0
     mask[2] = torch.tril(torch.ones(7, 7, dtype=torch.long))
-    torch.testing.assert_close(ours(x, mask=mask), tut(x, mask), rtol=0, atol=1e-12)
-    torch.testing.assert_close(ours(x, mask=mask.bool()), tut(x, mask), rtol=0, atol=1e-12)
+    assert_close_to_reference(ours(x, mask=mask), tut(x, mask), reduction=16)
+    assert_close_to_reference(ours(x, mask=mask.bool()), tut(x, mask), reduction=16)
 
 
 def test_soft_attention_key_mask_and_causal_and_registry() -> None:
@@ -85,12 +87,12 @@ def test_soft_attention_key_mask_and_causal_and_registry() -> None:
     q, k, v = attn.query_proj(x), attn.key_proj(x), attn.value_proj(x)
     allowed = km[:, None, :] & torch.tril(torch.ones(5, 5, dtype=torch.bool))  # (B, L, S)
     s = (q @ k.transpose(1, 2) / math.sqrt(8)).masked_fill(~allowed, float("-inf"))
-    torch.testing.assert_close(out, torch.softmax(s, -1) @ v, rtol=0, atol=1e-12)
+    assert_close_to_reference(out, torch.softmax(s, -1) @ v, reduction=8)
     # a float mask combines with key_mask by adding -inf
     bias = torch.randn(5, 5, dtype=D64)
     out_f = attn(x, mask=bias, key_mask=km)
     s2 = (q @ k.transpose(1, 2) / math.sqrt(8) + bias).masked_fill(~km[:, None, :], float("-inf"))
-    torch.testing.assert_close(out_f, torch.softmax(s2, -1) @ v, rtol=0, atol=1e-12)
+    assert_close_to_reference(out_f, torch.softmax(s2, -1) @ v, reduction=8)
 
 
 def test_soft_attention_capture_sees_exact_weights_and_output_unchanged() -> None:
@@ -102,10 +104,11 @@ def test_soft_attention_capture_sees_exact_weights_and_output_unchanged() -> Non
     observed = attn(x)
     remove()
     assert torch.equal(plain, observed)
-    q, k = attn.query_proj(x), attn.key_proj(x)
+    ref, x64 = copy.deepcopy(attn).double(), x.double()  # the same weights and inputs in float64: the reference
+    q, k = ref.query_proj(x64), ref.key_proj(x64)
     expect = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(8), -1)  # (B, L, S)
     assert seen[0].shape == (2, 1, 4, 4)
-    torch.testing.assert_close(seen[0][:, 0], expect.detach())
+    assert_close_to_reference(seen[0][:, 0], expect.detach(), reduction=8)  # d_model = 8 (S = 4)
 
 
 def test_soft_attention_gradcheck() -> None:
@@ -130,8 +133,8 @@ def test_additive_matches_bahdanau_equations_with_padding() -> None:
         e = [v @ torch.tanh(W @ s[b] + U @ h[b, j]) for j in range(4)]  # e_ij = v^T tanh(W s + U h_j)
         a = _softmax_over(e, [j < lengths[b] for j in range(4)])
         c = sum(a[j] * h[b, j] for j in range(4))
-        torch.testing.assert_close(w[b], torch.stack(a), rtol=0, atol=1e-12)
-        torch.testing.assert_close(ctx[b], c, rtol=0, atol=1e-12)
+        assert_close_to_reference(w[b], torch.stack(a), reduction=7)
+        assert_close_to_reference(ctx[b], c, reduction=7)
     assert torch.all(ctx[2] == 0) and torch.all(w[2] == 0)
 
 
@@ -145,11 +148,11 @@ def test_additive_many_steps_equal_step_by_step_and_separate_values() -> None:
     assert ctx.shape == (2, 3, 9) and w.shape == (2, 3, 4)
     for t in range(3):
         c1, w1 = attn(s[:, t], h, vals, key_mask=km)
-        torch.testing.assert_close(c1, ctx[:, t], rtol=0, atol=1e-12)
-        torch.testing.assert_close(w1, w[:, t], rtol=0, atol=1e-12)
+        assert_close_to_reference(c1, ctx[:, t], reduction=7)
+        assert_close_to_reference(w1, w[:, t], reduction=7)
     # the bias sits inside the tanh, next to W s
     e = torch.tanh(attn.query_proj(s)[:, :, None] + attn.key_proj(h)[:, None]) @ attn.v.weight[0]
-    torch.testing.assert_close(w, torch.softmax(e.masked_fill(~km[:, None], float("-inf")), -1), rtol=0, atol=1e-12)
+    assert_close_to_reference(w, torch.softmax(e.masked_fill(~km[:, None], float("-inf")), -1), reduction=7)
 
 
 def test_additive_gradcheck_and_tap() -> None:
@@ -199,8 +202,8 @@ def test_luong_matches_paper_scores(score: str) -> None:
             a = _softmax_over(e, [j < lengths[b] for j in range(5)])
             c = sum(a[j] * hs[b, j] for j in range(5))
             h_tilde = torch.tanh(Wc @ torch.cat([c, ht[b, t]]))  # eq. 5
-            torch.testing.assert_close(w[b, t], torch.stack(a), rtol=0, atol=1e-12)
-            torch.testing.assert_close(out[b, t], h_tilde, rtol=0, atol=1e-12)
+            assert_close_to_reference(w[b, t], torch.stack(a), reduction=12)
+            assert_close_to_reference(out[b, t], h_tilde, reduction=12)
 
 
 def test_luong_context_without_output_layer_and_gradcheck() -> None:
@@ -210,7 +213,7 @@ def test_luong_context_without_output_layer_and_gradcheck() -> None:
     km = _key_mask([5, 2], 5)
     ctx, w = attn(ht, hs, key_mask=km)
     assert ctx.shape == (2, 4) and w.shape == (2, 5)
-    torch.testing.assert_close(ctx, (w[:, :, None] * hs).sum(1), rtol=0, atol=1e-12)
+    assert_close_to_reference(ctx, (w[:, :, None] * hs).sum(1), reduction=5)
     assert torch.autograd.gradcheck(lambda a, b: attn(a, b, key_mask=km), (ht, hs))
     concat = LuongAttention(3, 4, score="concat", output_dim=3, dtype=D64)
     assert torch.autograd.gradcheck(lambda a, b: concat(a, b, key_mask=km), (ht, hs))
@@ -237,8 +240,8 @@ def test_location_aware_matches_chorowski_equations() -> None:
             f_j = Fk @ padded[j : j + 3]  # f_i = F * a_{i-1}, centred at j
             e.append(wv @ torch.tanh(W @ s[b] + V @ h[b, j] + U @ f_j + b_))  # eq. (9)
         a = _softmax_over(e, [j < lengths[b] for j in range(6)])
-        torch.testing.assert_close(w[b], torch.stack(a), rtol=0, atol=1e-12)
-        torch.testing.assert_close(ctx[b], sum(a[j] * h[b, j] for j in range(6)), rtol=0, atol=1e-12)
+        assert_close_to_reference(w[b], torch.stack(a), reduction=6)
+        assert_close_to_reference(ctx[b], sum(a[j] * h[b, j] for j in range(6)), reduction=6)
     # two channels (previous and cumulative weights), gradcheck through the previous weights
     attn2 = LocationAwareAttention(4, 5, 6, num_filters=2, kernel_size=3, in_channels=2, dtype=D64)
     two = torch.stack([prev, prev.cumsum(-1)], 1).requires_grad_(True)
@@ -258,10 +261,10 @@ def test_coverage_matches_tu_equations_and_accumulates() -> None:
         ctx, w = attn(s, h, coverage=cov)
         for b in range(2):
             e = [v @ torch.tanh(W @ s[b] + U @ h[b, j] + Vc * cov[b, j]) for j in range(5)]  # eq. 5
-            torch.testing.assert_close(w[b], torch.stack(_softmax_over(e, [True] * 5)), rtol=0, atol=1e-12)
+            assert_close_to_reference(w[b], torch.stack(_softmax_over(e, [True] * 5)), reduction=6)
         new = attn.update_coverage(cov, w, h)
         phi = 2 * torch.sigmoid(h @ Uf)  # fertility, eq. 7
-        torch.testing.assert_close(new, cov + w / phi, rtol=0, atol=1e-12)
+        assert_close_to_reference(new, cov + w / phi, reduction=6)
         cov = new
     plain = CoverageAttention(4, 5, 6)
     summed = plain.update_coverage(torch.zeros(1, 3), torch.ones(1, 3), torch.randn(1, 3, 5))  # Phi = 1

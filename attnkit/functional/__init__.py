@@ -20,15 +20,27 @@ from .dense import (
 )
 from .hard import HardAttentionResult, baseline_loss, hard_attention, reinforce_loss
 from .local import WindowMask, sliding_window_attention
+from .masked import masked_attention  # registers the "native_mask" backend (any mask object on the C engine)
 from .masks import (
     AndMask,
     AttentionMask,
+    BlockedWindowMask,
+    BlockSparseMask,
     CausalMask,
+    DocumentMask,
+    MaskBlocks,
+    MaskMod,
+    OrMask,
     PaddingMask,
+    SinkMask,
+    SlidingWindowMask,
+    as_mask,
     causal_mask,
     combine_masks,
+    from_flex_block_mask,
     mask_to_bias,
     padding_mask,
+    to_flex_block_mask,
 )
 from .scoring import (
     additive_scores,
@@ -40,7 +52,6 @@ from .scoring import (
     scaled_dot_scores,
 )
 from .sparse import (
-    BlockSparseMask,
     bigbird_layout,
     block_sparse_attention,
     fixed_layout,
@@ -80,6 +91,17 @@ __all__ = [
     "scoring",
     "which_backend",
     "WindowMask",
+    "BlockedWindowMask",
+    "DocumentMask",
+    "MaskBlocks",
+    "MaskMod",
+    "OrMask",
+    "SinkMask",
+    "SlidingWindowMask",
+    "as_mask",
+    "from_flex_block_mask",
+    "masked_attention",
+    "to_flex_block_mask",
     "sliding_window_attention",
     "BlockSparseMask",
     "bigbird_layout",

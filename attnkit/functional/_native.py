@@ -118,6 +118,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.attnkit_sparse_fwd.restype = cint
     lib.attnkit_sparse_bwd.argtypes = [*[ptr] * 9, *[i64] * 6, ptr, ptr, cint, f32, i64, i64, cint]
     lib.attnkit_sparse_bwd.restype = cint
+    # n_q, n_k, kv_len, e, ev, row_ptr, cols, part, bits, scale, g0, g1, isa
+    mask_args: list[type] = [*[i64] * 5, *[ptr] * 4, f32, i64, i64, cint]
+    lib.attnkit_mask_fwd.argtypes = [*[ptr] * 5, *mask_args]
+    lib.attnkit_mask_fwd.restype = cint
+    lib.attnkit_mask_bwd.argtypes = [*[ptr] * 9, *mask_args]
+    lib.attnkit_mask_bwd.restype = cint
     lib.attnkit_band_isa.restype = cint
     lib.attnkit_simd.restype = cint
     lib.attnkit_has_f16.restype = cint

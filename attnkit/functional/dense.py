@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import _validate as V
 from ._reference import attention_reference, expand_kv_heads
-from .masks import AttentionMask, CausalMask, causal_mask, combine_masks
+from .masks import AttentionMask, CausalMask, as_mask, causal_mask, combine_masks
 
 __all__ = [
     "AttentionCall",
@@ -430,8 +430,8 @@ def _prepare(
     k_len = k.shape[2]
     mask: Tensor | None = None
     structure: AttentionMask | None = None
-    if isinstance(attn_mask, AttentionMask):
-        structure = attn_mask
+    if isinstance(attn_mask, AttentionMask) or (callable(attn_mask) and not isinstance(attn_mask, Tensor)):
+        structure = as_mask(attn_mask)._bind(b, h)  # a bare mask_mod(b, h, q_idx, kv_idx) becomes a MaskMod
     elif attn_mask is not None:
         mask = V.check_mask_tensor(
             V.check_tensor("attn_mask", attn_mask), b, h, q_len, k_len, ndim_in=3 if three_d else 4
@@ -467,7 +467,7 @@ def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Tensor | AttentionMask | None = None,
+    attn_mask: Tensor | AttentionMask | Callable[..., Tensor] | None = None,
     *,
     is_causal: bool = False,
     dropout_p: float = 0.0,
@@ -489,8 +489,12 @@ def scaled_dot_product_attention(
         key: ``(B, Hkv, S, E)`` with ``Hkv`` dividing ``H`` (grouped-query attention), or ``(B, S, E)``.
         value: ``(B, Hkv, S, Ev)``, or ``(B, S, Ev)``.
         attn_mask: boolean (``True`` = may attend; integer masks are read the same way, so the tutorial's
-            ``mask == 0 -> masked`` works), float (added to the scores), or a mask object
-            (:class:`~attnkit.functional.CausalMask`, :class:`~attnkit.functional.PaddingMask`, ``&`` of them).
+            ``mask == 0 -> masked`` works), float (added to the scores), a mask object
+            (:class:`~attnkit.functional.CausalMask`, :class:`~attnkit.functional.PaddingMask`,
+            :class:`~attnkit.functional.SlidingWindowMask`, :class:`~attnkit.functional.DocumentMask`,
+            :class:`~attnkit.functional.SinkMask`, ... and their ``&`` / ``|``), or a FlexAttention-style
+            ``mask_mod(b, h, q_idx, kv_idx) -> bool`` callable. Mask objects other than causal / padding run on
+            the native block engine on the CPU (``which_backend`` says ``native_mask``), else materialised.
             Tensor shapes: ``(S,)``, ``(L, S)``, ``(B, 1|H, 1|L, S)``; with 3-D inputs also ``(B, L, S)``.
         is_causal: upper-left causal masking (query ``i`` sees keys ``j <= i``), combined with ``attn_mask``.
         dropout_p: dropout on the weights (always applied when > 0, as in PyTorch's functional SDPA).
@@ -540,7 +544,7 @@ def _math_weights(call: AttentionCall) -> Tensor:
 def attention_weights(
     query: Tensor,
     key: Tensor,
-    attn_mask: Tensor | AttentionMask | None = None,
+    attn_mask: Tensor | AttentionMask | Callable[..., Tensor] | None = None,
     *,
     is_causal: bool = False,
     scale: float | None = None,
@@ -568,7 +572,7 @@ def which_backend(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Tensor | AttentionMask | None = None,
+    attn_mask: Tensor | AttentionMask | Callable[..., Tensor] | None = None,
     *,
     is_causal: bool = False,
     dropout_p: float = 0.0,

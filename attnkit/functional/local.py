@@ -20,12 +20,12 @@ cover (a key-padding mask, ``L != S``) go through a readable blockwise path with
 
 Example:
     >>> import torch
-    >>> from attnkit.functional import sliding_window_attention, WindowMask, scaled_dot_product_attention
+    >>> from attnkit.functional import sliding_window_attention, BlockedWindowMask, scaled_dot_product_attention
     >>> q = k = v = torch.randn(1, 2, 100, 16)                      # (B, H, N, E)
     >>> out = sliding_window_attention(q, k, v, window=32)         # causal, one window back
     >>> out.shape
     torch.Size([1, 2, 100, 16])
-    >>> dense = scaled_dot_product_attention(q, k, v, WindowMask(32).materialize(100, 100))
+    >>> dense = scaled_dot_product_attention(q, k, v, BlockedWindowMask(32).materialize(100, 100))
     >>> torch.allclose(out, dense, atol=1e-5)
     True
 """
@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import torch
@@ -49,9 +50,11 @@ from . import _native
 from . import _validate as V
 from ._reference import expand_kv_heads
 from .dense import AttentionCall, Backend, register_backend
-from .masks import AttentionMask, padding_mask, split_with_padding
+from .masks import BlockedWindowMask, padding_mask, split_with_padding
 
-__all__ = ["NativeBandFn", "NativePattern", "WindowMask", "native_attention", "sliding_window_attention"]
+__all__ = [
+    "BlockedWindowMask", "NativeBandFn", "NativePattern", "WindowMask", "native_attention", "sliding_window_attention",
+]
 
 _T = TypeVar("_T")
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -60,54 +63,14 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 
 # --------------------------------------------------------------------------------------------- the mask object
 @dataclass(frozen=True)
-class WindowMask(AttentionMask):
-    """Blocked sliding-window structure (``True`` = may attend in :meth:`materialize`).
-
-    A query in bucket ``b = pos // window`` sees the keys of buckets ``b - look_backward`` ... ``b + look_forward``,
-    and with ``causal`` only keys at positions ``<=`` its own. Query ``i`` of ``L`` sits at position ``i + S - L``.
-
-    Args:
-        window: bucket size in tokens (``w``).
-        look_backward: how many buckets back a query sees.
-        look_forward: how many buckets ahead a query sees (use 0 with ``causal``).
-        causal: also forbid keys after the query's position.
-
-    Example:
-        >>> WindowMask(2).materialize(5, 5)[0, 0].int()
-        tensor([[1, 0, 0, 0, 0],
-                [1, 1, 0, 0, 0],
-                [1, 1, 1, 0, 0],
-                [1, 1, 1, 1, 0],
-                [0, 0, 1, 1, 1]], dtype=torch.int32)
-    """
-
-    window: int
-    _: KW_ONLY
-    look_backward: int = 1
-    look_forward: int = 0
-    causal: bool = True
+class WindowMask(BlockedWindowMask):
+    """Deprecated name of :class:`~attnkit.functional.masks.BlockedWindowMask` (the *blocked* window; the exact
+    window of HuggingFace models is :class:`~attnkit.functional.masks.SlidingWindowMask`)."""
 
     def __post_init__(self) -> None:
-        _check_window(self.window, self.look_backward, self.look_forward)
-
-    def materialize(self, q_len: int, k_len: int, *, device: torch.device | str | None = None) -> Tensor:
-        """The boolean ``(1, 1, L, S)`` mask, ``True`` = may attend (the dense reference of the structure)."""
-        q_pos = torch.arange(q_len, device=device) + (k_len - q_len)  # (L,)
-        k_pos = torch.arange(k_len, device=device)  # (S,)
-        q_bucket = torch.div(q_pos, self.window, rounding_mode="floor").unsqueeze(1)  # (L, 1)
-        k_bucket = torch.div(k_pos, self.window, rounding_mode="floor").unsqueeze(0)  # (1, S)
-        allowed = (k_bucket >= q_bucket - self.look_backward) & (k_bucket <= q_bucket + self.look_forward)  # (L, S)
-        if self.causal:
-            allowed = allowed & (k_pos.unsqueeze(0) <= q_pos.unsqueeze(1))
-        return allowed.view(1, 1, q_len, k_len)
-
-
-def _check_window(window: object, look_backward: object, look_forward: object) -> None:
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise V.fail("window to be a positive int", repr(window), "window=512")
-    for name, x in (("look_backward", look_backward), ("look_forward", look_forward)):
-        if not isinstance(x, int) or isinstance(x, bool) or x < 0:
-            raise V.fail(f"{name} to be an int >= 0", repr(x), f"{name}=1")
+        warnings.warn("WindowMask is deprecated: use BlockedWindowMask (the same blocked window), or "
+                      "SlidingWindowMask for the exact window of HuggingFace models", DeprecationWarning, stacklevel=3)
+        super().__post_init__()
 
 
 # --------------------------------------------------------------------------------------------- piece engine
@@ -538,7 +501,7 @@ class NativePattern(Protocol):
 
 @dataclass(frozen=True)
 class _WindowPattern:
-    win: WindowMask
+    win: BlockedWindowMask
     n: int  # queries = keys
     fwd: str = "attnkit_band_fwd"
     bwd: str = "attnkit_band_bwd"
@@ -659,7 +622,7 @@ def native_attention(q: Tensor, k: Tensor, v: Tensor, pattern: NativePattern, sc
     return out.view(b, h, q_len, ev16)[..., :ev].to(q.dtype)  # (B, H, L, Ev)
 
 
-def _window_native(q: Tensor, k: Tensor, v: Tensor, win: WindowMask, scale: float, isa: int = 2,
+def _window_native(q: Tensor, k: Tensor, v: Tensor, win: BlockedWindowMask, scale: float, isa: int = 2,
                    lengths: Tensor | None = None) -> Tensor:
     """``L == S`` on the C kernel (see :func:`native_attention`)."""
     return native_attention(q, k, v, _WindowPattern(win, q.shape[2]), scale, isa, lengths)
@@ -673,7 +636,7 @@ def _right_padding(key_mask: Tensor) -> Tensor | None:
 
 
 # --------------------------------------------------------------------------------------------- sliding window
-def _window_fast(q: Tensor, k: Tensor, v: Tensor, win: WindowMask, scale: float) -> Tensor:
+def _window_fast(q: Tensor, k: Tensor, v: Tensor, win: BlockedWindowMask, scale: float) -> Tensor:
     """``L == S``, no key mask, in PyTorch: one flash call per block offset, merged with the log-sum-exp."""
     b, h, n, e = q.shape
     w = win.window
@@ -712,7 +675,7 @@ def _window_fast(q: Tensor, k: Tensor, v: Tensor, win: WindowMask, scale: float)
 
 
 def _window_blockwise(
-    q: Tensor, k: Tensor, v: Tensor, win: WindowMask, key_mask: Tensor | None, scale: float
+    q: Tensor, k: Tensor, v: Tensor, win: BlockedWindowMask, key_mask: Tensor | None, scale: float
 ) -> Tensor:
     """Readable blockwise path (autograd): gather each query block's key buckets, then one masked SDPA call."""
     b, h, q_len, e = q.shape
@@ -769,10 +732,10 @@ def sliding_window_attention(
     scale: float | None = None,
     impl: str = "auto",
 ) -> Tensor:
-    """Exact attention restricted to a blocked sliding window (:class:`WindowMask`), in O(N·w) time and memory.
+    """Exact attention restricted to a blocked sliding window (:class:`BlockedWindowMask`), in O(N·w) time and memory.
 
     Equivalent to ``scaled_dot_product_attention(query, key, value, mask)`` with
-    ``mask = WindowMask(window, look_backward=..., look_forward=..., causal=...).materialize(L, S) & key_mask``,
+    ``mask = BlockedWindowMask(window, look_backward=..., look_forward=..., causal=...).materialize(L, S) & key_mask``,
     without ever building the ``L x S`` mask or scores.
 
     Args:
@@ -805,7 +768,7 @@ def sliding_window_attention(
         torch.Size([2, 4, 70, 8])
     """
     q, k, v = V.check_qkv(query, key, value, allow_3d=False)
-    win = WindowMask(window, look_backward=look_backward, look_forward=look_forward, causal=bool(causal))
+    win = BlockedWindowMask(window, look_backward=look_backward, look_forward=look_forward, causal=bool(causal))
     b, _, q_len, e = q.shape
     k_len = k.shape[2]
     if q_len > k_len:
@@ -843,13 +806,13 @@ def sliding_window_attention(
 # --------------------------------------------------------------------------------------------- dispatcher
 def _local_supports(call: AttentionCall) -> list[str]:
     reasons = []
-    win, _, why = split_with_padding(call.structure, WindowMask, "window")
+    win, _, why = split_with_padding(call.structure, BlockedWindowMask, "window")
     if win is None:
         reasons.append(why)
     if call.mask is not None:
-        reasons.append("an explicit tensor mask (the local kernel reads only WindowMask & PaddingMask)")
+        reasons.append("an explicit tensor mask (the local kernel reads only BlockedWindowMask & PaddingMask)")
     if call.is_causal:
-        reasons.append("is_causal=True on top of a window (use WindowMask(causal=True))")
+        reasons.append("is_causal=True on top of a window (use BlockedWindowMask(causal=True))")
     if call.dropout_p > 0:
         reasons.append("dropout on the weights")
     if call.q_len > call.k_len:
@@ -860,9 +823,9 @@ def _local_supports(call: AttentionCall) -> list[str]:
 
 
 def _local_fn(call: AttentionCall) -> tuple[Tensor, None]:
-    win, pad, _ = split_with_padding(call.structure, WindowMask, "window")
+    win, pad, _ = split_with_padding(call.structure, BlockedWindowMask, "window")
     if win is None:
-        raise V.fail("a WindowMask structure", repr(call.structure), "backend='auto'")
+        raise V.fail("a BlockedWindowMask structure", repr(call.structure), "backend='auto'")
     key_mask = None
     if pad is not None:
         key_mask = padding_mask(pad.lengths.to(call.query.device), call.k_len).view(call.batch, call.k_len)
@@ -875,7 +838,7 @@ def _local_fn(call: AttentionCall) -> tuple[Tensor, None]:
 
 def _local_kernel(call: AttentionCall) -> str:
     """Which implementation :func:`sliding_window_attention` runs for a call the local backend serves."""
-    _, pad, _ = split_with_padding(call.structure, WindowMask, "window")
+    _, pad, _ = split_with_padding(call.structure, BlockedWindowMask, "window")
     if call.q_len != call.k_len or call.query.device.type != "cpu":
         return "blockwise PyTorch path (L != S, or not a CPU tensor)"
     why = native_unsupported(call.query, "auto")

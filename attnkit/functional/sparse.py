@@ -31,7 +31,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ from . import _validate as V
 from ._reference import expand_kv_heads
 from .dense import AttentionCall, Backend, register_backend, scaled_dot_product_attention
 from .local import _Piece, _right_padding, native_attention, native_unsupported, run_pieces, same_head_dim
-from .masks import AttentionMask, causal_mask, padding_mask, split_with_padding
+from .masks import BlockSparseMask, check_layout, fit_layout, padding_mask, split_with_padding
 
 __all__ = [
     "BlockSparseMask",
@@ -127,60 +127,9 @@ def bigbird_layout(n_blocks: int, *, window: int = 3, n_global: int = 1, n_rando
 
 
 # --------------------------------------------------------------------------------------------- mask object
-@dataclass(frozen=True, eq=False)
-class BlockSparseMask(AttentionMask):
-    """Block-sparse structure: ``layout[(h,) i, j]`` lets query block ``i`` attend to key block ``j``.
-
-    Args:
-        layout: boolean ``(Nq, Nk)`` or per-head ``(H, Nq, Nk)``, ``True`` = may attend.
-        block_size: tokens per block.
-        causal: also forbid keys after the query's position (upper-left).
-
-    Example:
-        >>> BlockSparseMask(local_layout(2), 2).materialize(4, 4)[0, 0].int()
-        tensor([[1, 1, 0, 0],
-                [1, 1, 0, 0],
-                [1, 1, 1, 1],
-                [1, 1, 1, 1]], dtype=torch.int32)
-    """
-
-    layout: Tensor
-    block_size: int
-    _: KW_ONLY
-    causal: bool = False
-
-    def __post_init__(self) -> None:
-        _check_layout(self.layout, self.block_size)
-
-    def materialize(self, q_len: int, k_len: int, *, device: torch.device | str | None = None) -> Tensor:
-        """The boolean ``(1, 1|H, L, S)`` mask, ``True`` = may attend (the dense reference)."""
-        layout = _fit_layout(self.layout, q_len, k_len, self.block_size).to(device)
-        bs = self.block_size
-        dense = layout.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :q_len, :k_len]  # (H|1, L, S)
-        if self.causal:
-            dense = dense & causal_mask(q_len, k_len, device=device)
-        return dense.view(1, -1, q_len, k_len)
-
-
-def _check_layout(layout: object, block_size: object) -> None:
-    if not isinstance(layout, Tensor) or layout.dtype != torch.bool or layout.dim() not in (2, 3):
-        got = f"{layout.dtype} {tuple(layout.shape)}" if isinstance(layout, Tensor) else type(layout).__name__
-        raise V.fail("layout as a boolean (Nq, Nk) or (H, Nq, Nk) tensor", got, "local_layout(n_blocks)")
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise V.fail("block_size to be a positive int", repr(block_size), "block_size=64")
-
-
-def _fit_layout(layout: Tensor, q_len: int, k_len: int, block_size: int) -> Tensor:
-    """The layout as ``(H|1, Nq, Nk)`` for these lengths (extra blocks are cut; too few is an error)."""
-    nq, nk = -(-q_len // block_size), -(-k_len // block_size)
-    if layout.shape[-2] < nq or layout.shape[-1] < nk:
-        raise V.fail(
-            f"a layout of at least ({nq}, {nk}) blocks for L={q_len}, S={k_len}, block_size={block_size}",
-            f"{tuple(layout.shape)}",
-            f"a layout builder with n_blocks={max(nq, nk)}",
-        )
-    layout = layout[..., :nq, :nk]
-    return layout if layout.dim() == 3 else layout.unsqueeze(0)
+# BlockSparseMask lives in attnkit.functional.masks with every other mask; it is re-exported here.
+_check_layout = check_layout
+_fit_layout = fit_layout
 
 
 # --------------------------------------------------------------------------------------------- kernel

@@ -33,6 +33,8 @@
  * otherwise) and, with GCC on x86-64, once more for AVX-512; the entry points pick at run time.
  * A NaN in a key after a query's position inside its last key block reaches that query's output through a zero
  * weight (as in PyTorch's causal flash kernel); keys outside the window (or the layout's blocks) are never read.
+ * The masked entry points (attnkit_mask_*) carry a bit mask per row for partial blocks and keep NaN out there:
+ * see attnkit_mask_fwd.
  */
 #include <math.h>
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -84,11 +86,16 @@ typedef struct {
     int64_t n_q, n_k, kv_len, g, lb, lf;
     int causal;
     const int64_t *row_ptr, *cols;
+    const int64_t *part;   /* NULL, or per CSR entry: -1 for a full block, else its block of words in `bits` */
+    const uint64_t *bits;  /* (partial blocks, BK_TQ) words: bit j of word i = row i of the tile may see key j */
 } bk_pat;
 
 /* The next key range [lo, hi) of group `grp` from `*cursor` on (0 at the start): adjacent key blocks of a sparse
- * row come as one range. Returns 0 when there is none left. The range is not yet clipped. */
-static inline int bk_next_range(const bk_pat *P, int64_t grp, int64_t *cursor, int64_t *lo, int64_t *hi) {
+ * row come as one range, except that a partial block of a masked pattern is a range of its own (`*part` = its
+ * block of words; -1 for every other range). Returns 0 when there is none left. The range is not yet clipped. */
+static inline int bk_next_range(const bk_pat *P, int64_t grp, int64_t *cursor, int64_t *lo, int64_t *hi,
+                                int64_t *part) {
+    *part = -1;
     if (!P->row_ptr) {
         if (*cursor) return 0;
         *cursor = 1;
@@ -101,7 +108,10 @@ static inline int bk_next_range(const bk_pat *P, int64_t grp, int64_t *cursor, i
     if (c >= end) return 0;
     int64_t last = P->cols[c];
     *lo = last * P->g;
-    for (c++; c < end && P->cols[c] == last + 1; c++) last++;
+    if (P->part && P->part[c] >= 0)
+        *part = P->part[c++];
+    else
+        for (c++; c < end && P->cols[c] == last + 1 && !(P->part && P->part[c] >= 0); c++) last++;
     *hi = bk_min(P->n_k, (last + 1) * P->g);
     *cursor = c - P->row_ptr[grp];
     return 1;
@@ -112,8 +122,8 @@ static void bk_pat_keys(const bk_pat *P, int64_t g0, int64_t g1, int64_t *key0, 
     *key0 = P->n_k;
     *key1 = 0;
     for (int64_t grp = g0; grp < g1; grp++) {
-        int64_t cursor = 0, lo, hi;
-        while (bk_next_range(P, grp, &cursor, &lo, &hi)) {
+        int64_t cursor = 0, lo, hi, part;
+        while (bk_next_range(P, grp, &cursor, &lo, &hi, &part)) {
             if (hi <= lo) continue;
             *key0 = bk_min(*key0, lo);
             *key1 = bk_max(*key1, hi);
@@ -206,7 +216,7 @@ int attnkit_band_isa(void) {
 int attnkit_band_fwd(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n,
                      int64_t kv_len, int64_t e, int64_t ev, int64_t w, int64_t lb, int64_t lf, int causal, float scale,
                      int64_t b0, int64_t b1, int isa) {
-    const bk_pat P = {n, n, kv_len, w, lb, lf, causal, NULL, NULL};
+    const bk_pat P = {n, n, kv_len, w, lb, lf, causal, NULL, NULL, NULL, NULL};
     return BK_DISPATCH(attend_fwd, &P, q, k, v, out, lse, e, ev, scale, b0, b1);
 }
 
@@ -214,7 +224,7 @@ int attnkit_band_bwd(const float *q, const float *k, const float *v, const float
                      const float *lse, float *dq, float *dk, float *dv, int64_t n, int64_t kv_len, int64_t e,
                      int64_t ev, int64_t w, int64_t lb, int64_t lf, int causal, float scale, int64_t b0, int64_t b1,
                      int isa) {
-    const bk_pat P = {n, n, kv_len, w, lb, lf, causal, NULL, NULL};
+    const bk_pat P = {n, n, kv_len, w, lb, lf, causal, NULL, NULL, NULL, NULL};
     return BK_DISPATCH(attend_bwd, &P, q, k, v, out, dout, lse, dq, dk, dv, e, ev, scale, b0, b1);
 }
 
@@ -223,7 +233,7 @@ int attnkit_band_bwd(const float *q, const float *k, const float *v, const float
 int attnkit_sparse_fwd(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n_q,
                        int64_t n_k, int64_t kv_len, int64_t e, int64_t ev, int64_t bs, const int64_t *row_ptr,
                        const int64_t *cols, int causal, float scale, int64_t g0, int64_t g1, int isa) {
-    const bk_pat P = {n_q, n_k, kv_len, bs, 0, 0, causal, row_ptr, cols};
+    const bk_pat P = {n_q, n_k, kv_len, bs, 0, 0, causal, row_ptr, cols, NULL, NULL};
     return BK_DISPATCH(attend_fwd, &P, q, k, v, out, lse, e, ev, scale, g0, g1);
 }
 
@@ -231,6 +241,30 @@ int attnkit_sparse_bwd(const float *q, const float *k, const float *v, const flo
                        const float *lse, float *dq, float *dk, float *dv, int64_t n_q, int64_t n_k, int64_t kv_len,
                        int64_t e, int64_t ev, int64_t bs, const int64_t *row_ptr, const int64_t *cols, int causal,
                        float scale, int64_t g0, int64_t g1, int isa) {
-    const bk_pat P = {n_q, n_k, kv_len, bs, 0, 0, causal, row_ptr, cols};
+    const bk_pat P = {n_q, n_k, kv_len, bs, 0, 0, causal, row_ptr, cols, NULL, NULL};
+    return BK_DISPATCH(attend_bwd, &P, q, k, v, out, dout, lse, dq, dk, dv, e, ev, scale, g0, g1);
+}
+
+/* Any mask, from its block description (attnkit.functional.masks.MaskBlocks): query tiles of BK_TQ rows, key blocks
+ * of BK_TK keys, block i reading the key blocks cols[row_ptr[i] .. row_ptr[i + 1]) in ascending order; entry c is
+ * full (part[c] < 0: the unmasked path) or partial, with the words bits[part[c] * BK_TQ + row] (bit j: the row may
+ * attend key j of the block). Partial blocks select, never multiply: a masked score is -inf before the max and its
+ * weight and score gradient are 0 by selection, and keys of a partial block that no row of the tile may attend are
+ * replaced by zeros in the products, so NaN or inf there never reaches an output or gradient. Returns -2 when the
+ * kernel was built with tiles other than 64 x 64. */
+int attnkit_mask_fwd(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n_q, int64_t n_k,
+                     int64_t kv_len, int64_t e, int64_t ev, const int64_t *row_ptr, const int64_t *cols,
+                     const int64_t *part, const uint64_t *bits, float scale, int64_t g0, int64_t g1, int isa) {
+    if (BK_TQ != 64 || BK_TK != 64) return -2;
+    const bk_pat P = {n_q, n_k, kv_len, BK_TQ, 0, 0, 0, row_ptr, cols, part, bits};
+    return BK_DISPATCH(attend_fwd, &P, q, k, v, out, lse, e, ev, scale, g0, g1);
+}
+
+int attnkit_mask_bwd(const float *q, const float *k, const float *v, const float *out, const float *dout,
+                     const float *lse, float *dq, float *dk, float *dv, int64_t n_q, int64_t n_k, int64_t kv_len,
+                     int64_t e, int64_t ev, const int64_t *row_ptr, const int64_t *cols, const int64_t *part,
+                     const uint64_t *bits, float scale, int64_t g0, int64_t g1, int isa) {
+    if (BK_TQ != 64 || BK_TK != 64) return -2;
+    const bk_pat P = {n_q, n_k, kv_len, BK_TQ, 0, 0, 0, row_ptr, cols, part, bits};
     return BK_DISPATCH(attend_bwd, &P, q, k, v, out, dout, lse, dq, dk, dv, e, ev, scale, g0, g1);
 }

@@ -145,6 +145,47 @@ static inline float BK(mask_max)(float *row, int64_t jw, int64_t lim) {
     return BK(hmax)(mv);
 }
 
+/* Lanes j .. j + VEC - 1 of a row's 64-bit word: -1 where the bit is set (the key may be attended), else 0. */
+static inline VI BK(bitsel)(uint64_t word, int64_t j) {
+    const VI bv = (VI){0} + (int32_t)(uint32_t)(word >> j);
+    return ((bv >> BK(iota)()) & 1) != 0;
+}
+
+/* One row of the tile in a partial block: keep the scores whose bit is set (the rest become -inf), return the max. */
+static inline float BK(mask_max_bits)(float *row, int64_t jw, uint64_t word) {
+    const VF ninf = BK(splat)(-INFINITY);
+    VF mv = ninf;
+    for (int64_t j = 0; j < jw; j += BK_VEC) {
+        VF x = BK(sel)(BK(bitsel)(word, j), BK(ld)(row + j), ninf);
+        mv = BK(sel)(x > mv, x, mv);
+        BK(st)(row + j, x);
+    }
+    return BK(hmax)(mv);
+}
+
+/* The keys of a partial block (jn rows of width x) with the rows no row of the tile may attend (0 bits of `seen`)
+ * replaced by zeros, into dst: so that a zero weight never multiplies a NaN there. */
+static void BK(zero_unseen)(float *dst, const float *src, int64_t jn, int64_t width, uint64_t seen) {
+    for (int64_t j = 0; j < jn; j++) {
+        if ((seen >> j) & 1)
+            memcpy(dst + j * width, src + j * width, sizeof(float) * (size_t)width);
+        else
+            memset(dst + j * width, 0, sizeof(float) * (size_t)width);
+    }
+}
+
+/* The words of the rows [0, t) of a partial block, limited to its first jn keys; `seen` = their union. */
+static inline uint64_t BK(block_words)(const bk_pat *P, int64_t part, int64_t t, int64_t jn, uint64_t *words) {
+    const uint64_t keep = jn >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << jn) - 1);
+    const uint64_t *src = P->bits + part * BK_TQ;
+    uint64_t seen = 0;
+    for (int64_t i = 0; i < BK_TQ; i++) {
+        words[i] = i < t ? src[i] & keep : 0;
+        seen |= words[i];
+    }
+    return seen;
+}
+
 /* row = 2**(row - m) in place (masked entries, -inf, give 0); returns the sum. */
 static inline float BK(exp_sum)(float *row, int64_t jw, float m) {
     VF acc = (VF){0};
@@ -181,10 +222,11 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
     int64_t key0, key1;
     bk_pat_keys(P, g0, g1, &key0, &key1);
     const int64_t ldt = key1 - key0 + BK_TK; /* the transposed keys, zero after the last one */
-    float *buf = bk_scratch(BK_TQP * (e + BK_LDS + ev) + 2 * BK_TQP + e * ldt);
+    float *buf = bk_scratch(BK_TQP * (e + BK_LDS + ev) + 2 * BK_TQP + e * ldt + (P->part ? BK_TK * ev : 0));
     if (!buf) return -1;
     float *qs = buf, *s = qs + BK_TQP * e, *o = s + BK_TQP * BK_LDS, *m = o + BK_TQP * ev, *l = m + BK_TQP;
-    float *kt = l + BK_TQP;
+    float *kt = l + BK_TQP, *vz = kt + e * ldt; /* vz: the values of a partial block, unseen keys zeroed */
+    uint64_t words[BK_TQ];
     bk_transpose(k, e, key0, key1, kt, ldt);
     for (bk_tile T = {g0, 0, g0 * P->g, 0}; bk_tile_next(&T, P, g1);) {
         const int64_t r0 = T.r0, t = T.t, tp = bk_up(t, BK_MR);
@@ -192,20 +234,31 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
             for (int64_t d = 0; d < e; d++) qs[i * e + d] = i < t ? q[(r0 + i) * e + d] * c2 : 0.0f;
         memset(o, 0, sizeof(float) * (size_t)(tp * ev));
         for (int64_t i = 0; i < t; i++) m[i] = -INFINITY, l[i] = 0.0f;
-        int64_t cursor = 0, lo, hi;
-        while (bk_next_range(P, T.grp, &cursor, &lo, &hi)) {
+        int64_t cursor = 0, lo, hi, part;
+        while (bk_next_range(P, T.grp, &cursor, &lo, &hi, &part)) {
             if (!bk_clip(P, &T, &lo, &hi)) continue;
             for (int64_t j0 = lo; j0 < hi; j0 += BK_TK) {
                 const int64_t jn = bk_min(BK_TK, hi - j0), jw = bk_up(jn, 16);
+                const float *vb = v + j0 * ev;
+                if (part >= 0) { /* a partial block: one per range, rows of the tile = rows of the block */
+                    const uint64_t seen = BK(block_words)(P, part, t, jn, words);
+                    if (!seen) continue;
+                    if (seen != (jn >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << jn) - 1))) {
+                        BK(zero_unseen)(vz, vb, jn, ev, seen);
+                        vb = vz;
+                    }
+                }
                 BK(gemm)(s, BK_LDS, qs, e, 1, kt + (j0 - key0), ldt, tp, jw, e, 0); /* S = Qs K^T, base 2 */
                 for (int64_t i = 0; i < tp; i++) {
                     float *row = s + i * BK_LDS;
-                    const int64_t lim = i < t ? bk_limit(r0 + i, j0, jn, P->causal) : 0;
+                    const int64_t lim = i >= t      ? 0
+                                        : part >= 0 ? (words[i] != 0) /* any bit: the row sees a key */
+                                                    : bk_limit(r0 + i, j0, jn, P->causal);
                     if (lim <= 0) {
                         memset(row, 0, sizeof(float) * (size_t)jw);
                         continue;
                     }
-                    const float mx = BK(mask_max)(row, jw, lim);
+                    const float mx = part >= 0 ? BK(mask_max_bits)(row, jw, words[i]) : BK(mask_max)(row, jw, lim);
                     if (mx > m[i] + 8.0f) { /* a new reference only when the scores outgrow it by 2**8: any */
                         const float alpha = exp2f(m[i] - mx); /* reference is exact, and this one keeps */
                         l[i] *= alpha;                        /* every weight below 256 */
@@ -214,7 +267,7 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
                     }
                     l[i] += BK(exp_sum)(row, jw, m[i]);
                 }
-                BK(gemm)(o, ev, s, BK_LDS, 1, v + j0 * ev, ev, tp, ev, jn, 1); /* O += P V */
+                BK(gemm)(o, ev, s, BK_LDS, 1, vb, ev, tp, ev, jn, 1); /* O += P V */
             }
         }
         for (int64_t i = 0; i < t; i++) {
@@ -236,11 +289,13 @@ static int BK(attend_bwd)(const bk_pat *P, const float *q, const float *k, const
     bk_pat_keys(P, g0, g1, &key0, &key1);
     const int64_t ldt = key1 - key0 + BK_TK;
     const int64_t wmax = e > ev ? e : ev;
-    float *buf = bk_scratch(BK_TQP * (3 * e + ev + 2 * BK_LDS) + 2 * BK_TQP + (e + ev) * ldt + BK_MR * wmax);
+    float *buf = bk_scratch(BK_TQP * (3 * e + ev + 2 * BK_LDS) + 2 * BK_TQP + (e + ev) * ldt + BK_MR * wmax +
+                            (P->part ? BK_TK * e : 0));
     if (!buf) return -1;
+    uint64_t words[BK_TQ];
     float *qs2 = buf, *qs = qs2 + BK_TQP * e, *gq = qs + BK_TQP * e, *go = gq + BK_TQP * e;
     float *p = go + BK_TQP * ev, *ds = p + BK_TQP * BK_LDS, *lse2 = ds + BK_TQP * BK_LDS, *dl = lse2 + BK_TQP;
-    float *kt = dl + BK_TQP, *vt = kt + e * ldt, *tmp = vt + ev * ldt;
+    float *kt = dl + BK_TQP, *vt = kt + e * ldt, *tmp = vt + ev * ldt, *kz = tmp + BK_MR * wmax;
     bk_transpose(k, e, key0, key1, kt, ldt);
     bk_transpose(v, ev, key0, key1, vt, ldt);
     memset(dk, 0, sizeof(float) * (size_t)((key1 - key0) * e)); /* dk, dv: the rows [key0, key1), owned */
@@ -263,27 +318,37 @@ static int BK(attend_bwd)(const bk_pat *P, const float *q, const float *k, const
             dl[i] = delta;
         }
         memset(gq, 0, sizeof(float) * (size_t)(tp * e));
-        int64_t cursor = 0, lo, hi;
-        while (bk_next_range(P, T.grp, &cursor, &lo, &hi)) {
+        int64_t cursor = 0, lo, hi, part;
+        while (bk_next_range(P, T.grp, &cursor, &lo, &hi, &part)) {
             if (!bk_clip(P, &T, &lo, &hi)) continue;
             for (int64_t j0 = lo; j0 < hi; j0 += BK_TK) {
                 const int64_t jn = bk_min(BK_TK, hi - j0), jw = bk_up(jn, 16);
+                const float *kb = k + j0 * e;
+                if (part >= 0) {
+                    const uint64_t seen = BK(block_words)(P, part, t, jn, words);
+                    if (!seen) continue;
+                    if (seen != (jn >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << jn) - 1))) {
+                        BK(zero_unseen)(kz, kb, jn, e, seen);
+                        kb = kz;
+                    }
+                }
                 BK(gemm)(p, BK_LDS, qs2, e, 1, kt + (j0 - key0), ldt, tp, jw, e, 0);  /* S = Qs K^T (base 2) */
                 BK(gemm)(ds, BK_LDS, go, ev, 1, vt + (j0 - key0), ldt, tp, jw, ev, 0); /* dP = dO V^T */
                 const VI idx0 = BK(iota)();
                 for (int64_t i = 0; i < tp; i++) {
                     float *prow = p + i * BK_LDS, *drow = ds + i * BK_LDS;
-                    const int64_t lim = i < t ? bk_limit(r0 + i, j0, jn, P->causal) : 0;
+                    const int64_t lim = i < t && part < 0 ? bk_limit(r0 + i, j0, jn, P->causal) : 0;
+                    const uint64_t word = i < t && part >= 0 ? words[i] : 0;
                     const VF l2 = BK(splat)(lse2[i]), dd = BK(splat)(dl[i]);
                     for (int64_t j = 0; j < jw; j += BK_VEC) {
-                        const VI ok = idx0 + (int32_t)j < (int32_t)lim;
+                        const VI ok = part >= 0 ? BK(bitsel)(word, j) : idx0 + (int32_t)j < (int32_t)lim;
                         const VF pv = BK(sel)(ok, BK(exp2v)(BK(ld)(prow + j) - l2), (VF){0}); /* P */
                         BK(st)(prow + j, pv);
                         BK(st)(drow + j, BK(sel)(ok, pv * (BK(ld)(drow + j) - dd), (VF){0})); /* dS */
                     }
                 }
                 BK(gemm_rows)(dv + (j0 - key0) * ev, ev, p, 1, BK_LDS, go, ev, jn, ev, tp, tmp); /* dV += P^T dO */
-                BK(gemm)(gq, e, ds, BK_LDS, 1, k + j0 * e, e, tp, e, jn, 1);                  /* dQ += dS K */
+                BK(gemm)(gq, e, ds, BK_LDS, 1, kb, e, tp, e, jn, 1);                          /* dQ += dS K */
                 BK(gemm_rows)(dk + (j0 - key0) * e, e, ds, 1, BK_LDS, qs, e, jn, e, tp, tmp); /* dK += dS^T sQ */
             }
         }

@@ -1,0 +1,183 @@
+"""Attention under any mask object or ``mask_mod`` on the native block engine, forward and backward.
+
+Every mask of :mod:`attnkit.functional.masks` (exact sliding windows, documents, sinks, block-sparse layouts, user
+``mask_mod`` functions, and their ``&`` / ``|``) compiles to one :class:`~attnkit.functional.masks.MaskBlocks`:
+per query tile of 64 rows the key blocks of 64 it touches, each full (the kernel's unmasked path) or partial (a
+64-bit mask per row). ``csrc/band.c`` (``attnkit_mask_fwd`` / ``attnkit_mask_bwd``) walks that description with
+the same tiles and microkernels as the sliding-window and block-sparse kernels: cost proportional to the blocks the
+mask touches. Key padding of the form ``mask & PaddingMask(lengths)`` stays right padding (``kv_len``) and is not
+compiled into the blocks.
+
+The backend ``native_mask`` serves ``scaled_dot_product_attention(q, k, v, mask)`` on the CPU for float32,
+bfloat16 and float16 inputs (computed in float32); any other input falls back to the dense masked path
+(``mask.materialize``), with the same values.
+
+Example:
+    >>> import torch
+    >>> from attnkit.functional import SlidingWindowMask, SinkMask, scaled_dot_product_attention, which_backend
+    >>> q = k = v = torch.randn(1, 2, 300, 16)
+    >>> mask = SlidingWindowMask(64) | SinkMask(4)
+    >>> scaled_dot_product_attention(q, k, v, mask).shape
+    torch.Size([1, 2, 300, 16])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _native
+from . import sparse as _sparse  # noqa: F401  (the block_sparse backend registers first: it is ahead of this one)
+from .dense import AttentionCall, Backend, register_backend
+from .local import native_attention, native_unsupported
+from .masks import (
+    AndMask,
+    AttentionMask,
+    BlockedWindowMask,
+    BlockSparseMask,
+    CausalMask,
+    MaskBlocks,
+    PaddingMask,
+)
+
+__all__ = ["masked_attention", "split_padding"]
+
+
+@dataclass(frozen=True)
+class _MaskPattern:
+    """A :class:`MaskBlocks` as the native kernel reads it (a :class:`~attnkit.functional.local.NativePattern`)."""
+
+    blocks: MaskBlocks
+    heads: int  # query heads H of the call: row r of B*H is batch r // H, head r % H
+    fwd: str = "attnkit_mask_fwd"
+    bwd: str = "attnkit_mask_bwd"
+
+    @property
+    def groups(self) -> int:
+        return self.blocks.n_q_blocks
+
+    def _row(self, row: int) -> int:
+        return self.blocks.row(row // self.heads, row % self.heads)
+
+    def args(self, row: int, kv_len: int, e: int, ev: int) -> tuple[object, ...]:
+        bl = self.blocks
+        ptr = bl.row_ptr.data_ptr() + self._row(row) * (self.groups + 1) * bl.row_ptr.element_size()
+        return (bl.q_len, bl.k_len, kv_len, e, ev, ptr, bl.cols.data_ptr(), bl.part.data_ptr(), bl.bits.data_ptr())
+
+    def keys(self, row: int, g0: int, g1: int) -> tuple[int, int]:
+        ptr = self.blocks.row_ptr[self._row(row)]
+        cols = self.blocks.cols[int(ptr[g0]) : int(ptr[g1])]
+        if not cols.numel():
+            return 0, 0
+        return int(cols.min()) * 64, min(self.blocks.k_len, (int(cols.max()) + 1) * 64)
+
+
+def split_padding(mask: AttentionMask) -> tuple[AttentionMask | None, Tensor | None]:
+    """``mask & PaddingMask(lengths)`` -> ``(mask, lengths)`` (right padding the kernel serves as ``kv_len``);
+    any other mask -> ``(mask, None)``. ``(None, lengths)`` when only padding is left."""
+    if isinstance(mask, PaddingMask):
+        return None, mask.lengths
+    if isinstance(mask, AndMask):
+        pads = [p for p in mask.parts if isinstance(p, PaddingMask)]
+        if len(pads) == 1:
+            rest = tuple(p for p in mask.parts if not isinstance(p, PaddingMask))
+            return (rest[0] if len(rest) == 1 else AndMask(rest)), pads[0].lengths
+    return mask, None
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float, *,
+                     is_causal: bool = False, isa: int = 2) -> Tensor:
+    """``(B, H, L, E)`` attention under ``mask`` on the native engine (see the module docstring): float32 /
+    bfloat16 / float16 CPU tensors, the native library loaded (check :func:`native_unsupported` first).
+    ``is_causal`` adds upper-left causal masking. ``isa``: 2 = the AVX-512 body where the CPU has it, 1 = the
+    build's own target."""
+    b, h, q_len, _ = q.shape
+    k_len = k.shape[2]
+    mask = mask._bind(b, h)
+    if is_causal:
+        mask = mask & CausalMask()
+    rest, lengths = split_padding(mask)
+    if rest is None:
+        rest = _Everything()
+    blocks = rest.blocks(q_len, k_len)
+    if blocks.batch not in (1, b) or blocks.heads not in (1, h):
+        raise ValueError(f"expected a mask of 1 or B={b} batch rows and 1 or H={h} heads, got "
+                         f"{blocks.batch} and {blocks.heads}; try MaskMod(fn, B=None, H=None)")
+    if lengths is not None:
+        lengths = lengths.cpu().long().view(-1).clamp(0, k_len).expand(b)
+    return native_attention(q, k, v, _MaskPattern(blocks, h), scale, isa, lengths)
+
+
+@dataclass(frozen=True)
+class _Everything(AttentionMask):
+    """Every key (what is left of ``PaddingMask`` alone once its lengths become ``kv_len``)."""
+
+    def materialize(self, q_len: int, k_len: int, *, device: torch.device | str | None = None) -> Tensor:
+        return torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
+
+    def _rows(self) -> tuple[int, int]:
+        return 1, 1
+
+    def _states(self, q_len: int, k_len: int) -> Tensor:
+        return torch.full((1, 1, -(-q_len // 64), -(-k_len // 64)), 2, dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------- dispatcher
+def _fused_serves(structure: AttentionMask) -> bool:
+    """Causal and padding structures alone: PyTorch's fused kernel serves them (is_causal / a key mask)."""
+    parts = structure.parts if isinstance(structure, AndMask) else (structure,)
+    return all(isinstance(p, CausalMask | PaddingMask) for p in parts)
+
+
+def _own_backend(structure: AttentionMask) -> str | None:
+    """The structured backend that serves this structure with its own kernel, if one does."""
+    parts = structure.parts if isinstance(structure, AndMask) else (structure,)
+    main = [p for p in parts if not isinstance(p, PaddingMask)]
+    if len(main) == 1 and len(parts) - len(main) <= 1:
+        if isinstance(main[0], BlockedWindowMask):
+            return "local"
+        if isinstance(main[0], BlockSparseMask):
+            return "block_sparse"
+    return None
+
+
+def _supports(call: AttentionCall) -> list[str]:
+    reasons = []
+    if call.structure is None:
+        reasons.append("no mask object (a tensor mask or none: the dense kernels serve it)")
+    elif _fused_serves(call.structure):
+        reasons.append("causal / padding structure only (PyTorch's fused kernel serves it)")
+    elif (own := _own_backend(call.structure)) is not None:
+        reasons.append(f"the {own!r} backend serves this structure")
+    if call.mask is not None:
+        reasons.append("an explicit tensor mask on top of the mask object")
+    if call.dropout_p > 0:
+        reasons.append("dropout on the weights")
+    if call.need_weights:
+        reasons.append("it does not return the attention weights")
+    why = native_unsupported(call.query, "auto")
+    if why:
+        reasons.append(why)
+    return reasons
+
+
+def _fn(call: AttentionCall) -> tuple[Tensor, None]:
+    assert call.structure is not None
+    out = masked_attention(call.query, call.key, call.value, call.structure, call.scale, is_causal=call.is_causal)
+    return out, None
+
+
+def _kernel(call: AttentionCall) -> str:
+    lib = _native.load()
+    body = _native.band_body(lib) if lib is not None else "none"
+    return f"native block engine (mask blocks of 64, full and partial: {body})"
+
+
+register_backend(
+    Backend("native_mask", _fn, False, _supports,
+            "any mask object or mask_mod compiled to blocks of 64 (full / partial with a bit mask per row), "
+            "the native C kernel forward and backward", kernel=_kernel),
+    before="sdpa",
+)

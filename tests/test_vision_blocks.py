@@ -3,6 +3,7 @@ and the name registry (every registered name round-trips through ``create_attent
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 
@@ -26,6 +27,7 @@ from attnkit.layers import (
 )
 from attnkit.layers.channel import eca_kernel_size, make_divisible
 from attnkit.registry import get_attention_class
+from attnkit.testing import assert_close_to_reference
 
 CNN_BLOCKS = {
     "se": SqueezeExcite,
@@ -107,9 +109,9 @@ def test_observer_sees_the_gate_that_was_applied() -> None:
     x = torch.randn(2, 16, 5, 5)
     (kind, g), = gates_of(se, x)
     assert kind == "channel"
-    torch.testing.assert_close(se(x), x * g)
+    assert torch.equal(se(x), x * g)  # the same product: exact
     (_, mc), (_, ms) = gates_of(cbam := CBAM(16), x)
-    torch.testing.assert_close(cbam(x), x * mc * ms)
+    assert torch.equal(cbam(x), x * mc * ms)
 
 
 # ---- parameter counts: the papers' formulas --------------------------------------------------------------------
@@ -176,37 +178,43 @@ def test_reduction_rounding() -> None:
 def test_se_matches_written_out_formula() -> None:
     se = SqueezeExcite(32, rd_ratio=1 / 8)
     x = torch.randn(3, 32, 6, 5)
-    z = x.mean(dim=(2, 3))  # (B, C)
-    w1, b1 = se.fc1.weight.flatten(1), se.fc1.bias
-    w2, b2 = se.fc2.weight.flatten(1), se.fc2.bias
+    ref, x64 = copy.deepcopy(se).double(), x.double()  # the formula in float64, from the same weights and inputs
+    z = x64.mean(dim=(2, 3))  # (B, C)
+    w1, b1 = ref.fc1.weight.flatten(1), ref.fc1.bias
+    w2, b2 = ref.fc2.weight.flatten(1), ref.fc2.bias
     s = torch.sigmoid(F.relu(z @ w1.T + b1) @ w2.T + b2)  # (B, C)
-    torch.testing.assert_close(se(x), x * s[:, :, None, None])
+    # the widest sum: the 6 x 5 pixels of the squeeze, the 32 channels of fc1
+    assert_close_to_reference(se(x), (x64 * s[:, :, None, None]).detach(), reduction=32)
 
 
 def test_eca_matches_written_out_formula() -> None:
     eca = EfficientChannelAttention(32, kernel_size=5)
     x = torch.randn(2, 32, 4, 4)
-    y = x.mean(dim=(2, 3))  # (B, C)
-    w = eca.conv.weight.flatten()  # (k,)
+    x64 = x.double()  # the formula in float64, from the same weights and inputs
+    y = x64.mean(dim=(2, 3))  # (B, C)
+    w = eca.conv.weight.detach().double().flatten()  # (k,)
     padded = F.pad(y, (2, 2))
     conv = torch.stack([(padded[:, i : i + 5] * w).sum(-1) for i in range(32)], dim=1)  # (B, C)
-    torch.testing.assert_close(eca(x), x * torch.sigmoid(conv)[:, :, None, None])
+    # the widest sum: the 4 x 4 pixels of the squeeze (the conv has 5 taps)
+    assert_close_to_reference(eca(x), x64 * torch.sigmoid(conv)[:, :, None, None], reduction=16)
 
 
 def test_cbam_matches_written_out_formula() -> None:
     cbam = CBAM(32, spatial_norm=False).eval()
     x = torch.randn(2, 32, 6, 6)
-    ca = cbam.channel
+    ref, x64 = copy.deepcopy(cbam).double(), x.double()  # the formula in float64, from the same weights and inputs
+    ca = ref.channel
 
     def mlp(v: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, C)
         h = F.relu(v @ ca.fc1.weight.flatten(1).T + ca.fc1.bias)
         return h @ ca.fc2.weight.flatten(1).T + ca.fc2.bias
 
-    mc = torch.sigmoid(mlp(x.mean((2, 3))) + mlp(x.amax((2, 3))))[:, :, None, None]
-    x1 = x * mc
+    mc = torch.sigmoid(mlp(x64.mean((2, 3))) + mlp(x64.amax((2, 3))))[:, :, None, None]
+    x1 = x64 * mc
     desc = torch.stack([x1.mean(1), x1.amax(1)], dim=1)  # (B, 2, H, W)
-    ms = torch.sigmoid(F.conv2d(desc, cbam.spatial.conv.weight, padding=3))
-    torch.testing.assert_close(cbam(x), x1 * ms)
+    ms = torch.sigmoid(F.conv2d(desc, ref.spatial.conv.weight, padding=3))
+    # the widest sum: the spatial conv, 2 x 7 x 7 = 98 terms
+    assert_close_to_reference(cbam(x), (x1 * ms).detach(), reduction=98)
 
 
 def _randomise(module: nn.Module) -> nn.Module:
@@ -227,6 +235,9 @@ def test_non_local_starts_as_identity_and_matches_reference() -> None:
     v = block.g(x).flatten(2).transpose(1, 2)  # (B, HW, Ci)
     a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(block.inner), dim=-1)  # (B, HW, HW)
     y = (a @ v).transpose(1, 2).reshape(b, block.inner, h, w)  # (B, Ci, H, W)
+    # not yet at the attnkit.testing policy: against a float64 copy this block is up to ~1.5x the tolerance
+    # (reduction 20) in 2% of draws - the randomised weights give scores up to ~28, whose rounding the softmax
+    # amplifies (issue 13)
     torch.testing.assert_close(block(x), block.out(y) + x)
 
 
@@ -239,7 +250,7 @@ def test_non_local_capture_sees_weights_and_heads_subsample() -> None:
     remove()
     (weights,) = seen
     assert weights.shape == (2, 2, 48, 12)  # (B, heads, HW, (H/2)(W/2))
-    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 48))
+    assert_close_to_reference(weights.sum(-1), torch.ones(2, 2, 48, dtype=torch.float64), reduction=12)  # 12 keys
     with pytest.raises(ValueError, match="num_heads"):
         NonLocalBlock(16, num_heads=3)
 

@@ -100,7 +100,7 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 ModFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 """``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``: FlexAttention's signature, ``True`` = may attend."""
 
-_CHUNK_BLOCKS = 4096  # partial blocks evaluated at once: 4096 x 64 x 64 booleans = 16 MiB
+_CHUNK_BLOCKS = 1024  # partial blocks evaluated at once: 1024 x 64 x 64 elements (int64 temporaries stay ~32 MiB)
 _BIT_WEIGHTS = (1 << torch.arange(8)).to(torch.uint8)
 
 

@@ -19,6 +19,7 @@ fused kernel where it can and ``attnkit.viz.capture`` sees the exact weights; th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, cast
 
@@ -28,9 +29,11 @@ from torch import Tensor, nn
 
 from attnkit.functional import (
     AttentionMask,
+    BlockedWindowMask,
     BlockSparseMask,
     PaddingMask,
-    WindowMask,
+    SlidingWindowMask,
+    as_mask,
     attention_weights,
     combine_masks,
 )
@@ -75,9 +78,12 @@ class MultiHeadAttention(nn.Module):
         qk_norm: LayerNorm over the head dim of queries and keys before the scores (Dehghani et al. 2023).
         window: local attention. An ``int`` is an exact sliding window by position: a query at position ``p`` sees
             the keys at positions ``k`` with ``|p - k| < window`` (with ``is_causal``: the last ``window`` keys, its
-            own included); this is the window a :class:`~attnkit.layers.RingKVCache` serves. A
-            :class:`~attnkit.functional.WindowMask` is the blocked window of :mod:`attnkit.functional.local`, handed
-            to the kernel as a structure, so ``backend="auto"`` runs the O(L w) ``local`` kernel.
+            own included); this is the window a :class:`~attnkit.layers.RingKVCache` serves. For self-attention with
+            positions in order (no cache, or a contiguous one) it is a
+            :class:`~attnkit.functional.SlidingWindowMask` structure, which ``backend="auto"`` runs on the native
+            block engine (O(L w), forward and backward); otherwise (a wrapped ring buffer) a dense mask by position.
+            A :class:`~attnkit.functional.BlockedWindowMask` is the blocked window of
+            :mod:`attnkit.functional.local`, handed to the kernel as a structure (the ``local`` kernel).
         layout: a :class:`~attnkit.functional.BlockSparseMask` (block-sparse pattern, served by the
             ``block_sparse`` kernel when nothing else is masked).
         scale: score scale (default ``1/sqrt(E)``).
@@ -129,7 +135,7 @@ class MultiHeadAttention(nn.Module):
         dropout: float = 0.0,
         position: PositionEncoding | None = None,
         qk_norm: bool = False,
-        window: int | WindowMask | None = None,
+        window: int | BlockedWindowMask | None = None,
         layout: BlockSparseMask | None = None,
         scale: float | None = None,
         backend: str = "auto",
@@ -147,10 +153,10 @@ class MultiHeadAttention(nn.Module):
         if not isinstance(num_kv_heads, int) or num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise fail("num_kv_heads dividing num_heads", f"num_heads={num_heads}, num_kv_heads={num_kv_heads!r}",
                        "num_kv_heads=1 (MQA) or a divisor of num_heads (GQA)")
-        if window is not None and not isinstance(window, WindowMask) and (
+        if window is not None and not isinstance(window, BlockedWindowMask) and (
             not isinstance(window, int) or isinstance(window, bool) or window < 1
         ):
-            raise fail("window: an int >= 1, a WindowMask or None", repr(window), "window=256")
+            raise fail("window: an int >= 1, a BlockedWindowMask or None", repr(window), "window=256")
         if layout is not None and not isinstance(layout, BlockSparseMask):
             raise fail("layout: a BlockSparseMask or None", type(layout).__name__,
                        "layout=BlockSparseMask(local_layout(n_blocks), block_size)")
@@ -320,7 +326,7 @@ class MultiHeadAttention(nn.Module):
         key: Tensor | None = None,
         value: Tensor | None = None,
         *,
-        attn_mask: Tensor | AttentionMask | None = None,
+        attn_mask: Tensor | AttentionMask | Callable[..., Tensor] | None = None,
         key_mask: Tensor | None = None,
         is_causal: bool = False,
         cache: KVCache | CrossKVCache | None = None,
@@ -396,7 +402,7 @@ class MultiHeadAttention(nn.Module):
         parts: list[Tensor | None] = []
         structures: list[AttentionMask] = []  # mask objects a structured kernel (local, block-sparse) can serve
         causal_done = False  # is_causal already expressed by a structure
-        if isinstance(self.window, WindowMask):
+        if isinstance(self.window, BlockedWindowMask):
             causal_done = is_causal
             structures.append(replace(self.window, causal=True) if is_causal else self.window)
         if self.layout is not None:
@@ -405,8 +411,13 @@ class MultiHeadAttention(nn.Module):
                 causal_done = True
             else:
                 structures.append(self.layout)
-        if isinstance(attn_mask, AttentionMask):
-            structures.append(attn_mask)
+        ordered = kv_cache is None or kv_cache.contiguous
+        exact_window = window is not None and ordered and self_attn  # positions are i + S - L (lower-right)
+        if exact_window:  # the exact window as a structure: the native block engine serves it
+            structures.append(SlidingWindowMask(cast(int, window), causal=is_causal))
+            causal_done = is_causal
+        if isinstance(attn_mask, AttentionMask) or (callable(attn_mask) and not isinstance(attn_mask, Tensor)):
+            structures.append(as_mask(attn_mask)._bind(b, self.num_heads))  # a mask object or a mask_mod
         elif attn_mask is not None:
             parts.append(self._tensor_mask(attn_mask, b, q_len, k_len, q.dtype))
         if key_mask is not None:
@@ -420,8 +431,7 @@ class MultiHeadAttention(nn.Module):
             else:
                 parts.append(key_mask.view(b, 1, 1, k_len))
         kernel_causal = False
-        ordered = kv_cache is None or kv_cache.contiguous
-        if window is not None or not ordered:
+        if not exact_window and (window is not None or not ordered):  # positions out of order, or cross-attention
             parts.append(_window_allowed(q_pos, k_pos, window, is_causal).view(1, 1, q_len, k_len))
         elif is_causal and not causal_done:
             if kv_cache is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 from attnkit.functional import CausalMask, padding_mask
 from attnkit.functional._reference import attention_reference
 from attnkit.layers import Attend, GateTap, WeightsTap
+from attnkit.testing import assert_close_to_reference
 from attnkit.viz import capture, from_hf_attentions
 
 
@@ -101,9 +103,10 @@ def test_capture_equals_reference_weights_and_keeps_outputs(backend, masking):
         stack = rec.stack()
         assert stack.shape == (3, 2, 4, 7, 7)
         for layer, (q, k, v) in enumerate(_layer_inputs(model, x, mask, causal)):
-            _, ref = attention_reference(q, k, v, mask, is_causal=causal)
-            torch.testing.assert_close(stack[layer], ref)
-        torch.testing.assert_close(stack.sum(-1), torch.ones(3, 2, 4, 7))
+            # the float64 reference of the same (float32) inputs the layer's Attend received
+            _, ref = attention_reference(q.double(), k.double(), v.double(), mask, is_causal=causal)
+            assert_close_to_reference(stack[layer], ref, reduction=7, msg=f"layer {layer}")  # S = 7 keys
+        assert_close_to_reference(stack.sum(-1), torch.ones(3, 2, 4, 7, dtype=torch.float64), reduction=7)
     # after the block no observer is left: the model runs as before
     assert not any(m.observed for m in model.modules() if hasattr(m, "observed"))
 
@@ -128,14 +131,14 @@ def test_selection_by_glob_regex_list_layers_heads():
     with torch.no_grad(), capture(model, "layers.*.self_attn", layers=[-1]) as rec:
         model(x)
     assert [(r.name, r.layer) for r in rec] == [("layers.2.self_attn", 0)]
-    torch.testing.assert_close(rec.stack()[0], all_maps[2])
+    assert torch.equal(rec.stack()[0], all_maps[2])  # the same run, only selected: exact
     with torch.no_grad(), capture(model, re.compile(r"layers\.[01]\.")) as rec:
         model(x)
     assert rec.names() == ["layers.0.self_attn", "layers.1.self_attn"]
     with torch.no_grad(), capture(model, ["layers.1.self_attn"], heads=[3, 1]) as rec:
         model(x)
     assert rec[0].heads == (3, 1)
-    torch.testing.assert_close(rec[0].tensor, all_maps[1][:, [3, 1]])
+    assert torch.equal(rec[0].tensor, all_maps[1][:, [3, 1]])
 
 
 def test_reductions_bound_memory_and_keep_the_values():
@@ -148,10 +151,11 @@ def test_reductions_bound_memory_and_keep_the_values():
     with torch.no_grad(), capture(model, reduce=("topk", 4)) as top:
         model(x)
     maps = full.stack()  # (3, 2, 4, 32, 32)
-    torch.testing.assert_close(mean.stack(), maps.mean(2, keepdim=True))
+    # the float32 mean of 4 heads against the float64 mean of the same maps
+    assert_close_to_reference(mean.stack(), maps.double().mean(2, keepdim=True), reduction=4)
     assert mean.nbytes() * 4 == full.nbytes()  # one map instead of four heads
     values, _ = maps.topk(4, dim=-1)
-    torch.testing.assert_close(torch.stack([r.tensor for r in top]), values)
+    assert torch.equal(torch.stack([r.tensor for r in top]), values)  # a selection: exact
     dense = top.stack()  # scattered back into zeros
     assert dense.shape == maps.shape
     assert ((dense == 0) | (dense == maps)).all() and (dense > 0).sum(-1).eq(4).all()
@@ -170,7 +174,9 @@ def test_gates_weights_taps_and_call_indices():
         ("", "attention", 1),
     ]
     gate = rec.gates()[0]
-    torch.testing.assert_close(gate.tensor, torch.sigmoid(model.fc(x.mean((2, 3)))).detach())
+    fc64 = copy.deepcopy(model.fc).double()  # the gate's formula in float64, from the same weights and inputs
+    want = torch.sigmoid(fc64(x.double().mean((2, 3)))).detach()
+    assert_close_to_reference(gate.tensor, want, reduction=9)  # the widest sum: the 3 x 3 pixels of the mean
     assert gate.numpy().dtype.name == "float32"
     with pytest.raises(ValueError, match="one call per layer"):
         rec.stack()
@@ -229,7 +235,7 @@ def test_from_hf_attentions_matches_a_bert_model():
     assert rec.names() == ["layer.0", "layer.1"]
     stack = rec.stack()
     assert stack.shape == (2, 1, 2, 5, 5)
-    torch.testing.assert_close(stack, torch.stack(out.attentions)[:, :, [0, 2]])
+    assert torch.equal(stack, torch.stack(out.attentions)[:, :, [0, 2]])  # copied and selected: exact
     top = from_hf_attentions(out.attentions, layers=-1, reduce=("topk", 2))
     assert top[0].tensor.shape == (1, 4, 5, 2) and top[0].dense().shape == (1, 4, 5, 5)
     with pytest.raises(ValueError, match="output_attentions=True"):
@@ -269,4 +275,4 @@ def test_capture_real_attnkit_modules():
     mha = MultiHeadAttention(16, 4).eval()  # need_weights=True and capture agree
     with torch.no_grad(), capture(mha) as one:
         _, weights = mha(tokens, need_weights=True)
-    torch.testing.assert_close(one[0].tensor, weights)
+    assert torch.equal(one[0].tensor, weights)

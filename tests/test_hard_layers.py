@@ -16,6 +16,7 @@ from attnkit.layers import (
     MovingAverageBaseline,
     ValueBaseline,
 )
+from attnkit.testing import assert_close_to_reference
 
 
 @pytest.mark.parametrize("score", ["additive", "dot", "general"])
@@ -86,8 +87,8 @@ def test_glimpse_sensor_crops_exact_patches() -> None:
     img = torch.arange(60 * 60, dtype=torch.float32).view(1, 1, 60, 60)
     sensor = GlimpseSensor(patch=4, scales=2)
     out = sensor(img, torch.zeros(1, 2))  # centre (30, 30)
-    torch.testing.assert_close(out[0, 0], img[0, 0, 28:32, 28:32])
-    torch.testing.assert_close(out[0, 1], torch.nn.functional.avg_pool2d(img[:, :, 26:34, 26:34], 2)[0, 0])
+    assert torch.equal(out[0, 0], img[0, 0, 28:32, 28:32])  # a crop: exact
+    assert torch.equal(out[0, 1], torch.nn.functional.avg_pool2d(img[:, :, 26:34, 26:34], 2)[0, 0])  # the same pool
     corner = sensor(torch.ones(1, 1, 60, 60), torch.tensor([[-1.0, -1.0]]))  # top-left: 3/4 of the patch is outside
     assert float(corner[0, 0].sum()) == 4.0  # only the 2x2 inside the image reads ones
     with pytest.raises(ValueError, match="loc"):
@@ -98,8 +99,8 @@ def test_gaussian_glimpse_log_prob_and_modes() -> None:
     policy = GaussianGlimpse(6, std=0.2)
     h = torch.randn(5, 6, requires_grad=True)
     g = policy(h, generator=torch.Generator().manual_seed(0))
-    dist = torch.distributions.Normal(g.mean, 0.2)
-    torch.testing.assert_close(g.log_prob, dist.log_prob(g.loc).sum(-1))
+    dist = torch.distributions.Normal(g.mean.double(), 0.2)  # float64 of the same mean and location
+    assert_close_to_reference(g.log_prob, dist.log_prob(g.loc.double()).sum(-1), reduction=2)  # 2 coordinates
     assert not g.loc.requires_grad and bool((g.loc.abs() <= 1).all())
     g.log_prob.sum().backward()
     assert h.grad is None and policy.proj.weight.grad is not None  # detach_input: REINFORCE trains only the policy

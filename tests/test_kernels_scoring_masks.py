@@ -17,6 +17,7 @@ from attnkit.functional import (
     padding_mask,
     scoring,
 )
+from attnkit.testing import assert_close_to_reference
 
 # ------------------------------------------------------------------------------------------ scoring
 B, L, S, E, EK, A = 2, 3, 4, 5, 6, 7
@@ -42,17 +43,19 @@ def qk() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def test_dot_and_scaled_dot(qk) -> None:
     q, k, _ = qk
-    torch.testing.assert_close(scoring.dot_scores(q, k), _loop(lambda b, i, j: q[b, i] @ k[b, j]))
+    # float64 scores against the float64 loops at the attnkit.testing policy: E-term dot products
+    assert_close_to_reference(scoring.dot_scores(q, k), _loop(lambda b, i, j: q[b, i] @ k[b, j]), reduction=E)
     scaled = _loop(lambda b, i, j: q[b, i] @ k[b, j] / math.sqrt(E))
-    torch.testing.assert_close(scoring.scaled_dot_scores(q, k), scaled)
+    assert_close_to_reference(scoring.scaled_dot_scores(q, k), scaled, reduction=E)
     half = _loop(lambda b, i, j: q[b, i] @ k[b, j] * 0.5)
-    torch.testing.assert_close(scoring.scaled_dot_scores(q, k, scale=0.5), half)
+    assert_close_to_reference(scoring.scaled_dot_scores(q, k, scale=0.5), half, reduction=E)
 
 
 def test_general(qk) -> None:
     q, _, k = qk
     w = torch.randn(E, EK, dtype=torch.float64)
-    torch.testing.assert_close(scoring.general_scores(q, k, w), _loop(lambda b, i, j: q[b, i] @ w @ k[b, j]))
+    expected = _loop(lambda b, i, j: q[b, i] @ w @ k[b, j])
+    assert_close_to_reference(scoring.general_scores(q, k, w), expected, reduction=EK)  # E- then EK-term sums
 
 
 def test_additive_bahdanau(qk) -> None:
@@ -60,24 +63,25 @@ def test_additive_bahdanau(qk) -> None:
     wq, wk = torch.randn(E, A, dtype=torch.float64), torch.randn(EK, A, dtype=torch.float64)
     v, bias = torch.randn(A, dtype=torch.float64), torch.randn(A, dtype=torch.float64)
     expected = _loop(lambda b, i, j: v @ torch.tanh(q[b, i] @ wq + k[b, j] @ wk + bias))
-    torch.testing.assert_close(scoring.additive_scores(q, k, wq, wk, v, bias), expected)
+    assert_close_to_reference(scoring.additive_scores(q, k, wq, wk, v, bias), expected, reduction=A)
     no_bias = _loop(lambda b, i, j: v @ torch.tanh(q[b, i] @ wq + k[b, j] @ wk))
-    torch.testing.assert_close(scoring.additive_scores(q, k, wq, wk, v), no_bias)
+    assert_close_to_reference(scoring.additive_scores(q, k, wq, wk, v), no_bias, reduction=A)
 
 
 def test_concat_is_additive_with_split_weights(qk) -> None:
     q, _, k = qk
     w, v = torch.randn(E + EK, A, dtype=torch.float64), torch.randn(A, dtype=torch.float64)
     by_concat = _loop(lambda b, i, j: v @ torch.tanh(torch.cat([q[b, i], k[b, j]]) @ w))  # v^T tanh(W [q; k])
-    torch.testing.assert_close(scoring.concat_scores(q, k, w, v), by_concat)
-    torch.testing.assert_close(scoring.concat_scores(q, k, w, v), scoring.additive_scores(q, k, w[:E], w[E:], v))
+    assert_close_to_reference(scoring.concat_scores(q, k, w, v), by_concat, reduction=E + EK)
+    split = scoring.additive_scores(q, k, w[:E], w[E:], v)
+    assert_close_to_reference(scoring.concat_scores(q, k, w, v), split, reduction=E + EK)
 
 
 def test_cosine(qk) -> None:
     q, k, _ = qk
     expected = _loop(lambda b, i, j: torch.dot(q[b, i], k[b, j]) / (q[b, i].norm() * k[b, j].norm()) / 0.2)
     got = scoring.cosine_scores(q, k, temperature=0.2)
-    torch.testing.assert_close(got, expected)
+    assert_close_to_reference(got, expected, reduction=E)
     assert got.abs().max() <= 1 / 0.2 + 1e-9
 
 
@@ -99,12 +103,12 @@ def test_attend_matches_hand_softmax(qk) -> None:
             if allowed.any():
                 e = torch.exp(scores[b, i][allowed] - scores[b, i][allowed].max())
                 expect_w[allowed] = e / e.sum()
-            torch.testing.assert_close(w[b, i], expect_w)
-            torch.testing.assert_close(out[b, i], expect_w @ value[b])
-    # integer (0 = masked) and float (added) masks mean the same thing
-    torch.testing.assert_close(scoring.attend(scores, value, mask.long()), out)
+            assert_close_to_reference(w[b, i], expect_w, reduction=S)
+            assert_close_to_reference(out[b, i], expect_w @ value[b], reduction=S)
+    # integer (0 = masked) and float (added) masks mean the same thing; the integer mask becomes the same boolean
+    assert torch.equal(scoring.attend(scores, value, mask.long()), out)
     bias = torch.zeros(B, L, S, dtype=torch.float64).masked_fill(~mask, float("-inf"))
-    torch.testing.assert_close(scoring.attend(scores, value, bias), out)
+    assert_close_to_reference(scoring.attend(scores, value, bias), out, reduction=S)  # float64 both
 
 
 @pytest.mark.parametrize("name", ["dot", "scaled_dot", "general", "additive", "concat", "cosine"])

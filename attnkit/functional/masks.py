@@ -29,7 +29,9 @@ Example:
 from __future__ import annotations
 
 import abc
+import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, TypeVar
@@ -318,15 +320,27 @@ class AttentionMask(abc.ABC):
         return self
 
     def blocks(self, q_len: int, k_len: int) -> MaskBlocks:
-        """The block description for ``L`` queries and ``S`` keys, computed once per length pair and cached on the
-        mask (tensors inside a mask must not be changed in place afterwards)."""
-        cache = self.__dict__.setdefault("_blocks_cache", {})
-        key = (q_len, k_len)
-        if key not in cache:
-            if len(cache) >= 8:
-                cache.pop(next(iter(cache)))
-            cache[key] = _compile(self, q_len, k_len)
-        return cache[key]  # type: ignore[no-any-return]
+        """The block description for ``L`` queries and ``S`` keys, cached per (mask, L, S) in a small LRU cache:
+        equal structured masks (``SlidingWindowMask(512)`` built anew each call) share one entry; masks holding
+        tensors (documents, padding, layouts, ``MaskMod``) are keyed by identity, so reuse the object (and do not
+        change its tensors in place)."""
+        key = (self, q_len, k_len)
+        with _BLOCKS_LOCK:
+            hit = _BLOCKS_CACHE.get(key)
+            if hit is not None:
+                _BLOCKS_CACHE.move_to_end(key)
+                return hit
+        blocks = _compile(self, q_len, k_len)
+        with _BLOCKS_LOCK:
+            _BLOCKS_CACHE[key] = blocks
+            while len(_BLOCKS_CACHE) > _BLOCKS_CACHE_SIZE:
+                _BLOCKS_CACHE.popitem(last=False)
+        return blocks
+
+
+_BLOCKS_CACHE: OrderedDict[tuple[AttentionMask, int, int], MaskBlocks] = OrderedDict()
+_BLOCKS_CACHE_SIZE = 32
+_BLOCKS_LOCK = threading.Lock()
 
 
 def _parts(mask: AttentionMask) -> tuple[AttentionMask, ...]:

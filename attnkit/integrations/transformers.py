@@ -23,11 +23,17 @@ not build an ``L x S`` tensor: it returns an :class:`HFMask`, the description HF
 ``mask_function(b, h, q_idx, kv_idx)``, the offsets of the queries and keys, the 2-D padding mask). The attention
 function turns it into attnkit's mask once per forward (all layers share it):
 
-* plain causal (``q_offset - kv_offset == S - L``, i.e. prefill or a contiguous KV cache) -> :class:`CausalMask`,
-  with right padding ``& PaddingMask``: the fused kernel's structured path, no ``L x S`` tensor;
+* causal (``q_offset - kv_offset == S - L``, i.e. prefill or a contiguous KV cache) -> :class:`CausalMask`
+  (lower-right), HF's sliding window -> :class:`SlidingWindowMask` (the same exact window); with right padding
+  ``& PaddingMask``, with left padding ``& DocumentMask`` (padding = document -1: a padding query sees nothing,
+  as in HF, where it sees only padding keys);
 * bidirectional (encoders) -> no mask, or a :class:`PaddingMask` for right padding;
-* anything else (left padding, sliding windows, packed sequences, custom ``or``/``and`` mask functions) -> the
-  boolean tensor HF's own ``sdpa_mask`` builds from the same mask function, so the pattern is exactly HF's.
+* anything else (packed sequences, custom ``or``/``and`` mask functions, other padding) -> HF's own mask function,
+  offsets and padding included, as a :class:`MaskMod` that attnkit's block engine runs tile by tile.
+
+No ``L x S`` tensor is built for any of them (``HFMask.materialize()`` gives HF's own boolean tensor, for the
+fallbacks and for tests). Rows with no key to attend (a left-padded batch's padding queries) give zeros, where HF's
+eager gives a uniform row over the padding.
 
 Anything the kernel cannot serve falls back, with a one-time warning naming the reason: ``softcap`` and attention
 sinks (``s_aux``) to the model's own eager attention (PyTorch's SDPA cannot do them either), a ``position_bias`` or an
@@ -50,7 +56,10 @@ from torch import Tensor, nn
 from attnkit.functional import (
     AttentionMask,
     CausalMask,
+    DocumentMask,
+    MaskMod,
     PaddingMask,
+    SlidingWindowMask,
     attention_weights,
     scaled_dot_product_attention,
 )
@@ -125,8 +134,8 @@ class HFMask:
         use_vmap: whether HF would expand ``mask_function`` with ``vmap`` (custom, not index-based functions).
         device: where the mask lives.
 
-    ``materialize()`` gives HF's own boolean ``(B, 1, L, S)`` tensor; :meth:`to_attnkit` the structured form. Both
-    are computed once and reused by every layer that receives this object.
+    ``materialize()`` gives HF's own boolean ``(B, 1, L, S)`` tensor; :meth:`to_attnkit` the structured form (a mask
+    object, never a tensor). Both are computed once and reused by every layer that receives this object.
     """
 
     batch_size: int
@@ -179,27 +188,34 @@ class HFMask:
         return None if bool(pad.all()) else pad
 
     def to_attnkit(self) -> Tensor | AttentionMask | None:
-        """attnkit's mask for this description: a structured mask where one exists, else HF's boolean tensor."""
+        """attnkit's mask object for this description (``None``: every key visible)."""
         if self._resolved is None:
             self._resolved = (self._structured(),)
         return self._resolved[0]
 
     def _structured(self) -> Tensor | AttentionMask | None:
-        pad = self.key_padding()
-        padding: AttentionMask | None = None
-        if pad is not None:
-            if not _is_prefix(pad):  # left padding: not a length; the block engine's mask_mod will take it
-                return self.materialize()
-            padding = PaddingMask.from_bool(pad)
         L, S = self.q_length, self.kv_length
+        pad = self.key_padding()
+        lower_right = self.q_offset - self.kv_offset == S - L  # prefill, or the newest L of a contiguous cache
+        base: AttentionMask | None = None
         if self.mask_function is _hf_masks.bidirectional_mask_function:
-            return padding
-        if self.mask_function is _hf_masks.causal_mask_function and self.q_offset - self.kv_offset == S - L:
-            causal = CausalMask(align="lower_right")
-            return causal if padding is None else causal & padding
-        # Sliding windows, packed sequences, custom overlays: HF's exact pattern as a boolean tensor.
-        # One-line switch once attnkit's kernel takes mask_mod callables: return self.mask_mod()
-        return self.materialize()
+            if pad is None:
+                return None
+            if _is_prefix(pad):
+                return PaddingMask.from_bool(pad)
+        elif lower_right and self.mask_function is _hf_masks.causal_mask_function:
+            base = CausalMask(align="lower_right")
+        elif lower_right and (window := _sliding_window_of(self.mask_function)) is not None:
+            base = SlidingWindowMask(window)
+        if base is not None:
+            if pad is None:
+                return base
+            if _is_prefix(pad):  # right padding: lengths
+                return base & PaddingMask.from_bool(pad)
+            if _is_prefix(pad.flip(-1)):  # left padding: a padding query sees only padding keys anyway
+                return base & DocumentMask(pad.long() - 1)  # ids: 0 = real, -1 = padding
+        # Packed sequences, custom overlays, other padding: HF's own mask function, run by the block engine.
+        return MaskMod(self.mask_mod())
 
     def mask_mod(self) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
         """The whole pattern (padding included) as a ``mask_mod(b, h, q_idx, kv_idx)`` on this call's indices."""
@@ -209,6 +225,22 @@ class HFMask:
             assert pad is not None
             fn = _hf_masks.and_masks(fn, _hf_masks.padding_mask_function(pad))
         return _hf_masks.add_offsets_to_mask_function(fn, self.q_offset, self.kv_offset)  # type: ignore[no-any-return]
+
+
+def _sliding_window_of(fn: Callable[..., Any]) -> int | None:
+    """``w`` when ``fn`` is HF's own ``sliding_window_causal_mask_function(w)`` (nothing added to it), else None."""
+    if getattr(fn, "__qualname__", "") != "and_masks.<locals>.and_mask" or fn.__closure__ is None:
+        return None
+    cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__), strict=True))
+    parts = cells.get("mask_functions")
+    if not (isinstance(parts, tuple) and len(parts) == 2 and parts[1] is _hf_masks.causal_mask_function):
+        return None
+    overlay = parts[0]
+    if getattr(overlay, "__qualname__", "") != "sliding_window_overlay.<locals>.inner_mask" or not overlay.__closure__:
+        return None
+    window = dict(zip(overlay.__code__.co_freevars, (c.cell_contents for c in overlay.__closure__), strict=True))
+    w = window.get("sliding_window")
+    return w if isinstance(w, int) and not isinstance(w, bool) and w >= 1 else None
 
 
 def _is_prefix(pad: Tensor) -> bool:
@@ -311,8 +343,7 @@ def attnkit_attention_forward(
     ``attention_mask`` is what :func:`attnkit_mask` built (an :class:`HFMask`), a tensor a caller prepared itself
     (boolean ``True`` = may attend, or float added to the scores, as HF's 4-D masks), or ``None``: then the module's
     ``is_causal`` (or the ``is_causal`` keyword) gives lower-right causal masking (the newest ``L`` of ``S`` keys),
-    and a ``sliding_window`` keyword the window HF applies (key ``j`` visible to query position ``p`` when
-    ``p - window < j <= p``).
+    and a ``sliding_window`` keyword HF's window (:class:`~attnkit.functional.SlidingWindowMask`).
     """
     problem = _unsupported(kwargs)
     if problem is not None:
@@ -320,18 +351,17 @@ def attnkit_attention_forward(
         _warn_once(reason, "the model's eager attention" if target == "eager" else "HuggingFace's sdpa")
         return _fallback(target, module, query, key, value, attention_mask, scaling, dropout, kwargs)
 
-    L, S = query.shape[-2], key.shape[-2]
     mask: Tensor | AttentionMask | None
     if isinstance(attention_mask, HFMask):
         mask = attention_mask.to_attnkit()
     elif attention_mask is None:
         window = kwargs.get("sliding_window")
         causal = _causal_default(module, kwargs)
-        if window is not None and window < S:
-            q_pos = torch.arange(S - L, S, device=query.device).unsqueeze(1)  # (L, 1)
-            k_pos = torch.arange(S, device=query.device).unsqueeze(0)  # (1, S)
-            visible = k_pos > q_pos - window
-            mask = visible & (k_pos <= q_pos) if causal else visible & (k_pos < q_pos + window)
+        if window is not None and not causal:
+            _warn_once("a sliding_window on a non-causal module without a mask is ambiguous", "HuggingFace's sdpa")
+            return _fallback("sdpa", module, query, key, value, None, scaling, dropout, kwargs)
+        if window is not None:
+            mask = SlidingWindowMask(int(window))  # HF's window, lower-right (the newest L of S keys)
         else:
             mask = CausalMask(align="lower_right") if causal else None
     else:

@@ -57,12 +57,12 @@ PROMPTS = [
 ]
 
 
-def _check(name: str, actual: torch.Tensor, ref: torch.Tensor, reduction: int) -> None:
+def _check(name: str, actual: torch.Tensor, ref: torch.Tensor, reduction: int, *, grad: bool = False) -> None:
     """assert_close_to_reference, and record the share of the tolerance used."""
-    atol, rtol = tolerance(actual.dtype, reduction)
+    atol, rtol = tolerance(actual.dtype, reduction, grad=grad)
     share = ((actual.double() - ref).abs() / (atol + rtol * ref.abs())).max().item()
     MEASURED[name] = max(MEASURED.get(name, 0.0), share)
-    assert_close_to_reference(actual, ref, reduction=reduction, msg=name)
+    assert_close_to_reference(actual, ref, reduction=reduction, grad=grad, msg=name)
 
 
 def _unpadded_reference(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple]:
@@ -329,6 +329,20 @@ def test_sliding_window_layers_match_eager() -> None:
     _check_padded("gemma3 tiny: attnkit", out.logits, out.attentions, ref, 4 * 128)
     assert (out.attentions[0][1, :, 10, :6] == 0).all()  # sliding layer: query 10 cannot see key 5 or before
     assert (out.attentions[1][1, :, 10, :6] > 0).all()  # global layer: it can
+
+
+def test_sliding_window_gradients_match_eager() -> None:
+    """A training step's gradients through the sliding and global layers (forward + backward, 24 tokens)."""
+    ours = _tiny_gemma3("attnkit").train()
+    reference = _tiny_gemma3("eager").double().train()
+    ids = torch.randint(1, 96, (2, 24))
+    with _no_fallback():
+        ours(input_ids=ids, labels=ids).loss.backward()
+    reference(input_ids=ids, labels=ids).loss.backward()
+    theirs = dict(reference.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad is not None and theirs[name].grad is not None, name
+        _check("gemma3 tiny: attnkit gradients", p.grad, theirs[name].grad, 4 * 128, grad=True)
 
 
 def _tiny_gemma2(impl: str) -> torch.nn.Module:

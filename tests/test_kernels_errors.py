@@ -11,9 +11,11 @@ import torch
 from attnkit.functional import (
     Backend,
     CausalMask,
+    SlidingWindowMask,
     attention_reference,
     available_backends,
     causal_mask,
+    dispatch,
     padding_mask,
     register_backend,
     scaled_dot_product_attention,
@@ -104,7 +106,8 @@ def test_which_backend_choices() -> None:
 @pytest.fixture
 def picky_backend(monkeypatch: pytest.MonkeyPatch) -> Backend:
     """A backend registered first that cannot serve masks; the registry is restored afterwards."""
-    monkeypatch.setattr(dense_mod, "_BACKENDS", dict(dense_mod._BACKENDS))
+    monkeypatch.setattr(dispatch, "_BACKENDS", dict(dispatch._BACKENDS))
+    monkeypatch.setattr(dispatch, "_RANKS", dict(dispatch._RANKS))
     served: list[AttentionCall] = []
 
     def fn(call: AttentionCall) -> tuple[torch.Tensor, None]:
@@ -115,7 +118,8 @@ def picky_backend(monkeypatch: pytest.MonkeyPatch) -> Backend:
         return ["cannot take a mask"] if call.mask is not None or call.structure is not None else []
 
     backend = Backend("picky", fn, False, supports, "test backend")
-    register_backend(backend, before=available_backends()[0])
+    with pytest.warns(DeprecationWarning, match="PRIORITY"):
+        register_backend(backend, before=available_backends()[0])
     backend.served = served  # type: ignore[attr-defined]
     return backend
 
@@ -140,16 +144,39 @@ def test_registry_restored_after_fixture() -> None:
     assert "picky" not in available_backends()
 
 
+def test_priority_list_orders_the_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The built-ins follow dispatch.PRIORITY; a backend with no place there goes after them, in registration order."""
+    assert available_backends() == [n for n in dispatch.PRIORITY if n in available_backends()]
+    monkeypatch.setattr(dispatch, "_BACKENDS", dict(dispatch._BACKENDS))
+    monkeypatch.setattr(dispatch, "_RANKS", dict(dispatch._RANKS))
+    register_backend(Backend("mine", dense_mod._sdpa_fn, False))
+    register_backend(Backend("mine2", dense_mod._sdpa_fn, False))
+    assert available_backends()[-2:] == ["mine", "mine2"]
+    q = torch.randn(1, 2, 3, 4)
+    assert which_backend(q, q, q).name == "sdpa"  # never ahead of a built-in that serves the call
+
+
+def test_forced_backend_names_the_inputs_and_every_reason() -> None:
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError) as info:
+        sdpa(q, q, q, SlidingWindowMask(2), backend="native_mask", dropout_p=0.1)
+    msg = str(info.value)
+    for word in ("float64 inputs", "dropout on the weights", "query (1, 2, 4, 8)", "mask: SlidingWindowMask"):
+        assert word in msg, f"{word!r} not in {msg!r}"
+
+
 def test_forced_kernel_that_hides_weights_is_asked_only_for_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
     """A backend that declines ``need_weights`` still serves a forced call: weights come from the math backend."""
-    monkeypatch.setattr(dense_mod, "_BACKENDS", dict(dense_mod._BACKENDS))
+    monkeypatch.setattr(dispatch, "_BACKENDS", dict(dispatch._BACKENDS))
+    monkeypatch.setattr(dispatch, "_RANKS", dict(dispatch._RANKS))
     asked: list[bool] = []
 
     def supports(call: AttentionCall) -> list[str]:
         asked.append(call.need_weights)
         return ["it does not return the attention weights"] if call.need_weights else []
 
-    register_backend(Backend("hider", dense_mod._sdpa_fn, False, supports), before=available_backends()[0])
+    with pytest.warns(DeprecationWarning):
+        register_backend(Backend("hider", dense_mod._sdpa_fn, False, supports), before=available_backends()[0])
     q = torch.randn(1, 2, 3, 4)
     out, w = sdpa(q, q, q, return_weights=True, backend="hider")
     q64 = q.double()

@@ -8,14 +8,13 @@ from . import scoring
 from ._reference import attention_reference, masked_softmax
 from .chunked import chunked_attention, merge_attention
 from .decode import decode_attention  # registers the "decode" backend (KV-cache decoding steps)
-from .dense import (
+from .dense import attention_weights, scaled_dot_product_attention
+from .dispatch import (
     AttentionCall,
     Backend,
     BackendChoice,
-    attention_weights,
     available_backends,
     register_backend,
-    scaled_dot_product_attention,
     which_backend,
 )
 from .hard import HardAttentionResult, baseline_loss, hard_attention, reinforce_loss

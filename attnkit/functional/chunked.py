@@ -37,7 +37,7 @@ from torch import Tensor
 
 from . import _validate as V
 from ._reference import expand_kv_heads
-from .dense import AttentionCall, Backend, register_backend
+from .dispatch import AttentionCall, Backend, register_backend
 from .local import same_head_dim
 from .masks import AttentionMask
 
@@ -292,5 +292,4 @@ def _chunked_fn(call: AttentionCall) -> tuple[Tensor, None]:
 # and is faster, so "auto" keeps choosing it (measured by `python -m attnkit.bench long`).
 register_backend(
     Backend("chunked", _chunked_fn, False, _chunked_supports, "chunked online-softmax attention, O(N*chunk) memory"),
-    before="math",
 )

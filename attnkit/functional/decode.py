@@ -58,7 +58,7 @@ from torch import Tensor
 
 from . import _native
 from . import _validate as V
-from .dense import AttentionCall, Backend, register_backend
+from .dispatch import AttentionCall, Backend, register_backend
 from .masks import causal_mask
 
 __all__ = ["MAX_QUERIES", "decode_attention", "native_unsupported"]
@@ -271,13 +271,9 @@ def _decode_supports(call: AttentionCall) -> list[str]:
         reasons.append(f"more than {MAX_QUERIES} queries (not a decoding step)")
     if call.k_len < MIN_KEYS:
         reasons.append(f"fewer than {MIN_KEYS} keys (nothing to gain over the fused kernel)")
-    if call.needs_grad:
-        reasons.append("inputs require grad (the decode kernel is for inference)")
     if call.dropout_p > 0:
         reasons.append("dropout > 0")
-    if call.query.device.type != "cpu":
-        reasons.append("not a CPU tensor (the fused kernel decodes well on accelerators)")
-    if reasons:
+    if reasons or call.needs_grad or call.query.device.type != "cpu":  # grad and device: declared on the backend
         return reasons
     why = native_unsupported(call.query, call.key, call.value)
     if not why:  # the C kernel streams any float32/bfloat16/float16 cache at any thread count
@@ -300,6 +296,5 @@ def _decode_kernel(call: AttentionCall) -> str:
 
 register_backend(
     Backend("decode", _decode_fn, True, _decode_supports, "a few queries over a long KV cache, bandwidth-bound",
-            kernel=_decode_kernel),
-    before="sdpa",
+            kernel=_decode_kernel, devices=("cpu",), grad=False),
 )

@@ -17,8 +17,8 @@ Backends (``backend=``):
 * ``"auto"`` (default): the first registered backend that can serve the inputs, in priority order; with
   ``return_weights=True``, the first that returns weights itself.
 
-Each backend says why it cannot serve an input (:meth:`Backend.not_supported_reasons`); a forced backend that
-cannot serve raises ``ValueError`` with those reasons. :func:`which_backend` tells which kernel would run and why.
+The dispatcher itself (:class:`AttentionCall`, :class:`Backend`, the priority list, :func:`which_backend`) lives in
+:mod:`attnkit.functional.dispatch`; this module registers the three dense backends on it.
 """
 
 from __future__ import annotations
@@ -26,16 +26,25 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _validate as V
 from ._reference import attention_reference, expand_kv_heads
-from .masks import AttentionMask, CausalMask, as_mask, causal_mask, combine_masks
+from .dispatch import (
+    AttentionCall,
+    Backend,
+    BackendChoice,
+    available_backends,
+    choose_backend,
+    get_backend,
+    make_call,
+    register_backend,
+    which_backend,
+)
+from .masks import AttentionMask, causal_mask
 
 __all__ = [
     "AttentionCall",
@@ -44,125 +53,11 @@ __all__ = [
     "attention_weights",
     "available_backends",
     "register_backend",
+    "dense_attention",
     "release_buffers",
     "scaled_dot_product_attention",
     "which_backend",
 ]
-
-
-@dataclass
-class AttentionCall:
-    """A validated call, in the 4-D layout, as every backend sees it.
-
-    ``mask`` is an explicit tensor mask viewed as 4-D (bool, or float in the query dtype); ``structure`` is a mask
-    object (causal, padding, window, ...) that a backend may serve without materialising it.
-    """
-
-    query: Tensor  # (B, H, L, E)
-    key: Tensor  # (B, Hkv, S, E)
-    value: Tensor  # (B, Hkv, S, Ev)
-    mask: Tensor | None
-    structure: AttentionMask | None
-    is_causal: bool
-    dropout_p: float
-    scale: float
-    need_weights: bool
-
-    @property
-    def batch(self) -> int:
-        return self.query.shape[0]
-
-    @property
-    def heads(self) -> int:
-        return self.query.shape[1]
-
-    @property
-    def kv_heads(self) -> int:
-        return self.key.shape[1]
-
-    @property
-    def q_len(self) -> int:
-        return self.query.shape[2]
-
-    @property
-    def k_len(self) -> int:
-        return self.key.shape[2]
-
-    @property
-    def needs_grad(self) -> bool:
-        tensors = (self.query, self.key, self.value, self.mask)
-        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-    def dense_mask(self) -> tuple[Tensor | None, bool]:
-        """The whole mask as ``(tensor or None, is_causal)`` for a dense kernel.
-
-        Causal structure that equals PyTorch's ``is_causal`` stays a flag; anything else is materialised and
-        combined (boolean ``True`` = may attend; float = added).
-        """
-        structure, causal = self.structure, self.is_causal
-        if isinstance(structure, CausalMask):
-            if structure.is_full(self.q_len, self.k_len):
-                structure = None
-            elif structure.is_upper_left(self.q_len, self.k_len) and self.mask is None:
-                structure, causal = None, True
-        if structure is None and (self.mask is None or not causal):
-            return self.mask, causal
-        parts = [self.mask]
-        if structure is not None:
-            parts.append(structure.materialize(self.q_len, self.k_len, device=self.query.device))
-        if causal:
-            parts.append(causal_mask(self.q_len, self.k_len, device=self.query.device))
-        return combine_masks(*parts), False
-
-
-BackendFn = Callable[[AttentionCall], tuple[Tensor, Tensor | None]]
-
-
-@dataclass
-class Backend:
-    """A kernel that computes attention for the calls it supports.
-
-    Args:
-        name: the ``backend=`` string.
-        fn: ``fn(call) -> (out, weights or None)``.
-        returns_weights: whether ``fn`` returns the weights it used.
-        supports: ``supports(call) -> list of reasons it cannot serve`` (empty = it can).
-        description: one line for :func:`which_backend`.
-        kernel: optional ``kernel(call) -> str``: which of the backend's own implementations would run, and why
-            (for backends with a native kernel and a PyTorch path); :func:`which_backend` prints it.
-    """
-
-    name: str
-    fn: BackendFn
-    returns_weights: bool
-    supports: Callable[[AttentionCall], list[str]] = field(default=lambda call: [])
-    description: str = ""
-    kernel: Callable[[AttentionCall], str] | None = None
-
-    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
-        return list(self.supports(call))
-
-
-_BACKENDS: dict[str, Backend] = {}
-
-
-def register_backend(backend: Backend, *, before: str | None = None) -> None:
-    """Add a backend to the dispatcher; ``before`` puts it ahead of a named one in ``auto``'s priority order."""
-    items = [(n, b) for n, b in _BACKENDS.items() if n != backend.name]
-    index = len(items)
-    if before is not None:
-        names = [n for n, _ in items]
-        if before not in names:
-            raise V.fail(f"`before` in {names}", repr(before), "one of the registered backend names")
-        index = names.index(before)
-    items.insert(index, (backend.name, backend))
-    _BACKENDS.clear()
-    _BACKENDS.update(items)
-
-
-def available_backends() -> list[str]:
-    """Backend names in ``auto``'s priority order."""
-    return list(_BACKENDS)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -363,97 +258,17 @@ def _sdpa_fn(call: AttentionCall) -> tuple[Tensor, None]:
     return out, None
 
 
+def dense_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, *, scale: float) -> Tensor:
+    """PyTorch's fused kernel on an already validated 4-D call (the ``sdpa`` backend, no dispatch): for kernels that
+    fall back to dense masked attention. ``mask``: boolean ``True`` = may attend, or float added; broadcastable to
+    ``(B, H, L, S)``. Fully masked rows give zeros."""
+    call = AttentionCall(query, key, value, mask, None, False, 0.0, scale, False)
+    return _sdpa_fn(call)[0]
+
+
 register_backend(Backend("sdpa", _sdpa_fn, False, description="PyTorch fused scaled_dot_product_attention"))
 register_backend(Backend("math", _math_fn, True, description="in-place float math that returns exact weights"))
 register_backend(Backend("reference", _reference_fn, True, description="readable reference math (test oracle)"))
-
-
-# --------------------------------------------------------------------------------------------- dispatch
-@dataclass
-class BackendChoice:
-    """Which backend would run, and why each one ahead of it was passed over."""
-
-    name: str
-    reasons: dict[str, list[str]]
-    weights_from: str | None = None
-    kernel: str | None = None  # which implementation inside the backend, where it has several
-
-    def __str__(self) -> str:
-        lines = [f"backend: {self.name}"]
-        if self.kernel:
-            lines.append(f"kernel: {self.kernel}")
-        if self.weights_from:
-            lines.append(f"weights: recomputed by '{self.weights_from}'")
-        for name, why in self.reasons.items():
-            lines.append(f"  skipped {name}: {'; '.join(why)}")
-        return "\n".join(lines)
-
-
-def _choose(call: AttentionCall, backend: str) -> BackendChoice:
-    if backend != "auto":
-        if backend not in _BACKENDS:
-            raise V.fail(f"backend in {['auto', *_BACKENDS]}", repr(backend), 'backend="auto"')
-        chosen = _BACKENDS[backend]
-        # A kernel that hides its weights is only asked to serve the output; the math backend adds the weights.
-        hides_weights = call.need_weights and not chosen.returns_weights
-        why = chosen.not_supported_reasons(replace(call, need_weights=False) if hides_weights else call)
-        if why:
-            raise V.fail(f"inputs that backend {backend!r} can serve", "; ".join(why), 'backend="auto"')
-        weights_from = "math" if hides_weights else None
-        return BackendChoice(backend, {}, weights_from, chosen.kernel(call) if chosen.kernel else None)
-    reasons: dict[str, list[str]] = {}
-    for name, b in _BACKENDS.items():
-        why = b.not_supported_reasons(call)
-        if call.need_weights and not b.returns_weights and not why:
-            why = ["does not return the attention weights (return_weights=True)"]
-        if not why:
-            return BackendChoice(name, reasons, kernel=b.kernel(call) if b.kernel else None)
-        reasons[name] = why
-    raise ValueError(f"no backend can serve these inputs: {reasons}")  # pragma: no cover - reference serves all
-
-
-def _prepare(
-    query: Any,
-    key: Any,
-    value: Any,
-    attn_mask: Any,
-    is_causal: bool,
-    dropout_p: Any,
-    scale: Any,
-    return_weights: bool,
-) -> tuple[AttentionCall, bool]:
-    q, k, v = V.check_qkv(query, key, value)
-    three_d = q.dim() == 3
-    if three_d:  # the tutorial layout (B, L, E): one head
-        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-    b, h, q_len, e = q.shape
-    k_len = k.shape[2]
-    mask: Tensor | None = None
-    structure: AttentionMask | None = None
-    if isinstance(attn_mask, AttentionMask) or (callable(attn_mask) and not isinstance(attn_mask, Tensor)):
-        structure = as_mask(attn_mask)._bind(b, h)  # a bare mask_mod(b, h, q_idx, kv_idx) becomes a MaskMod
-    elif attn_mask is not None:
-        mask = V.check_mask_tensor(
-            V.check_tensor("attn_mask", attn_mask), b, h, q_len, k_len, ndim_in=3 if three_d else 4
-        )
-        if mask.dtype != torch.bool:
-            mask = mask.to(q.dtype)
-        if mask.device != q.device:
-            raise V.fail(
-                "attn_mask on the query's device", f"{mask.device} vs {q.device}", "attn_mask.to(query.device)"
-            )
-    call = AttentionCall(
-        query=q,
-        key=k,
-        value=v,
-        mask=mask,
-        structure=structure,
-        is_causal=bool(is_causal),
-        dropout_p=V.check_dropout(dropout_p),
-        scale=V.check_scale(scale, e),
-        need_weights=bool(return_weights),
-    )
-    return call, three_d
 
 
 def _empty_keys(call: AttentionCall) -> tuple[Tensor, Tensor]:
@@ -518,13 +333,13 @@ def scaled_dot_product_attention(
         >>> scaled_dot_product_attention(Q, K, V, mask).shape
         torch.Size([2, 5, 8])
     """
-    call, three_d = _prepare(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights)
+    call, three_d = make_call(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights)
     weights: Tensor | None
     if call.k_len == 0:
         out, weights = _empty_keys(call)
     else:
-        choice = _choose(call, backend)
-        out, w = _BACKENDS[choice.name].fn(call)
+        choice = choose_backend(call, backend)
+        out, w = get_backend(choice.name).fn(call)
         weights = w if w is not None or not call.need_weights else _math_weights(call)
     if three_d:
         out = out.squeeze(1)
@@ -563,36 +378,6 @@ def attention_weights(
         (torch.Size([1, 2, 3, 5]), True)
     """
     value = torch.zeros(*key.shape[:-1], 0, dtype=key.dtype, device=key.device) if isinstance(key, Tensor) else key
-    call, three_d = _prepare(query, key, value, attn_mask, is_causal, 0.0, scale, True)
+    call, three_d = make_call(query, key, value, attn_mask, is_causal, 0.0, scale, True)
     weights = _empty_keys(call)[1] if call.k_len == 0 else _math_weights(call)
     return weights.squeeze(1) if three_d else weights
-
-
-def which_backend(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Tensor | AttentionMask | Callable[..., Tensor] | None = None,
-    *,
-    is_causal: bool = False,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    return_weights: bool = False,
-    backend: str = "auto",
-) -> BackendChoice:
-    """Which backend :func:`scaled_dot_product_attention` would run for these inputs, and why.
-
-    Takes the same arguments, with the same mask meaning (boolean ``True`` = may attend, float = added), and
-    runs nothing. ``str(choice)`` lists every backend passed over with its reasons.
-
-    Example:
-        >>> import torch
-        >>> from attnkit.functional import which_backend, CausalMask
-        >>> q = torch.randn(1, 2, 4, 8)
-        >>> which_backend(q, q, q, CausalMask()).name
-        'sdpa'
-        >>> which_backend(q, q, q, return_weights=True).name
-        'math'
-    """
-    call, _ = _prepare(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights)
-    return _choose(call, backend)

@@ -49,7 +49,7 @@ from attnkit._runtime import torch_threads
 from . import _native
 from . import _validate as V
 from ._reference import expand_kv_heads
-from .dense import AttentionCall, Backend, register_backend
+from .dispatch import AttentionCall, Backend, register_backend
 from .masks import BlockedWindowMask, padding_mask, split_with_padding
 
 __all__ = [
@@ -853,6 +853,5 @@ def _local_kernel(call: AttentionCall) -> str:
 register_backend(
     Backend("local", _local_fn, False, _local_supports,
             "sliding-window attention, O(N*w): the native C kernel, else PyTorch's flash kernel blockwise",
-            kernel=_local_kernel),
-    before="sdpa",
+            kernel=_local_kernel, mask_kinds=("BlockedWindowMask", "PaddingMask")),
 )

@@ -29,9 +29,8 @@ import torch
 from torch import Tensor
 
 from . import _native
-from . import sparse as _sparse  # noqa: F401  (the block_sparse backend registers first: it is ahead of this one)
-from .dense import AttentionCall, Backend, register_backend
-from .local import native_attention, native_unsupported
+from .dispatch import AttentionCall, Backend, register_backend
+from .local import native_attention
 from .masks import (
     AndMask,
     AttentionMask,
@@ -157,9 +156,8 @@ def _supports(call: AttentionCall) -> list[str]:
         reasons.append("dropout on the weights")
     if call.need_weights:
         reasons.append("it does not return the attention weights")
-    why = native_unsupported(call.query, "auto")
-    if why:
-        reasons.append(why)
+    if call.query.device.type == "cpu" and _native.load() is None:  # dtypes and device: declared on the backend
+        reasons.append(f"no native library ({_native.status()})")
     return reasons
 
 
@@ -178,6 +176,6 @@ def _kernel(call: AttentionCall) -> str:
 register_backend(
     Backend("native_mask", _fn, False, _supports,
             "any mask object or mask_mod compiled to blocks of 64 (full / partial with a bit mask per row), "
-            "the native C kernel forward and backward", kernel=_kernel),
-    before="sdpa",
+            "the native C kernel forward and backward", kernel=_kernel,
+            dtypes=(torch.float32, torch.bfloat16, torch.float16), devices=("cpu",)),
 )

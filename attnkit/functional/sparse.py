@@ -39,7 +39,8 @@ from torch import Tensor
 
 from . import _validate as V
 from ._reference import expand_kv_heads
-from .dense import AttentionCall, Backend, register_backend, scaled_dot_product_attention
+from .dense import dense_attention
+from .dispatch import AttentionCall, Backend, register_backend
 from .local import _Piece, _right_padding, native_attention, native_unsupported, run_pieces, same_head_dim
 from .masks import BlockSparseMask, check_layout, fit_layout, padding_mask, split_with_padding
 
@@ -314,7 +315,7 @@ def block_sparse_attention(
         dense_mask = BlockSparseMask(layout, block_size, causal=causal).materialize(q_len, k_len, device=q.device)
         if key_mask is not None:
             dense_mask = dense_mask & key_mask.view(b, 1, 1, k_len)
-        return scaled_dot_product_attention(q, k, v, dense_mask, scale=scale_f)  # type: ignore[return-value]
+        return dense_attention(q, k, v, dense_mask, scale=scale_f)
     bs = block_size
     nq, nk = fitted.shape[-2:]
     k_pad = nk * bs - k_len
@@ -398,6 +399,6 @@ def _sparse_kernel(call: AttentionCall) -> str:
 
 register_backend(
     Backend("block_sparse", _sparse_fn, False, _sparse_supports,
-            "block-sparse attention over a layout (and key padding), O(non-zero blocks)", kernel=_sparse_kernel),
-    before="sdpa",
+            "block-sparse attention over a layout (and key padding), O(non-zero blocks)", kernel=_sparse_kernel,
+            mask_kinds=("BlockSparseMask", "PaddingMask")),
 )

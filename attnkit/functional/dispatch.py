@@ -1,0 +1,369 @@
+"""The one dispatcher: every attention kernel is a :class:`Backend`, chosen from one written priority list.
+
+A backend declares as data what it serves (dtypes, devices, mask kinds, gradients, head dims, whether it returns
+the weights, a tolerance hint for the parity suite) and gives, through ``supports(call)``, the reasons it cannot
+serve one call. ``backend="auto"`` runs the first backend of :data:`PRIORITY` that can serve the call (with
+``return_weights=True``, the first that returns weights itself); a forced backend that cannot serve raises
+``ValueError`` with the inputs and every reason. :func:`which_backend` tells which kernel would run and why the
+others were passed over.
+
+There is one level of choice: a backend that drives several implementations of its own (the sliding window's native
+C kernel, PyTorch flash pieces and blockwise path; the decode kernel's native and PyTorch paths) picks among them by
+the input alone, and ``BackendChoice.kernel`` names the one that would run. The public functions
+(:func:`~attnkit.functional.sliding_window_attention`, :func:`~attnkit.functional.block_sparse_attention`,
+:func:`~attnkit.functional.decode_attention`) take ``impl=`` to force one of them by name.
+
+Example:
+    >>> import torch
+    >>> from attnkit.functional import available_backends, which_backend
+    >>> available_backends()
+    ['local', 'decode', 'block_sparse', 'native_mask', 'sdpa', 'chunked', 'math', 'reference']
+    >>> q = torch.randn(1, 2, 4, 8)                                   # (B, H, L, E)
+    >>> choice = which_backend(q, q, q, return_weights=True)
+    >>> choice.name, choice.reasons["sdpa"]
+    ('math', ['does not return the attention weights (return_weights=True)'])
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from .masks import AndMask, AttentionMask, CausalMask, OrMask, as_mask, causal_mask, combine_masks
+
+__all__ = [
+    "PRIORITY",
+    "AttentionCall",
+    "Backend",
+    "BackendChoice",
+    "available_backends",
+    "choose_backend",
+    "get_backend",
+    "make_call",
+    "mask_kinds",
+    "register_backend",
+    "which_backend",
+]
+
+#: ``auto``'s order over the built-in backends. Structured kernels come first (each serves only its own mask
+#: objects or decoding steps, where it is faster than the dense kernels), then PyTorch's fused kernel, then the
+#: memory-lean and weight-returning dense paths. A backend registered under another name goes after all of these,
+#: in the order of registration.
+PRIORITY: tuple[str, ...] = ("local", "decode", "block_sparse", "native_mask", "sdpa", "chunked", "math", "reference")
+
+
+@dataclass
+class AttentionCall:
+    """A validated call, in the 4-D layout, as every backend sees it.
+
+    ``mask`` is an explicit tensor mask viewed as 4-D (bool, or float in the query dtype); ``structure`` is a mask
+    object (causal, padding, window, ...) that a backend may serve without materialising it.
+    """
+
+    query: Tensor  # (B, H, L, E)
+    key: Tensor  # (B, Hkv, S, E)
+    value: Tensor  # (B, Hkv, S, Ev)
+    mask: Tensor | None
+    structure: AttentionMask | None
+    is_causal: bool
+    dropout_p: float
+    scale: float
+    need_weights: bool
+
+    @property
+    def batch(self) -> int:
+        return self.query.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.query.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def q_len(self) -> int:
+        return self.query.shape[2]
+
+    @property
+    def k_len(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def needs_grad(self) -> bool:
+        tensors = (self.query, self.key, self.value, self.mask)
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+    def dense_mask(self) -> tuple[Tensor | None, bool]:
+        """The whole mask as ``(tensor or None, is_causal)`` for a dense kernel.
+
+        Causal structure that equals PyTorch's ``is_causal`` stays a flag; anything else is materialised and
+        combined (boolean ``True`` = may attend; float = added).
+        """
+        structure, causal = self.structure, self.is_causal
+        if isinstance(structure, CausalMask):
+            if structure.is_full(self.q_len, self.k_len):
+                structure = None
+            elif structure.is_upper_left(self.q_len, self.k_len) and self.mask is None:
+                structure, causal = None, True
+        if structure is None and (self.mask is None or not causal):
+            return self.mask, causal
+        parts = [self.mask]
+        if structure is not None:
+            parts.append(structure.materialize(self.q_len, self.k_len, device=self.query.device))
+        if causal:
+            parts.append(causal_mask(self.q_len, self.k_len, device=self.query.device))
+        return combine_masks(*parts), False
+
+    def describe(self) -> str:
+        """The inputs in one line, for error messages: shapes, dtype, device and mask kinds."""
+        q, k, v = self.query, self.key, self.value
+        dtype = str(q.dtype).replace("torch.", "")
+        return (f"query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}, {dtype} on {q.device}, "
+                f"mask: {' & '.join(mask_kinds(self)) or 'none'}")
+
+
+def mask_kinds(call: AttentionCall) -> tuple[str, ...]:
+    """The kinds of mask in a call: ``"tensor"`` (bool or float), ``"is_causal"``, and the mask objects' class names
+    (the parts of an ``&``; an ``|`` as ``"OrMask"``)."""
+    kinds = []
+    if call.mask is not None:
+        kinds.append(f"{'bool' if call.mask.dtype == torch.bool else 'float'} tensor")
+    if call.is_causal:
+        kinds.append("is_causal")
+    if call.structure is not None:
+        parts = call.structure.parts if isinstance(call.structure, AndMask) else (call.structure,)
+        kinds += [type(p).__name__ if not isinstance(p, OrMask) else "OrMask" for p in parts]
+    return tuple(kinds)
+
+
+BackendFn = Callable[[AttentionCall], tuple[Tensor, Tensor | None]]
+
+
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+@dataclass
+class Backend:
+    """A kernel that computes attention for the calls it supports.
+
+    What it serves is declared as data; the dispatcher checks ``dtypes``, ``devices``, ``grad`` and ``head_dims``
+    itself, and ``supports(call)`` adds the reasons that the data cannot say (a mask structure it does not read,
+    dropout, a library that did not load, ...).
+
+    Args:
+        name: the ``backend=`` string.
+        fn: ``fn(call) -> (out, weights or None)``.
+        returns_weights: whether ``fn`` returns the weights it used.
+        supports: ``supports(call) -> list of reasons it cannot serve`` (empty = it can), beyond the declared data.
+        description: one line for :func:`which_backend`.
+        kernel: optional ``kernel(call) -> str``: which of the backend's own implementations would run, and why
+            (for backends with a native kernel and a PyTorch path); :func:`which_backend` prints it.
+        dtypes: the query dtypes it serves (``None``: every float dtype).
+        devices: the device types it serves, e.g. ``("cpu",)`` (``None``: every device).
+        mask_kinds: the mask kinds it reads (:func:`mask_kinds` names; ``None``: every kind). A declaration for
+            readers and for the parity suite; ``supports`` states the exact rule.
+        grad: whether it serves inputs that require grad (a backward pass).
+        head_dims: the largest ``E`` and ``Ev`` it serves (``None``: any).
+        tolerance: a hint for the parity suite, as a multiple of the dtype's tolerance of
+            :mod:`attnkit.testing` (``None``: the policy as it stands).
+    """
+
+    name: str
+    fn: BackendFn
+    returns_weights: bool
+    supports: Callable[[AttentionCall], list[str]] = field(default=lambda call: [])
+    description: str = ""
+    kernel: Callable[[AttentionCall], str] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
+    devices: tuple[str, ...] | None = None
+    mask_kinds: tuple[str, ...] | None = None
+    grad: bool = True
+    head_dims: int | None = None
+    tolerance: float | None = None
+
+    def declared_reasons(self, call: AttentionCall) -> list[str]:
+        """Why the declared data rules this call out (empty when it does not)."""
+        reasons = []
+        if self.devices is not None and call.query.device.type not in self.devices:
+            reasons.append(f"a {call.query.device.type} tensor (the {self.name} kernel takes "
+                           f"{' and '.join(d.upper() if d == 'cpu' else d for d in self.devices)} tensors)")
+        if self.dtypes is not None and call.query.dtype not in self.dtypes:
+            reasons.append(f"{call.query.dtype} inputs (the {self.name} kernel takes {_names(self.dtypes)})")
+        if not self.grad and call.needs_grad:
+            reasons.append(f"inputs require grad (the {self.name} kernel is for inference)")
+        if self.head_dims is not None and max(call.query.shape[-1], call.value.shape[-1]) > self.head_dims:
+            reasons.append(f"head dims E={call.query.shape[-1]}, Ev={call.value.shape[-1]} above {self.head_dims}")
+        return reasons
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        return self.declared_reasons(call) + list(self.supports(call))
+
+
+_BACKENDS: dict[str, Backend] = {}  # in auto's order
+_RANKS: dict[str, tuple[float, int]] = {}  # name -> (place in PRIORITY, registration number)
+_COUNTER = itertools.count()
+
+
+def register_backend(backend: Backend, *, before: str | None = None) -> None:
+    """Add a backend to the dispatcher (or replace the one of that name).
+
+    A built-in name takes its place in :data:`PRIORITY`; any other name goes after the built-ins, in the order of
+    registration. ``before`` (deprecated) puts a backend just ahead of a named one instead.
+    """
+    if before is not None:
+        warnings.warn("register_backend(before=...) is deprecated: backends are ordered by "
+                      "attnkit.functional.dispatch.PRIORITY, and other backends follow it in registration order",
+                      DeprecationWarning, stacklevel=2)
+        names = [n for n in _BACKENDS if n != backend.name]
+        if before not in names:
+            raise V.fail(f"`before` in {names}", repr(before), "one of the registered backend names")
+        rank = _RANKS[before][0] - 0.5
+    else:
+        rank = float(PRIORITY.index(backend.name)) if backend.name in PRIORITY else float(len(PRIORITY))
+    _RANKS[backend.name] = (rank, next(_COUNTER))
+    items = {**_BACKENDS, backend.name: backend}
+    _BACKENDS.clear()
+    _BACKENDS.update(sorted(items.items(), key=lambda item: _RANKS[item[0]]))
+
+
+def available_backends() -> list[str]:
+    """Backend names in ``auto``'s priority order."""
+    return list(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend of that name."""
+    if name not in _BACKENDS:
+        raise V.fail(f"backend in {['auto', *_BACKENDS]}", repr(name), 'backend="auto"')
+    return _BACKENDS[name]
+
+
+@dataclass
+class BackendChoice:
+    """Which backend would run, and why each one ahead of it was passed over."""
+
+    name: str
+    reasons: dict[str, list[str]]
+    weights_from: str | None = None
+    kernel: str | None = None  # which implementation inside the backend, where it has several
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.name}"]
+        if self.kernel:
+            lines.append(f"kernel: {self.kernel}")
+        if self.weights_from:
+            lines.append(f"weights: recomputed by '{self.weights_from}'")
+        for name, why in self.reasons.items():
+            lines.append(f"  skipped {name}: {'; '.join(why)}")
+        return "\n".join(lines)
+
+
+def choose_backend(call: AttentionCall, backend: str = "auto") -> BackendChoice:
+    """The backend that serves ``call``: the forced one (raises with every reason when it cannot serve), or for
+    ``"auto"`` the first of :func:`available_backends` that can."""
+    if backend != "auto":
+        chosen = get_backend(backend)
+        # A kernel that hides its weights is only asked to serve the output; the math backend adds the weights.
+        hides_weights = call.need_weights and not chosen.returns_weights
+        why = chosen.not_supported_reasons(replace(call, need_weights=False) if hides_weights else call)
+        if why:
+            raise V.fail(f"inputs that backend {backend!r} can serve", f"{'; '.join(why)} ({call.describe()})",
+                         'backend="auto"')
+        weights_from = "math" if hides_weights else None
+        return BackendChoice(backend, {}, weights_from, chosen.kernel(call) if chosen.kernel else None)
+    reasons: dict[str, list[str]] = {}
+    for name, b in _BACKENDS.items():
+        why = b.not_supported_reasons(call)
+        if call.need_weights and not b.returns_weights and not why:
+            why = ["does not return the attention weights (return_weights=True)"]
+        if not why:
+            return BackendChoice(name, reasons, kernel=b.kernel(call) if b.kernel else None)
+        reasons[name] = why
+    raise ValueError(f"no backend can serve these inputs ({call.describe()}): {reasons}")  # pragma: no cover
+
+
+def make_call(
+    query: Any,
+    key: Any,
+    value: Any,
+    attn_mask: Any,
+    is_causal: bool,
+    dropout_p: Any,
+    scale: Any,
+    return_weights: bool,
+) -> tuple[AttentionCall, bool]:
+    """Validate the arguments of :func:`~attnkit.functional.scaled_dot_product_attention` into an
+    :class:`AttentionCall`; also returns whether the inputs were 3-D ``(B, L, E)``."""
+    q, k, v = V.check_qkv(query, key, value)
+    three_d = q.dim() == 3
+    if three_d:  # the tutorial layout (B, L, E): one head
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    b, h, q_len, e = q.shape
+    k_len = k.shape[2]
+    mask: Tensor | None = None
+    structure: AttentionMask | None = None
+    if isinstance(attn_mask, AttentionMask) or (callable(attn_mask) and not isinstance(attn_mask, Tensor)):
+        structure = as_mask(attn_mask)._bind(b, h)  # a bare mask_mod(b, h, q_idx, kv_idx) becomes a MaskMod
+    elif attn_mask is not None:
+        mask = V.check_mask_tensor(
+            V.check_tensor("attn_mask", attn_mask), b, h, q_len, k_len, ndim_in=3 if three_d else 4
+        )
+        if mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
+        if mask.device != q.device:
+            raise V.fail(
+                "attn_mask on the query's device", f"{mask.device} vs {q.device}", "attn_mask.to(query.device)"
+            )
+    call = AttentionCall(
+        query=q,
+        key=k,
+        value=v,
+        mask=mask,
+        structure=structure,
+        is_causal=bool(is_causal),
+        dropout_p=V.check_dropout(dropout_p),
+        scale=V.check_scale(scale, e),
+        need_weights=bool(return_weights),
+    )
+    return call, three_d
+
+
+def which_backend(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | AttentionMask | Callable[..., Tensor] | None = None,
+    *,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_weights: bool = False,
+    backend: str = "auto",
+) -> BackendChoice:
+    """Which backend :func:`~attnkit.functional.scaled_dot_product_attention` would run for these inputs, and why.
+
+    Takes the same arguments, with the same mask meaning (boolean ``True`` = may attend, float = added), and
+    runs nothing. ``str(choice)`` lists every backend passed over with its reasons.
+
+    Example:
+        >>> import torch
+        >>> from attnkit.functional import which_backend, CausalMask
+        >>> q = torch.randn(1, 2, 4, 8)
+        >>> which_backend(q, q, q, CausalMask()).name
+        'sdpa'
+        >>> which_backend(q, q, q, return_weights=True).name
+        'math'
+    """
+    call, _ = make_call(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights)
+    return choose_backend(call, backend)

@@ -28,7 +28,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attnkit.functional._validate import fail
+from attnkit._errors import fail
 
 from ._files import DataNotFoundError, package_file
 

@@ -65,7 +65,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from attnkit.functional._validate import fail
+from attnkit._errors import fail
 
 from ._files import DataNotFoundError
 from .bible import Language

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnkit.functional._validate import fail
+from attnkit._errors import fail
 
 from .images import MNIST_CLASSES
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from attnkit.functional._validate import fail
+from attnkit._errors import fail
 
 __all__ = ["BOS", "EOS", "PAD", "UNK", "Tokenizer"]
 

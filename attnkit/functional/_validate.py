@@ -11,12 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnkit._errors import fail  # re-exported: ``_validate.fail`` keeps working
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def fail(expected: str, got: str, fix: str) -> ValueError:
-    """Build the library's standard error: what was expected, what was got, and how to fix it."""
-    return ValueError(f"expected {expected}, got {got}; try {fix}")
 
 
 def check_tensor(name: str, x: Any) -> Tensor:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.functional._validate import fail
+from attnkit._errors import fail
 
 __all__ = ["CrossKVCache", "KVCache", "RingKVCache"]
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnkit.functional._validate import fail
+from attnkit._errors import fail
 from attnkit.registry import register_attention
 
 from .attend import GateTap

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit._errors import fail
 from attnkit._typing import FactoryKwargs
 from attnkit.functional import scoring
-from attnkit.functional._validate import check_tensor, fail
+from attnkit.functional._validate import check_tensor
 from attnkit.functional.hard import HARD_MODES, HardAttentionResult, hard_attention
 from attnkit.registry import register_attention
 

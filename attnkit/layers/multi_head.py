@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit._errors import fail
 from attnkit.functional import (
     AttentionMask,
     BlockedWindowMask,
@@ -37,7 +38,6 @@ from attnkit.functional import (
     attention_weights,
     combine_masks,
 )
-from attnkit.functional._validate import fail
 from attnkit.registry import register_attention
 
 from .attend import Attend

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnkit.functional._validate import fail
+from attnkit._errors import fail
 from attnkit.registry import register_attention
 
 from .attend import Attend

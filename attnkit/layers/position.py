@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from attnkit._errors import fail
 from attnkit.functional import position as P
-from attnkit.functional._validate import fail
 
 __all__ = [
     "ALiBiPosition",

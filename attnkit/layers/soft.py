@@ -34,8 +34,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from attnkit._errors import fail
 from attnkit.functional import scoring
-from attnkit.functional._validate import check_tensor, fail
+from attnkit.functional._validate import check_tensor
 from attnkit.registry import register_attention
 
 from .attend import Attend, WeightsTap

@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit._errors import fail
 from attnkit.functional import AttentionMask
-from attnkit.functional._validate import check_tensor, fail
+from attnkit.functional._validate import check_tensor
 
 from .cache import CrossKVCache, KVCache
 from .multi_head import MultiHeadAttention

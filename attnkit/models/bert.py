@@ -48,8 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit._errors import fail
 from attnkit.data import package_file
-from attnkit.functional._validate import check_tensor, fail
+from attnkit.functional._validate import check_tensor
 from attnkit.layers import TransformerEncoder, TransformerEncoderLayer
 
 __all__ = ["BertConfig", "BertEmbeddings", "BertEncoder", "BertTokenizer", "load_bert_weights", "load_minilm"]

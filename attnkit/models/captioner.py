@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit._errors import fail
 from attnkit._typing import FactoryKwargs
 from attnkit.data.scenes import BOS, CAPTION_VOCAB, EOS, PAD
 from attnkit.functional import reinforce_loss
-from attnkit.functional._validate import fail
 from attnkit.layers.hard import HardAttention, MovingAverageBaseline
 from attnkit.layers.soft import AdditiveAttention
 

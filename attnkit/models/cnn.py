@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from attnkit.functional._validate import fail
+from attnkit._errors import fail
 from attnkit.registry import create_attention
 
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from attnkit._errors import fail
 from attnkit.data.tokenizer import BOS, EOS, PAD
-from attnkit.functional._validate import fail
 
 from .seq2seq import Seq2SeqBase, check_src_mask, check_tokens
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit._errors import fail
 from attnkit._typing import FactoryKwargs
 from attnkit.functional import baseline_loss, reinforce_loss
-from attnkit.functional._validate import fail
 from attnkit.layers.hard import GaussianGlimpse, GlimpseSensor, ValueBaseline
 
 __all__ = ["RAMLoss", "RAMOutput", "RecurrentAttentionModel", "ram_loss"]

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnkit.functional._validate import fail
+from attnkit._errors import fail
 from attnkit.layers import AdditiveAttention, LuongAttention
 
 __all__ = ["ATTENTIONS", "GRUSeq2Seq", "Seq2SeqBase"]

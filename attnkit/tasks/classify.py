@@ -36,11 +36,11 @@ from attnkit._argtypes import (
     positive_float,
     positive_int,
 )
+from attnkit._errors import fail
 from attnkit._progress import progress
 from attnkit._runtime import torch_threads
 from attnkit.bench._timing import machine_line
 from attnkit.data.images import ImageSplits, load_images
-from attnkit.functional._validate import fail
 from attnkit.models.cnn import AttentionCNN, count_parameters
 from attnkit.registry import list_attentions
 from attnkit.tasks.report import Section, format_table

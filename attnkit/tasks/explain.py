@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from attnkit._argtypes import output_dir, positive_int
-from attnkit.functional._validate import fail
+from attnkit._errors import fail
 from attnkit.tasks.report import Section, format_table
 
 HELP = "Show where the pretrained MiniLM-L6 encoder attends: HTML viewer, head grid, rollout, top tokens."

@@ -1,4 +1,9 @@
-"""``attnkit translate train|evaluate|translate``: Bible verses, GRU (none / Bahdanau / Luong) or Transformer.
+"""``attnkit translate train|evaluate|translate``: Bible verses or generated text, GRU (none / Bahdanau / Luong) or
+Transformer.
+
+* ``--data`` picks the parallel text: ``bible`` (verses, sentencepiece subwords), or ``numbers`` / ``dates``
+  (:mod:`attnkit.data.generated`: inputs of 1-50 words, morpheme tokenizers, and a length-bucketed test set scored
+  per bucket: BLEU, chrF and exact match against input length, the shape of Bahdanau et al. 2015, Figure 2).
 
 * ``train`` trains sentencepiece tokenizers on the training books, then the model, with periodic validation,
   atomic checkpoints (``--out DIR/checkpoints``) and exact ``--resume``; it ends with BLEU/chrF on the test books.
@@ -34,10 +39,11 @@ from attnkit._argtypes import (
     positive_int,
     probability,
 )
+from attnkit._errors import fail
 from attnkit._runtime import torch_threads
-from attnkit.data.bible import LANGUAGES, language_code, load_parallel
+from attnkit.data import generated
+from attnkit.data.bible import LANGUAGES, Language, language_code, load_parallel
 from attnkit.data.tokenizer import BOS, EOS, PAD, Tokenizer
-from attnkit.functional._validate import fail
 from attnkit.models.decoding import Decoded, beam_search, greedy_decode
 from attnkit.models.seq2seq import ATTENTIONS, GRUSeq2Seq, Seq2SeqBase
 from attnkit.models.transformer_mt import TransformerMT
@@ -53,6 +59,7 @@ MAX_INPUT_CHARS = 1000  # longest text `translate` accepts
 
 # Settings: (full run, --quick run). None in argparse means "not given": resumed runs take the checkpoint's.
 DEFAULTS: dict[str, tuple[Any, Any]] = {
+    "data": ("bible", "bible"),
     "src": ("4", "4"),
     "tgt": ("e", "e"),
     "steps": (4000, 80),
@@ -78,8 +85,8 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
 }
 # settings that must match a checkpoint when resuming (the rest, like --steps, may change)
 FIXED = (
-    "model", "src", "tgt", "batch_size", "lr", "warmup", "clip", "seed", "vocab_size", "max_chars", "max_tokens",
-    "max_train", "embed_dim", "hidden_dim", "layers", "heads", "ff_dim", "dropout", "label_smoothing",
+    "model", "data", "src", "tgt", "batch_size", "lr", "warmup", "clip", "seed", "vocab_size", "max_chars",
+    "max_tokens", "max_train", "embed_dim", "hidden_dim", "layers", "heads", "ff_dim", "dropout", "label_smoothing",
 )  # fmt: skip
 
 
@@ -112,18 +119,28 @@ def _language(text: str) -> str:
     return text
 
 
+DATA = ("bible", *generated.KINDS)
+# generated data: default languages and token limit (a 50-word source is up to ~130 morphemes, its target ~145)
+GENERATED_DEFAULTS: dict[str, Any] = {"src": "en", "tgt": "de", "max_tokens": 160}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     train = sub.add_parser("train", help="train a model (checkpoints in --out; --resume continues)")
     train.add_argument("--model", choices=MODELS, default="bahdanau", help="decoder attention (default bahdanau)")
-    train.add_argument("--src", type=_language, help="source version or ISO code (default 4 = English WEB)")
-    train.add_argument("--tgt", type=_language, help="target version or ISO code (default e = German Elberfelder)")
+    train.add_argument(
+        "--data", choices=DATA, help="parallel text: bible verses, or generated numbers / dates (default bible)"
+    )
+    train.add_argument("--src", type=_language, help="source version or ISO code (default 4 = English WEB; "
+                       "numbers / dates: en)")  # fmt: skip
+    train.add_argument("--tgt", type=_language, help="target version or ISO code (default e = German Elberfelder; "
+                       "numbers / dates: de)")  # fmt: skip
     train.add_argument("--steps", type=positive_int, help="last training step (default 4000; --quick 80)")
     train.add_argument("--out", type=output_dir, help="run folder (default runs/translate/MODEL)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train.add_argument("--quick", action="store_true", help="tiny settings: a run of well under a minute")
     for name in DEFAULTS:
-        if name in ("src", "tgt", "steps"):
+        if name in ("data", "src", "tgt", "steps"):
             continue
         full, quick = DEFAULTS[name]
         zero = f"; {_ZERO[name]}" if name in _ZERO else ""
@@ -159,8 +176,11 @@ def _check_train(args: argparse.Namespace) -> None:
         given = getattr(args, name, None)
         return given if given is not None or args.resume else DEFAULTS[name][quick]
 
+    data = value("data")
+    if data is not None and data != "bible":
+        _check_generated_languages(data, args.src, args.tgt)
     src, tgt = value("src"), value("tgt")
-    if src is not None and tgt is not None and language_code(src) == language_code(tgt):
+    if data == "bible" and src is not None and tgt is not None and language_code(src) == language_code(tgt):
         raise ArgumentTypeError(
             f"--src / --tgt: expected two different versions for --src and --tgt, got {src!r} and {tgt!r}; "
             "try --src 4 --tgt e"
@@ -174,6 +194,23 @@ def _check_train(args: argparse.Namespace) -> None:
             f"--hidden-dim / --heads: expected --hidden-dim divisible by --heads, got {hidden} and {heads}; "
             f"try --heads {next(h for h in range(heads, 0, -1) if hidden % h == 0)}"
         )
+
+
+def _check_generated_languages(data: str, src: str | None, tgt: str | None) -> None:
+    """``--src`` / ``--tgt`` of generated data: languages that ``data`` is written in, two different ones."""
+    langs = generated.KIND_LANGUAGES[data]
+    for name, code in (("src", src), ("tgt", tgt)):
+        if code is not None and code not in langs:
+            raise ArgumentTypeError(
+                f"--{name}: expected a language {data} are written in ({', '.join(langs)}), got {code!r}; "
+                f"try --{name} {GENERATED_DEFAULTS[name]}"
+            )
+    if src is not None and generated.LANGUAGES[src].no_spaces:
+        raise ArgumentTypeError(f"--src: expected a language written with spaces, got {src!r}; try --src en")
+    s, t = src or GENERATED_DEFAULTS["src"], tgt or GENERATED_DEFAULTS["tgt"]
+    if s == t:
+        raise ArgumentTypeError(f"--src / --tgt: expected two different languages, got {s!r} and {t!r}; "
+                                "try --src en --tgt de")  # fmt: skip
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -193,14 +230,21 @@ def run(args: argparse.Namespace) -> int:
         return _train_command(args, out)
     if args.action == "evaluate":
         model, run_cfg, tok_src, tok_tgt, ckpt_extra = load_run(out, device=args.device)
-        corpus = load_parallel(run_cfg["src"], run_cfg["tgt"], max_chars=run_cfg["max_chars"])
+        data = run_cfg.get("data", "bible")
+        corpus = load_corpus(run_cfg)
         pairs = corpus.test if args.split == "test" else corpus.valid
+        if data != "bible" and args.split == "test":
+            pairs, limit = bucketed_test_pairs(corpus, args.limit), 0
+        else:
+            limit = args.limit
         res = evaluate(model, tok_src, tok_tgt, pairs, run_cfg["tgt"], beam=args.beam, alpha=args.alpha,
-                       limit=args.limit, batch_size=args.batch_size)  # fmt: skip
+                       limit=limit, batch_size=args.batch_size, data=data)  # fmt: skip
         res.update(_run_summary(model, run_cfg, ckpt_extra))
         res["split"] = args.split
         (out / f"results-{args.split}-beam{args.beam}.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
         print(_result_line(res))
+        if "by_length" in res:
+            print(format_by_length(res["by_length"]))
         for s in res["samples"][:3]:
             print(f"  src: {s['src']}\n  ref: {s['ref']}\n  hyp: {s['hyp']}")
         return 0
@@ -229,7 +273,21 @@ def resolve_settings(args: argparse.Namespace, stored: dict[str, Any] | None = N
         if value is not None:
             given[name] = value
         cfg[name] = value if value is not None else (stored or {}).get(name, q if quick else full)
-    cfg["src"], cfg["tgt"] = language_code(cfg["src"]), language_code(cfg["tgt"])
+    if stored is not None and "data" not in stored and "data" not in given:
+        cfg["data"] = "bible"  # checkpoints from before --data are Bible runs
+    if cfg["data"] == "bible":
+        cfg["src"], cfg["tgt"] = language_code(cfg["src"]), language_code(cfg["tgt"])
+    elif cfg["data"] in generated.KINDS:
+        for name, default in GENERATED_DEFAULTS.items():  # the Bible's defaults do not apply
+            if name not in given and name not in (stored or {}):
+                cfg[name] = default
+        langs = generated.KIND_LANGUAGES[cfg["data"]]
+        for name in ("src", "tgt"):
+            if cfg[name] not in langs:
+                raise fail(f"--{name} in {', '.join(langs)} for --data {cfg['data']}", repr(cfg[name]),
+                           f"--{name} {GENERATED_DEFAULTS[name]}")  # fmt: skip
+    else:
+        raise fail(f"--data in {', '.join(DATA)}", repr(cfg["data"]), "--data bible")
     if stored is not None:
         mismatch = {
             k: (stored.get(k), cfg[k])
@@ -313,9 +371,17 @@ def make_batch(enc: Encoded, idx: Sequence[int], device: torch.device | str) -> 
 
 def prepare_data(cfg: dict[str, Any], tokenizers: tuple[Tokenizer, Tokenizer] | None = None) -> dict[str, Any]:
     """Load the corpus, train (or reuse) the tokenizers and encode train / valid."""
-    corpus = load_parallel(cfg["src"], cfg["tgt"], max_chars=cfg["max_chars"])
+    corpus = load_corpus(cfg)
     train_pairs = corpus.train
-    if cfg["max_train"]:
+    if cfg.get("data", "bible") != "bible":
+        if tokenizers is None:
+            tokenizers = tuple(  # type: ignore[assignment]
+                generated.MorphemeTokenizer.train(
+                    [getattr(p, side) for p in train_pairs], **generated.tokenizer_settings(cfg["data"], cfg[side])
+                )
+                for side in ("src", "tgt")
+            )
+    elif cfg["max_train"]:
         # a fixed, seed-independent subset: every k-th verse of the training books
         k = max(1, len(train_pairs) // cfg["max_train"])
         train_pairs = train_pairs[::k][: cfg["max_train"]]
@@ -335,6 +401,28 @@ def prepare_data(cfg: dict[str, Any], tokenizers: tuple[Tokenizer, Tokenizer] | 
     if not train.src:
         raise fail("training pairs within --max-tokens", "none", "a larger --max-tokens or --max-chars")
     return {"corpus": corpus, "tok_src": tok_src, "tok_tgt": tok_tgt, "train": train, "valid": valid}
+
+
+def load_corpus(cfg: dict[str, Any]) -> Any:
+    """The run's parallel text: Bible verses (``ParallelCorpus``) or generated pairs (``GeneratedCorpus``)."""
+    data = cfg.get("data", "bible")
+    if data == "bible":
+        return load_parallel(cfg["src"], cfg["tgt"], max_chars=cfg["max_chars"])
+    return generated.load_corpus(data, cfg["src"], cfg["tgt"], n_train=cfg["max_train"] or 20000, seed=cfg["seed"])
+
+
+def bucketed_test_pairs(corpus: Any, limit: int = 0) -> list[Any]:
+    """A generated corpus's test pairs; ``limit`` keeps the first ``limit / buckets`` of every length bucket."""
+    buckets = corpus.buckets
+    if not limit:
+        return list(corpus.test)
+    per = max(1, -(-limit // max(len(buckets), 1)))
+    return [p for pairs in buckets.values() for p in pairs[:per]]
+
+
+def tokenizer_class(cfg: dict[str, Any]) -> type[Tokenizer]:
+    """How a checkpoint's tokenizers are read back: sentencepiece subwords (Bible) or morphemes (generated)."""
+    return Tokenizer if cfg.get("data", "bible") == "bible" else generated.MorphemeTokenizer
 
 
 # --------------------------------------------------------------------------------------------------- train
@@ -370,7 +458,8 @@ def _train(args: argparse.Namespace, out: Path, w: D.World, log: Any) -> dict[st
     toks = None
     if ckpt is not None:
         try:
-            toks = (Tokenizer.from_bytes(ckpt.files["src.spm"]), Tokenizer.from_bytes(ckpt.files["tgt.spm"]))
+            tok_cls = tokenizer_class(cfg)
+            toks = (tok_cls.from_bytes(ckpt.files["src.spm"]), tok_cls.from_bytes(ckpt.files["tgt.spm"]))
         except KeyError:
             raise CheckpointError(f"expected src.spm and tgt.spm in {ckpt.path}, got {sorted(ckpt.files)}") from None
     data = prepare_data(cfg, toks)
@@ -401,7 +490,7 @@ def _train(args: argparse.Namespace, out: Path, w: D.World, log: Any) -> dict[st
         return {"valid_loss": total / max(count, 1)}
 
     if w.is_main:
-        lang = f"{LANGUAGES[cfg['src']].name} -> {LANGUAGES[cfg['tgt']].name}"
+        lang = f"{language(cfg, 'src').name} -> {language(cfg, 'tgt').name}"
         log(
             f"{cfg['model']}: {count_parameters(model):,} parameters; {lang}; {len(enc.src):,} training pairs, "
             f"vocab {len(tok_src)}/{len(tok_tgt)}; {w.size} process(es) on {w.device}"
@@ -419,19 +508,26 @@ def _train(args: argparse.Namespace, out: Path, w: D.World, log: Any) -> dict[st
     if res.stopped or not w.is_main:
         return summary
     model.eval()
-    pairs = data["corpus"].test
-    scores = evaluate(model, tok_src, tok_tgt, pairs, cfg["tgt"], beam=1, limit=cfg["eval_limit"])
+    kind = cfg.get("data", "bible")
+    if kind == "bible":
+        pairs, limit = data["corpus"].test, cfg["eval_limit"]
+    else:  # every length bucket, --eval-limit spread over them
+        pairs, limit = bucketed_test_pairs(data["corpus"], cfg["eval_limit"]), 0
+    scores = evaluate(model, tok_src, tok_tgt, pairs, cfg["tgt"], beam=1, limit=limit, data=kind)
     record = {"seconds": res.seconds, "cpu_seconds": res.cpu_seconds, "history": res.history}
     scores.update(_run_summary(model, run_cfg, record))
     scores["split"] = "test"
     (out / "results-test-beam1.json").write_text(json.dumps(scores, indent=1, ensure_ascii=False))
     log(_result_line(scores))
+    if "by_length" in scores:
+        log(format_by_length(scores["by_length"]))
     return {**summary, **scores}
 
 
 def _run_summary(model: nn.Module, cfg: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": cfg["model"],
+        "data": cfg.get("data", "bible"),
         "src": cfg["src"],
         "tgt": cfg["tgt"],
         "steps": cfg["steps"],
@@ -443,9 +539,10 @@ def _run_summary(model: nn.Module, cfg: dict[str, Any], extra: dict[str, Any]) -
 
 
 def _result_line(res: dict[str, Any]) -> str:
+    items = "verses" if res.get("data", "bible") == "bible" else "pairs"
     return (
         f"{res['model']}: BLEU {res['bleu']:.2f}  chrF {res['chrf']:.2f}  on {res['n']} {res.get('split', 'test')} "
-        f"verses ({'greedy' if res['beam'] == 1 else 'beam ' + str(res['beam'])}); "
+        f"{items} ({'greedy' if res['beam'] == 1 else 'beam ' + str(res['beam'])}); "
         f"{res['parameters']:,} parameters, {res['train_seconds']:.0f} s training"
     )
 
@@ -461,7 +558,8 @@ def load_run(
     ckpt = load_checkpoint(ckpt_dir)
     cfg = ckpt.config
     try:
-        tok_src, tok_tgt = Tokenizer.from_bytes(ckpt.files["src.spm"]), Tokenizer.from_bytes(ckpt.files["tgt.spm"])
+        tok_cls = tokenizer_class(cfg)
+        tok_src, tok_tgt = tok_cls.from_bytes(ckpt.files["src.spm"]), tok_cls.from_bytes(ckpt.files["tgt.spm"])
         model = build_model(cfg, len(tok_src), len(tok_tgt))
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"expected a translation checkpoint in {ckpt.path}, got one without {err}") from None
@@ -471,6 +569,12 @@ def load_run(
     )
     model = model.to(dev).eval()
     return model, cfg, tok_src, tok_tgt, ckpt.extra  # type: ignore[return-value]
+
+
+def language(cfg: dict[str, Any], side: str) -> Language:
+    """The :class:`~attnkit.data.bible.Language` of ``cfg[side]`` (``"src"`` / ``"tgt"``) in the run's data."""
+    table = LANGUAGES if cfg.get("data", "bible") == "bible" else generated.LANGUAGES
+    return table[cfg[side]]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -496,8 +600,14 @@ def evaluate(
     alpha: float = 0.6,
     limit: int = 0,
     batch_size: int = 64,
+    data: str = "bible",
 ) -> dict[str, Any]:
-    """Decode ``pairs`` and score them with sacrebleu: corpus BLEU (the target language's tokenizer) and chrF."""
+    """Decode ``pairs`` and score them with sacrebleu: corpus BLEU (the target language's tokenizer) and chrF.
+
+    With generated ``data`` (``"numbers"``, ``"dates"``) also the exact-match rate (percent of outputs equal to
+    the reference) and ``"by_length"``: BLEU, chrF and exact match per source-length bucket
+    (:func:`attnkit.data.generated.group_by_length`), ``{"1-10": {"n", "bleu", "chrf", "exact"}, ...}``.
+    """
     import sacrebleu
 
     pairs = list(pairs)[:limit] if limit else list(pairs)
@@ -515,13 +625,29 @@ def evaluate(
             hyps[j] = tok_tgt.decode(ids)
     seconds = time.perf_counter() - t0
     refs = [p.tgt for p in pairs]
-    lang = LANGUAGES[tgt_code]
+    lang = language({"data": data, "tgt": tgt_code}, "tgt")
     bleu_metric = sacrebleu.BLEU(tokenize=lang.bleu_tokenize)
     bleu = bleu_metric.corpus_score(hyps, [refs])
     chrf = sacrebleu.corpus_chrf(hyps, [refs])
+    extra: dict[str, Any] = {}
+    if data != "bible":
+        extra["exact"] = _exact(hyps, refs)
+        extra["by_length"] = {}
+        for label, idx in generated.group_by_length(pairs).items():
+            if not idx:
+                continue
+            h, r = [hyps[i] for i in idx], [refs[i] for i in idx]
+            extra["by_length"][label] = {
+                "n": len(idx),
+                "bleu": round(float(sacrebleu.BLEU(tokenize=lang.bleu_tokenize).corpus_score(h, [r]).score), 2),
+                "chrf": round(float(sacrebleu.corpus_chrf(h, [r]).score), 2),
+                "exact": _exact(h, r),
+            }
     return {
+        "data": data,
         "bleu": round(float(bleu.score), 2),
         "chrf": round(float(chrf.score), 2),
+        **extra,
         "bleu_signature": str(bleu_metric.get_signature()),
         "n": len(pairs),
         "beam": beam,
@@ -531,6 +657,19 @@ def evaluate(
             {"ref_id": p.ref, "src": p.src, "ref": p.tgt, "hyp": h} for p, h in zip(pairs[:8], hyps[:8], strict=True)
         ],
     }
+
+
+def _exact(hyps: Sequence[str], refs: Sequence[str]) -> float:
+    """Percent of outputs identical to their reference."""
+    return round(100.0 * sum(h == r for h, r in zip(hyps, refs, strict=True)) / max(len(refs), 1), 2)
+
+
+def format_by_length(by_length: dict[str, dict[str, Any]]) -> str:
+    """``evaluate``'s ``"by_length"`` as a plain-text table: one row per source-length bucket."""
+    rows = [["source words", "n", "exact %", "chrF", "BLEU"]]
+    for label, r in by_length.items():
+        rows.append([label, str(r["n"]), f"{r['exact']:.1f}", f"{r['chrf']:.2f}", f"{r['bleu']:.2f}"])
+    return format_table(rows)
 
 
 @dataclass

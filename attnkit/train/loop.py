@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnkit.functional._validate import fail
+from attnkit._errors import fail
 
 from . import distributed as D
 from .checkpoint import Checkpoint, restore, save_checkpoint

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnkit.functional._validate import fail
+from attnkit._errors import fail
 
 from .capture import AttentionRecord, Recording
 

@@ -29,7 +29,7 @@ from matplotlib import font_manager, rc_context
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from attnkit.functional._validate import fail
+from attnkit._errors import fail
 
 from .capture import AttentionRecord, Recording
 

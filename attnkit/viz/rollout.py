@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.functional._validate import fail
+from attnkit._errors import fail
 
 from .capture import Recording
 

@@ -19,7 +19,6 @@ from .functional import (
     scaled_dot_product_attention,
     which_backend,
 )
-from .registry import create_attention, list_attentions, register_attention
 
 __version__ = "0.1.0"
 
@@ -27,7 +26,15 @@ __version__ = "0.1.0"
 _SUBPACKAGES = ("functional", "layers", "viz", "models", "data", "tasks", "bench", "distributed", "train")
 
 
+# The module registry lives in attnkit.layers (it names layers' classes); its three functions load with it.
+_REGISTRY_NAMES = ("create_attention", "list_attentions", "register_attention")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _REGISTRY_NAMES:
+        return getattr(importlib.import_module(f"{__name__}.layers.registry"), name)
+    if name == "registry":
+        return importlib.import_module(f"{__name__}.registry")
     if name in _SUBPACKAGES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'attnkit' has no attribute {name!r}")

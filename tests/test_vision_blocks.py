@@ -26,7 +26,7 @@ from attnkit.layers import (
     SqueezeExcite,
 )
 from attnkit.layers.channel import eca_kernel_size, make_divisible
-from attnkit.registry import get_attention_class
+from attnkit.layers.registry import get_attention_class
 from attnkit.testing import assert_close_to_reference
 
 CNN_BLOCKS = {

@@ -8,6 +8,9 @@ from .soft import AdditiveAttention, CoverageAttention, LocationAwareAttention, 
 __all__ = ["Attend", "GateTap", "Tap", "WeightsTap"]
 __all__ += ["CBAM", "ChannelAttention", "EfficientChannelAttention", "NoAttention", "NonLocalBlock", "SpatialAttention"]
 __all__ += ["SqueezeExcite"]
+from .registry import create_attention, get_attention_class, list_attentions, register_attention  # noqa: E402
+
+__all__ += ["create_attention", "get_attention_class", "list_attentions", "register_attention"]
 __all__ += ["AdditiveAttention", "CoverageAttention", "LocationAwareAttention", "LuongAttention", "SoftAttention"]
 from .hard import GaussianGlimpse, GlimpseSensor, HardAttention, MovingAverageBaseline, ValueBaseline  # noqa: E402
 

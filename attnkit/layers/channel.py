@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from attnkit._errors import fail
-from attnkit.registry import register_attention
 
 from .attend import GateTap
+from .registry import register_attention
 
 LayerSpec = str | Callable[[], nn.Module] | None
 

@@ -33,9 +33,9 @@ from attnkit._typing import FactoryKwargs
 from attnkit.functional import scoring
 from attnkit.functional._validate import check_tensor
 from attnkit.functional.hard import HARD_MODES, HardAttentionResult, hard_attention
-from attnkit.registry import register_attention
 
 from .attend import WeightsTap
+from .registry import register_attention
 
 __all__ = [
     "GaussianGlimpse",

@@ -38,11 +38,11 @@ from attnkit.functional import (
     attention_weights,
     combine_masks,
 )
-from attnkit.registry import register_attention
 
 from .attend import Attend
 from .cache import CrossKVCache, KVCache
 from .position import PositionEncoding
+from .registry import register_attention
 
 __all__ = ["MultiHeadAttention"]
 

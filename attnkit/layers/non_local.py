@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit._errors import fail
-from attnkit.registry import register_attention
 
 from .attend import Attend
 from .channel import check_channels, check_image, reduced_channels
+from .registry import register_attention
 
 
 @register_attention("non_local", "nonlocal")

@@ -37,9 +37,9 @@ from torch import Tensor, nn
 from attnkit._errors import fail
 from attnkit.functional import scoring
 from attnkit.functional._validate import check_tensor
-from attnkit.registry import register_attention
 
 from .attend import Attend, WeightsTap
+from .registry import register_attention
 
 __all__ = [
     "AdditiveAttention",

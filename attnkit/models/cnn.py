@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from attnkit._errors import fail
-from attnkit.registry import create_attention
+from attnkit.layers.registry import create_attention
 
 
 class BasicBlock(nn.Module):

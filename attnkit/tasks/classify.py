@@ -41,8 +41,8 @@ from attnkit._progress import progress
 from attnkit._runtime import torch_threads
 from attnkit.bench._timing import machine_line
 from attnkit.data.images import ImageSplits, load_images
+from attnkit.layers.registry import list_attentions
 from attnkit.models.cnn import AttentionCNN, count_parameters
-from attnkit.registry import list_attentions
 from attnkit.tasks.report import Section, format_table
 
 HELP = "train a small CNN with SE / ECA / CBAM / no attention on MNIST or Fashion-MNIST and compare them"

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from attnkit.tasks.report import format_table
+from attnkit._table import format_table
 
 
 def median_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:

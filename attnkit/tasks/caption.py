@@ -29,11 +29,12 @@ from attnkit._argtypes import (
     probability,
 )
 from attnkit._progress import progress
+from attnkit._table import format_table
 from attnkit.data import load_mnist
 from attnkit.data.scenes import EOS, CaptionScenes, decode_caption, digit_scenes
 from attnkit.layers.hard import MovingAverageBaseline
 from attnkit.models.captioner import ATTENTIONS, ShowAttendTell, caption_loss
-from attnkit.tasks.report import Section, format_table
+from attnkit.tasks.report import Section
 
 HELP = "Show-Attend-and-Tell on multi-digit MNIST scenes: soft vs hard (REINFORCE) attention"
 

@@ -39,11 +39,12 @@ from attnkit._argtypes import (
 from attnkit._errors import fail
 from attnkit._progress import progress
 from attnkit._runtime import torch_threads
+from attnkit._table import format_table
 from attnkit.bench._timing import machine_line
 from attnkit.data.images import ImageSplits, load_images
 from attnkit.layers.registry import list_attentions
 from attnkit.models.cnn import AttentionCNN, count_parameters
-from attnkit.tasks.report import Section, format_table
+from attnkit.tasks.report import Section
 
 HELP = "train a small CNN with SE / ECA / CBAM / no attention on MNIST or Fashion-MNIST and compare them"
 

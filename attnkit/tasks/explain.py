@@ -28,7 +28,8 @@ import torch
 
 from attnkit._argtypes import output_dir, positive_int
 from attnkit._errors import fail
-from attnkit.tasks.report import Section, format_table
+from attnkit._table import format_table
+from attnkit.tasks.report import Section
 
 HELP = "Show where the pretrained MiniLM-L6 encoder attends: HTML viewer, head grid, rollout, top tokens."
 

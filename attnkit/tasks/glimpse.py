@@ -20,10 +20,11 @@ import torch
 
 from attnkit._argtypes import int_list, non_negative_int, output_dir, positive_float, positive_int
 from attnkit._progress import progress
+from attnkit._table import format_table
 from attnkit.data import load_mnist
 from attnkit.data.scenes import cluttered_mnist, translated_mnist
 from attnkit.models.glimpse import RecurrentAttentionModel, ram_loss
-from attnkit.tasks.report import Section, format_table
+from attnkit.tasks.report import Section
 
 HELP = "recurrent attention model (hard glimpses + REINFORCE) on 60x60 translated / cluttered MNIST"
 

@@ -12,8 +12,9 @@ from typing import TypedDict, cast
 import torch
 from torch import Tensor
 
+from attnkit._table import format_table
 from attnkit.functional import AttentionMask, CausalMask, PaddingMask, scaled_dot_product_attention, which_backend
-from attnkit.tasks.report import Section, format_table
+from attnkit.tasks.report import Section
 
 
 def mask_gallery() -> dict[str, torch.Tensor]:

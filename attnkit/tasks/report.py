@@ -6,6 +6,10 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnkit._table import format_table  # re-exported for old imports
+
+__all__ = ["Section", "format_table"]
+
 
 @dataclass
 class Section:
@@ -50,11 +54,3 @@ class Section:
             )
         parts.append(f'<p class="time">{self.seconds:.1f} s</p></section>')
         return "\n".join(parts)
-
-
-def format_table(rows: list[list[str]]) -> str:
-    """Rows (first = header) as an aligned plain-text table for the terminal."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

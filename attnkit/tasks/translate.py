@@ -41,13 +41,14 @@ from attnkit._argtypes import (
 )
 from attnkit._errors import fail
 from attnkit._runtime import torch_threads
+from attnkit._table import format_table
 from attnkit.data import generated
 from attnkit.data.bible import LANGUAGES, Language, language_code, load_parallel
 from attnkit.data.tokenizer import BOS, EOS, PAD, Tokenizer
 from attnkit.models.decoding import Decoded, beam_search, greedy_decode
 from attnkit.models.seq2seq import ATTENTIONS, GRUSeq2Seq, Seq2SeqBase
 from attnkit.models.transformer_mt import TransformerMT
-from attnkit.tasks.report import Section, format_table
+from attnkit.tasks.report import Section
 from attnkit.train import distributed as D
 from attnkit.train.checkpoint import CheckpointError, load_checkpoint, restore
 from attnkit.train.loop import STOPPED, BatchPlan, FitConfig, fit

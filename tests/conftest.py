@@ -34,7 +34,7 @@ def _hardware_skip(reason: str) -> bool:
     if "avx-512" in text:
         from attnkit.functional import _native
 
-        return not {"avx512f", "avx512dq"} <= _native._cpu_flags()
+        return not {"avx512f", "avx512dq"} <= _native.cpu_flags()
     return False
 
 

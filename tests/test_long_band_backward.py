@@ -12,6 +12,7 @@ import torch
 
 from attnkit._runtime import torch_threads
 from attnkit.functional import WindowMask, attention_reference, sliding_window_attention
+from attnkit.functional import _threads as threads_mod
 from attnkit.functional import local as local_mod
 from attnkit.testing import assert_close_to_reference
 
@@ -52,7 +53,7 @@ def _dense(window, back):  # type: ignore[no-untyped-def]
 )
 def test_band_backward_matches_dense_reference(n, window, back, hkv, threads, monkeypatch):  # type: ignore[no-untyped-def]
     """Threads split B*H (threads=3 over B*H=6 gives uneven parts); windows above the 128-row tile give ragged tiles."""
-    monkeypatch.setattr(local_mod, "_MIN_THREADED", 0)  # small inputs would stay in one thread
+    monkeypatch.setattr(threads_mod, "MIN_THREADED", 0)  # small inputs would stay in one thread
     q, k, v = _inputs(2, 3, hkv, n, 16, 8)
     g = torch.randn(2, 3, n, 8, dtype=torch.float64)
     with torch_threads(threads):
@@ -89,7 +90,7 @@ def test_band_backward_low_precision() -> None:
 @pytest.mark.parametrize("back", [1, 2])
 def test_band_backward_splits_buckets_when_rows_are_few(back, monkeypatch):  # type: ignore[no-untyped-def]
     """B*H = 1 with 2 threads: each row's buckets are split between tasks, key gradients summed from their buffers."""
-    monkeypatch.setattr(local_mod, "_MIN_THREADED", 0)
+    monkeypatch.setattr(threads_mod, "MIN_THREADED", 0)
     q, k, v = _inputs(1, 1, 1, 333, 8, 8)
     g = torch.randn(1, 1, 333, 8, dtype=torch.float64)
     with torch_threads(2):

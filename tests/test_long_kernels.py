@@ -288,22 +288,22 @@ def test_chunked_backend_when_forced() -> None:
 def test_block_math_equals_flash_block() -> None:
     """The readable per-block math (used off the CPU, e.g. by ring attention on GPUs) equals the flash block."""
     from attnkit.functional.chunked import (
-        _block_backward,
-        _block_backward_math,
-        _block_forward,
-        _block_forward_math,
+        block_backward,
+        block_backward_math,
+        block_forward,
+        block_forward_math,
     )
 
     q, k, v = (torch.randn(2, 3, 12, 8, dtype=torch.float64) for _ in range(3))
     mask = torch.zeros(1, 1, 12, 12, dtype=torch.float64).masked_fill_(torch.rand(12, 12) > 0.6, float("-inf"))
     mask[..., 4, :] = float("-inf")  # a dead row
     for m, causal in ((None, True), (mask, False)):
-        o1, l1 = _block_forward(q, k, v, m, causal, 0.3)
-        o2, l2 = _block_forward_math(q, k, v, m, causal, 0.3)  # float64: the readable math is the reference
+        o1, l1 = block_forward(q, k, v, m, causal, 0.3)
+        o2, l2 = block_forward_math(q, k, v, m, causal, 0.3)  # float64: the readable math is the reference
         assert_close_to_reference(o1, o2, reduction=12)
         assert_close_to_reference(l1, l2, reduction=12)
         g = torch.randn_like(o1)
-        for a, b in zip(_block_backward(g, q, k, v, o1, l1, m, causal, 0.3),
-                        _block_backward_math(g, q, k, v, o1, l1, m, causal, 0.3), strict=True):
+        for a, b in zip(block_backward(g, q, k, v, o1, l1, m, causal, 0.3),
+                        block_backward_math(g, q, k, v, o1, l1, m, causal, 0.3), strict=True):
             assert torch.isfinite(a).all()
             assert_close_to_reference(a, b, reduction=12, grad=True)

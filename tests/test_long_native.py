@@ -8,6 +8,8 @@ import torch
 
 from attnkit._runtime import torch_threads
 from attnkit.functional import WindowMask, _native, attention_reference, sliding_window_attention
+from attnkit.functional import _native_bridge as bridge_mod
+from attnkit.functional import _threads as threads_mod
 from attnkit.functional import local as local_mod
 from attnkit.testing import assert_close_to_reference
 
@@ -56,7 +58,7 @@ def _assert_close(got, want, reduction):  # type: ignore[no-untyped-def]
 
 
 def _native_fn(win, isa):  # type: ignore[no-untyped-def]
-    return lambda q, k, v: local_mod._window_native(q, k, v, win, q.shape[-1] ** -0.5, isa)
+    return lambda q, k, v: local_mod.window_native(q, k, v, win, q.shape[-1] ** -0.5, isa)
 
 
 def _skip_unless_isa(isa: int) -> None:
@@ -123,7 +125,7 @@ def test_native_window_low_precision(dtype):  # type: ignore[no-untyped-def]
 def test_native_window_thread_splits(b, h, threads, monkeypatch):  # type: ignore[no-untyped-def]
     """Fewer rows than twice the threads: rows are cut into bucket ranges with their own key-gradient buffers.
     Whatever the split, the result equals the reference, and each configuration is deterministic run to run."""
-    monkeypatch.setattr(local_mod, "_MIN_THREADED", 0)
+    monkeypatch.setattr(threads_mod, "MIN_THREADED", 0)
     win = WindowMask(32, look_backward=2)
     q, k, v = _inputs(b, h, h, 333, 16, 16)
     g = torch.randn(b, h, 333, 16, dtype=torch.float64)
@@ -142,7 +144,7 @@ def test_native_window_thread_splits(b, h, threads, monkeypatch):  # type: ignor
 @NEEDS_LIB
 def test_native_bucket_tasks_cover_every_bucket_once() -> None:
     for rows, nb, workers in [(1, 1, 2), (1, 7, 2), (3, 5, 4), (8, 32, 2), (2, 3, 1)]:
-        tasks = local_mod._bucket_tasks(rows, nb, workers)
+        tasks = bridge_mod._bucket_tasks(rows, nb, workers)
         seen = sorted((row, b) for row, b0, b1 in tasks for b in range(b0, b1))
         assert seen == [(row, b) for row in range(rows) for b in range(nb)]
         assert len(tasks) >= min(rows * nb, 2 * workers) or workers == 1
@@ -242,7 +244,7 @@ def test_native_window_right_padding(isa, causal):  # type: ignore[no-untyped-de
     g = torch.randn(3, 2, n, 16, dtype=torch.float64)
 
     def native(a, b, c):  # type: ignore[no-untyped-def]
-        return local_mod._window_native(a, b, c, win, 16**-0.5, isa, lengths=lengths)
+        return local_mod.window_native(a, b, c, win, 16**-0.5, isa, lengths=lengths)
 
     def dense(a, b, c):  # type: ignore[no-untyped-def]
         mask = win.materialize(n, n) & key_mask.view(3, 1, 1, n)
@@ -265,8 +267,8 @@ def test_padding_routes_natively_and_left_padding_stays_blockwise(monkeypatch): 
     from attnkit.functional import PaddingMask, scaled_dot_product_attention
 
     calls = []
-    real = local_mod._window_native
-    monkeypatch.setattr(local_mod, "_window_native", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    real = local_mod.window_native
+    monkeypatch.setattr(local_mod, "window_native", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     q, k, v = (torch.randn(2, 2, 150, 16) for _ in range(3))
     mask = WindowMask(32) & PaddingMask(torch.tensor([150, 60]))
     out = scaled_dot_product_attention(q, k, v, mask)  # the dispatcher's local backend

@@ -18,7 +18,7 @@ from attnkit.functional import (
     local_layout,
     strided_layout,
 )
-from attnkit.functional import local as local_mod
+from attnkit.functional import _threads as threads_mod
 from attnkit.functional import sparse as sparse_mod
 from attnkit.testing import assert_close_to_reference
 
@@ -140,7 +140,7 @@ def test_native_sparse_right_padding_never_reads_padding_or_unused_blocks(causal
 @pytest.mark.parametrize("b, h, threads", [(1, 1, 2), (1, 2, 3), (2, 2, 2)], ids=str)
 def test_native_sparse_thread_splits(b, h, threads, monkeypatch):  # type: ignore[no-untyped-def]
     """Rows cut into ranges of query blocks with their own key-gradient buffers equal the reference, run to run."""
-    monkeypatch.setattr(local_mod, "_MIN_THREADED", 0)
+    monkeypatch.setattr(threads_mod, "MIN_THREADED", 0)
     layout = bigbird_layout(12, window=3, n_global=1, n_random=2, seed=4)
     q, k, v = _inputs(b, h, h, 384, 384, 16, 16)
     g = torch.randn(b, h, 384, 16, dtype=torch.float64)

@@ -8,9 +8,9 @@ from attnkit.functional import _native, _native_check
 
 
 def test_expected_bodies_follow_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_native, "_cpu_flags", lambda: set())
+    monkeypatch.setattr(_native, "cpu_flags", lambda: set())
     assert {body for _, body in _native_check.expected_bodies()} == {"portable C"}
-    monkeypatch.setattr(_native, "_cpu_flags", lambda: {"avx2", "fma", "f16c", "avx512f", "avx512dq"})
+    monkeypatch.setattr(_native, "cpu_flags", lambda: {"avx2", "fma", "f16c", "avx512f", "avx512dq"})
     if _native_check.platform.machine() in ("x86_64", "AMD64"):
         assert ("band", "AVX-512") in _native_check.expected_bodies()
         assert ("decode", "AVX2/FMA/F16C") in _native_check.expected_bodies()

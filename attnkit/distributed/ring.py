@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from attnkit.functional import _validate as V
-from attnkit.functional.chunked import _block_backward, _block_forward
-from attnkit.functional.local import same_head_dim
+from attnkit.functional._pieces import same_head_dim
+from attnkit.functional.chunked import block_backward, block_forward
 
 __all__ = ["gather_sequence", "ring_attention", "split_sequence"]
 
@@ -138,7 +138,7 @@ class _RingFn(torch.autograd.Function):
             k_parts = _expand(k_cur, heads).chunk(n_chunks, dim=2)
             v_parts = _expand(v_cur, heads).chunk(n_chunks, dim=2)
             for i, j, is_causal in _pairs(q_ids, _chunk_ids(src, ring.world, zigzag), causal):
-                o, lse = _block_forward(q_parts[i], k_parts[j], v_parts[j], None, is_causal, scale)
+                o, lse = block_forward(q_parts[i], k_parts[j], v_parts[j], None, is_causal, scale)
                 if outs[i] is None:
                     outs[i], lses[i] = o, lse
                 else:
@@ -179,7 +179,7 @@ class _RingFn(torch.autograd.Function):
             v_parts = _expand(v_cur, heads).chunk(n_chunks, dim=2)
             dk_parts, dv_parts = dk_cur.chunk(n_chunks, dim=2), dv_cur.chunk(n_chunks, dim=2)
             for i, j, is_causal in _pairs(q_ids, _chunk_ids(src, ring.world, ctx.zigzag), ctx.causal):
-                g_q, g_k, g_v = _block_backward(
+                g_q, g_k, g_v = block_backward(
                     g_parts[i], q_parts[i], k_parts[j], v_parts[j], o_parts[i], l_parts[i], None, is_causal, ctx.scale
                 )
                 dq_parts[i].add_(g_q)

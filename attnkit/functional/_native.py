@@ -59,7 +59,7 @@ def _cache_dir() -> Path:
     return Path(base) / "attnkit"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -73,7 +73,7 @@ def _cpu_flags() -> set[str]:
 def _flags() -> list[str]:
     flags = ["-O3", "-std=gnu11", "-fPIC", "-shared"]
     simd = os.environ.get("ATTNKIT_NATIVE_SIMD", "1").strip().lower() not in ("0", "false", "no", "off")
-    if simd and platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= _cpu_flags():
+    if simd and platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= cpu_flags():
         flags += ["-mavx2", "-mfma", "-mf16c"]
     if not simd:
         flags.append("-DATTNKIT_PORTABLE")  # no AVX-512 body in band.c either

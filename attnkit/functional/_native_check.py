@@ -52,7 +52,7 @@ def cpu_model() -> str:
 
 def expected_bodies() -> list[tuple[str, str]]:
     """The (kernel, body) pairs this CPU can run (x86-64 SIMD bodies only on x86-64)."""
-    flags = _native._cpu_flags()
+    flags = _native.cpu_flags()
     x86 = platform.machine() in ("x86_64", "AMD64")
     return [kb for kb, need in _NEEDS.items() if not need or (x86 and need <= flags)]
 
@@ -69,7 +69,7 @@ def _max_ratio(actual: torch.Tensor, reference: torch.Tensor, reduction: int, gr
 def _check_band(isa: int) -> dict[str, float]:
     """One body of the band kernel: a causal window with GQA, odd length and head dims, forward and gradients."""
     from ._reference import attention_reference
-    from .local import WindowMask, _window_native
+    from .local import WindowMask, window_native
 
     gen = torch.Generator().manual_seed(7)
     n, e, ev, window = 203, 24, 8, 32
@@ -83,7 +83,7 @@ def _check_band(isa: int) -> dict[str, float]:
     result = {}
     for dtype in (torch.float32, torch.bfloat16):
         qd, kd, vd = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
-        out = _window_native(qd, kd, vd, win, e**-0.5, isa)
+        out = window_native(qd, kd, vd, win, e**-0.5, isa)
         grads = torch.autograd.grad((out * g.to(dtype)).sum(), (qd, kd, vd))
         worst = _max_ratio(out, ref.detach(), 2 * window, grad=False)
         for got, want in zip(grads, ref_grads, strict=True):

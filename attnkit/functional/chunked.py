@@ -36,12 +36,19 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from ._pieces import same_head_dim
 from ._reference import expand_kv_heads
 from .dispatch import AttentionCall, Backend, register_backend
-from .local import same_head_dim
 from .masks import AttentionMask
 
-__all__ = ["chunked_attention", "merge_attention"]
+__all__ = [
+    "block_backward",
+    "block_backward_math",
+    "block_forward",
+    "block_forward_math",
+    "chunked_attention",
+    "merge_attention",
+]
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -114,8 +121,13 @@ def _block_scores(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool, sc
     return scores
 
 
-def _block_forward_math(q, k, v, mask, is_causal, scale):  # type: ignore[no-untyped-def]
-    """The readable math of :func:`_block_forward` (any device): ``out = softmax(s) v``, ``lse = logsumexp(s)``."""
+# --------------------------------------------------------------------------------------------- one block
+# The internal API of one block of online-softmax attention, shared with ring attention (attnkit.distributed.ring):
+# block_forward gives (out, lse) of queries against one block of keys; partial results merge with their lse; and
+# block_backward takes the *merged* out and lse, so every block's gradients are exact. *_math is the same on any
+# device, in readable PyTorch.
+def block_forward_math(q, k, v, mask, is_causal, scale):  # type: ignore[no-untyped-def]
+    """The readable math of :func:`block_forward` (any device): ``out = softmax(s) v``, ``lse = logsumexp(s)``."""
     scores = _block_scores(q, k, mask, is_causal, scale)  # (B, H, l, c)
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, l); -inf where a row sees nothing
     safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
@@ -124,8 +136,8 @@ def _block_forward_math(q, k, v, mask, is_causal, scale):  # type: ignore[no-unt
     return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
-def _block_backward_math(grad, q, k, v, out, lse, mask, is_causal, scale):  # type: ignore[no-untyped-def]
-    """The readable math of :func:`_block_backward`: gradients from the merged ``out`` and ``lse``."""
+def block_backward_math(grad, q, k, v, out, lse, mask, is_causal, scale):  # type: ignore[no-untyped-def]
+    """The readable math of :func:`block_backward`: gradients from the merged ``out`` and ``lse``."""
     scores = _block_scores(q, k, mask, is_causal, scale)  # (B, H, l, c)
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(scores.dtype)
     probs = torch.exp(scores - lse.unsqueeze(-1))  # (B, H, l, c): the global softmax restricted to this block
@@ -138,13 +150,13 @@ def _block_backward_math(grad, q, k, v, out, lse, mask, is_causal, scale):  # ty
     return d_q, d_k, d_v
 
 
-def _block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float):  # type: ignore[no-untyped-def]
+def block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float):  # type: ignore[no-untyped-def]
     """Flash on one block: ``(out, lse)`` with ``lse = -inf`` (and zero output) for rows that see no key.
 
-    Off the CPU (the flash op here is PyTorch's CPU kernel) the same result comes from :func:`_block_forward_math`.
+    Off the CPU (the flash op here is PyTorch's CPU kernel) the same result comes from :func:`block_forward_math`.
     """
     if q.device.type != "cpu":
-        return _block_forward_math(q, k, v, mask, is_causal, scale)
+        return block_forward_math(q, k, v, mask, is_causal, scale)
     out, lse = _flash(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
     if mask is not None:
         dead = torch.isneginf(mask).all(-1)  # (B|1, H|1, l|1)
@@ -155,10 +167,10 @@ def _block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_caus
     return out, lse
 
 
-def _block_backward(grad, q, k, v, out, lse, mask, is_causal, scale):  # type: ignore[no-untyped-def]
+def block_backward(grad, q, k, v, out, lse, mask, is_causal, scale):  # type: ignore[no-untyped-def]
     """Flash backward on one block with the *merged* output and lse; rows that saw no key get zero gradients."""
     if q.device.type != "cpu":
-        return _block_backward_math(grad, q, k, v, out, lse, mask, is_causal, scale)
+        return block_backward_math(grad, q, k, v, out, lse, mask, is_causal, scale)
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # exp(s - inf) = 0
     return _flash_backward(grad, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
 
@@ -180,7 +192,7 @@ class _ChunkedFn(torch.autograd.Function):
                 m, causal, skip = _chunk_mask(mask, is_causal, q0, q1, k0, k1, q.dtype, q.device)
                 if skip:
                     continue
-                o_c, l_c = _block_forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], m, causal, scale)
+                o_c, l_c = block_forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], m, causal, scale)
                 parts.append(o_c)
                 lses.append(l_c)
                 if len(parts) == 2:  # keep one running partial: memory O(chunk) per query chunk
@@ -206,7 +218,7 @@ class _ChunkedFn(torch.autograd.Function):
                 m, causal, skip = _chunk_mask(mask, ctx.is_causal, q0, q1, k0, k1, q.dtype, q.device)
                 if skip:
                     continue
-                g_q, g_k, g_v = _block_backward(
+                g_q, g_k, g_v = block_backward(
                     g_c, q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], o_c, l_c, m, causal, ctx.scale
                 )
                 dq[:, :, q0:q1] += g_q

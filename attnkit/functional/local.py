@@ -35,30 +35,27 @@ from __future__ import annotations
 import functools
 import itertools
 import warnings
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit._runtime import torch_threads
-
 from . import _native
 from . import _validate as V
+from ._native_bridge import NativeBandFn, NativePattern, native_attention, native_unsupported, right_padding
+from ._pieces import Piece, run_pieces, same_head_dim
 from ._reference import expand_kv_heads
+from ._threads import over_rows, run_tasks, worker_count
 from .dispatch import AttentionCall, Backend, register_backend
 from .masks import BlockedWindowMask, padding_mask, split_with_padding
 
 __all__ = [
-    "BlockedWindowMask", "NativeBandFn", "NativePattern", "WindowMask", "native_attention", "sliding_window_attention",
+    "BlockedWindowMask", "NativeBandFn", "NativePattern", "WindowMask", "native_attention", "native_unsupported",
+    "sliding_window_attention", "window_native",
 ]
 
-_T = TypeVar("_T")
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 # --------------------------------------------------------------------------------------------- the mask object
@@ -74,120 +71,6 @@ class WindowMask(BlockedWindowMask):
 
 
 # --------------------------------------------------------------------------------------------- piece engine
-@dataclass(frozen=True)
-class _Piece:
-    """One batched flash call: query blocks ``q`` against key blocks ``k`` (slices, or index tensors).
-
-    Within one piece a query block appears at most once, so merging a piece into the running result is a plain
-    per-row update. ``mask`` is an optional additive float mask broadcastable to ``(BH, P, w, w)``.
-    """
-
-    q: slice | Tensor
-    k: slice | Tensor
-    causal: bool
-    mask: Tensor | None = None
-
-
-def _take(x: Tensor, index: slice | Tensor) -> Tensor:
-    return x[:, index] if isinstance(index, slice) else x.index_select(1, index)
-
-
-def _add_into(acc: Tensor, index: slice | Tensor, x: Tensor) -> None:
-    if isinstance(index, slice):
-        acc[:, index] += x
-    else:
-        acc.index_add_(1, index, x)
-
-
-def _pieces_forward(q4: Tensor, k4: Tensor, v4: Tensor, pieces: list[_Piece], scale: float) -> tuple[Tensor, Tensor]:
-    """Run every piece and merge them exactly with the log-sum-exp.
-
-    ``q4 (BH, Nq, w, E)``, ``k4 (BH, Nk, w, E)``, ``v4 (BH, Nk, w, Ev)`` -> ``out (BH, Nq, w, Ev)``,
-    ``lse (BH, Nq, w)``. Query blocks no piece touches give zeros and ``lse = -inf``. The first piece must touch
-    every query block that any later piece touches.
-    """
-    bh, nq, w, _ = q4.shape
-    lse_dtype = torch.float64 if q4.dtype == torch.float64 else torch.float32
-    out = q4.new_zeros(bh, nq, w, v4.shape[-1])  # (BH, Nq, w, Ev)
-    lse = torch.full((bh, nq, w), float("-inf"), dtype=lse_dtype, device=q4.device)  # (BH, Nq, w)
-    for n, p in enumerate(pieces):
-        o_p, l_p = _flash(_take(q4, p.q), _take(k4, p.k), _take(v4, p.k), 0.0, p.causal, attn_mask=p.mask, scale=scale)
-        if n == 0:
-            if isinstance(p.q, slice):
-                out[:, p.q] = o_p
-                lse[:, p.q] = l_p
-            else:
-                out.index_copy_(1, p.q, o_p)
-                lse.index_copy_(1, p.q, l_p)
-            continue
-        l_old = _take(lse, p.q)  # (BH, P, w)
-        l_new = torch.logaddexp(l_old, l_p)  # (BH, P, w)
-        weight = torch.exp(l_p - l_new).to(o_p.dtype).unsqueeze(-1)  # (BH, P, w, 1): share of the new piece
-        if isinstance(p.q, slice):
-            out[:, p.q].lerp_(o_p, weight)  # one fused pass: o + weight * (o_p - o), in place
-            lse[:, p.q] = l_new
-        else:
-            out.index_copy_(1, p.q, out.index_select(1, p.q).lerp_(o_p, weight))
-            lse.index_copy_(1, p.q, l_new)
-    return out, lse
-
-
-def _pieces_backward(
-    grad: Tensor, q4: Tensor, k4: Tensor, v4: Tensor, out: Tensor, lse: Tensor, pieces: list[_Piece], scale: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`_pieces_forward`: each piece's flash backward, fed the merged output and log-sum-exp."""
-    dq, dk, dv = torch.zeros_like(q4), torch.zeros_like(k4), torch.zeros_like(v4)
-    for p in pieces:
-        g_q, g_k, g_v = _flash_backward(
-            _take(grad, p.q).contiguous(),
-            _take(q4, p.q),
-            _take(k4, p.k),
-            _take(v4, p.k),
-            _take(out, p.q).contiguous(),
-            _take(lse, p.q).contiguous(),
-            0.0,
-            p.causal,
-            attn_mask=p.mask,
-            scale=scale,
-        )
-        _add_into(dq, p.q, g_q)
-        _add_into(dk, p.k, g_k)
-        _add_into(dv, p.k, g_v)
-    return dq, dk, dv
-
-
-class _PiecesFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q4, k4, v4, pieces, scale):  # type: ignore[no-untyped-def, override]
-        out, lse = _pieces_forward(q4, k4, v4, pieces, scale)
-        ctx.save_for_backward(q4, k4, v4, out, lse)
-        ctx.pieces, ctx.scale = pieces, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_lse):  # type: ignore[no-untyped-def, override]
-        q4, k4, v4, out, lse = ctx.saved_tensors
-        dq, dk, dv = _pieces_backward(grad_out, q4, k4, v4, out, lse, ctx.pieces, ctx.scale)
-        return dq, dk, dv, None, None
-
-
-def run_pieces(q4: Tensor, k4: Tensor, v4: Tensor, pieces: list[_Piece], scale: float) -> tuple[Tensor, Tensor]:
-    """Blocked attention over ``pieces`` with an exact flash backward: ``(out, lse)`` (``lse`` has no gradient)."""
-    return _PiecesFn.apply(q4, k4, v4, pieces, scale)  # type: ignore[no-any-return]
-
-
-def same_head_dim(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Zero-pad ``q, k`` or ``v`` on the last dim so that ``E == Ev`` (scores and outputs are unchanged)."""
-    e, ev = q.shape[-1], v.shape[-1]
-    if e < ev:
-        q, k = F.pad(q, (0, ev - e)), F.pad(k, (0, ev - e))
-    elif ev < e:
-        v = F.pad(v, (0, e - ev))
-    return q, k, v
-
-
 # --------------------------------------------------------------------------------------------- causal band
 @dataclass(frozen=True)
 class _BandPiece:
@@ -265,52 +148,6 @@ def _band_plan(n: int, w: int, lb: int) -> _BandPlan:
 
 _BWD_ROWS = 128  # query rows per backward tile: small causal diagonals, matrix products that stay in cache
 _BWD_TILE_BYTES = 1024**2  # score buffer per backward tile (per thread): two of them stay in a core's L2 cache
-_MIN_THREADED = 1 << 21  # elements of q below which the band kernels stay in the calling thread (pool overhead)
-
-
-def _over_rows(task: Callable[[int, int], None], bh: int, numel: int, workers: int | None = None) -> None:
-    """Run ``task(lo, hi)`` over the rows ``[0, bh)`` of ``B*H``, each row exactly once (``task`` must write only
-    its own rows).
-
-    Small inputs (or one intra-op thread) run as one call in this thread. Otherwise every row is its own task, pulled
-    from one queue by ``workers`` threads (default: the intra-op thread count) that each run single-threaded kernels:
-    the count is set to 1 meanwhile and restored after. When other work shares the cores, a thread that gets less CPU
-    time simply takes fewer rows, where a kernel's own threads split the work evenly up front and wait for the
-    slowest; and thousands of small multithreaded calls would each wait on a barrier.
-    """
-    workers = min(bh, _workers(numel, workers))
-    if workers <= 1:
-        task(0, bh)
-        return
-    _run_tasks([functools.partial(task, row, row + 1) for row in range(bh)], workers)
-
-
-def _workers(numel: int, workers: int | None) -> int:
-    """Threads for a band kernel on ``numel`` query elements: ``workers``, else 1 when small, else intra-op count."""
-    if workers is not None:
-        return workers
-    return 1 if numel < _MIN_THREADED else torch.get_num_threads()
-
-
-def _run_tasks(tasks: Sequence[Callable[[], _T]], workers: int, *, torch_ops: bool = True) -> list[_T]:
-    """Results of ``tasks``, pulled from one queue by ``workers`` threads with one intra-op thread each.
-
-    ``torch_ops=False``: the tasks run no multithreaded PyTorch kernels (native calls), so the process's intra-op
-    thread count is left alone.
-    """
-
-    def run(task: Callable[[], _T]) -> _T:
-        with torch.no_grad():  # grad mode is thread-local and on by default in a new thread
-            return task()
-
-    if workers <= 1:
-        return [run(task) for task in tasks]
-
-    with torch_threads(1 if torch_ops else None), ThreadPoolExecutor(workers) as pool:
-        jobs = [pool.submit(run, task) for task in tasks]
-        return [job.result() for job in jobs]  # re-raises a worker's exception here
-
-
 def _band_forward_rows(q: Tensor, k: Tensor, v: Tensor, plan: _BandPlan, scale: float, out: Tensor, lse: Tensor
                        ) -> None:
     """The causal band's forward for some rows of ``(BH, N, X)``: one flash call per piece, merged exactly in place
@@ -338,7 +175,7 @@ class _CausalBandFn(torch.autograd.Function):
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = q.new_empty(bh, n, v.shape[-1])  # (BH, N, Ev)
         lse = torch.empty(bh, n, 1, dtype=lse_dtype, device=q.device)  # (BH, N, 1)
-        _over_rows(lambda lo, hi: _band_forward_rows(q[lo:hi], k[lo:hi], v[lo:hi], plan, scale, out[lo:hi],
+        over_rows(lambda lo, hi: _band_forward_rows(q[lo:hi], k[lo:hi], v[lo:hi], plan, scale, out[lo:hi],
                                                      lse[lo:hi]), bh, q.numel())
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale
@@ -404,7 +241,7 @@ def _band_backward(
     """Gradients of the causal band from the merged output and log-sum-exp (see :func:`_band_grads_rows`).
 
     Low-precision inputs are computed in float32. The rows of ``BH`` are shared between ``workers`` threads
-    (:func:`_over_rows`; ``None``: the intra-op thread count, one for small inputs).
+    (:func:`over_rows`; ``None``: the intra-op thread count, one for small inputs).
     """
     dtype = q.dtype
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -413,9 +250,9 @@ def _band_backward(
     qs = q * scale
     delta = (grad * out).sum(-1, keepdim=True)  # (BH, N, 1): rowsum(dO * O)
     dq, dk, dv = torch.empty_like(qs), torch.zeros_like(k), torch.zeros_like(v)
-    bh, threads = q.shape[0], _workers(q.numel(), workers)
+    bh, threads = q.shape[0], worker_count(q.numel(), workers)
     if bh >= threads or plan.nb < 2:
-        _over_rows(lambda lo, hi: _band_grads_rows(grad[lo:hi], qs[lo:hi], k[lo:hi], v[lo:hi], lse[lo:hi],
+        over_rows(lambda lo, hi: _band_grads_rows(grad[lo:hi], qs[lo:hi], k[lo:hi], v[lo:hi], lse[lo:hi],
                                                    delta[lo:hi], plan, dq[lo:hi], dk[lo:hi], dv[lo:hi]),
                    bh, q.numel(), threads)
     else:  # fewer rows than threads: each row's buckets are split too; a split's key gradients get their own buffer
@@ -431,7 +268,7 @@ def _band_backward(
             return row, key0, dk_part, dv_part
 
         tasks = [functools.partial(split, row, b0, b1) for row in range(bh) for b0, b1 in itertools.pairwise(cuts)]
-        for row, key0, dk_part, dv_part in _run_tasks(tasks, threads):
+        for row, key0, dk_part, dv_part in run_tasks(tasks, threads):
             dk[row : row + 1, key0 : key0 + dk_part.shape[1]] += dk_part
             dv[row : row + 1, key0 : key0 + dv_part.shape[1]] += dv_part
     dq.mul_(scale)
@@ -439,66 +276,6 @@ def _band_backward(
 
 
 # --------------------------------------------------------------------------------------------- native kernel
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # computed in float32; float64 stays in PyTorch
-
-
-def native_unsupported(q: Tensor, impl: str) -> str:
-    """Why the native kernel (sliding window, block-sparse) cannot serve ``q`` (``""`` when it can)."""
-    if impl == "torch":
-        return "impl='torch'"
-    if q.device.type != "cpu":
-        return f"a {q.device.type} tensor (the native kernel is for CPU)"
-    if q.dtype not in _NATIVE_DTYPES:
-        return f"{q.dtype} inputs (the native kernel takes float32, bfloat16 and float16, computed in float32)"
-    if _native.load() is None:
-        return f"no native library ({_native.status()})"
-    return ""
-
-
-def _rows_f32(x: Tensor, width: int) -> Tensor:
-    """``(B, H, N, X) -> (B*H, N, width)`` float32, contiguous, zero columns after ``X`` (a view when it can be)."""
-    b, h, n, d = x.shape
-    x = x.to(torch.float32).reshape(b * h, n, d)
-    return (F.pad(x, (0, width - d)) if width > d else x).contiguous()
-
-
-def _bucket_tasks(rows: int, nb: int, workers: int) -> list[tuple[int, int, int]]:
-    """``(row, b0, b1)`` tasks covering every bucket of every row once: whole rows, or rows cut into a few bucket
-    ranges when there are fewer rows than ``2 * workers`` (so that every thread keeps busy to the end)."""
-    parts = 1 if workers <= 1 else max(1, min(nb, -(-2 * workers // rows)))
-    cuts = [nb * i // parts for i in range(parts + 1)]
-    return [(row, b0, b1) for row in range(rows) for b0, b1 in itertools.pairwise(cuts) if b1 > b0]
-
-
-class NativePattern(Protocol):
-    """Which keys each group of query rows reads, for the native kernel (``csrc/band.c``): the C entry points and
-    their pattern arguments. :class:`_WindowPattern` (buckets of a sliding window) and the block-sparse pattern of
-    :mod:`attnkit.functional.sparse` (query blocks over a layout) provide it."""
-
-    @property
-    def groups(self) -> int:
-        """Query groups per row."""
-        ...
-
-    @property
-    def fwd(self) -> str:
-        """Name of the library's forward function."""
-        ...
-
-    @property
-    def bwd(self) -> str:
-        """Name of the library's backward function."""
-        ...
-
-    def args(self, row: int, kv_len: int, e: int, ev: int) -> tuple[object, ...]:
-        """The C arguments between the tensor pointers and ``scale`` for ``row`` of ``B*H``."""
-        ...
-
-    def keys(self, row: int, g0: int, g1: int) -> tuple[int, int]:
-        """The keys ``[key0, key1)`` the groups ``[g0, g1)`` of ``row`` may read (as the C code computes them)."""
-        ...
-
-
 @dataclass(frozen=True)
 class _WindowPattern:
     win: BlockedWindowMask
@@ -519,120 +296,10 @@ class _WindowPattern:
         return max(0, g0 - w.look_backward) * w.window, min(self.n, (g1 + w.look_forward) * w.window)
 
 
-def _native_call(fn: Callable[..., int], *args: object) -> None:
-    if fn(*args) != 0:
-        raise MemoryError("attnkit's native attention kernel could not allocate its tile buffers")
-
-
-class NativeBandFn(torch.autograd.Function):
-    """Attention over a :class:`NativePattern` on float32 rows with the C kernel (``csrc/band.c``), forward and
-    backward: ``out (BH, Lq, Ev)`` and the log-sum-exp ``(BH, Lq)`` (no gradient).
-
-    ``q (BH, Lq, E)``, ``k (BHkv, Lk, E)``, ``v (BHkv, Lk, Ev)`` (``E``, ``Ev`` multiples of 16; query row ``r``
-    reads key/value row ``r // rep`` and its first ``lengths[r]`` keys only: right padding). The rows, or ranges of
-    query groups of a row, run as tasks on :func:`_run_tasks`' threads (the C calls release the GIL). The backward
-    gives every query head its own key/value gradient rows (summed over the ``rep`` heads of a group at the end)
-    and, when a row is cut into ranges, every range its own buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, pattern, scale, rep, isa, lengths):  # type: ignore[no-untyped-def, override]
-        lib = _native.load()
-        fwd = getattr(lib, pattern.fwd)
-        bh, n_q, e = q.shape
-        n_k, ev = k.shape[1], v.shape[-1]
-        out = q.new_empty(bh, n_q, ev)
-        lse = q.new_empty(bh, n_q)
-        fl = 4  # bytes per float32
-
-        def task(row: int, g0: int, g1: int) -> None:
-            kv = row // rep
-            _native_call(fwd, q.data_ptr() + row * n_q * e * fl, k.data_ptr() + kv * n_k * e * fl,
-                         v.data_ptr() + kv * n_k * ev * fl, out.data_ptr() + row * n_q * ev * fl,
-                         lse.data_ptr() + row * n_q * fl, *pattern.args(row, lengths[row], e, ev), scale, g0, g1,
-                         isa)
-
-        workers = _workers(q.numel(), None)
-        tasks = _bucket_tasks(bh, pattern.groups, workers)
-        _run_tasks([functools.partial(task, *t) for t in tasks], workers, torch_ops=False)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.pattern, ctx.scale, ctx.rep, ctx.isa, ctx.lengths = pattern, scale, rep, isa, lengths
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_lse):  # type: ignore[no-untyped-def, override]
-        q, k, v, out, lse = ctx.saved_tensors
-        pattern, scale, rep, isa, lengths = ctx.pattern, ctx.scale, ctx.rep, ctx.isa, ctx.lengths
-        bwd = getattr(_native.load(), pattern.bwd)
-        grad = grad_out.contiguous()
-        bh, n_q, e = q.shape
-        n_k, ev = k.shape[1], v.shape[-1]
-        fl = 4
-        dq = torch.empty_like(q)
-        workers = _workers(q.numel(), None)
-        tasks = _bucket_tasks(bh, pattern.groups, workers)
-        whole = len(tasks) == bh  # one task per row: it owns (and zeroes) the keys of that row it reads
-        dk = q.new_empty(bh, n_k, e) if whole else None
-        dv = q.new_empty(bh, n_k, ev) if whole else None
-
-        def task(row: int, g0: int, g1: int) -> tuple[int, int, int, Tensor, Tensor]:
-            kv = row // rep
-            key0, key1 = pattern.keys(row, g0, g1)
-            if dk is not None and dv is not None:
-                dk_t, dv_t = dk[row, key0:key1], dv[row, key0:key1]
-            else:
-                dk_t, dv_t = q.new_empty(key1 - key0, e), q.new_empty(key1 - key0, ev)
-            _native_call(bwd, q.data_ptr() + row * n_q * e * fl, k.data_ptr() + kv * n_k * e * fl,
-                         v.data_ptr() + kv * n_k * ev * fl, out.data_ptr() + row * n_q * ev * fl,
-                         grad.data_ptr() + row * n_q * ev * fl, lse.data_ptr() + row * n_q * fl,
-                         dq.data_ptr() + row * n_q * e * fl, dk_t.data_ptr(), dv_t.data_ptr(),
-                         *pattern.args(row, lengths[row], e, ev), scale, g0, g1, isa)
-            return row, key0, key1, dk_t, dv_t
-
-        parts = _run_tasks([functools.partial(task, *t) for t in tasks], workers, torch_ops=False)
-        if dk is not None and dv is not None:  # whole rows: keys no query reads get zero gradients
-            for row, key0, key1, _, _ in parts:
-                for grads in (dk, dv):
-                    grads[row, :key0] = 0.0
-                    grads[row, key1:] = 0.0
-        else:  # ranges of groups: sum the overlapping key rows of their buffers
-            dk, dv = q.new_zeros(bh, n_k, e), q.new_zeros(bh, n_k, ev)
-            for row, key0, key1, dk_t, dv_t in parts:
-                dk[row, key0:key1] += dk_t
-                dv[row, key0:key1] += dv_t
-        if rep > 1:  # the query heads of a group share one key/value head
-            dk = dk.view(bh // rep, rep, n_k, e).sum(1)
-            dv = dv.view(bh // rep, rep, n_k, ev).sum(1)
-        return dq, dk, dv, None, None, None, None, None
-
-
-def native_attention(q: Tensor, k: Tensor, v: Tensor, pattern: NativePattern, scale: float, isa: int,
-                     lengths: Tensor | None) -> Tensor:
-    """``(B, H, L, E)`` inputs through :class:`NativeBandFn`: float32 rows, feature dims zero-padded to multiples of
-    16, the output back in the input dtype. ``lengths (B,)``: real keys of each sequence (right padding), ``None``
-    for all of them."""
-    b, h, q_len, e = q.shape
-    hkv, k_len, ev = k.shape[1], k.shape[2], v.shape[-1]
-    e16, ev16 = -(-e // 16) * 16, -(-ev // 16) * 16
-    per_row = [k_len] * (b * h) if lengths is None else [int(x) for x in lengths.repeat_interleave(h)]
-    out, _ = NativeBandFn.apply(_rows_f32(q, e16), _rows_f32(k, e16), _rows_f32(v, ev16), pattern, scale, h // hkv,
-                                isa, per_row)
-    return out.view(b, h, q_len, ev16)[..., :ev].to(q.dtype)  # (B, H, L, Ev)
-
-
-def _window_native(q: Tensor, k: Tensor, v: Tensor, win: BlockedWindowMask, scale: float, isa: int = 2,
+def window_native(q: Tensor, k: Tensor, v: Tensor, win: BlockedWindowMask, scale: float, isa: int = 2,
                    lengths: Tensor | None = None) -> Tensor:
     """``L == S`` on the C kernel (see :func:`native_attention`)."""
     return native_attention(q, k, v, _WindowPattern(win, q.shape[2]), scale, isa, lengths)
-
-
-def _right_padding(key_mask: Tensor) -> Tensor | None:
-    """The lengths ``(B,)`` when ``key_mask (B, S)`` is right padding (``True`` then ``False``), else ``None``."""
-    lengths = key_mask.sum(-1)
-    positions = torch.arange(key_mask.shape[-1], device=key_mask.device)
-    return lengths if torch.equal(key_mask, positions < lengths.unsqueeze(-1)) else None
 
 
 # --------------------------------------------------------------------------------------------- sliding window
@@ -669,7 +336,7 @@ def _window_fast(q: Tensor, k: Tensor, v: Tensor, win: BlockedWindowMask, scale:
             count = k_idx.stop - k_idx.start
             mask = q4.new_zeros(1, count, 1, w)  # (1, P, 1, w), additive
             mask[0, -1, 0, w - pad :] = float("-inf")
-        pieces.append(_Piece(q_idx, k_idx, win.causal and d == 0, mask))
+        pieces.append(Piece(q_idx, k_idx, win.causal and d == 0, mask))
     out, _ = run_pieces(q4, k4, v4, pieces, scale)  # (BH, nb, w, Ev)
     return out.view(b, h, nb * w, e)[:, :, :n, :ev]  # (B, H, N, Ev)
 
@@ -787,11 +454,11 @@ def sliding_window_attention(
     if q_len == 0 or k_len == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0.0 * (q.sum() + k.sum() + v.sum())
     fast = q_len == k_len and q.device.type == "cpu"
-    lengths = None if key_mask is None or not fast else _right_padding(key_mask)
+    lengths = None if key_mask is None or not fast else right_padding(key_mask)
     if fast and (key_mask is None or lengths is not None):  # the fast paths
         why = native_unsupported(q, impl)
         if not why:
-            return _window_native(q, k, v, win, scale_f, lengths=lengths)
+            return window_native(q, k, v, win, scale_f, lengths=lengths)
         if impl == "native":
             raise V.fail("an input the native sliding-window kernel serves", why, "impl='auto'")
         if key_mask is None:

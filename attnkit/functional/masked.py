@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from . import _native
+from ._native_bridge import native_attention
 from .dispatch import AttentionCall, Backend, register_backend
-from .local import native_attention
 from .masks import (
     AndMask,
     AttentionMask,
@@ -89,7 +89,7 @@ def split_padding(mask: AttentionMask) -> tuple[AttentionMask | None, Tensor | N
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float, *,
                      is_causal: bool = False, isa: int = 2) -> Tensor:
     """``(B, H, L, E)`` attention under ``mask`` on the native engine (see the module docstring): float32 /
-    bfloat16 / float16 CPU tensors, the native library loaded (check :func:`native_unsupported` first).
+    bfloat16 / float16 CPU tensors, the native library loaded (check ``native_unsupported`` first).
     ``is_causal`` adds upper-left causal masking. ``isa``: 2 = the AVX-512 body where the CPU has it, 1 = the
     build's own target."""
     b, h, q_len, _ = q.shape

@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validate as V
+from ._native_bridge import native_attention, native_unsupported, right_padding
+from ._pieces import Piece, run_pieces, same_head_dim
 from ._reference import expand_kv_heads
 from .dense import dense_attention
 from .dispatch import AttentionCall, Backend, register_backend
-from .local import _Piece, _right_padding, native_attention, native_unsupported, run_pieces, same_head_dim
 from .masks import BlockSparseMask, check_layout, fit_layout, padding_mask, split_with_padding
 
 __all__ = [
@@ -139,14 +140,14 @@ def _to_device(index: slice | Tensor, device: torch.device) -> slice | Tensor:
     return index.to(device) if isinstance(index, Tensor) else index
 
 
-def _pieces_for(layout: Tensor, causal: bool, k_pad: int, dtype: torch.dtype, bs: int) -> list[_Piece]:
+def _pieces_for(layout: Tensor, causal: bool, k_pad: int, dtype: torch.dtype, bs: int) -> list[Piece]:
     """Group a ``(Nq, Nk)`` layout into pieces: the diagonal (causal), then the r-th non-zero key block of each row."""
     nk = layout.shape[1]
     pieces = []
     if causal:
         diag = layout.diagonal().nonzero().flatten()  # query blocks that see their own block
         if diag.numel():
-            pieces.append(_Piece(diag, diag, True))
+            pieces.append(Piece(diag, diag, True))
         i, j = torch.meshgrid(torch.arange(layout.shape[0]), torch.arange(nk), indexing="ij")
         layout = layout & (j < i)  # blocks after the diagonal are fully masked: never computed
     rows, cols = layout.nonzero(as_tuple=True)  # sorted by row, then column
@@ -161,18 +162,18 @@ def _pieces_for(layout: Tensor, causal: bool, k_pad: int, dtype: torch.dtype, bs
             if k_pad and bool((k_idx == nk - 1).any()):  # the last key block is part padding: hide it
                 mask = torch.zeros(1, q_idx.numel(), 1, bs, dtype=dtype)
                 mask[0, k_idx == nk - 1, 0, bs - k_pad :] = float("-inf")
-            pieces.append(_Piece(q_idx, k_idx, False, mask))
+            pieces.append(Piece(q_idx, k_idx, False, mask))
     return pieces
 
 
-def _with_key_padding(piece: _Piece, pad_add: Tensor, heads: int) -> _Piece:
+def _with_key_padding(piece: Piece, pad_add: Tensor, heads: int) -> Piece:
     """``piece`` with the additive key-padding mask of its key blocks, ``(B*heads, P, 1, bs)`` (replaces the tail
     mask: the padding covers the tail). Padding gets the lowest finite value, not ``-inf``, so a row whose keys in a
     piece are all padding keeps a finite log-sum-exp that the merge weighs to zero."""
     add = pad_add[:, piece.k] if isinstance(piece.k, slice) else pad_add.index_select(1, piece.k)  # (B, P, bs)
     b, p, bs = add.shape
     mask = add.unsqueeze(1).expand(b, heads, p, bs).reshape(b * heads, p, 1, bs)
-    return _Piece(piece.q, piece.k, piece.causal, mask)
+    return Piece(piece.q, piece.k, piece.causal, mask)
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,7 @@ def block_sparse_attention(
     if q_len == 0 or k_len == 0:
         return q.new_zeros(b, h, q_len, ev) + 0.0 * (q.sum() + k.sum() + v.sum())
     why = native_unsupported(q, impl)
-    lengths = None if key_mask is None or why else _right_padding(key_mask)
+    lengths = None if key_mask is None or why else right_padding(key_mask)
     if key_mask is not None and lengths is None:
         why = why or "a key_mask that is not right padding"
     if not why:
@@ -335,7 +336,7 @@ def block_sparse_attention(
     outs = []
     for hs, lay in zip(heads, fitted, strict=True):
         pieces = _pieces_for(lay.cpu(), causal, k_pad, q.dtype, bs)
-        pieces = [_Piece(_to_device(p.q, q.device), _to_device(p.k, q.device), p.causal,
+        pieces = [Piece(_to_device(p.q, q.device), _to_device(p.k, q.device), p.causal,
                          None if p.mask is None else p.mask.to(q.device)) for p in pieces]
         qh, kh, vh = (t[:, hs] for t in (q, k, v))  # (B, Hh, N*, bs, E)
         hh = qh.shape[1]

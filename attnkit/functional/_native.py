@@ -47,7 +47,7 @@ __all__ = ["band_body", "load", "status"]
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = (_CSRC / "decode.c", _CSRC / "band.c")  # compiled together into one library
-_HEADERS = (_CSRC / "band_impl.h",)  # part of the hash: a changed header rebuilds
+_HEADERS = (_CSRC / "attnkit.h", _CSRC / "band_impl.h")  # part of the hash: a changed header rebuilds
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 

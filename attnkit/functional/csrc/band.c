@@ -43,6 +43,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "attnkit.h"
 
 #ifndef BK_TQ
 #define BK_TQ 64

@@ -14,6 +14,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "attnkit.h"
+
 #define ATTNKIT_MAX_DIM 512
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };

@@ -22,6 +22,22 @@ def check_tensor(name: str, x: Any) -> Tensor:
     return x
 
 
+def check_key_mask(key_mask: Any, batch: int, k_len: int) -> Tensor:
+    """The one rule for a key mask ``(B, S)``, used by every kernel and module that takes ``key_mask``.
+
+    Boolean: ``True`` = a real key that may be attended. Integer: read the same way (``0`` = masked, as in the
+    tutorial's ``mask == 0``), so 0/1 masks work everywhere. Float raises: a float mask is *added* to the scores, which
+    is what ``attn_mask`` is for. Returns the boolean mask.
+    """
+    ok = isinstance(key_mask, Tensor) and tuple(key_mask.shape) == (batch, k_len)
+    if not ok or key_mask.dtype.is_floating_point or key_mask.dtype.is_complex:
+        got = f"{key_mask.dtype} {tuple(key_mask.shape)}" if isinstance(key_mask, Tensor) else type(key_mask).__name__
+        raise fail(f"key_mask of shape (B, S) = {(batch, k_len)}: a boolean key_mask (or integer 0/1), True = real key",
+                   got, "padding_mask(lengths, S).view(B, S) or key_mask.bool(); ~key_padding_mask for a mask in "
+                   "nn.MultiheadAttention's meaning; an additive float mask goes in attn_mask")
+    return key_mask if key_mask.dtype == torch.bool else key_mask != 0
+
+
 def check_float(name: str, x: Tensor) -> None:
     if x.dtype not in _FLOAT_DTYPES:
         raise fail(

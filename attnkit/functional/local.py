@@ -441,13 +441,7 @@ def sliding_window_attention(
     if q_len > k_len:
         raise V.fail("L <= S (queries are the newest positions of the keys)", f"L={q_len}, S={k_len}", "L <= S")
     if key_mask is not None:
-        key_mask = V.check_tensor("key_mask", key_mask)
-        if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (b, k_len):
-            raise V.fail(
-                f"key_mask as a boolean (B, S) = ({b}, {k_len}) tensor, True = may attend",
-                f"{key_mask.dtype} {tuple(key_mask.shape)}",
-                "padding_mask(lengths, S).view(B, S)",
-            )
+        key_mask = V.check_key_mask(key_mask, b, k_len)
     if impl not in ("auto", "native", "torch"):
         raise V.fail("impl to be 'auto', 'native' or 'torch'", repr(impl), "impl='auto'")
     scale_f = V.check_scale(scale, e)

@@ -291,13 +291,7 @@ def block_sparse_attention(
     if fitted.shape[0] not in (1, h):
         raise V.fail(f"a layout with 1 or H={h} heads", f"{tuple(layout.shape)}", "a (Nq, Nk) layout for all heads")
     if key_mask is not None:
-        key_mask = V.check_tensor("key_mask", key_mask)
-        if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (b, k_len):
-            raise V.fail(
-                f"key_mask as a boolean (B, S) = ({b}, {k_len}) tensor, True = may attend",
-                f"{key_mask.dtype} {tuple(key_mask.shape)}",
-                "padding_mask(lengths, S).view(B, S)",
-            )
+        key_mask = V.check_key_mask(key_mask, b, k_len)
         key_mask = key_mask.to(q.device)
     if impl not in ("auto", "native", "torch"):
         raise V.fail("impl to be 'auto', 'native' or 'torch'", repr(impl), "impl='auto'")

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from attnkit._errors import fail
 from attnkit._typing import FactoryKwargs
 from attnkit.functional import scoring
-from attnkit.functional._validate import check_tensor
+from attnkit.functional._validate import check_key_mask, check_tensor
 from attnkit.functional.hard import HARD_MODES, HardAttentionResult, hard_attention
 
 from .attend import WeightsTap
@@ -168,10 +168,7 @@ class HardAttention(nn.Module):
             raise fail(f"values of shape (B, S, Dv) = ({b}, {s}, Dv)", f"{tuple(v.shape)}", "values=None (use keys)")
         mask = None
         if key_mask is not None:
-            check_tensor("key_mask", key_mask)
-            if key_mask.shape != (b, s):
-                raise fail(f"key_mask of shape (B, S) = {(b, s)}", f"{tuple(key_mask.shape)}", "a (B, S) bool mask")
-            mask = (key_mask if key_mask.dtype == torch.bool else key_mask != 0).unsqueeze(1)  # (B, 1, S)
+            mask = check_key_mask(key_mask, b, s).unsqueeze(1)  # (B, 1, S)
         mode = self.mode if self.training else self.eval_mode
         res = hard_attention(
             self.scores(q, keys),

@@ -38,6 +38,7 @@ from attnkit.functional import (
     attention_weights,
     combine_masks,
 )
+from attnkit.functional._validate import check_key_mask
 
 from .attend import Attend
 from .cache import CrossKVCache, KVCache
@@ -421,10 +422,7 @@ class MultiHeadAttention(nn.Module):
         elif attn_mask is not None:
             parts.append(self._tensor_mask(attn_mask, b, q_len, k_len, q.dtype))
         if key_mask is not None:
-            if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool or key_mask.shape != (b, k_len):
-                got = f"{key_mask.dtype} {tuple(key_mask.shape)}" if isinstance(key_mask, Tensor) else repr(key_mask)
-                raise fail(f"key_mask of shape (B, S) = {(b, k_len)}, boolean, True = real key", got,
-                           "~key_padding_mask for a mask in nn.MultiheadAttention's meaning")
+            key_mask = check_key_mask(key_mask, b, k_len)
             lengths = key_mask.sum(-1) if structures else None  # (B,), only needed to keep a structure
             if lengths is not None and torch.equal(key_mask, torch.arange(k_len, device=dev) < lengths.view(b, 1)):
                 structures.append(PaddingMask(lengths))  # right padding: stays a structure the kernels can read

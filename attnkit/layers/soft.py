@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from attnkit._errors import fail
 from attnkit.functional import scoring
-from attnkit.functional._validate import check_tensor
+from attnkit.functional._validate import check_key_mask, check_tensor
 
 from .attend import Attend, WeightsTap
 from .registry import register_attention
@@ -126,7 +126,7 @@ class SoftAttention(nn.Module):
             if attn_mask.dim() == 3:  # the tutorial's (B, L, L)
                 attn_mask = attn_mask.unsqueeze(1)  # (B, 1, L, L)
         if key_mask is not None:
-            km = _check_key_mask(key_mask, b, n).view(b, 1, 1, n)  # (B, 1, 1, L)
+            km = check_key_mask(key_mask, b, n).view(b, 1, 1, n)  # (B, 1, 1, L)
             if attn_mask is None:
                 attn_mask = km
             elif attn_mask.dtype == torch.bool:
@@ -146,20 +146,6 @@ class SoftAttention(nn.Module):
 # Shared plumbing of the RNN-decoder attentions
 # ---------------------------------------------------------------------------------------------------------------
 
-
-def _check_key_mask(key_mask: Tensor, batch: int, k_len: int) -> Tensor:
-    check_tensor("key_mask", key_mask)
-    if key_mask.shape != (batch, k_len):
-        raise fail(
-            f"key_mask of shape (B, S) = {(batch, k_len)} with True = real token",
-            f"{tuple(key_mask.shape)}",
-            "attnkit.functional.padding_mask(lengths, S).view(B, S)",
-        )
-    if key_mask.dtype != torch.bool:
-        if key_mask.dtype.is_floating_point or key_mask.dtype.is_complex:
-            raise fail("a boolean key_mask (True = real token)", str(key_mask.dtype), "key_mask.bool()")
-        key_mask = key_mask != 0
-    return key_mask
 
 
 def _prepare_step(
@@ -184,7 +170,7 @@ def _prepare_step(
     v = keys if values is None else check_tensor("values", values)  # (B, S, Dv)
     if v.dim() != 3 or v.shape[:2] != (b, s):
         raise fail(f"values of shape (B, S, Dv) = ({b}, {s}, Dv)", f"{tuple(v.shape)}", "values=None (use keys)")
-    mask = None if key_mask is None else _check_key_mask(key_mask, b, s).unsqueeze(1)  # (B, 1, S)
+    mask = None if key_mask is None else check_key_mask(key_mask, b, s).unsqueeze(1)  # (B, 1, S)
     return q, keys, v, mask, one_step
 
 

@@ -23,27 +23,37 @@ scores would take). Times are medians; ratios are against baselines measured in 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
+import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from attnkit._runtime import torch_threads
 from attnkit.bench._timing import Table, interleaved_medians, machine_line, measure_peak_memory, median_time, ratio
 from attnkit.functional import (
-    WindowMask,
-    _native,
+    AttentionMask,
+    BlockedWindowMask,
+    CausalMask,
+    DocumentMask,
+    MaskMod,
+    SlidingWindowMask,
     bigbird_layout,
     block_sparse_attention,
     chunked_attention,
+    scaled_dot_product_attention,
     sliding_window_attention,
     strided_layout,
+    which_backend,
 )
 
 MINE = "attnkit sliding_window_attention"  # impl='auto': the native kernel where it builds
@@ -88,7 +98,7 @@ def _kernels(n: int, window: int, with_flex: bool) -> dict[str, dict[str, Any]]:
     kernels: dict[str, dict[str, Any]] = {}
 
     def dense(q, k, v):  # type: ignore[no-untyped-def]
-        mask = WindowMask(window).materialize(n, n)[0, 0]  # (N, N) bool, built inside: it is part of the cost
+        mask = BlockedWindowMask(window).materialize(n, n)[0, 0]  # (N, N) bool, built inside: it is part of the cost
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     kernels["dense masked SDPA"] = {"fn": dense, "trains": True, "est": lambda h: (n * n * 5, n * n * 9), "power": 2}
@@ -168,12 +178,269 @@ def _plot(results: dict[str, dict[int, dict[str, float]]], out: Path, title: str
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------------------------- exact masks
+DOCS, SINKS = 8, 4  # packed documents in the sequence; sink keys at the start of each document (the mask_mod row)
+TARGETS = {  # the issue's targets: (mask row, baseline) -> (which time, at least this speed-up)
+    ("window", "dense masked SDPA"): ("fwd", 15.0),
+    ("window", "FlexAttention compiled (fwd only)"): ("fwd", 2.0),
+    ("window", "local-attention, blocked window"): ("fwd+bwd", 3.0),
+    ("window", "local-attention, exact_windowsize"): ("fwd+bwd", 3.0),
+    ("documents", "FlexAttention compiled (fwd only)"): ("fwd", 2.0),
+    ("mask_mod", "FlexAttention compiled (fwd only)"): ("fwd", 2.0),
+}
+COMPILE_TARGET = 0.1  # our mask compilation at most this share of Flex's create_block_mask + compile
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what :mod:`platform` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def load_line() -> str:
+    """The load averages over 1, 5 and 15 minutes."""
+    return "load average {:.2f} / {:.2f} / {:.2f} (1 / 5 / 15 min)".format(*os.getloadavg())
+
+
+@dataclass(frozen=True)
+class MaskCase:
+    """One mask of the exact-mask rows: attnkit's mask object (``None``: a user function only), the same mask as
+    a ``mask_mod(b, h, q_idx, kv_idx)`` (FlexAttention's signature; attnkit takes it as well), and for the sliding
+    window its width (the ``local-attention`` rows)."""
+
+    key: str  # "window", "documents" or "mask_mod" (TARGETS)
+    name: str
+    structured: AttentionMask | None
+    mod: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+    window: int | None = None
+
+
+def mask_cases(n: int, window: int, docs: int = DOCS, sinks: int = SINKS) -> list[MaskCase]:
+    """The exact sliding window, packed causal documents, and a user ``mask_mod`` that combines a window, sinks
+    and documents, for ``N = n`` tokens (``docs`` documents of ``n // docs`` tokens)."""
+    ids = torch.arange(n) // (n // docs)  # (N,) document of each token
+    start = ids * (n // docs)  # (N,) first position of each token's document
+
+    def window_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)  # HF's sliding_window: keys p - window + 1 ... p
+
+    def document_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (ids[q_idx] == ids[kv_idx]) & (kv_idx <= q_idx)
+
+    def user_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        same_doc = (ids[q_idx] == ids[kv_idx]) & (kv_idx <= q_idx)
+        return same_doc & ((q_idx - kv_idx < window) | (kv_idx - start[kv_idx] < sinks))
+
+    return [
+        MaskCase("window", f"exact sliding window {window}", SlidingWindowMask(window), window_mod, window),
+        MaskCase("documents", f"packed documents {docs} x {n // docs}, causal", DocumentMask(ids) & CausalMask(),
+                 document_mod),
+        MaskCase("mask_mod", f"mask_mod: documents, causal, window {window} or first {sinks} of the document",
+                 None, user_mod),
+    ]
+
+
+def _mask_kernels(case: MaskCase, n: int) -> dict[str, tuple[Callable[..., Tensor], bool]]:
+    """Every kernel of one mask row except FlexAttention (built apart, its compile is timed): name -> (forward,
+    trains). attnkit's own rows come last."""
+    as_object = case.structured if case.structured is not None else MaskMod(case.mod)
+
+    def dense(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        mask = as_object.materialize(n, n)[0, 0]  # (N, N) bool, built inside: it is part of the cost
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    kernels: dict[str, tuple[Callable[..., Tensor], bool]] = {}
+    if n * n * 9 <= GUARD_BYTES:
+        kernels["dense masked SDPA"] = (dense, True)
+    if case.window is not None:
+        try:
+            from local_attention import LocalAttention
+
+            w = case.window  # blocked: buckets of w, one back (w + 1 ... 2w keys); exact: bucket w - 1, w keys
+            blocked = LocalAttention(window_size=w, causal=True, look_backward=1, autopad=True)
+            exact = LocalAttention(window_size=w - 1, causal=True, look_backward=1, autopad=True,
+                                   exact_windowsize=True)
+            kernels["local-attention, blocked window"] = (lambda q, k, v: blocked(q, k, v), True)
+            kernels["local-attention, exact_windowsize"] = (lambda q, k, v: exact(q, k, v), True)
+        except ImportError:  # pragma: no cover - benchmark extra not installed
+            pass
+    if case.structured is not None:
+        structured = case.structured
+        kernels["attnkit, mask object"] = (
+            lambda q, k, v: cast(Tensor, scaled_dot_product_attention(q, k, v, attn_mask=structured)), True)
+    kernels["attnkit, mask_mod"] = (
+        lambda q, k, v: cast(Tensor, scaled_dot_product_attention(q, k, v, attn_mask=case.mod)), True)
+    return kernels
+
+
+def _flex_kernel(case: MaskCase, n: int, q: Tensor, k: Tensor, v: Tensor
+                 ) -> tuple[Callable[..., Tensor] | None, float, float, str]:
+    """FlexAttention compiled on ``create_block_mask`` of the row's ``mask_mod``: (forward, create_block_mask
+    seconds, compile + first call seconds, note)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        t0 = time.perf_counter()
+        block_mask = create_block_mask(case.mod, None, None, n, n, device="cpu")
+        t_mask = time.perf_counter() - t0
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def run(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+            return cast(Tensor, compiled(a, b, c, block_mask=block_mask))
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            run(q, k, v)
+        return run, t_mask, time.perf_counter() - t0, ""
+    except Exception as exc:  # noqa: BLE001 - report any compile failure as a note, do not stop the suite
+        return None, 0.0, 0.0, f"FlexAttention unavailable for {case.name}: {type(exc).__name__}: {exc}"
+
+
+def _ms(t: float | None) -> str:
+    return "-" if t is None else f"{t * 1e3:.0f}" if t >= 0.01 else f"{t * 1e3:.1f}"
+
+
+def mask_suite(quick: bool, with_flex: bool) -> list[Table]:
+    """The exact-mask rows: each mask through dense masked SDPA, compiled FlexAttention (forward only), the
+    ``local-attention`` package (sliding window) and attnkit's ``scaled_dot_product_attention`` with the mask
+    object and with the ``mask_mod``, forward and forward+backward; then each mask's compilation time."""
+    n, heads, dim, window = (2048, 2, 64, 128) if quick else (16384, 8, 64, 512)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
+    where_start = f"{cpu_model()}, {torch.get_num_threads()} threads; at start: {load_line()}"
+    times = Table(f"exact masks at N={n}, B=1, H={heads}, E={dim}, fp32: time",
+                  ["mask", "kernel", "computes", "fwd ms", "fwd+bwd ms", "max abs diff vs dense"])
+    ratios = Table(f"exact masks at N={n}: attnkit speed-up (baseline time / attnkit time) against the issue's targets",
+                   ["mask", "against", "fwd", "fwd+bwd", "target", "met"])
+    compile_t = Table(f"mask compilation at N={n} (one cold call each; attnkit: mask -> blocks of 64, "
+                      "Flex: create_block_mask, then torch.compile's first call)",
+                      ["mask", "attnkit mask object ms", "attnkit mask_mod ms", "Flex create_block_mask ms",
+                       "Flex compile s", "attnkit / Flex (object)", "attnkit / Flex (mask_mod)", "target", "met"])
+    for case in mask_cases(n, window):
+        # compilation first, while nothing of this mask is cached
+        t_object = None
+        if case.structured is not None:
+            t0 = time.perf_counter()
+            case.structured.blocks(n, n)
+            t_object = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        MaskMod(case.mod, B=1, H=1).blocks(n, n)  # what attn_mask=mod compiles (a fresh object: not cached)
+        t_mod = time.perf_counter() - t0
+        kernels = _mask_kernels(case, n)
+        flex_name = "FlexAttention compiled (fwd only)"
+        t_flex_mask = t_flex_first = None
+        if with_flex:
+            flex_fn, t_flex_mask, t_flex_first, why = _flex_kernel(case, n, q, k, v)
+            if flex_fn is None:
+                print(f"  {why}")
+                times.notes.append(why)
+            else:
+                kernels = {**{a: b for a, b in kernels.items() if not a.startswith("attnkit")},
+                           flex_name: (flex_fn, False),
+                           **{a: b for a, b in kernels.items() if a.startswith("attnkit")}}
+        mine = "attnkit, mask object" if case.structured is not None else "attnkit, mask_mod"
+        # one call each, outputs against the dense masked reference (this also warms every kernel up)
+        with torch.no_grad():
+            outs = {name: fn(q, k, v) for name, (fn, _) in kernels.items()}
+        ref = outs.get("dense masked SDPA", outs[mine])
+        row_times: dict[str, tuple[float, float | None]] = {}
+        for name, (fn, trains) in kernels.items():
+            with torch.no_grad():
+                t_fwd = _timed(_bind(fn, q, k, v), slow=2.0)
+            t_train = _timed(_fwd_bwd(fn, q, k, v), slow=2.0) if trains else None
+            row_times[name] = (t_fwd, t_train)
+            if name == "local-attention, blocked window":
+                computes = f"keys in buckets of {window}, one back ({window + 1} ... {2 * window})"
+                diff = "(other mask)"
+            else:
+                computes = "the same mask" if name != "dense masked SDPA" else "the same mask, materialised N x N"
+                diff = f"{(outs[name] - ref).abs().max().item():.1e}" if name != "dense masked SDPA" else "-"
+            if name == "local-attention, exact_windowsize":
+                computes = f"buckets of {window - 1}, one back, exact_windowsize: the same {window} keys"
+            times.add(case.name, name, computes, _ms(t_fwd), "n/a (no backward)" if t_train is None else _ms(t_train),
+                      diff)
+            print(f"  {case.key:9s} N={n} {name:34s} fwd {_ms(t_fwd):>7s} ms  fwd+bwd {_ms(t_train):>7s} ms",
+                  flush=True)
+        del outs
+        gc.collect()
+        ours = row_times[mine]
+        for name, (t_fwd, t_train) in row_times.items():
+            if name == mine:
+                continue
+            f = ratio(ours[0], t_fwd)
+            if t_train is not None and ours[1] is not None:
+                b = ratio(ours[1], t_train)
+            elif ours[1] is not None:
+                b = ratio(ours[1], t_fwd) + " (our fwd+bwd vs its fwd)"
+            else:
+                b = "-"
+            target = None if quick else TARGETS.get((case.key, name))  # the targets are for the full sizes
+            met = "-"
+            if target is not None:
+                which, at_least = target
+                got = t_fwd / ours[0] if which == "fwd" else (t_train or 0.0) / (ours[1] or 1.0)
+                met = "yes" if got >= at_least else "no"
+            ratios.add(case.name, name, f, b, "-" if target is None else f">= {target[1]:g}x {target[0]}", met)
+        if t_flex_mask is not None and t_flex_first is not None and flex_name in row_times:
+            flex_total = t_flex_mask + t_flex_first - row_times[flex_name][0]  # compile: first call - a steady one
+            shares = [None if t is None else t / flex_total for t in (t_object, t_mod)]
+            met = "yes" if max(s for s in shares if s is not None) <= COMPILE_TARGET else "no"
+            met = "-" if quick else met
+            compile_t.add(case.name, _ms(t_object), _ms(t_mod), _ms(t_flex_mask),
+                          f"{t_flex_first - row_times[flex_name][0]:.1f}",
+                          *["-" if s is None else f"{s:.3f}" for s in shares], f"<= {COMPILE_TARGET:g}", met)
+        else:
+            compile_t.add(case.name, _ms(t_object), _ms(t_mod), "-", "-", "-", "-", f"<= {COMPILE_TARGET:g}", "-")
+    kernel = which_backend(q, k, v, mask_cases(n, window)[0].structured).kernel
+    where_end = f"at end: {load_line()}"
+    for t in (times, ratios, compile_t):
+        t.notes.append(f"{where_start}; {where_end}")
+    times.notes.append(f"attnkit: scaled_dot_product_attention(q, k, v, attn_mask=mask object or mask_mod), "
+                       f"backend 'auto' -> {kernel}; the mask's blocks are compiled once per shape and cached, so "
+                       "the times are the kernel's (compilation is the last table)")
+    times.notes.append("dense masked SDPA: torch.nn.functional.scaled_dot_product_attention with the mask "
+                       "materialised inside the timed call (N x N bool); 'max abs diff vs dense' is each output "
+                       "against it")
+    times.notes.append(f"local-attention {_local_version()}: 'blocked window' is LocalAttention(window_size="
+                       f"{window}, look_backward=1, causal=True), which sees {window + 1} to {2 * window} keys; "
+                       f"'exact_windowsize' is LocalAttention(window_size={window - 1}, exact_windowsize=True), "
+                       f"which computes the same buckets and masks them to the exact window of {window} keys")
+    if with_flex:
+        times.notes.append("FlexAttention: torch.compile(flex_attention) on create_block_mask of the same mask_mod "
+                           "(block 128); compiled forward only, PyTorch has no FlexAttention backward on CPU")
+        compile_t.notes.append("Flex compile s: the compiled forward's first call minus a steady call (torch's "
+                               "compile caches in this process and on disk may shorten it); attnkit compiles "
+                               "no kernel per mask (its native library is built once per machine)")
+    else:
+        for t in (times, compile_t):
+            t.notes.append("--quick: FlexAttention left out (its compile takes minutes on this CPU)")
+    if quick:
+        ratios.notes.append("--quick: the issue's targets are for N=16384, H=8, window 512 (the full run); "
+                            "not judged here")
+    compile_t.notes.append("attnkit mask_mod: MaskMod(fn, B=1, H=1).blocks(N, N), the function evaluated on "
+                           "broadcast index tensors over every block of 64 x 64 (no torch.compile)")
+    return [times, ratios, compile_t]
+
+
+def _local_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("local-attention")
+    except Exception:  # noqa: BLE001 - only a label
+        return "(version unknown)"
+
+
 def main(quick: bool = False, out: str | None = None) -> int:
     torch.manual_seed(0)
     sizes = [512, 2048] if quick else [4096, 16384, 65536]
     heads, dim, window = (2, 64, 128) if quick else (8, 64, 512)
     with_flex = not quick  # its compile takes minutes on this CPU; --quick leaves it out (said in the notes)
     print(machine_line())
+    print(f"{cpu_model()}, {load_line()}")
     load_before = os.getloadavg()[0]
     table = Table(
         f"causal sliding window {window}, look_backward 1, B=1, H={heads}, E={dim}, fp32",
@@ -237,8 +504,8 @@ def main(quick: bool = False, out: str | None = None) -> int:
             else:
                 b = "-"
             ratios.add(str(n), name, f, b)
-    table.notes.append(machine_line())
-    table.notes.append(f"native library: {_native.status()}")
+    table.notes.append(f"{machine_line()}, {cpu_model()}")
+    table.notes.append(f"kernel: {which_backend(q, k, v, BlockedWindowMask(window)).kernel}")
     table.notes.append(f"'{MINE}' runs impl='auto' (the native kernel when it builds); '{TORCH_PATH}' is the "
                        "same function on PyTorch's CPU flash kernel, merged by log-sum-exp, with its tiled backward")
     table.notes.append(f"load average (1 min) at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f}: "
@@ -319,19 +586,26 @@ def main(quick: bool = False, out: str | None = None) -> int:
                      "(scores and weights) in fp32")
     mem.notes.append("one forward+backward call each, first call in the process for its kernel (not a median)")
 
-    for t in (table, ratios, one, sparse, mem):
+    # exact masks (sliding window, documents, a user mask_mod) on the native block engine, and their compilation
+    masks, mask_ratios, mask_compile = mask_suite(quick, with_flex)
+
+    every = (table, ratios, one, sparse, mem, masks, mask_ratios, mask_compile)
+    for t in every:
         print()
         print(t.text())
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        md = "\n\n".join(t.markdown() for t in (table, ratios, one, sparse, mem))
+        md = "\n\n".join(t.markdown() for t in every)
         (folder / "long.md").write_text(md + "\n", encoding="utf-8")
         table.save(folder, "long_times")
         ratios.save(folder, "long_ratios")
         one.save(folder, "long_one_thread")
         sparse.save(folder, "long_block_sparse")
         mem.save(folder, "long_chunked_memory")
+        masks.save(folder, "long_masks")
+        mask_ratios.save(folder, "long_masks_ratios")
+        mask_compile.save(folder, "long_masks_compile")
         _plot(results, folder, table.title)
         print(f"\nwrote {folder / 'long.md'} and {folder / 'long.png'}")
     return 0

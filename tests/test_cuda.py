@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from attnkit.functional import (
+    BlockedWindowMask,
     BlockSparseMask,
     CausalMask,
     PaddingMask,
-    WindowMask,
     attention_reference,
     block_sparse_attention,
     chunked_attention,
@@ -85,7 +85,7 @@ def test_long_kernels(dtype):  # type: ignore[no-untyped-def]
     (q, k, v), inputs = _qkv(1, 4, 2, n, n, 32, dtype)
     grad = torch.randn(1, 4, n, 32, dtype=torch.float64)
     out = sliding_window_attention(*inputs, window=w, causal=True)
-    win = WindowMask(w, look_backward=1, causal=True)
+    win = BlockedWindowMask(w, look_backward=1, causal=True)
     _check(out, inputs, _reference(q, k, v, win.materialize(n, n), grad), grad, 2 * w)
     layout = local_layout(-(-n // 32), look_backward=1)
     (q, k, v), inputs = _qkv(1, 4, 2, n, n, 32, dtype)

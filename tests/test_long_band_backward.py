@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnkit._runtime import torch_threads
-from attnkit.functional import WindowMask, attention_reference, sliding_window_attention
+from attnkit.functional import BlockedWindowMask, attention_reference, sliding_window_attention
 from attnkit.functional import _threads as threads_mod
 from attnkit.functional import local as local_mod
 from attnkit.testing import assert_close_to_reference
@@ -40,7 +40,7 @@ def _assert_close(got, want, reduction):  # type: ignore[no-untyped-def]
 def _dense(window, back):  # type: ignore[no-untyped-def]
     def fn(q, k, v):  # type: ignore[no-untyped-def]
         rep = q.shape[1] // k.shape[1]
-        mask = WindowMask(window, look_backward=back).materialize(q.shape[2], k.shape[2])
+        mask = BlockedWindowMask(window, look_backward=back).materialize(q.shape[2], k.shape[2])
         return attention_reference(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), mask)[0]
 
     return fn

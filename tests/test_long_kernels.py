@@ -7,9 +7,9 @@ import torch
 
 from attnkit.functional import (
     AndMask,
+    BlockedWindowMask,
     BlockSparseMask,
     PaddingMask,
-    WindowMask,
     attention_reference,
     bigbird_layout,
     block_sparse_attention,
@@ -72,7 +72,7 @@ def _assert_same(out, reference, inputs, reduction):  # type: ignore[no-untyped-
 def test_window_matches_dense_reference(n, window, back, ahead, causal, hkv):  # type: ignore[no-untyped-def]
     q, k, v = _qkv(2, 2, hkv, n, n, ev=6)
     out = sliding_window_attention(q, k, v, window=window, look_backward=back, look_forward=ahead, causal=causal)
-    mask = WindowMask(window, look_backward=back, look_forward=ahead, causal=causal).materialize(n, n)
+    mask = BlockedWindowMask(window, look_backward=back, look_forward=ahead, causal=causal).materialize(n, n)
     _assert_same(out, lambda *qkv: _reference(*qkv, mask), (q, k, v), _reduction(mask, n, n))
 
 
@@ -85,14 +85,14 @@ def test_window_padding_and_unequal_lengths(q_len, k_len, causal):  # type: igno
     key_mask[0, :3] = False  # left padding: early rows of a causal window may see nothing at all
     out = sliding_window_attention(q, k, v, window=8, causal=causal, look_forward=0 if causal else 1,
                                    key_mask=key_mask)
-    window = WindowMask(8, look_forward=0 if causal else 1, causal=causal)
+    window = BlockedWindowMask(8, look_forward=0 if causal else 1, causal=causal)
     mask = window.materialize(q_len, k_len) & key_mask.view(2, 1, 1, k_len)
     _assert_same(out, lambda *qkv: _reference(*qkv, mask), (q, k, v), _reduction(mask, q_len, k_len))
 
 
 def test_window_float32_and_bfloat16_long() -> None:
     q, k, v = _qkv(1, 4, 4, 300, 300, e=16, ev=16, dtype=torch.float32)
-    mask = WindowMask(64).materialize(300, 300)
+    mask = BlockedWindowMask(64).materialize(300, 300)
     reduction = _reduction(mask, 300, 300)
     _assert_same(sliding_window_attention(q, k, v, window=64), lambda *qkv: _reference(*qkv, mask), (q, k, v),
                  reduction)
@@ -118,7 +118,7 @@ def test_window_gradcheck(with_padding):  # type: ignore[no-untyped-def]
 def test_window_never_reads_outside_the_windows() -> None:
     """Keys no query can see (before the first query's window) and padding keys are NaN: outputs stay exact."""
     q, k, v = _qkv(1, 2, 2, 6, 64)
-    mask = WindowMask(8).materialize(6, 64)
+    mask = BlockedWindowMask(8).materialize(6, 64)
     ref = _reference(q, k, v, mask).detach()  # queries at positions 58..63 see keys 48..63 only
     kp, vp = k.detach().clone(), v.detach().clone()
     kp[:, :, :48] = float("nan")
@@ -137,7 +137,7 @@ def test_window_matches_local_attention_package() -> None:
     local_attention = pytest.importorskip("local_attention")
     q, k, v = (torch.randn(2, 3, 64, 16) for _ in range(3))
     theirs = local_attention.LocalAttention(window_size=16, causal=True, look_backward=1)(q, k, v)
-    mask = WindowMask(16).materialize(64, 64)
+    mask = BlockedWindowMask(16).materialize(64, 64)
     ref = _reference(q.double(), k.double(), v.double(), mask)
     # each against the float64 reference, never one float32 result against the other
     assert_close_to_reference(sliding_window_attention(q, k, v, window=16), ref, reduction=32, msg="attnkit")
@@ -146,9 +146,9 @@ def test_window_matches_local_attention_package() -> None:
 
 def test_window_dispatch_and_errors() -> None:
     q = torch.randn(2, 2, 40, 8)
-    assert which_backend(q, q, q, WindowMask(8)).name == "local"
+    assert which_backend(q, q, q, BlockedWindowMask(8)).name == "local"
     lengths = torch.tensor([40, 25])
-    both = WindowMask(8) & PaddingMask(lengths)
+    both = BlockedWindowMask(8) & PaddingMask(lengths)
     assert isinstance(both, AndMask) and which_backend(q, q, q, both).name == "local"
     out = scaled_dot_product_attention(q, q, q, both)
     assert_close_to_reference(out, attention_reference(q.double(), q.double(), q.double(), both)[0],
@@ -156,7 +156,7 @@ def test_window_dispatch_and_errors() -> None:
     choice = which_backend(q, q, q, torch.ones(40, 40, dtype=torch.bool))
     assert choice.name != "local" and "no window structure" in " ".join(choice.reasons["local"])
     with pytest.raises(ValueError, match="can serve"):
-        scaled_dot_product_attention(q, q, q, WindowMask(8), dropout_p=0.1, backend="local")
+        scaled_dot_product_attention(q, q, q, BlockedWindowMask(8), dropout_p=0.1, backend="local")
     with pytest.raises(ValueError, match="expected window"):
         sliding_window_attention(q, q, q, window=0)
     with pytest.raises(ValueError, match="key_mask"):

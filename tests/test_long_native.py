@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attnkit._runtime import torch_threads
-from attnkit.functional import WindowMask, _native, attention_reference, sliding_window_attention
+from attnkit.functional import BlockedWindowMask, _native, attention_reference, sliding_window_attention
 from attnkit.functional import _native_bridge as bridge_mod
 from attnkit.functional import _threads as threads_mod
 from attnkit.functional import local as local_mod
@@ -84,7 +84,7 @@ CASES = [  # n, window, look_backward, look_forward, causal
 @pytest.mark.parametrize("n, window, back, ahead, causal", CASES, ids=lambda x: str(x))
 def test_native_window_matches_dense_reference(isa, n, window, back, ahead, causal):  # type: ignore[no-untyped-def]
     _skip_unless_isa(isa)
-    win = WindowMask(window, look_backward=back, look_forward=ahead, causal=causal)
+    win = BlockedWindowMask(window, look_backward=back, look_forward=ahead, causal=causal)
     q, k, v = _inputs(2, 4, 2, n, 24, 8)  # GQA, E and Ev padded to 32 and 16 inside
     g = torch.randn(2, 4, n, 8, dtype=torch.float64)
     got = _grads(_native_fn(win, isa), q, k, v, g, torch.float32)
@@ -98,7 +98,7 @@ def test_native_window_matches_dense_reference(isa, n, window, back, ahead, caus
 def test_native_window_head_dims_and_groups(isa, e, ev, hkv):  # type: ignore[no-untyped-def]
     """Head dims that fill one to several microkernel widths (and odd ones, zero-padded), MHA / GQA / MQA."""
     _skip_unless_isa(isa)
-    win = WindowMask(64)
+    win = BlockedWindowMask(64)
     q, k, v = _inputs(1, 8, hkv, 200, e, ev)
     g = torch.randn(1, 8, 200, ev, dtype=torch.float64)
     got = _grads(_native_fn(win, isa), q, k, v, g, torch.float32)
@@ -110,7 +110,7 @@ def test_native_window_head_dims_and_groups(isa, e, ev, hkv):  # type: ignore[no
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_native_window_low_precision(dtype):  # type: ignore[no-untyped-def]
     """bfloat16 / float16 inputs: computed in float32, results and gradients in the input dtype."""
-    win = WindowMask(32)
+    win = BlockedWindowMask(32)
     q, k, v = _inputs(1, 2, 2, 130, 16, 16)
     g = torch.randn(1, 2, 130, 16, dtype=torch.float64)
     got = _grads(lambda a, b, c: sliding_window_attention(a, b, c, window=32, impl="native"), q, k, v, g, dtype)
@@ -126,7 +126,7 @@ def test_native_window_thread_splits(b, h, threads, monkeypatch):  # type: ignor
     """Fewer rows than twice the threads: rows are cut into bucket ranges with their own key-gradient buffers.
     Whatever the split, the result equals the reference, and each configuration is deterministic run to run."""
     monkeypatch.setattr(threads_mod, "MIN_THREADED", 0)
-    win = WindowMask(32, look_backward=2)
+    win = BlockedWindowMask(32, look_backward=2)
     q, k, v = _inputs(b, h, h, 333, 16, 16)
     g = torch.randn(b, h, 333, 16, dtype=torch.float64)
     with torch_threads(threads):
@@ -155,7 +155,7 @@ def test_native_bucket_tasks_cover_every_bucket_once() -> None:
 def test_native_window_never_reads_outside_the_windows(causal):  # type: ignore[no-untyped-def]
     """Keys and values of bucket 1 are NaN: only the queries whose window holds bucket 1 may see it."""
     n, w = 200, 32
-    win = WindowMask(w, causal=causal, look_forward=0 if causal else 1)
+    win = BlockedWindowMask(w, causal=causal, look_forward=0 if causal else 1)
     q, k, v = (t.float() for t in _inputs(1, 2, 2, n, 16, 16))
     ref = _dense(win)(q.double(), k.double(), v.double())
     kp, vp = k.clone(), v.clone()
@@ -175,7 +175,7 @@ def test_native_equals_torch_path_and_impl_errors() -> None:
     q, k, v = (torch.randn(1, 2, 257, 32) for _ in range(3))
     native = sliding_window_attention(q, k, v, window=64, impl="native")
     flash = sliding_window_attention(q, k, v, window=64, impl="torch")
-    ref = _dense(WindowMask(64))(q.double(), k.double(), v.double())
+    ref = _dense(BlockedWindowMask(64))(q.double(), k.double(), v.double())
     assert_close_to_reference(native, ref, reduction=_span(257, 64), msg="native")  # each against the reference,
     assert_close_to_reference(flash, ref, reduction=_span(257, 64), msg="torch")  # never one against the other
     torch.testing.assert_close(sliding_window_attention(q, k, v, window=64), native, atol=0, rtol=0)  # auto
@@ -192,7 +192,7 @@ def test_native_equals_torch_path_and_impl_errors() -> None:
 @NEEDS_LIB
 def test_native_window_at_benchmark_scale() -> None:
     """The benchmark's shape (window 512, E=64) on a shorter sequence, against the float64 reference."""
-    win = WindowMask(512)
+    win = BlockedWindowMask(512)
     q, k, v = _inputs(1, 2, 2, 1536, 64, 64)
     g = torch.randn(1, 2, 1536, 64, dtype=torch.float64)
     got = _grads(lambda a, b, c: sliding_window_attention(a, b, c, window=512), q, k, v, g, torch.float32)
@@ -208,7 +208,7 @@ def test_native_portable_build_matches_reference(tmp_path, monkeypatch):  # type
     lib, why = _native._build()
     assert lib is not None and lib.attnkit_band_isa() == 0 and "sliding window: portable C" in why
     monkeypatch.setattr(_native, "load", lambda: lib)
-    win = WindowMask(40, look_backward=2)
+    win = BlockedWindowMask(40, look_backward=2)
     q, k, v = _inputs(1, 2, 1, 170, 16, 32)
     g = torch.randn(1, 2, 170, 32, dtype=torch.float64)
     got = _grads(_native_fn(win, 2), q, k, v, g, torch.float32)  # asks for AVX-512, gets the portable body
@@ -235,7 +235,7 @@ def test_native_window_right_padding(isa, causal):  # type: ignore[no-untyped-de
     _skip_unless_isa(isa)
     n, w = 230, 32
     lengths = torch.tensor([230, 97, 0])  # full, padded mid-bucket, all padding
-    win = WindowMask(w, causal=causal, look_forward=0 if causal else 1)
+    win = BlockedWindowMask(w, causal=causal, look_forward=0 if causal else 1)
     key_mask = torch.arange(n) < lengths.view(-1, 1)  # (B, S)
     q, k, v = _inputs(3, 2, 1, n, 16, 16)
     kp, vp = k.clone(), v.clone()
@@ -270,7 +270,7 @@ def test_padding_routes_natively_and_left_padding_stays_blockwise(monkeypatch): 
     real = local_mod.window_native
     monkeypatch.setattr(local_mod, "window_native", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     q, k, v = (torch.randn(2, 2, 150, 16) for _ in range(3))
-    mask = WindowMask(32) & PaddingMask(torch.tensor([150, 60]))
+    mask = BlockedWindowMask(32) & PaddingMask(torch.tensor([150, 60]))
     out = scaled_dot_product_attention(q, k, v, mask)  # the dispatcher's local backend
     assert len(calls) == 1 and calls[0]["lengths"].tolist() == [150, 60]
     ref = attention_reference(q.double(), k.double(), v.double(), mask)[0]
@@ -279,7 +279,7 @@ def test_padding_routes_natively_and_left_padding_stays_blockwise(monkeypatch): 
     left[1, :10] = False  # left padding: not of the native kernel's form
     out = sliding_window_attention(q, k, v, window=32, key_mask=left)
     assert len(calls) == 1
-    ref = attention_reference(q.double(), k.double(), v.double(), WindowMask(32).materialize(150, 150)
+    ref = attention_reference(q.double(), k.double(), v.double(), BlockedWindowMask(32).materialize(150, 150)
                               & left.view(2, 1, 1, 150))[0]
     assert_close_to_reference(out, ref, reduction=_span(150, 32))
     with pytest.raises(ValueError, match="right padding"):
@@ -290,13 +290,13 @@ def test_which_backend_names_the_kernel_inside_the_local_backend(monkeypatch):  
     from attnkit.functional import PaddingMask, which_backend
 
     q = torch.randn(1, 2, 256, 32)
-    choice = which_backend(q, q, q, WindowMask(64) & PaddingMask(torch.tensor([200])))
+    choice = which_backend(q, q, q, BlockedWindowMask(64) & PaddingMask(torch.tensor([200])))
     assert choice.name == "local"
     if LIB is not None:
         assert choice.kernel.startswith("native C kernel") and "kernel: native C kernel" in str(choice)
-    double = which_backend(q.double(), q.double(), q.double(), WindowMask(64))
+    double = which_backend(q.double(), q.double(), q.double(), BlockedWindowMask(64))
     assert double.kernel.startswith("PyTorch flash pieces") and "float64" in double.kernel
-    padded = which_backend(q.double(), q.double(), q.double(), WindowMask(64) & PaddingMask(torch.tensor([200])))
+    padded = which_backend(q.double(), q.double(), q.double(), BlockedWindowMask(64) & PaddingMask(torch.tensor([200])))
     assert padded.kernel.startswith("blockwise PyTorch path (key padding")
     monkeypatch.setattr(_native, "load", lambda: None)
-    assert which_backend(q, q, q, WindowMask(64)).kernel.startswith("PyTorch flash pieces (no native kernel")
+    assert which_backend(q, q, q, BlockedWindowMask(64)).kernel.startswith("PyTorch flash pieces (no native kernel")

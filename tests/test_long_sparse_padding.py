@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from attnkit.functional import (
+    BlockedWindowMask,
     BlockSparseMask,
     PaddingMask,
-    WindowMask,
     attention_reference,
     bigbird_layout,
     block_sparse_attention,
@@ -122,7 +122,7 @@ def test_dispatcher_routes_layout_and_padding() -> None:
     x64 = x.double()
     assert_close_to_reference(out, attention_reference(x64, x64, x64, both)[0],
                               reduction=_reduction(both.materialize(40, 40)))
-    odd = BlockSparseMask(local_layout(5), 8) & WindowMask(8)
+    odd = BlockSparseMask(local_layout(5), 8) & BlockedWindowMask(8)
     choice = which_backend(x, x, x, odd)
     assert choice.name != "block_sparse"
     assert "at most one PaddingMask" in " ".join(choice.reasons["block_sparse"])

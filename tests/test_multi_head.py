@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from attnkit import create_attention
-from attnkit.functional import BlockSparseMask, CausalMask, WindowMask, attention_reference, strided_layout
+from attnkit.functional import BlockedWindowMask, BlockSparseMask, CausalMask, attention_reference, strided_layout
 from attnkit.layers import MultiHeadAttention
 from attnkit.testing import assert_close_to_reference
 
@@ -186,7 +186,7 @@ def _copy(src: MultiHeadAttention, **kwargs) -> MultiHeadAttention:
 @pytest.mark.parametrize("causal", [True, False])
 def test_window_mask_object_runs_the_local_kernel(causal):
     dense = MultiHeadAttention(16, 2, dtype=torch.float64)
-    win = WindowMask(4, causal=False)
+    win = BlockedWindowMask(4, causal=False)
     local = _copy(dense, window=win, backend="local")  # a forced backend raises if it cannot serve the call
     x = torch.randn(2, 13, 16, dtype=torch.float64)
     key_mask = torch.arange(13).view(1, 13) < torch.tensor([[13], [9]])  # right padding -> PaddingMask structure

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,28 @@ def _cgroup_quota() -> float | None:
         return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
     except (OSError, ValueError):
         return None
+
+
+def _cpuinfo(key: str) -> str | None:
+    """The value of the first ``key`` line of /proc/cpuinfo (``None`` where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one, else what :mod:`platform` knows)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (``avx2``, ``avx512f``, ...); empty elsewhere."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def available_cores() -> int:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from attnkit._runtime import cpu_model
 from attnkit._table import format_table
 
 
@@ -98,7 +99,7 @@ def interleaved_medians(
 
 def machine_line() -> str:
     """One line that says where the numbers were measured."""
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    return (f"{cpu_model()}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}, python {platform.python_version()}")
 
 

@@ -105,8 +105,7 @@ def _measure(setting: str, steps: int, warmup: int, competitor: bool) -> dict[st
 
 
 def main(quick: bool = False, out: str | None = None) -> int:
-    from attnkit._runtime import available_cores
-    from attnkit.functional._native_check import cpu_model
+    from attnkit._runtime import available_cores, cpu_model
 
     steps, warmup = (30, 5) if quick else (120, 10)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -23,11 +23,9 @@ scores would take). Times are medians; ratios are against baselines measured in 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit._runtime import torch_threads
+from attnkit._runtime import cpu_model, torch_threads
 from attnkit.bench._timing import Table, interleaved_medians, machine_line, measure_peak_memory, median_time, ratio
 from attnkit.functional import (
     AttentionMask,
@@ -189,15 +187,6 @@ TARGETS = {  # the issue's targets: (mask row, baseline) -> (which time, at leas
     ("mask_mod", "FlexAttention compiled (fwd only)"): ("fwd", 2.0),
 }
 COMPILE_TARGET = 0.1  # our mask compilation at most this share of Flex's create_block_mask + compile
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what :mod:`platform` knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def load_line() -> str:
@@ -504,7 +493,7 @@ def main(quick: bool = False, out: str | None = None) -> int:
             else:
                 b = "-"
             ratios.add(str(n), name, f, b)
-    table.notes.append(f"{machine_line()}, {cpu_model()}")
+    table.notes.append(machine_line())
     table.notes.append(f"kernel: {which_backend(q, k, v, BlockedWindowMask(window)).kernel}")
     table.notes.append(f"'{MINE}' runs impl='auto' (the native kernel when it builds); '{TORCH_PATH}' is the "
                        "same function on PyTorch's CPU flash kernel, merged by log-sum-exp, with its tiled backward")

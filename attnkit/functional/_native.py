@@ -43,6 +43,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from attnkit._runtime import cpu_flags  # noqa: F401 - re-exported: tests patch _native.cpu_flags
+
 __all__ = ["band_body", "load", "status"]
 
 _CSRC = Path(__file__).with_name("csrc")
@@ -57,17 +59,6 @@ def _cache_dir() -> Path:
         return Path(os.environ["ATTNKIT_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "attnkit"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _flags() -> list[str]:

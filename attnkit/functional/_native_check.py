@@ -24,9 +24,11 @@ from typing import cast
 
 import torch
 
+from attnkit._runtime import cpu_model
+
 from . import _native
 
-__all__ = ["check_build", "cpu_model", "expected_bodies", "main"]
+__all__ = ["check_build", "expected_bodies", "main"]
 
 # (kernel, body) -> the CPU flags it needs (x86-64 names from /proc/cpuinfo); the portable bodies need nothing.
 _NEEDS: dict[tuple[str, str], frozenset[str]] = {
@@ -36,18 +38,6 @@ _NEEDS: dict[tuple[str, str], frozenset[str]] = {
     ("band", "AVX2"): frozenset({"avx2", "fma", "f16c"}),
     ("band", "portable C"): frozenset(),
 }
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def expected_bodies() -> list[tuple[str, str]]:
@@ -108,7 +98,8 @@ def _check_decode() -> dict[str, float]:
         mask = torch.rand(2, 1, 1, s, generator=gen) > 0.3
         ref, ref_w = attention_reference(q.double(), k.double(), v.double(), mask)
         out, w = decode_attention(q, k, v, mask, impl="native")
-        assert w is not None
+        if w is None:
+            raise RuntimeError("decode_attention(need_weights=True) returned no weights")
         worst = max(_max_ratio(out, ref, s, grad=False), _max_ratio(w, ref_w, s, grad=False))
         ref, _ = attention_reference(q.double(), k.double(), v.double())
         out, _ = decode_attention(q, k, v, impl="native", need_weights=False)

@@ -224,8 +224,6 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     out = Path(args.out or f"runs/translate/{args.model}")
     if args.action == "train":
         return _train_command(args, out)

@@ -78,7 +78,7 @@ def positive_int(text: str) -> int:
 
 
 def non_negative_int(text: str) -> int:
-    """An integer >= 0, for options where 0 means something (a seed, ``--threads 0`` = torch's default, ...)."""
+    """An integer >= 0, for options where 0 means something (a seed, ``--threads 0``, ``--limit 0``)."""
     what = "a non-negative integer"
     value = _int(text, what)
     if value < 0:

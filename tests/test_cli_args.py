@@ -201,7 +201,7 @@ def test_zero_is_not_read_as_the_default(tmp_path: Path) -> None:
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert _main(["classify", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--threads" in out and "0 = torch's default" in out
+    assert "--threads" in out and "0 = follow the cores left free" in out
 
 
 # ---- the types themselves -----------------------------------------------------------------------------------------

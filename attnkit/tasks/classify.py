@@ -65,7 +65,7 @@ class ClassifyConfig:
     lr: float = 1e-2
     weight_decay: float = 5e-4
     widths: tuple[int, ...] = (16, 32, 64)
-    threads: int = 0  # 0 = torch's default
+    threads: int = 0  # 0 = leave the count as it is (the attnkit command follows the cores left free)
     plots: bool = True
 
 
@@ -382,7 +382,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--widths", type=int_list(example="16,32,64"), default="16,32,64", help="channels of the three stages"
     )
-    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument(
+        "--threads", type=non_negative_int, default=0, help="torch threads (0 = follow the cores left free)"
+    )
     parser.add_argument("--quick", action="store_true", help="10,000 / 2,000 images, 1 epoch, 1 seed (CI, tour)")
     parser.add_argument("--no-plots", action="store_true", help="skip the pictures")
     parser.add_argument(

@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
     train.add_argument("--keep", type=positive_int, default=3, help="checkpoints kept (default 3)")
     train.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun: one GPU per rank)")
-    train.add_argument("--threads", type=non_negative_int, help="torch CPU threads (0 = torch's default)")
+    train.add_argument("--threads", type=non_negative_int, help="torch CPU threads (0 = follow the cores left free)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (or progress lines in a log)")
     if hasattr(train, "add_check"):
         train.add_check(_check_train)
@@ -220,7 +220,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=positive_int, default=4, help="beam size (1 = greedy)")
     p.add_argument("--alpha", type=non_negative_float, default=0.6, help="length-penalty exponent (GNMT; 0 = none)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=non_negative_int, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=non_negative_int, help="torch CPU threads (0 = follow the cores left free)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from attnkit.cli import main  # noqa: E402
 from attnkit.data import DataNotFoundError  # noqa: E402
 from attnkit.tasks import explain as task  # noqa: E402
+from attnkit.testing import tolerance  # noqa: E402
 from attnkit.viz import capture  # noqa: E402
 
 
@@ -77,3 +78,116 @@ def test_errors_are_clean(minilm, tmp_path, capsys):
         task.explain("A short sentence.", token="99", out=tmp_path)
     assert task.resolve_token("-1", ["[CLS]", "a", "[SEP]"]) == 2
     assert task.resolve_token(None, ["[CLS]", "a", "[SEP]"]) == 1
+
+
+# ------------------------------------------------------------------------------------------- causal LLMs
+
+LLM_PROMPT = "The cat sat on the mat because it was warm."
+SMOL_REDUCTION = 30 * 1536  # as tests/test_integrations_transformers.py: 30 layers x the 1536-wide MLP
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference():
+    """SmolLM2's eager maps in float64 for LLM_PROMPT: ``(layers, H, L, L)``, and the tokenizer."""
+    pytest.importorskip("transformers", reason="the LLM path needs transformers")
+    from attnkit.models.llm import load_causal_lm
+
+    try:
+        model, tok = load_causal_lm("smollm2", attn_implementation="eager", dtype=torch.float64)
+    except (DataNotFoundError, ImportError) as err:
+        pytest.skip(f"SmolLM2 is not available: {err}")
+    batch = tok(LLM_PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True, use_cache=False)
+    return torch.stack(out.attentions)[:, 0], tok
+
+
+def _by_hand(maps: torch.Tensor) -> tuple[list[list[float]], list[list[float]], list[list[float]]]:
+    """sink, previous-token and distance per (layer, head), one Python loop per definition (the docstrings')."""
+    n_layers, heads, length, _ = maps.shape
+    sink, prev, dist = [], [], []
+    for li in range(n_layers):
+        s_row, p_row, d_row = [], [], []
+        for h in range(heads):
+            w = maps[li, h].tolist()
+            s_row.append(sum(w[i][0] for i in range(1, length)) / (length - 1))
+            p_row.append(sum(w[i][i - 1] for i in range(2, length)) / (length - 2))
+            d_row.append(sum(sum(w[i][j] * (i - j) for j in range(i + 1)) for i in range(1, length)) / (length - 1))
+        sink.append(s_row)
+        prev.append(p_row)
+        dist.append(d_row)
+    return sink, prev, dist
+
+
+def test_observe_equals_the_definitions_on_random_causal_maps() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 2, 7, 7, generator=g, dtype=torch.float64)
+    maps = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    obs = task.observe(maps, ["local 4", "global", "local 4"])
+    sink, prev, dist = _by_hand(maps)
+    # observe() computes in float64 and returns float32: one float32 rounding away from the loops
+    assert torch.allclose(obs.sink.double(), torch.tensor(sink, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert torch.allclose(obs.previous.double(), torch.tensor(prev, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert torch.allclose(obs.distance.double(), torch.tensor(dist, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert [r[0] for r in obs.kind_table()] == ["layers", "local 4", "global"]
+    assert obs.kind_table()[1][1] == "2"
+    with pytest.raises(ValueError, match="at least 3 tokens"):
+        task.observe(maps[..., :2, :2])
+    with pytest.raises(ValueError, match="layers, H, L, L"):
+        task.observe(maps[0])
+
+
+def test_llm_cli_observations_are_the_reference_maps(smollm2_reference, tmp_path, capsys) -> None:
+    """`explain --model smollm2`: the observations in the JSON (from attnkit's maps) equal the definitions applied
+    to float64 eager maps, within the float32 tolerance of the maps."""
+    ref_maps, tok = smollm2_reference
+    out = tmp_path / "lm"
+    assert main(["explain", "--model", "smollm2", LLM_PROMPT, "--token", "it", "--out", str(out), "--top", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "attn_implementation='attnkit'" in printed and "previous-token" in printed and "sink share" in printed
+    data = json.loads((out / "explain.json").read_text(encoding="utf-8"))
+    length = ref_maps.shape[-1]
+    assert data["model"] == "smollm2" and len(data["tokens"]) == length
+    assert data["token_ids"] == tok(LLM_PROMPT)["input_ids"]
+    assert data["tokens"][data["token"]["index"]] == "it"
+    obs = data["observations"]
+    sink, prev, dist = _by_hand(ref_maps)
+    atol, _ = tolerance(torch.float32, SMOL_REDUCTION)  # the maps' tolerance (test_integrations_transformers)
+    # sink and previous are means of map entries: the maps' tolerance; distance sums i <= L terms weighted by
+    # (i - j) <= L: at most atol * L * L / 2 (plus the JSON's rounding to 3 decimals)
+    for name, want, bound in (("sink_per_head", sink, atol + 5e-5), ("previous_per_head", prev, atol + 5e-5),
+                              ("distance_per_head", dist, atol * length * length / 2 + 5e-4)):
+        got = torch.tensor(obs[name], dtype=torch.float64)
+        err = (got - torch.tensor(want, dtype=torch.float64)).abs().max().item()
+        assert err <= bound, f"{name}: max error {err:.2e} > {bound:.2e}"
+    assert [row["kind"] for row in obs["layers"]] == ["global"] * 30
+    layer_sink = [sum(r) / len(r) for r in sink]
+    assert [row["sink"] for row in obs["layers"]] == pytest.approx(layer_sink, abs=atol + 5e-5)
+    # top tokens of the last layer: the mean of the heads' row of "it"
+    row = ref_maps[-1].mean(0)[data["token"]["index"]]
+    assert data["top"]["layer 29"][0]["position"] == int(row.argmax())
+    for name in ("attention.html", "heads.png", "observations.png"):
+        assert (out / name).stat().st_size > 5_000
+
+
+def test_tour_llm_section_tables_are_the_observations(smollm2_reference, tmp_path) -> None:
+    section = task.tour_llm_section(tmp_path, quick=True)
+    assert section.images == ["explain_llm/observations.png", "explain_llm/heads.png"]
+    assert all((tmp_path / p).stat().st_size > 5_000 for p in section.images)
+    assert section.table[0][:3] == ["layer", "kind", "sink share"] and len(section.table) == 31
+    data = json.loads((tmp_path / "explain_llm" / "explain.json").read_text(encoding="utf-8"))
+    assert [r[2] for r in section.table[1:]] == [f"{row['sink']:.2f}" for row in data["observations"]["layers"]]
+    heads = section.more_tables[0]
+    prev = torch.tensor(data["observations"]["previous_per_head"])
+    best = divmod(int(prev.flatten().argmax()), prev.shape[1])
+    assert heads[1][:2] == [str(best[0]), str(best[1])]
+    assert f"layer {best[0]} head {best[1]}" in section.summary
+
+
+def test_llm_errors_are_clean(tmp_path, capsys) -> None:
+    assert main(["explain", "--model", "smollm2", "hi", "--pair", "there", "--out", str(tmp_path)]) == 2
+    assert "no --pair" in capsys.readouterr().err
+    assert main(["explain", "x", "--file", "README.md", "--out", str(tmp_path)]) == 2
+    assert "TEXT or --file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="causal LM"):
+        task.explain_llm("hello there friend", model="minilm", out=tmp_path)

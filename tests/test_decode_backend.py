@@ -1,6 +1,6 @@
-"""The "decode" backend: parity with the reference over dtypes (every dtype via decode_attention), both
-implementations (the native C kernel and the PyTorch path), GQA, masks, cache views; the native library's build and
-fallbacks; routing (auto sends decoding steps to it)."""
+"""The decode backends ("native_decode", "torch_decode"): parity with the reference over dtypes (every dtype via
+decode_attention), both implementations (the native C kernel and the PyTorch path), GQA, masks, cache views; the
+native library's build and fallbacks; routing (auto sends decoding steps to them)."""
 
 from __future__ import annotations
 
@@ -168,29 +168,36 @@ def test_portable_c_path_matches_reference(tmp_path, monkeypatch):
 def test_routing_and_reasons(one_thread, monkeypatch):
     q = torch.randn(1, 8, 1, 32).bfloat16()
     k = v = torch.randn(1, 2, 512, 32).bfloat16()
-    assert which_backend(q, k, v).name == "decode"
-    assert which_backend(q, k, v, return_weights=True).name == "decode"
-    assert which_backend(q, k[:, :, :16], v[:, :, :16]).name != "decode"  # too few keys
-    assert which_backend(torch.randn(1, 8, 64, 32).bfloat16(), k, v).name != "decode"  # not a decoding step
+    decoders = ("native_decode", "torch_decode")
+    assert which_backend(q, k, v).name in decoders
+    assert which_backend(q, k, v, return_weights=True).name in decoders
+    assert which_backend(q, k[:, :, :16], v[:, :, :16]).name not in decoders  # too few keys
+    assert which_backend(torch.randn(1, 8, 64, 32).bfloat16(), k, v).name not in decoders  # not a decoding step
     choice = which_backend(q.requires_grad_(), k, v)
-    assert choice.name != "decode" and "grad" in "; ".join(choice.reasons["decode"])
+    assert choice.name not in decoders and all("grad" in "; ".join(choice.reasons[d]) for d in decoders)
     q = q.detach()
     if _native.load() is not None:  # the native kernel takes float32 caches and any thread count
-        assert which_backend(q.float(), k.float(), v.float()).name == "decode"
+        assert which_backend(q.float(), k.float(), v.float()).name == "native_decode"
         torch.set_num_threads(2)
-        assert which_backend(q, k, v).name == "decode"
+        assert which_backend(q, k, v).name == "native_decode"
         torch.set_num_threads(1)
     monkeypatch.setitem(_native._STATE, "lib", None)  # as on a machine without a C compiler
     monkeypatch.setitem(_native._STATE, "status", "no C compiler found")
     assert which_backend(q.float(), k.float(), v.float()).name == "sdpa"  # float32 caches stay on the fused kernel
-    assert "no native kernel" in "; ".join(which_backend(q.float(), k.float(), v.float()).reasons["decode"])
-    assert which_backend(q, k, v).name == "decode"  # the PyTorch path, half precision at one thread
+    reasons = which_backend(q.float(), k.float(), v.float()).reasons
+    assert "no native library" in "; ".join(reasons["native_decode"])
+    assert "float32 cache" in "; ".join(reasons["torch_decode"])
+    assert which_backend(q, k, v).name == "torch_decode"  # the PyTorch path, half precision at one thread
     torch.set_num_threads(2)
-    assert "intra-op threads" in "; ".join(which_backend(q, k, v).reasons["decode"])
+    assert "intra-op threads" in "; ".join(which_backend(q, k, v).reasons["torch_decode"])
     torch.set_num_threads(1)
-    with pytest.raises(ValueError, match="float32 cache"):
-        scaled_dot_product_attention(q.float(), k.float(), v.float(), backend="decode")
-    out = scaled_dot_product_attention(q, k, v, backend="decode")
+    with pytest.raises(ValueError, match="no native library"):
+        scaled_dot_product_attention(q, k, v, backend="native_decode")
+    out = scaled_dot_product_attention(q.float(), k.float(), v.float(), backend="torch_decode")  # forced: it serves
+    want, _ = attention_reference(q.double(), k.double(), v.double())
+    assert_close_to_reference(out, want, reduction=512)
+    with pytest.warns(DeprecationWarning, match="'decode' is deprecated"):  # the old name: its first member that serves
+        out = scaled_dot_product_attention(q, k, v, backend="decode")
     want, _ = attention_reference(q.double(), k.double(), v.double())
     assert_close_to_reference(out, want, reduction=512)
 
@@ -205,7 +212,8 @@ def test_module_decoding_through_the_decode_backend(dtype, one_thread):
         k = cache.keys
         q = torch.randn(1, 4, 1, 8, dtype=dtype)
         native = _native.load() is not None
-        assert which_backend(q, k, k).name == ("decode" if native or dtype == torch.bfloat16 else "sdpa")
+        want_backend = "native_decode" if native else "torch_decode" if dtype == torch.bfloat16 else "sdpa"
+        assert which_backend(q, k, k).name == want_backend
         steps = torch.cat([mha(x[:, i : i + 1], cache=cache, is_causal=True) for i in range(190, 200)], dim=1)
         full = mha(x, is_causal=True)[:, 190:]
         want = copy.deepcopy(mha).double()(x.double(), is_causal=True)[:, 190:]  # the same weights, in float64

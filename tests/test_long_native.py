@@ -286,17 +286,17 @@ def test_padding_routes_natively_and_left_padding_stays_blockwise(monkeypatch): 
         sliding_window_attention(q, k, v, window=32, key_mask=left, impl="native")
 
 
-def test_which_backend_names_the_kernel_inside_the_local_backend(monkeypatch):  # type: ignore[no-untyped-def]
+def test_which_backend_names_each_window_backend(monkeypatch):  # type: ignore[no-untyped-def]
     from attnkit.functional import PaddingMask, which_backend
 
     q = torch.randn(1, 2, 256, 32)
     choice = which_backend(q, q, q, BlockedWindowMask(64) & PaddingMask(torch.tensor([200])))
-    assert choice.name == "local"
     if LIB is not None:
-        assert choice.kernel.startswith("native C kernel") and "kernel: native C kernel" in str(choice)
+        assert choice.name == "native_band" and "kernel: native C kernel" in str(choice)
     double = which_backend(q.double(), q.double(), q.double(), BlockedWindowMask(64))
-    assert double.kernel.startswith("PyTorch flash pieces") and "float64" in double.kernel
+    assert double.name == "flash_pieces" and "float64" in " ".join(double.reasons["native_band"])
     padded = which_backend(q.double(), q.double(), q.double(), BlockedWindowMask(64) & PaddingMask(torch.tensor([200])))
-    assert padded.kernel.startswith("blockwise PyTorch path (key padding")
+    assert padded.name == "window_blockwise" and "key padding" in " ".join(padded.reasons["flash_pieces"])
     monkeypatch.setattr(_native, "load", lambda: None)
-    assert which_backend(q, q, q, BlockedWindowMask(64)).kernel.startswith("PyTorch flash pieces (no native kernel")
+    choice = which_backend(q, q, q, BlockedWindowMask(64))
+    assert choice.name == "flash_pieces" and "no native library" in " ".join(choice.reasons["native_band"])

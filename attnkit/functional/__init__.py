@@ -7,7 +7,7 @@ Mask meaning everywhere: boolean ``True`` = may attend; float masks are added to
 from . import scoring
 from ._reference import attention_reference, masked_softmax
 from .chunked import chunked_attention, merge_attention
-from .decode import decode_attention  # registers the "decode" backend (KV-cache decoding steps)
+from .decode import decode_attention  # registers "native_decode" and "torch_decode" (KV-cache decoding steps)
 from .dense import attention_weights, scaled_dot_product_attention
 from .dispatch import (
     AttentionCall,

@@ -12,27 +12,30 @@ that, in two passes with float32 accumulation:
 2. the masked softmax of the scores (small: ``H * L * S`` numbers);
 3. ``out = p V``.
 
-Two implementations, chosen by ``impl=``:
+Two implementations, each its own backend of the dispatcher, forced with ``impl=``:
 
-* ``"native"``: C (``csrc/decode.c``, built on first use by :mod:`attnkit.functional._native`). Pass 1 reads each
-  key row once and computes its dot products with every query row of its head (four rows at a time, AVX2/FMA where
-  the CPU has them); pass 3 reads each value row once and accumulates it into registers. Half-precision rows
-  (``bfloat16``, ``float16``) are widened to float32 in registers, so main memory is read once, in half precision.
-  Threads split the keys (OpenMP, PyTorch's thread count); the partial outputs of pass 3 are summed here.
-* ``"torch"``: PyTorch operators only, the path when no C compiler is present. A float32 cache goes through two
-  batched matrix-vector products on the cache views; a half-precision cache is converted block by block into a
-  small float32 buffer (PyTorch's CPU kernels would otherwise convert the whole tensor, several times the read).
+* ``"native"`` (backend ``native_decode``): C (``csrc/decode.c``, built on first use by
+  :mod:`attnkit.functional._native`). Pass 1 reads each key row once and computes its dot products with every query
+  row of its head (four rows at a time, AVX2/FMA where the CPU has them); pass 3 reads each value row once and
+  accumulates it into registers. Half-precision rows (``bfloat16``, ``float16``) are widened to float32 in registers,
+  so main memory is read once, in half precision. Threads split the keys (OpenMP, PyTorch's thread count); the partial
+  outputs of pass 3 are summed here.
+* ``"torch"`` (backend ``torch_decode``): PyTorch operators only, the path when no C compiler is present. A float32
+  cache goes through two batched matrix-vector products on the cache views; a half-precision cache is converted block
+  by block into a small float32 buffer (PyTorch's CPU kernels would otherwise convert the whole tensor, several times
+  the read).
 
 Both equal the reference (:func:`attention_reference`) within float32 rounding, and the weights they return are
 exact; ``tests/test_decode_backend.py`` checks each over dtypes, GQA, masks, cache views and dead rows.
 
-Registered as backend ``"decode"`` ahead of ``"sdpa"``: ``backend="auto"`` routes inference calls with at most
-``MAX_QUERIES`` queries and at least ``MIN_KEYS`` keys to it whenever the native kernel can run them (float32,
-bfloat16 or float16 caches, any thread count). PyTorch's fused kernel reaches about half the memory-bandwidth bound
-on a float32 cache and a tenth on a bfloat16 one (``python -m attnkit.bench modules``). Without the native kernel,
-the dispatcher sends only half-precision caches at one intra-op thread here: the PyTorch path is a chain of
-parallel regions, and on a shared, oversubscribed machine each region can wait for a descheduled thread.
-:func:`~attnkit.functional.which_backend` says why the dispatcher passes over it.
+Both come ahead of ``"sdpa"`` in the priority list: ``backend="auto"`` routes inference calls with at most
+``MAX_QUERIES`` queries and at least ``MIN_KEYS`` keys to ``native_decode`` whenever the native kernel can run them
+(float32, bfloat16 or float16 caches, any thread count). PyTorch's fused kernel reaches about half the
+memory-bandwidth bound on a float32 cache and a tenth on a bfloat16 one (``python -m attnkit.bench modules``).
+Without the native kernel, the dispatcher sends only half-precision caches at one intra-op thread to
+``torch_decode``: the PyTorch path is a chain of parallel regions, and on a shared, oversubscribed machine each
+region can wait for a descheduled thread. :func:`~attnkit.functional.which_backend` says why the dispatcher passes
+over it.
 
 Example:
     >>> import torch
@@ -44,14 +47,16 @@ Example:
     (torch.Size([1, 8, 1, 64]), torch.Size([1, 8, 1, 4096]))
     >>> threads = torch.get_num_threads()
     >>> torch.set_num_threads(1)
-    >>> which_backend(q, k, v).name
-    'decode'
+    >>> which_backend(q, k, v).name in ("native_decode", "torch_decode")
+    True
     >>> scaled_dot_product_attention(q, k, v).shape
     torch.Size([1, 8, 1, 64])
     >>> torch.set_num_threads(threads)
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -255,46 +260,74 @@ def _decode_torch(qg: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, b
     return out.view(b, h, q_len, ev).to(out_dtype), weights
 
 
-def _decode_fn(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
-    mask, causal = call.dense_mask()
-    if causal:  # upper-left causal as a tensor (rarely used with a cache; the module passes lower-right masks)
-        c = causal_mask(call.q_len, call.k_len, device=call.query.device)
-        mask = c if mask is None else (mask & c if mask.dtype == torch.bool else mask.masked_fill(~c, float("-inf")))
-    out, weights = decode_attention(call.query, call.key, call.value, mask, scale=call.scale,
-                                    need_weights=call.need_weights)
-    return out, None if weights is None else weights.to(call.query.dtype)
+def _decode_fn(impl: str) -> Callable[[AttentionCall], tuple[Tensor, Tensor | None]]:
+    def fn(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
+        mask, causal = call.dense_mask()
+        if causal:  # upper-left causal as a tensor (rarely used with a cache; the module passes lower-right masks)
+            c = causal_mask(call.q_len, call.k_len, device=call.query.device)
+            mask = c if mask is None else (mask & c if mask.dtype == torch.bool
+                                           else mask.masked_fill(~c, float("-inf")))
+        out, weights = decode_attention(call.query, call.key, call.value, mask, scale=call.scale, impl=impl,
+                                        need_weights=call.need_weights)
+        return out, None if weights is None else weights.to(call.query.dtype)
+    return fn
 
 
-def _decode_supports(call: AttentionCall) -> list[str]:
+def _step_reasons(call: AttentionCall) -> list[str]:
+    """Why ``auto`` leaves a call to other kernels: it is not a decoding step (both decode backends ask this; forced,
+    they serve any number of queries and keys)."""
     reasons = []
     if call.q_len > MAX_QUERIES:
         reasons.append(f"more than {MAX_QUERIES} queries (not a decoding step)")
     if call.k_len < MIN_KEYS:
         reasons.append(f"fewer than {MIN_KEYS} keys (nothing to gain over the fused kernel)")
-    if call.dropout_p > 0:
-        reasons.append("dropout > 0")
-    if reasons or call.needs_grad or call.query.device.type != "cpu":  # grad and device: declared on the backend
-        return reasons
-    why = native_unsupported(call.query, call.key, call.value)
-    if not why:  # the C kernel streams any float32/bfloat16/float16 cache at any thread count
-        return reasons
-    if call.key.dtype not in _HALF:
-        reasons.append(f"a {str(call.key.dtype).replace('torch.', '')} cache and no native kernel ({why}): the "
-                       "fused kernel streams it as fast as the PyTorch path would")
-    threads = torch.get_num_threads()
-    if threads > 1:
-        reasons.append(f"no native kernel ({why}) and {threads} intra-op threads: the PyTorch path is a chain of "
-                       "parallel regions, and on a busy machine each one can wait for a descheduled thread, where "
-                       "the fused kernel waits once (use one thread, or call decode_attention)")
     return reasons
 
 
-def _decode_kernel(call: AttentionCall) -> str:
+def _supports(call: AttentionCall) -> list[str]:
+    return ["dropout > 0"] if call.dropout_p > 0 else []
+
+
+def _native_supports(call: AttentionCall) -> list[str]:
+    reasons = _supports(call)
+    if call.key.dtype != call.value.dtype:
+        reasons.append("keys and values of different dtypes")
+    lib = _native.load()
+    if lib is None:
+        reasons.append(f"no native library ({_native.status()})")
+    elif call.key.dtype == torch.float16 and not (lib.attnkit_simd() or lib.attnkit_has_f16()):
+        reasons.append("this compiler has no float16 type")
+    return reasons
+
+
+def _torch_auto_skip(call: AttentionCall) -> list[str]:
+    """The PyTorch path serves any call without dropout; ``auto`` reaches it only where the native kernel cannot run,
+    and takes it only where it beats the fused kernel."""
+    reasons = _step_reasons(call)
+    if reasons or call.needs_grad or call.query.device.type != "cpu":  # grad and device: declared on the backend
+        return reasons
     why = native_unsupported(call.query, call.key, call.value)
-    return "native C kernel" if not why else f"PyTorch path (no native kernel: {why})"
+    if call.key.dtype not in _HALF:
+        reasons.append(f"a {str(call.key.dtype).replace('torch.', '')} cache: the fused kernel streams it as fast as "
+                       "the PyTorch path would")
+    threads = torch.get_num_threads()
+    if threads > 1:
+        reasons.append(f"{threads} intra-op threads: the PyTorch path is a chain of parallel regions, and on a busy "
+                       "machine each one can wait for a descheduled thread, where the fused kernel waits once (use "
+                       "one thread, or call decode_attention)")
+    if why and reasons:
+        reasons.append(f"(no native kernel: {why})")
+    return reasons
 
 
-register_backend(
-    Backend("decode", _decode_fn, True, _decode_supports, "a few queries over a long KV cache, bandwidth-bound",
-            kernel=_decode_kernel, devices=("cpu",), grad=False),
-)
+register_backend(Backend(
+    "native_decode", _decode_fn("native"), True, _native_supports,
+    "a few queries over a long KV cache, bandwidth-bound: the native C kernel (csrc/decode.c) streams the cache "
+    "once", auto_skip=_step_reasons, dtypes=(torch.float32, torch.bfloat16, torch.float16), devices=("cpu",),
+    grad=False, head_dims=MAX_NATIVE_DIM,
+))
+register_backend(Backend(
+    "torch_decode", _decode_fn("torch"), True, _supports,
+    "a few queries over a long KV cache: PyTorch matrix-vector products, half-precision caches converted block by "
+    "block", auto_skip=_torch_auto_skip, devices=("cpu",), grad=False,
+))

@@ -315,7 +315,9 @@ def scaled_dot_product_attention(
         dropout_p: dropout on the weights (always applied when > 0, as in PyTorch's functional SDPA).
         scale: score scale, ``1/sqrt(E)`` when ``None``.
         return_weights: also return the exact softmax weights ``(B, H, L, S)`` (before dropout), from any backend.
-        backend: ``"auto"``, ``"sdpa"``, ``"math"``, ``"reference"`` or a registered backend.
+        backend: ``"auto"`` or a backend name of :func:`available_backends` (``"sdpa"``, ``"math"``,
+            ``"reference"``, ``"native_band"``, ...); the old names ``"local"``, ``"decode"`` and ``"block_sparse"``
+            are deprecated aliases (:data:`~attnkit.functional.dispatch.ALIASES`).
 
     Returns:
         ``out`` of shape ``(B, H, L, Ev)`` (``(B, L, Ev)`` for 3-D inputs), or ``(out, weights)``.

@@ -7,17 +7,20 @@ serve one call. ``backend="auto"`` runs the first backend of :data:`PRIORITY` th
 ``ValueError`` with the inputs and every reason. :func:`which_backend` tells which kernel would run and why the
 others were passed over.
 
-There is one level of choice: a backend that drives several implementations of its own (the sliding window's native
-C kernel, PyTorch flash pieces and blockwise path; the decode kernel's native and PyTorch paths) picks among them by
-the input alone, and ``BackendChoice.kernel`` names the one that would run. The public functions
-(:func:`~attnkit.functional.sliding_window_attention`, :func:`~attnkit.functional.block_sparse_attention`,
-:func:`~attnkit.functional.decode_attention`) take ``impl=`` to force one of them by name.
+Each implementation is its own backend: the sliding window's native C kernel (``native_band``), its PyTorch flash
+pieces (``flash_pieces``) and blockwise path (``window_blockwise``); the decode kernel's native (``native_decode``)
+and PyTorch (``torch_decode``) paths; block-sparse attention's native (``native_block_sparse``) and PyTorch
+(``torch_block_sparse``) paths. There is no second level of choice. The old names ``"local"``, ``"decode"`` and
+``"block_sparse"`` stay as deprecated aliases (:data:`ALIASES`): forcing one runs the first of its members that
+serves the call, with a ``DeprecationWarning``.
 
 Example:
     >>> import torch
     >>> from attnkit.functional import available_backends, which_backend
-    >>> available_backends()
-    ['local', 'decode', 'block_sparse', 'native_mask', 'sdpa', 'chunked', 'math', 'reference']
+    >>> available_backends()[:5]
+    ['native_band', 'flash_pieces', 'window_blockwise', 'native_decode', 'torch_decode']
+    >>> available_backends()[5:]
+    ['native_block_sparse', 'torch_block_sparse', 'native_mask', 'sdpa', 'chunked', 'math', 'reference']
     >>> q = torch.randn(1, 2, 4, 8)                                   # (B, H, L, E)
     >>> choice = which_backend(q, q, q, return_weights=True)
     >>> choice.name, choice.reasons["sdpa"]
@@ -39,6 +42,7 @@ from . import _validate as V
 from .masks import AndMask, AttentionMask, CausalMask, OrMask, as_mask, causal_mask, combine_masks
 
 __all__ = [
+    "ALIASES",
     "PRIORITY",
     "AttentionCall",
     "Backend",
@@ -53,10 +57,31 @@ __all__ = [
 ]
 
 #: ``auto``'s order over the built-in backends. Structured kernels come first (each serves only its own mask
-#: objects or decoding steps, where it is faster than the dense kernels), then PyTorch's fused kernel, then the
-#: memory-lean and weight-returning dense paths. A backend registered under another name goes after all of these,
-#: in the order of registration.
-PRIORITY: tuple[str, ...] = ("local", "decode", "block_sparse", "native_mask", "sdpa", "chunked", "math", "reference")
+#: objects or decoding steps, where it is faster than the dense kernels), each native C kernel ahead of its PyTorch
+#: counterpart; then PyTorch's fused kernel, then the memory-lean and weight-returning dense paths. A backend
+#: registered under another name goes after all of these, in the order of registration.
+PRIORITY: tuple[str, ...] = (
+    "native_band",  # BlockedWindowMask (& PaddingMask), L == S: the C kernel (csrc/band.c)
+    "flash_pieces",  # BlockedWindowMask, L == S, no padding: PyTorch's flash kernel per block offset
+    "window_blockwise",  # BlockedWindowMask (& PaddingMask), any L <= S: gathered buckets, masked SDPA, autograd
+    "native_decode",  # a few queries over a long KV cache: the C kernel (csrc/decode.c)
+    "torch_decode",  # the same on PyTorch operators
+    "native_block_sparse",  # BlockSparseMask (& PaddingMask): the C kernel (csrc/band.c)
+    "torch_block_sparse",  # the same on PyTorch's flash kernel per piece
+    "native_mask",  # any other mask object or mask_mod: the C block engine
+    "sdpa",
+    "chunked",
+    "math",
+    "reference",
+)
+
+#: Deprecated backend names, each standing for its member backends in order: forcing an alias runs the first member
+#: that serves the call (with a ``DeprecationWarning``). They were the backends that chose among their own kernels.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "local": ("native_band", "flash_pieces", "window_blockwise"),
+    "decode": ("native_decode", "torch_decode"),
+    "block_sparse": ("native_block_sparse", "torch_block_sparse"),
+}
 
 
 @dataclass
@@ -166,9 +191,11 @@ class Backend:
         fn: ``fn(call) -> (out, weights or None)``.
         returns_weights: whether ``fn`` returns the weights it used.
         supports: ``supports(call) -> list of reasons it cannot serve`` (empty = it can), beyond the declared data.
+        auto_skip: ``auto_skip(call) -> list of reasons`` ``auto`` passes it over although it can serve (another
+            kernel is faster there, e.g. by this machine's calibration); a forced backend runs anyway.
         description: one line for :func:`which_backend`.
-        kernel: optional ``kernel(call) -> str``: which of the backend's own implementations would run, and why
-            (for backends with a native kernel and a PyTorch path); :func:`which_backend` prints it.
+        kernel: optional ``kernel(call) -> str``: a line on the code that would run (e.g. which SIMD body of a
+            native kernel); :func:`which_backend` prints it.
         dtypes: the query dtypes it serves (``None``: every float dtype).
         devices: the device types it serves, e.g. ``("cpu",)`` (``None``: every device).
         mask_kinds: the mask kinds it reads (:func:`mask_kinds` names; ``None``: every kind). A declaration for
@@ -184,6 +211,7 @@ class Backend:
     returns_weights: bool
     supports: Callable[[AttentionCall], list[str]] = field(default=lambda call: [])
     description: str = ""
+    auto_skip: Callable[[AttentionCall], list[str]] | None = None
     kernel: Callable[[AttentionCall], str] | None = None
     dtypes: tuple[torch.dtype, ...] | None = None
     devices: tuple[str, ...] | None = None
@@ -243,10 +271,20 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str) -> Backend:
-    """The registered backend of that name."""
+    """The registered backend of that name (a deprecated alias: its first registered member)."""
+    if name not in _BACKENDS and name in ALIASES:
+        members = [m for m in ALIASES[name] if m in _BACKENDS]
+        if members:
+            _warn_alias(name)
+            return _BACKENDS[members[0]]
     if name not in _BACKENDS:
         raise V.fail(f"backend in {['auto', *_BACKENDS]}", repr(name), 'backend="auto"')
     return _BACKENDS[name]
+
+
+def _warn_alias(name: str) -> None:
+    warnings.warn(f"backend={name!r} is deprecated: it stands for the backends {list(ALIASES[name])} (the first that "
+                  "serves the call runs); name one of them, or use backend='auto'", DeprecationWarning, stacklevel=4)
 
 
 @dataclass
@@ -256,7 +294,7 @@ class BackendChoice:
     name: str
     reasons: dict[str, list[str]]
     weights_from: str | None = None
-    kernel: str | None = None  # which implementation inside the backend, where it has several
+    kernel: str | None = None  # the backend's line on the code that would run (e.g. a native kernel's SIMD body)
 
     def __str__(self) -> str:
         lines = [f"backend: {self.name}"]
@@ -270,27 +308,44 @@ class BackendChoice:
 
 
 def choose_backend(call: AttentionCall, backend: str = "auto") -> BackendChoice:
-    """The backend that serves ``call``: the forced one (raises with every reason when it cannot serve), or for
-    ``"auto"`` the first of :func:`available_backends` that can."""
+    """The backend that serves ``call``: the forced one (raises with every reason when it cannot serve), the first
+    member of a deprecated alias (:data:`ALIASES`) that can, or for ``"auto"`` the first of
+    :func:`available_backends` that can."""
+    if backend != "auto" and backend not in _BACKENDS and backend in ALIASES:
+        _warn_alias(backend)
+        reasons: dict[str, list[str]] = {}
+        for name in ALIASES[backend]:
+            if name not in _BACKENDS:
+                continue
+            try:
+                return _forced(call, name)
+            except ValueError as exc:
+                reasons[name] = [str(exc)]
+        raise V.fail(f"inputs that one of the backends {list(ALIASES[backend])} (backend={backend!r}) can serve",
+                     "; ".join(f"{n}: {'; '.join(r)}" for n, r in reasons.items()), 'backend="auto"')
     if backend != "auto":
-        chosen = get_backend(backend)
-        # A kernel that hides its weights is only asked to serve the output; the math backend adds the weights.
-        hides_weights = call.need_weights and not chosen.returns_weights
-        why = chosen.not_supported_reasons(replace(call, need_weights=False) if hides_weights else call)
-        if why:
-            raise V.fail(f"inputs that backend {backend!r} can serve", f"{'; '.join(why)} ({call.describe()})",
-                         'backend="auto"')
-        weights_from = "math" if hides_weights else None
-        return BackendChoice(backend, {}, weights_from, chosen.kernel(call) if chosen.kernel else None)
-    reasons: dict[str, list[str]] = {}
+        return _forced(call, backend)
+    reasons = {}
     for name, b in _BACKENDS.items():
-        why = b.not_supported_reasons(call)
+        why = b.not_supported_reasons(call) + (b.auto_skip(call) if b.auto_skip is not None else [])
         if call.need_weights and not b.returns_weights and not why:
             why = ["does not return the attention weights (return_weights=True)"]
         if not why:
             return BackendChoice(name, reasons, kernel=b.kernel(call) if b.kernel else None)
         reasons[name] = why
     raise ValueError(f"no backend can serve these inputs ({call.describe()}): {reasons}")  # pragma: no cover
+
+
+def _forced(call: AttentionCall, backend: str) -> BackendChoice:
+    chosen = get_backend(backend)
+    # A kernel that hides its weights is only asked to serve the output; the math backend adds the weights.
+    hides_weights = call.need_weights and not chosen.returns_weights
+    why = chosen.not_supported_reasons(replace(call, need_weights=False) if hides_weights else call)
+    if why:
+        raise V.fail(f"inputs that backend {backend!r} can serve", f"{'; '.join(why)} ({call.describe()})",
+                     'backend="auto"')
+    weights_from = "math" if hides_weights else None
+    return BackendChoice(backend, {}, weights_from, chosen.kernel(call) if chosen.kernel else None)
 
 
 def make_call(

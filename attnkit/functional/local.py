@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import itertools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -415,11 +416,13 @@ def sliding_window_attention(
         look_forward: buckets ahead a query sees.
         key_mask: optional boolean ``(B, S)``, ``True`` = real key that may be attended (key padding).
         scale: score scale, ``1/sqrt(E)`` when ``None``.
-        impl: for ``L == S`` on the CPU: ``"native"`` (the C kernel, ``csrc/band.c``, in float32 for float32 /
-            bfloat16 / float16 inputs, with no ``key_mask`` or a right-padding one; raises when it cannot run),
-            ``"torch"`` (PyTorch's flash kernel per block offset, merged with the log-sum-exp; also float64; no
-            ``key_mask``), or ``"auto"`` (native when it can run, else torch). Other inputs take the readable
-            blockwise path.
+        impl: a backend to force, by name: ``"native_band"`` (the C kernel, ``csrc/band.c``, in float32 for
+            float32 / bfloat16 / float16 CPU inputs with ``L == S`` and no ``key_mask`` or a right-padding one),
+            ``"flash_pieces"`` (PyTorch's flash kernel per block offset, merged with the log-sum-exp; ``L == S`` on
+            the CPU, any float dtype, no ``key_mask``) or ``"window_blockwise"`` (the readable blockwise path:
+            any input); ``"auto"`` runs the first of these that serves the input, as ``backend="auto"`` does.
+            ``"native"`` is short for ``"native_band"``, ``"torch"`` for the first of ``"flash_pieces"`` and
+            ``"window_blockwise"`` that serves. A forced backend that cannot serve raises with its reasons.
 
     Returns:
         ``(B, H, L, Ev)``; query ``i`` sits at position ``i + S - L``. Rows with no key to attend to give zeros.
@@ -442,36 +445,90 @@ def sliding_window_attention(
         raise V.fail("L <= S (queries are the newest positions of the keys)", f"L={q_len}, S={k_len}", "L <= S")
     if key_mask is not None:
         key_mask = V.check_key_mask(key_mask, b, k_len)
-    if impl not in ("auto", "native", "torch"):
-        raise V.fail("impl to be 'auto', 'native' or 'torch'", repr(impl), "impl='auto'")
+    if impl not in _IMPLS:
+        raise V.fail(f"impl in {list(_IMPLS)}", repr(impl), "impl='auto'")
     scale_f = V.check_scale(scale, e)
     if q_len == 0 or k_len == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0.0 * (q.sum() + k.sum() + v.sum())
-    fast = q_len == k_len and q.device.type == "cpu"
-    lengths = None if key_mask is None or not fast else right_padding(key_mask)
-    if fast and (key_mask is None or lengths is not None):  # the fast paths
-        why = native_unsupported(q, impl)
+    padding = _padding_form(q, k_len, key_mask)
+    reasons = {}
+    for name in _IMPLS[impl]:
+        why = _WINDOW_REASONS[name](q, k_len, padding)
         if not why:
-            return window_native(q, k, v, win, scale_f, lengths=lengths)
-        if impl == "native":
-            raise V.fail("an input the native sliding-window kernel serves", why, "impl='auto'")
-        if key_mask is None:
-            return _window_fast(q, k, v, win, scale_f)
-    if impl == "native":
-        raise V.fail("L == S, no key_mask or right padding, and CPU tensors for impl='native'",
-                     f"L={q_len}, S={k_len}, key_mask={'set' if key_mask is not None else None}, {q.device}",
-                     "impl='auto'")
-    return _window_blockwise(q, k, v, win, key_mask, scale_f)
+            lengths = right_padding(key_mask) if key_mask is not None and name == "native_band" else None
+            return _run_window(name, q, k, v, win, key_mask, lengths, scale_f)
+        reasons[name] = why
+    raise V.fail(f"an input that impl={impl!r} serves",
+                 "; ".join(f"{n}: {'; '.join(r)}" for n, r in reasons.items()), "impl='auto'")
+
+
+# --------------------------------------------------------------------------------------------- its three backends
+def _padding_form(q: Tensor, k_len: int, key_mask: Tensor | None) -> str:
+    """``"none"``, ``"right"`` (the native kernel's ``kv_len``) or ``"other"`` key padding."""
+    if key_mask is None:
+        return "none"
+    if q.shape[2] != k_len or q.device.type != "cpu":  # only the native kernel reads the form; spare the check
+        return "other"
+    return "right" if right_padding(key_mask) is not None else "other"
+
+
+def _band_reasons(q: Tensor, k_len: int, padding: str, declared: bool = True) -> list[str]:
+    """Why the native band kernel cannot serve; ``declared=False`` leaves out the dtype and device (the dispatcher
+    checks what a backend declares; the public function asks for everything)."""
+    reasons = []
+    if q.shape[2] != k_len:
+        reasons.append(f"L={q.shape[2]} != S={k_len} (the native kernel serves L == S)")
+    lib_why = "" if _native.load() is not None else f"no native library ({_native.status()})"
+    why = native_unsupported(q, "auto") if declared else lib_why
+    if why:
+        reasons.append(why)
+    if padding == "other":
+        reasons.append("a key_mask that is not right padding (the native kernel reads lengths)")
+    return reasons
+
+
+def _pieces_reasons(q: Tensor, k_len: int, padding: str, declared: bool = True) -> list[str]:
+    reasons = []
+    if q.shape[2] != k_len:
+        reasons.append(f"L={q.shape[2]} != S={k_len} (the flash pieces serve L == S)")
+    if declared and q.device.type != "cpu":
+        reasons.append(f"a {q.device.type} tensor (PyTorch's CPU flash kernel)")
+    if padding != "none":
+        reasons.append("key padding (the flash pieces read no key mask)")
+    return reasons
+
+
+def _blockwise_reasons(q: Tensor, k_len: int, padding: str, declared: bool = True) -> list[str]:
+    return []
+
+
+_WINDOW_REASONS = {"native_band": _band_reasons, "flash_pieces": _pieces_reasons,
+                   "window_blockwise": _blockwise_reasons}
+#: ``impl=`` of :func:`sliding_window_attention` -> the backends it may run, in order ("native" and "torch" are
+#: shorthands kept from before the backends were split)
+_IMPLS = {"auto": ("native_band", "flash_pieces", "window_blockwise"), "native": ("native_band",),
+          "torch": ("flash_pieces", "window_blockwise"), "native_band": ("native_band",),
+          "flash_pieces": ("flash_pieces",), "window_blockwise": ("window_blockwise",)}
+
+
+def _run_window(name: str, q: Tensor, k: Tensor, v: Tensor, win: BlockedWindowMask, key_mask: Tensor | None,
+                lengths: Tensor | None, scale: float) -> Tensor:
+    if name == "native_band":
+        return window_native(q, k, v, win, scale, lengths=lengths)
+    if name == "flash_pieces":
+        return _window_fast(q, k, v, win, scale)
+    return _window_blockwise(q, k, v, win, key_mask, scale)
 
 
 # --------------------------------------------------------------------------------------------- dispatcher
-def _local_supports(call: AttentionCall) -> list[str]:
+def _window_call(call: AttentionCall) -> tuple[list[str], BlockedWindowMask | None, Tensor | None]:
+    """What every window backend asks of a call: reasons it is not a window call, the window, the key lengths."""
     reasons = []
-    win, _, why = split_with_padding(call.structure, BlockedWindowMask, "window")
+    win, pad, why = split_with_padding(call.structure, BlockedWindowMask, "window")
     if win is None:
         reasons.append(why)
     if call.mask is not None:
-        reasons.append("an explicit tensor mask (the local kernel reads only BlockedWindowMask & PaddingMask)")
+        reasons.append("an explicit tensor mask (the window kernels read only BlockedWindowMask & PaddingMask)")
     if call.is_causal:
         reasons.append("is_causal=True on top of a window (use BlockedWindowMask(causal=True))")
     if call.dropout_p > 0:
@@ -480,39 +537,52 @@ def _local_supports(call: AttentionCall) -> list[str]:
         reasons.append("more queries than keys")
     if call.need_weights:
         reasons.append("it does not return the attention weights")
-    return reasons
+    return reasons, win, None if pad is None else pad.lengths
 
 
-def _local_fn(call: AttentionCall) -> tuple[Tensor, None]:
-    win, pad, _ = split_with_padding(call.structure, BlockedWindowMask, "window")
-    if win is None:
-        raise V.fail("a BlockedWindowMask structure", repr(call.structure), "backend='auto'")
-    key_mask = None
-    if pad is not None:
-        key_mask = padding_mask(pad.lengths.to(call.query.device), call.k_len).view(call.batch, call.k_len)
-    out = sliding_window_attention(
-        call.query, call.key, call.value, window=win.window, causal=win.causal, look_backward=win.look_backward,
-        look_forward=win.look_forward, key_mask=key_mask, scale=call.scale,
-    )
-    return out, None
+def _window_supports(name: str) -> Callable[[AttentionCall], list[str]]:
+    def supports(call: AttentionCall) -> list[str]:
+        reasons, _, lengths = _window_call(call)
+        padding = "none" if lengths is None else "right"  # a PaddingMask is right padding
+        return reasons + _WINDOW_REASONS[name](call.query, call.k_len, padding, False)
+    return supports
 
 
-def _local_kernel(call: AttentionCall) -> str:
-    """Which implementation :func:`sliding_window_attention` runs for a call the local backend serves."""
-    _, pad, _ = split_with_padding(call.structure, BlockedWindowMask, "window")
-    if call.q_len != call.k_len or call.query.device.type != "cpu":
-        return "blockwise PyTorch path (L != S, or not a CPU tensor)"
-    why = native_unsupported(call.query, "auto")
+def _window_fn(name: str) -> Callable[[AttentionCall], tuple[Tensor, None]]:
+    def fn(call: AttentionCall) -> tuple[Tensor, None]:
+        _, win, pad_lengths = _window_call(call)
+        if win is None:
+            raise V.fail("a BlockedWindowMask structure", repr(call.structure), "backend='auto'")
+        key_mask = lengths = None
+        if pad_lengths is not None:
+            key_mask = padding_mask(pad_lengths.to(call.query.device), call.k_len).view(call.batch, call.k_len)
+            lengths = key_mask.sum(-1)
+        if call.q_len == 0:
+            q = call.query
+            return q.new_zeros(*q.shape[:3], call.value.shape[-1]) + 0.0 * (q.sum() + call.key.sum()
+                                                                            + call.value.sum()), None
+        return _run_window(name, call.query, call.key, call.value, win, key_mask, lengths, call.scale), None
+    return fn
+
+
+def _band_kernel(call: AttentionCall) -> str:
     lib = _native.load()
-    if not why and lib is not None:
-        return f"native C kernel (sliding window: {_native.band_body(lib)})"
-    if pad is not None:
-        return f"blockwise PyTorch path (key padding, and no native kernel: {why})"
-    return f"PyTorch flash pieces (no native kernel: {why})"
+    return f"native C kernel (sliding window: {_native.band_body(lib) if lib is not None else 'not loaded'})"
 
 
-register_backend(
-    Backend("local", _local_fn, False, _local_supports,
-            "sliding-window attention, O(N*w): the native C kernel, else PyTorch's flash kernel blockwise",
-            kernel=_local_kernel, mask_kinds=("BlockedWindowMask", "PaddingMask")),
-)
+register_backend(Backend(
+    "native_band", _window_fn("native_band"), False, _window_supports("native_band"),
+    "blocked sliding window (and right key padding), L == S, O(N*w): the native C kernel (csrc/band.c), forward "
+    "and backward in float32", kernel=_band_kernel, dtypes=(torch.float32, torch.bfloat16, torch.float16),
+    devices=("cpu",), mask_kinds=("BlockedWindowMask", "PaddingMask"),
+))
+register_backend(Backend(
+    "flash_pieces", _window_fn("flash_pieces"), False, _window_supports("flash_pieces"),
+    "blocked sliding window, L == S, no key padding, O(N*w): PyTorch's CPU flash kernel once per block offset, "
+    "merged with the log-sum-exp", devices=("cpu",), mask_kinds=("BlockedWindowMask",),
+))
+register_backend(Backend(
+    "window_blockwise", _window_fn("window_blockwise"), False, _window_supports("window_blockwise"),
+    "blocked sliding window (and key padding), any L <= S, O(N*w): each query block's key buckets gathered, one "
+    "masked SDPA call, autograd", mask_kinds=("BlockedWindowMask", "PaddingMask"),
+))

@@ -136,9 +136,9 @@ def _own_backend(structure: AttentionMask) -> str | None:
     main = [p for p in parts if not isinstance(p, PaddingMask)]
     if len(main) == 1 and len(parts) - len(main) <= 1:
         if isinstance(main[0], BlockedWindowMask):
-            return "local"
+            return "window (native_band, flash_pieces, window_blockwise)"
         if isinstance(main[0], BlockSparseMask):
-            return "block_sparse"
+            return "block-sparse (native_block_sparse, torch_block_sparse)"
     return None
 
 
@@ -149,7 +149,7 @@ def _supports(call: AttentionCall) -> list[str]:
     elif _fused_serves(call.structure):
         reasons.append("causal / padding structure only (PyTorch's fused kernel serves it)")
     elif (own := _own_backend(call.structure)) is not None:
-        reasons.append(f"the {own!r} backend serves this structure")
+        reasons.append(f"the {own} backends serve this structure")
     if call.mask is not None:
         reasons.append("an explicit tensor mask on top of the mask object")
     if call.dropout_p > 0:

@@ -31,12 +31,14 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _native
 from . import _validate as V
 from ._native_bridge import native_attention, native_unsupported, right_padding
 from ._pieces import Piece, run_pieces, same_head_dim
@@ -260,10 +262,11 @@ def block_sparse_attention(
         key_mask: optional boolean ``(B, S)``, ``True`` = real key that may be attended (key padding). Padding keys
             are never read: NaN there stays out of the outputs and gradients.
         scale: score scale, ``1/sqrt(E)`` when ``None``.
-        impl: on the CPU: ``"native"`` (the C kernel of :mod:`attnkit.functional.local`, in float32 for float32 /
-            bfloat16 / float16 inputs, with no ``key_mask`` or a right-padding one; raises when it cannot run),
-            ``"torch"`` (PyTorch's flash kernel per piece, merged by log-sum-exp; any dtype and key mask), or
-            ``"auto"`` (native when it can run, else torch).
+        impl: a backend to force, by name: ``"native_block_sparse"`` (the C kernel, ``csrc/band.c``, in float32
+            for float32 / bfloat16 / float16 CPU inputs with no ``key_mask`` or a right-padding one; raises when it
+            cannot run) or ``"torch_block_sparse"`` (PyTorch's flash kernel per piece, merged by log-sum-exp; any
+            dtype and key mask); ``"auto"`` runs the first that serves, as ``backend="auto"`` does. ``"native"`` and
+            ``"torch"`` are short for the two names.
 
     Returns:
         ``(B, H, L, Ev)``; queries whose blocks see no (real) key give zeros, with zero gradients. On devices other
@@ -293,19 +296,35 @@ def block_sparse_attention(
     if key_mask is not None:
         key_mask = V.check_key_mask(key_mask, b, k_len)
         key_mask = key_mask.to(q.device)
-    if impl not in ("auto", "native", "torch"):
-        raise V.fail("impl to be 'auto', 'native' or 'torch'", repr(impl), "impl='auto'")
+    if impl not in _IMPLS:
+        raise V.fail(f"impl in {list(_IMPLS)}", repr(impl), "impl='auto'")
     scale_f = V.check_scale(scale, q.shape[-1])
     if q_len == 0 or k_len == 0:
         return q.new_zeros(b, h, q_len, ev) + 0.0 * (q.sum() + k.sum() + v.sum())
-    why = native_unsupported(q, impl)
-    lengths = None if key_mask is None or why else right_padding(key_mask)
-    if key_mask is not None and lengths is None:
-        why = why or "a key_mask that is not right padding"
-    if not why:
-        return _sparse_native(q, k, v, fitted, block_size, causal, scale_f, lengths)
-    if impl == "native":
-        raise V.fail("an input the native block-sparse kernel serves", why, "impl='auto'")
+    if "native_block_sparse" in _IMPLS[impl]:
+        why = native_unsupported(q, "auto")
+        lengths = None if key_mask is None or why else right_padding(key_mask)
+        if key_mask is not None and lengths is None:
+            why = why or "a key_mask that is not right padding"
+        if not why:
+            return _sparse_native(q, k, v, fitted, block_size, causal, scale_f, lengths)
+        if impl != "auto":
+            raise V.fail("an input the native block-sparse kernel serves", why, "impl='auto'")
+    return _sparse_torch(q, k, v, layout, fitted, block_size, causal, key_mask, scale_f)
+
+
+#: ``impl=`` of :func:`block_sparse_attention` -> the backends it may run, in order ("native" and "torch" are
+#: shorthands kept from before the backends were split)
+_IMPLS = {"auto": ("native_block_sparse", "torch_block_sparse"), "native": ("native_block_sparse",),
+          "torch": ("torch_block_sparse",), "native_block_sparse": ("native_block_sparse",),
+          "torch_block_sparse": ("torch_block_sparse",)}
+
+
+def _sparse_torch(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, fitted: Tensor, block_size: int, causal: bool,
+                  key_mask: Tensor | None, scale_f: float) -> Tensor:
+    """The PyTorch path: flash pieces merged by log-sum-exp on the CPU, dense masked SDPA elsewhere."""
+    b, h, q_len, _ = q.shape
+    k_len, ev = k.shape[2], v.shape[-1]
     if q.device.type != "cpu":  # the piece engine drives PyTorch's CPU flash kernel; elsewhere: dense masked SDPA
         dense_mask = BlockSparseMask(layout, block_size, causal=causal).materialize(q_len, k_len, device=q.device)
         if key_mask is not None:
@@ -353,6 +372,7 @@ def block_sparse_attention(
 
 # --------------------------------------------------------------------------------------------- dispatcher
 def _sparse_supports(call: AttentionCall) -> list[str]:
+    """Why a call is not a block-sparse call (both block-sparse backends ask this)."""
     reasons = []
     sparse, _, why = split_with_padding(call.structure, BlockSparseMask, "block-sparse")
     if sparse is None:
@@ -360,7 +380,7 @@ def _sparse_supports(call: AttentionCall) -> list[str]:
     elif sparse.causal and call.q_len != call.k_len:
         reasons.append("a causal block-sparse layout needs L == S")
     if call.mask is not None:
-        reasons.append("an explicit tensor mask (the block-sparse kernel reads only its layout and a PaddingMask)")
+        reasons.append("an explicit tensor mask (the block-sparse kernels read only a layout and a PaddingMask)")
     if call.is_causal:
         reasons.append("is_causal=True on top of a layout (use BlockSparseMask(causal=True))")
     if call.dropout_p > 0:
@@ -370,30 +390,44 @@ def _sparse_supports(call: AttentionCall) -> list[str]:
     return reasons
 
 
-def _sparse_fn(call: AttentionCall) -> tuple[Tensor, None]:
-    mask, pad, _ = split_with_padding(call.structure, BlockSparseMask, "block-sparse")
-    if mask is None:
-        raise V.fail("a BlockSparseMask structure", repr(call.structure), "backend='auto'")
-    key_mask = None
-    if pad is not None:
-        key_mask = padding_mask(pad.lengths.to(call.query.device), call.k_len).view(call.batch, call.k_len)
-    out = block_sparse_attention(
-        call.query, call.key, call.value, mask.layout, block_size=mask.block_size, causal=mask.causal,
-        key_mask=key_mask, scale=call.scale,
-    )
-    return out, None
+def _native_supports(call: AttentionCall) -> list[str]:
+    reasons = _sparse_supports(call)
+    if _native.load() is None:  # dtype and device: declared on the backend
+        reasons.append(f"no native library ({_native.status()})")
+    return reasons  # a PaddingMask is right padding, which the kernel reads as lengths
 
 
-def _sparse_kernel(call: AttentionCall) -> str:
-    """Which implementation :func:`block_sparse_attention` runs for a call the block-sparse backend serves."""
-    if call.query.device.type != "cpu":
-        return "dense masked SDPA (not a CPU tensor)"
-    why = native_unsupported(call.query, "auto")
-    return "native C kernel" if not why else f"PyTorch flash pieces (no native kernel: {why})"
+def _sparse_fn(impl: str) -> Callable[[AttentionCall], tuple[Tensor, None]]:
+    def fn(call: AttentionCall) -> tuple[Tensor, None]:
+        mask, pad, _ = split_with_padding(call.structure, BlockSparseMask, "block-sparse")
+        if mask is None:
+            raise V.fail("a BlockSparseMask structure", repr(call.structure), "backend='auto'")
+        key_mask = None
+        if pad is not None:
+            key_mask = padding_mask(pad.lengths.to(call.query.device), call.k_len).view(call.batch, call.k_len)
+        out = block_sparse_attention(
+            call.query, call.key, call.value, mask.layout, block_size=mask.block_size, causal=mask.causal,
+            key_mask=key_mask, scale=call.scale, impl=impl,
+        )
+        return out, None
+    return fn
 
 
-register_backend(
-    Backend("block_sparse", _sparse_fn, False, _sparse_supports,
-            "block-sparse attention over a layout (and key padding), O(non-zero blocks)", kernel=_sparse_kernel,
-            mask_kinds=("BlockSparseMask", "PaddingMask")),
-)
+def _native_kernel(call: AttentionCall) -> str:
+    lib = _native.load()
+    return f"native C kernel (block-sparse: {_native.band_body(lib) if lib is not None else 'not loaded'})"
+
+
+register_backend(Backend(
+    "native_block_sparse", _sparse_fn("native_block_sparse"), False, _native_supports,
+    "block-sparse attention over a layout (and right key padding), O(non-zero blocks): the native C kernel "
+    "(csrc/band.c), forward and backward in float32", kernel=_native_kernel,
+    dtypes=(torch.float32, torch.bfloat16, torch.float16), devices=("cpu",),
+    mask_kinds=("BlockSparseMask", "PaddingMask"),
+))
+register_backend(Backend(
+    "torch_block_sparse", _sparse_fn("torch_block_sparse"), False, _sparse_supports,
+    "block-sparse attention over a layout (and key padding), O(non-zero blocks): PyTorch's CPU flash kernel per "
+    "piece, merged by log-sum-exp (dense masked SDPA on other devices)",
+    mask_kinds=("BlockSparseMask", "PaddingMask"),
+))

@@ -1,8 +1,11 @@
-"""Every backend of ``scaled_dot_product_attention``, and PyTorch's SDPA, against the float64 reference.
+"""``scaled_dot_product_attention`` as users call it (``backend="auto"``), and PyTorch's SDPA, against the float64
+reference; the dense backends on the API's corners (the tutorial's 3-D layout, ``scale``, no keys, dropout, the
+weights buffer).
 
-Axes: backend x dtype x mask kind, and backend x dtype x shape (``L != S``, one-token sequences, head dims 1..256,
+Axes of the ``auto`` matrix: dtype x mask kind, and dtype x shape (``L != S``, one-token sequences, head dims 1..256,
 grouped-query and multi-query heads). Each case runs twice and must give bit-identical results (determinism).
-Rows with no key to attend to must be exactly zero (outputs and weights) on every backend, never NaN.
+Rows with no key to attend to must be exactly zero (outputs and weights), never NaN. Every backend *forced*, over
+every mask kind, dtype and shape it declares, forward and gradients: tests/test_functional_dispatch_matrix.py.
 """
 
 from __future__ import annotations
@@ -185,7 +188,7 @@ def _check(backend: str, dtype: torch.dtype, shape: tuple[int, ...], kind: str) 
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["auto"])  # each backend forced: tests/test_functional_dispatch_matrix.py
 def test_mask_kinds(backend: str, dtype: torch.dtype, kind: str) -> None:
     _check(backend, dtype, (2, 4, 2, 5, 7, 16, 8), kind)  # B=2, H=4, Hkv=2, L=5, S=7, E=16, Ev=8
 
@@ -211,7 +214,7 @@ SHAPE_MASKS = ["none", "is_causal", "causal_lower_right_obj", "fully_masked_rows
 @pytest.mark.parametrize("kind", SHAPE_MASKS)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["auto"])  # each backend forced: tests/test_functional_dispatch_matrix.py
 def test_shapes(backend: str, dtype: torch.dtype, shape: tuple[int, ...], kind: str) -> None:
     _check(backend, dtype, shape, kind)
 

@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from attnkit._argtypes import ArgumentParser, output_dir
+from attnkit._errors import fail
 
 HELP = "run a benchmark suite and print times as ratios to baselines measured in the same run"
 
@@ -16,6 +17,7 @@ SUITES = {
     "vision": "attnkit.bench.vision",
     "long": "attnkit.bench.long",
     "load": "attnkit.bench.load",
+    "hf": "attnkit.bench.hf",
 }
 
 
@@ -23,11 +25,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", choices=sorted(SUITES), help="which benchmark to run")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (for CI and the tour)")
     parser.add_argument("--out", type=output_dir, default=None, help="folder for the table (markdown/JSON) and plots")
+    parser.add_argument(
+        "--model", choices=("smollm2", "gemma3"), default=None, help="hf only: which LLM to run (default smollm2)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    model = getattr(args, "model", None)
+    if model is not None and args.suite != "hf":
+        raise fail("--model only with the hf suite", f"{args.suite} --model {model}", "attnkit bench hf --model gemma3")
     module = importlib.import_module(SUITES[args.suite])
-    return int(module.main(quick=args.quick, out=args.out) or 0)
+    extra = {"model": model} if model is not None else {}
+    return int(module.main(quick=args.quick, out=args.out, **extra) or 0)
 
 
 if __name__ == "__main__":

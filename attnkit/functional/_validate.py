@@ -22,12 +22,28 @@ def check_tensor(name: str, x: Any) -> Tensor:
     return x
 
 
+def int_mask_as_bool(mask: Tensor, name: str) -> Tensor:
+    """The one rule for integer masks (``attn_mask`` and ``key_mask`` alike): ``0`` = masked, ``1`` = may attend,
+    as the tutorial's ``mask == 0 -> masked`` reads a 0/1 mask; returns the boolean mask. Any other value raises (a
+    mask of lengths, token ids or 0/255 pixels is a mistake, not a mask), so every kernel and module reads an
+    integer mask the same way. Booleans pass unchanged; other dtypes are the caller's to check."""
+    if mask.dtype == torch.bool or mask.dtype.is_floating_point or mask.dtype.is_complex:
+        return mask
+    if mask.numel() and mask.device.type != "meta":
+        low, high = (int(x) for x in torch.aminmax(mask))
+        if low < 0 or high > 1:
+            raise fail(f"an integer {name} of 0 and 1 only (0 = masked, 1 = may attend)",
+                       f"{mask.dtype} values in [{low}, {high}]",
+                       f"({name} != 0) for 'non-zero = may attend', or a boolean {name}")
+    return mask != 0
+
+
 def check_key_mask(key_mask: Any, batch: int, k_len: int) -> Tensor:
     """The one rule for a key mask ``(B, S)``, used by every kernel and module that takes ``key_mask``.
 
-    Boolean: ``True`` = a real key that may be attended. Integer: read the same way (``0`` = masked, as in the
-    tutorial's ``mask == 0``), so 0/1 masks work everywhere. Float raises: a float mask is *added* to the scores, which
-    is what ``attn_mask`` is for. Returns the boolean mask.
+    Boolean: ``True`` = a real key that may be attended. Integer 0/1: read the same way (``0`` = masked, as in the
+    tutorial's ``mask == 0``; other values raise, see :func:`int_mask_as_bool`). Float raises: a float mask is
+    *added* to the scores, which is what ``attn_mask`` is for. Returns the boolean mask.
     """
     ok = isinstance(key_mask, Tensor) and tuple(key_mask.shape) == (batch, k_len)
     if not ok or key_mask.dtype.is_floating_point or key_mask.dtype.is_complex:
@@ -35,7 +51,7 @@ def check_key_mask(key_mask: Any, batch: int, k_len: int) -> Tensor:
         raise fail(f"key_mask of shape (B, S) = {(batch, k_len)}: a boolean key_mask (or integer 0/1), True = real key",
                    got, "padding_mask(lengths, S).view(B, S) or key_mask.bool(); ~key_padding_mask for a mask in "
                    "nn.MultiheadAttention's meaning; an additive float mask goes in attn_mask")
-    return key_mask if key_mask.dtype == torch.bool else key_mask != 0
+    return int_mask_as_bool(key_mask, "key_mask")
 
 
 def check_float(name: str, x: Tensor) -> None:
@@ -128,13 +144,13 @@ def check_mask_tensor(mask: Tensor, batch: int, heads: int, q_len: int, k_len: i
     """Check an explicit mask tensor and return it as a 4-D view that broadcasts to ``(B, H, L, S)``.
 
     Accepted shapes: ``(S,)``, ``(L, S)``, ``(B, 1|H, 1|L, S)``; with the tutorial's 3-D inputs also ``(B, L, S)``.
-    Integer masks are read as boolean (non-zero = may attend), as in the tutorial's ``mask == 0 -> masked``.
-    Float masks are added to the scores and must have the query's dtype or be castable to it.
+    Integer 0/1 masks are read as boolean (``0`` = masked, as in the tutorial's ``mask == 0 -> masked``; other values
+    raise, :func:`int_mask_as_bool`). Float masks are added to the scores (the caller casts them to the query dtype).
     """
-    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-        if mask.dtype.is_complex:
-            raise fail("a boolean or floating mask", str(mask.dtype), "mask.bool() (True = may attend)")
-        mask = mask != 0
+    if mask.dtype.is_complex:
+        raise fail("a boolean or floating attn_mask (or integer 0/1, 0 = masked)", str(mask.dtype),
+                   "mask.bool() (True = may attend)")
+    mask = int_mask_as_bool(mask, "attn_mask")
     shape = tuple(mask.shape)
     if mask.dim() == 1:
         mask4 = mask.view(1, 1, 1, -1)
@@ -143,7 +159,7 @@ def check_mask_tensor(mask: Tensor, batch: int, heads: int, q_len: int, k_len: i
     elif mask.dim() == 3:
         if ndim_in != 3:
             raise fail(
-                "a mask of shape (S,), (L, S) or (B, H|1, L|1, S) for 4-D inputs",
+                "an attn_mask of shape (S,), (L, S) or (B, H|1, L|1, S) for 4-D inputs",
                 f"a 3-D mask {shape}",
                 "mask[:, None] to make a (B, 1, L, S) mask (3-D masks are only read as (B, L, S) with 3-D inputs)",
             )
@@ -151,16 +167,16 @@ def check_mask_tensor(mask: Tensor, batch: int, heads: int, q_len: int, k_len: i
     elif mask.dim() == 4:
         mask4 = mask
     else:
-        raise fail("a mask with 1 to 4 dims", f"{mask.dim()} dims {shape}", "mask.view(B, 1, L, S)")
+        raise fail("an attn_mask with 1 to 4 dims", f"{mask.dim()} dims {shape}", "mask.view(B, 1, L, S)")
     want = (batch, heads, q_len, k_len)
     names = ("B", "H", "L", "S")
     for i, (got, exp) in enumerate(zip(mask4.shape, want, strict=True)):
         if got != exp and got != 1:
             raise fail(
-                f"a mask that broadcasts to (B, H, L, S) = {want} (dim {names[i]} = {exp} or 1)",
+                f"an attn_mask that broadcasts to (B, H, L, S) = {want} (dim {names[i]} = {exp} or 1)",
                 f"{shape}",
                 "a key-padding mask of shape (B, 1, 1, S) or attnkit.functional.padding_mask(lengths, S)",
             )
     if mask4.shape[-1] != k_len:
-        raise fail(f"the mask's last dim to be S = {k_len}", f"{shape}", "one entry per key position")
+        raise fail(f"the attn_mask's last dim to be S = {k_len}", f"{shape}", "one entry per key position")
     return mask4

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnkit.functional import AttentionMask, attention_weights, scaled_dot_product_attention
+from attnkit.functional import attention_weights, scaled_dot_product_attention
+from attnkit.functional.mask_args import MaskLike
 
 Observer = Callable[[nn.Module, Tensor], None]
 
@@ -82,7 +83,7 @@ class Attend(Tap):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        attn_mask: Tensor | AttentionMask | None = None,
+        attn_mask: MaskLike = None,
         *,
         is_causal: bool = False,
         scale: float | None = None,

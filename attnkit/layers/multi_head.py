@@ -19,7 +19,6 @@ fused kernel where it can and ``attnkit.viz.capture`` sees the exact weights; th
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, cast
 
@@ -32,13 +31,12 @@ from attnkit.functional import (
     AttentionMask,
     BlockedWindowMask,
     BlockSparseMask,
-    PaddingMask,
     SlidingWindowMask,
-    as_mask,
     attention_weights,
     combine_masks,
 )
-from attnkit.functional._validate import check_key_mask
+from attnkit.functional._validate import check_key_mask, check_mask_tensor
+from attnkit.functional.mask_args import MaskArgs, MaskLike, normalize_masks
 
 from .attend import Attend
 from .cache import CrossKVCache, KVCache
@@ -80,9 +78,12 @@ class MultiHeadAttention(nn.Module):
         window: local attention. An ``int`` is an exact sliding window by position: a query at position ``p`` sees
             the keys at positions ``k`` with ``|p - k| < window`` (with ``is_causal``: the last ``window`` keys, its
             own included); this is the window a :class:`~attnkit.layers.RingKVCache` serves. For self-attention with
-            positions in order (no cache, or a contiguous one) it is a
-            :class:`~attnkit.functional.SlidingWindowMask` structure, which ``backend="auto"`` runs on the native
-            block engine (O(L w), forward and backward); otherwise (a wrapped ring buffer) a dense mask by position.
+            positions in order (no cache, a :class:`~attnkit.layers.KVCache`, or a block prefill through a
+            :class:`~attnkit.layers.RingKVCache`) it is a :class:`~attnkit.functional.SlidingWindowMask`
+            structure, which ``backend="auto"`` runs on the native block engine (O(L w), forward and backward), and
+            with a :class:`~attnkit.layers.KVCache` the kernel reads only the keys in the window (a view of the
+            cache; a one-token decode step attends over the last ``window`` keys, no mask). Otherwise (one-token
+            steps through a wrapped ring buffer, where slots are out of order) a small mask by position.
             A :class:`~attnkit.functional.BlockedWindowMask` is the blocked window of
             :mod:`attnkit.functional.local`, handed to the kernel as a structure (the ``local`` kernel).
         layout: a :class:`~attnkit.functional.BlockSparseMask` (block-sparse pattern, served by the
@@ -300,34 +301,13 @@ class MultiHeadAttention(nn.Module):
             q = pos.rotate(q, q_pos)
         return q
 
-    def _tensor_mask(self, attn_mask: Tensor, b: int, q_len: int, k_len: int, dtype: torch.dtype) -> Tensor:
-        if attn_mask.dtype.is_complex:
-            raise fail("a boolean (True = may attend) or float (added) attn_mask", str(attn_mask.dtype),
-                       "attn_mask.bool()")
-        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-            attn_mask = attn_mask != 0  # the tutorial's integer mask: 0 = masked, as in the kernels
-        shape = tuple(attn_mask.shape)
-        if attn_mask.dim() == 2:
-            mask = attn_mask.view(1, 1, *shape)
-        elif attn_mask.dim() == 3:
-            mask = attn_mask.unsqueeze(1)
-        elif attn_mask.dim() == 4:
-            mask = attn_mask
-        else:
-            raise fail("attn_mask of shape (L, S), (B, L, S) or (B, 1|H, L, S)", str(shape), "attn_mask.view(L, S)")
-        want = (b, self.num_heads, q_len, k_len)
-        if any(g not in (w, 1) for g, w in zip(mask.shape, want, strict=True)) or mask.shape[-1] != k_len:
-            raise fail(f"attn_mask broadcastable to (B, H, L, S) = {want}", str(shape),
-                       "a (L, S) mask, or (B, 1, L, S) per sequence")
-        return mask if mask.dtype == torch.bool else mask.to(dtype)
-
     def forward(
         self,
         query: Tensor,
         key: Tensor | None = None,
         value: Tensor | None = None,
         *,
-        attn_mask: Tensor | AttentionMask | Callable[..., Tensor] | None = None,
+        attn_mask: MaskLike = None,
         key_mask: Tensor | None = None,
         is_causal: bool = False,
         cache: KVCache | CrossKVCache | None = None,
@@ -339,8 +319,12 @@ class MultiHeadAttention(nn.Module):
             query: ``(B, L, D)``.
             key: ``(B, S, kdim)`` or ``None`` (self-attention).
             value: ``(B, S, vdim)`` or ``None`` (the key input).
-            attn_mask: boolean (``True`` = may attend; an integer mask reads ``0`` as masked, as in the tutorial) or
-                float (added to the scores) tensor, or a mask object.
+            attn_mask: a tensor — boolean (``True`` = may attend), integer 0/1 (``0`` = masked, as in the
+                tutorial; other values raise) or float (added to the scores) — a mask object
+                (:class:`~attnkit.functional.SlidingWindowMask`, ``DocumentMask``, ``a & b``, ...) or a ``mask_mod``
+                callable ``(b, h, q_idx, kv_idx) -> bool`` (FlexAttention's signature; indices over the ``L``
+                queries and ``S`` keys of the call, keys counted from the start of a cache). One rule for all:
+                :func:`attnkit.functional.mask_args.normalize_masks`.
             key_mask: ``(B, S)`` boolean, ``True`` = a real key (the inverse of ``nn.MultiheadAttention``'s
                 ``key_padding_mask``).
             is_causal: query ``i`` sees keys ``j <= i``; with a cache, lower-right aligned by position (a query
@@ -398,11 +382,23 @@ class MultiHeadAttention(nn.Module):
             elif kv_cache is not None:
                 k, v, k_pos = kv_cache.update(k, v)  # (B, Hkv, S, E) x2, (S,)
         k_len = k.shape[2]
+        ordered = kv_cache is None or kv_cache.ordered  # keys at consecutive positions, in order
+        exact_window = window is not None and ordered and self_attn  # positions are i + S - L (lower-right)
 
-        # ---- masks, one meaning: boolean True = may attend; floats are added
-        parts: list[Tensor | None] = []
-        structures: list[AttentionMask] = []  # mask objects a structured kernel (local, block-sparse) can serve
-        causal_done = False  # is_causal already expressed by a structure
+        # ---- a window over a cache reads only the window: the keys the first query can see onward (a view)
+        cached_len = k_len  # S of the returned weights: every cached key
+        first = k_len - q_len - cast(int, window) + 1 if exact_window and kv_cache is not None else 0
+        if first > 0 and (attn_mask is None or isinstance(attn_mask, Tensor)):
+            if isinstance(attn_mask, Tensor):  # checked against every cached key, then cut like the keys
+                attn_mask = check_mask_tensor(attn_mask, b, self.num_heads, q_len, k_len, ndim_in=3)[..., first:]
+            if key_mask is not None:
+                key_mask = check_key_mask(key_mask, b, k_len)[:, first:]
+            k, v, k_pos = k[:, :, first:], v[:, :, first:], k_pos[first:]
+            k_len -= first
+
+        # ---- masks, one meaning (boolean True = may attend; floats are added), one normaliser
+        structures: list[AttentionMask] = []  # the module's own structures (window, layout)
+        causal_done = False  # is_causal already expressed by a structure or a mask by position
         if isinstance(self.window, BlockedWindowMask):
             causal_done = is_causal
             structures.append(replace(self.window, causal=True) if is_causal else self.window)
@@ -412,46 +408,25 @@ class MultiHeadAttention(nn.Module):
                 causal_done = True
             else:
                 structures.append(self.layout)
-        ordered = kv_cache is None or kv_cache.contiguous
-        exact_window = window is not None and ordered and self_attn  # positions are i + S - L (lower-right)
         if exact_window:  # the exact window as a structure: the native block engine serves it
-            structures.append(SlidingWindowMask(cast(int, window), causal=is_causal))
             causal_done = is_causal
-        if isinstance(attn_mask, AttentionMask) or (callable(attn_mask) and not isinstance(attn_mask, Tensor)):
-            structures.append(as_mask(attn_mask)._bind(b, self.num_heads))  # a mask object or a mask_mod
-        elif attn_mask is not None:
-            parts.append(self._tensor_mask(attn_mask, b, q_len, k_len, q.dtype))
-        if key_mask is not None:
-            key_mask = check_key_mask(key_mask, b, k_len)
-            lengths = key_mask.sum(-1) if structures else None  # (B,), only needed to keep a structure
-            if lengths is not None and torch.equal(key_mask, torch.arange(k_len, device=dev) < lengths.view(b, 1)):
-                structures.append(PaddingMask(lengths))  # right padding: stays a structure the kernels can read
-            else:
-                parts.append(key_mask.view(b, 1, 1, k_len))
-        kernel_causal = False
+            if not (q_len == 1 and k_len <= cast(int, window)):  # one query whose window holds every key: no mask
+                structures.append(SlidingWindowMask(cast(int, window), causal=is_causal))
+        position_mask = None
         if not exact_window and (window is not None or not ordered):  # positions out of order, or cross-attention
-            parts.append(_window_allowed(q_pos, k_pos, window, is_causal).view(1, 1, q_len, k_len))
-        elif is_causal and not causal_done:
-            if kv_cache is None:
-                kernel_causal = True  # upper-left, the fused kernel's own causal path
-            elif q_len > 1:
-                parts.append(_window_allowed(q_pos, k_pos, None, True).view(1, 1, q_len, k_len))
+            position_mask = _window_allowed(q_pos, k_pos, window, is_causal).view(1, 1, q_len, k_len)
+            causal_done = True
+        args = normalize_masks(attn_mask, key_mask, is_causal and not causal_done, batch=b, heads=self.num_heads,
+                               q_len=q_len, k_len=k_len, dtype=q.dtype, device=dev, ndim_in=3,
+                               structures=structures, causal_align="upper_left" if kv_cache is None else "lower_right")
+        kernel_causal = args.is_causal  # upper-left: the fused kernel's own causal path
         pos = self.position
         scale = self.head_dim**-0.5 if self.scale is None else self.scale
-        if pos is not None:
-            parts.append(pos.score_bias(q, q_pos, k_pos, scale=scale))
-        mask = combine_masks(*parts)
+        mask = combine_masks(args.mask, position_mask, None if pos is None else pos.score_bias(q, q_pos, k_pos,
+                                                                                               scale=scale))
         if mask is not None and mask.dtype == torch.bool and bool(mask.all()):
             mask = None  # e.g. a decode step whose window holds only real keys
-        full: Tensor | AttentionMask | None = mask
-        if structures:
-            structure = structures[0]
-            for extra_structure in structures[1:]:
-                structure = structure & extra_structure
-            if mask is None and not kernel_causal:
-                full = structure  # a structured kernel may serve it without materialising L x S
-            else:
-                full = combine_masks(mask, structure.materialize(q_len, k_len, device=dev))
+        full = MaskArgs(mask, args.structure, kernel_causal).attn_mask(q_len, k_len, device=dev)
 
         # ---- the kernel (through the Attend tap)
         uses_weights = pos is not None and pos.uses_weights
@@ -469,6 +444,8 @@ class MultiHeadAttention(nn.Module):
         if not need_weights:
             return out
         weights = attention_weights(q, k, full, is_causal=kernel_causal, scale=scale)  # (B, H, L, S)
+        if k_len != cached_len:  # the keys before the window get no weight
+            weights = F.pad(weights, (cached_len - k_len, 0))  # (B, H, L, S_cached)
         return out, weights
 
     def extra_repr(self) -> str:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from attnkit._errors import fail
 from attnkit.functional import scoring
 from attnkit.functional._validate import check_key_mask, check_tensor
+from attnkit.functional.mask_args import MaskLike, normalize_masks
 
 from .attend import Attend, WeightsTap
 from .registry import register_attention
@@ -70,9 +71,12 @@ class SoftAttention(nn.Module):
         backend: kernel backend for :class:`Attend` (``"auto"`` picks the fastest).
 
     Shape:
-        x ``(B, L, D)`` -> ``(B, L, D)``. ``mask``: boolean (``True`` = may attend; integer masks are read the same
-        way, so the tutorial's ``mask == 0 -> masked`` works) or float (added to the scores), of shape ``(L, L)``,
-        ``(B, L, L)`` or ``(B, 1, L, L)``. ``key_mask``: ``(B, L)``, ``True`` = real token.
+        x ``(B, L, D)`` -> ``(B, L, D)``. ``mask``: boolean (``True`` = may attend; integer 0/1 masks are read
+        the same way, so the tutorial's ``mask == 0 -> masked`` works) or float (added to the scores), of shape
+        ``(L, L)``, ``(B, L, L)`` or ``(B, 1, L, L)``; or a mask object
+        (:class:`~attnkit.functional.SlidingWindowMask`, ...) or a ``mask_mod`` callable ``(b, h, q_idx, kv_idx)``
+        (FlexAttention's signature; ``h`` is always 0). ``key_mask``: ``(B, L)``, ``True`` = real token. One rule
+        for all: :func:`attnkit.functional.mask_args.normalize_masks`.
 
     Example:
         >>> import torch
@@ -109,7 +113,7 @@ class SoftAttention(nn.Module):
         self,
         x: Tensor,
         *,
-        mask: Tensor | None = None,
+        mask: MaskLike = None,
         key_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
@@ -120,21 +124,10 @@ class SoftAttention(nn.Module):
         q = self.query_proj(x).unsqueeze(1)  # (B, 1, L, D): one head
         k = self.key_proj(x).unsqueeze(1)  # (B, 1, L, D)
         v = self.value_proj(x).unsqueeze(1)  # (B, 1, L, D)
-        attn_mask = mask
-        if attn_mask is not None:
-            check_tensor("mask", attn_mask)
-            if attn_mask.dim() == 3:  # the tutorial's (B, L, L)
-                attn_mask = attn_mask.unsqueeze(1)  # (B, 1, L, L)
-        if key_mask is not None:
-            km = check_key_mask(key_mask, b, n).view(b, 1, 1, n)  # (B, 1, 1, L)
-            if attn_mask is None:
-                attn_mask = km
-            elif attn_mask.dtype == torch.bool:
-                attn_mask = attn_mask & km
-            elif not attn_mask.dtype.is_floating_point:
-                attn_mask = (attn_mask != 0) & km
-            else:
-                attn_mask = attn_mask.masked_fill(~km, float("-inf"))
+        args = normalize_masks(mask, key_mask, is_causal, batch=b, heads=1, q_len=n, k_len=n, dtype=q.dtype,
+                               device=x.device, ndim_in=3)
+        attn_mask = args.attn_mask(n, n, device=x.device)  # a tensor (B|1, 1, L|1, L), a mask object or None
+        is_causal = args.is_causal
         out = self.attend(q, k, v, attn_mask, is_causal=is_causal)  # (B, 1, L, D)
         return out.squeeze(1)  # (B, L, D)
 

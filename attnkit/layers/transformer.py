@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit._errors import fail
-from attnkit.functional import AttentionMask
 from attnkit.functional._validate import check_tensor
+from attnkit.functional.mask_args import MaskLike
 
 from .cache import CrossKVCache, KVCache
 from .multi_head import MultiHeadAttention
@@ -97,7 +97,8 @@ class TransformerEncoderLayer(nn.Module):
 
     Shape:
         src ``(B, L, D)`` -> ``(B, L, D)``. attn_mask ``(L, L)``, ``(B, L, L)`` or ``(B, 1|H, L, L)``: boolean
-        ``True`` = may attend, float = added. key_mask ``(B, L)``: ``True`` = real token.
+        ``True`` = may attend (integer 0/1 the same), float = added; or a mask object / ``mask_mod`` callable, as
+        :class:`~attnkit.layers.MultiHeadAttention` takes. key_mask ``(B, L)``: ``True`` = real token.
 
     Example:
         >>> import torch
@@ -152,7 +153,7 @@ class TransformerEncoderLayer(nn.Module):
         self,
         src: Tensor,
         *,
-        attn_mask: Tensor | AttentionMask | None = None,
+        attn_mask: MaskLike = None,
         key_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
@@ -228,7 +229,7 @@ class TransformerEncoder(nn.Module):
         self,
         src: Tensor,
         *,
-        attn_mask: Tensor | AttentionMask | None = None,
+        attn_mask: MaskLike = None,
         key_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
@@ -295,7 +296,8 @@ class TransformerDecoderLayer(nn.Module):
 
     Shape:
         tgt ``(B, L, D)``, memory ``(B, S, D)`` -> ``(B, L, D)``. tgt_mask ``(L, L)`` / memory_mask ``(L, S)``
-        (also ``(B, L, ·)`` or ``(B, 1|H, L, ·)``): boolean ``True`` = may attend, float = added.
+        (also ``(B, L, ·)`` or ``(B, 1|H, L, ·)``): boolean ``True`` = may attend (integer 0/1 the same), float =
+        added; or a mask object / ``mask_mod`` callable.
         tgt_key_mask ``(B, L)`` / memory_key_mask ``(B, S)``: ``True`` = real token. With a cache, ``tgt`` holds
         only the new tokens and ``tgt_key_mask`` covers every cached token.
 
@@ -356,7 +358,7 @@ class TransformerDecoderLayer(nn.Module):
         return self.dropout1(out)
 
     def _cross(
-        self, x: Tensor, memory: Tensor, mask: Tensor | None, key_mask: Tensor | None, cache: CrossKVCache | None
+        self, x: Tensor, memory: Tensor, mask: MaskLike, key_mask: Tensor | None, cache: CrossKVCache | None
     ) -> Tensor:
         # with a cache, the memory's keys/values are projected at the first step and reused; the queries every step
         out = self.multihead_attn(x, memory, attn_mask=mask, key_mask=key_mask, cache=cache)
@@ -370,8 +372,8 @@ class TransformerDecoderLayer(nn.Module):
         tgt: Tensor,
         memory: Tensor,
         *,
-        tgt_mask: Tensor | AttentionMask | None = None,
-        memory_mask: Tensor | None = None,
+        tgt_mask: MaskLike = None,
+        memory_mask: MaskLike = None,
         tgt_key_mask: Tensor | None = None,
         memory_key_mask: Tensor | None = None,
         is_causal: bool = False,
@@ -457,8 +459,8 @@ class TransformerDecoder(nn.Module):
         tgt: Tensor,
         memory: Tensor,
         *,
-        tgt_mask: Tensor | AttentionMask | None = None,
-        memory_mask: Tensor | None = None,
+        tgt_mask: MaskLike = None,
+        memory_mask: MaskLike = None,
         tgt_key_mask: Tensor | None = None,
         memory_key_mask: Tensor | None = None,
         is_causal: bool = False,

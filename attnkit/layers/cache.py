@@ -75,6 +75,9 @@ class KVCache:
     window: int | None = None
     #: whether the cached keys sit at positions ``0 .. S-1`` in order (lets the module use a structured mask)
     contiguous = True
+    #: whether the keys the last :meth:`update` returned sit at consecutive positions in order (no empty slot), so
+    #: the queries are their last ``L`` and a structured mask (lower-right) describes them
+    ordered = True
 
     def __init__(self, *, capacity: int = 256) -> None:
         if capacity < 1:
@@ -182,18 +185,22 @@ class RingKVCache(KVCache):
     ``O(window)`` for any decode length.
 
     A one-token step returns the whole ring (slot order, with each slot's position; ``-1`` marks a slot never
-    written). A block of ``L > 1`` new tokens returns the ring followed by the block, so every query of the block
-    finds its window, and then keeps the block's last ``window`` tokens.
+    written; :attr:`ordered` is then ``False``). A block of ``L > 1`` new tokens (a prefill) returns the ring's tokens
+    in position order followed by the block — consecutive positions, so a module describes the window with a
+    :class:`~attnkit.functional.SlidingWindowMask` and runs it on the native block engine — and then keeps the
+    block's last ``window`` tokens.
 
     Args:
         window: tokens kept (the attention window, counting the query's own token).
 
     Shape:
         ``update(key (B, Hkv, L_new, E), value (B, Hkv, L_new, Ev))`` -> keys ``(B, Hkv, S, E)``, values
-        ``(B, Hkv, S, Ev)``, positions ``(S,)`` with ``S = window`` (one token) or ``window + L_new`` (a block).
+        ``(B, Hkv, S, Ev)``, positions ``(S,)`` with ``S = window`` (one token) or ``min(length, window) + L_new``
+        (a block).
     """
 
     contiguous = False
+    ordered = False
 
     def __init__(self, window: int) -> None:
         if not isinstance(window, int) or window < 1:
@@ -205,6 +212,7 @@ class RingKVCache(KVCache):
     def reset(self) -> None:
         super().reset()
         self._pos = None
+        self.ordered = False
 
     def _slots_in_use(self) -> int:
         return self.capacity  # the whole ring (slots never written hold zeros at position -1)
@@ -225,10 +233,15 @@ class RingKVCache(KVCache):
             ring_v[:, :, slot] = value[:, :, 0]
             ring_pos[slot] = self.length
             self.length += 1
+            self.ordered = False
             return ring_k, ring_v, ring_pos.clone()
-        keys = torch.cat((ring_k, key), dim=2)  # (B, Hkv, w + L_new, E)
-        values = torch.cat((ring_v, value), dim=2)  # (B, Hkv, w + L_new, Ev)
-        positions = torch.cat((ring_pos, new_pos))  # (w + L_new,)
+        held = min(self.length, w)  # tokens in the ring: positions length - held .. length - 1
+        old_pos = torch.arange(self.length - held, self.length, device=key.device)  # (held,)
+        slots = old_pos % w  # their slots, oldest first
+        keys = torch.cat((ring_k[:, :, slots], key), dim=2)  # (B, Hkv, held + L_new, E), positions in order
+        values = torch.cat((ring_v[:, :, slots], value), dim=2)  # (B, Hkv, held + L_new, Ev)
+        positions = torch.cat((old_pos, new_pos))  # (held + L_new,): consecutive
+        self.ordered = True
         keep = min(n, w)
         slots = new_pos[-keep:] % w  # (keep,)
         ring_k[:, :, slots] = key[:, :, -keep:]

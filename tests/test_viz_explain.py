@@ -191,3 +191,10 @@ def test_llm_errors_are_clean(tmp_path, capsys) -> None:
     assert "TEXT or --file" in capsys.readouterr().err
     with pytest.raises(ValueError, match="causal LM"):
         task.explain_llm("hello there friend", model="minilm", out=tmp_path)
+
+
+def test_layer_kinds_follow_the_config() -> None:
+    transformers = pytest.importorskip("transformers", reason="configs come from transformers")
+    gemma = transformers.Gemma3TextConfig(num_hidden_layers=7, sliding_window=512)  # five local, one global
+    assert task.layer_kinds(gemma) == ["local 512"] * 5 + ["global", "local 512"]
+    assert task.layer_kinds(transformers.LlamaConfig(num_hidden_layers=2)) == ["global", "global"]

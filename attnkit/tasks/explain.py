@@ -228,7 +228,8 @@ HTML_LIMIT = 4_000_000
 """The interactive viewer is written only when layers x heads x L x L stays under this many weights (a few tens of
 MB of HTML); longer prompts get the pictures and the JSON only."""
 PICTURE_SIDE = 192
-"""Maps longer than this are averaged into ``PICTURE_SIDE x PICTURE_SIDE`` cells for the head grid."""
+"""Maps longer than this are drawn as ``PICTURE_SIDE x PICTURE_SIDE`` cells in the head grid, each the largest weight
+of its block (an average would hide thin diagonals and stripes)."""
 
 
 @dataclass
@@ -344,12 +345,13 @@ def _llm(name: str) -> tuple[Any, Any]:
 
 
 def _token_labels(tokenizer: Any, ids: list[int]) -> list[str]:
-    """One readable label per token id: its text (leading space removed), else the raw token."""
+    """One readable label per token id: its text (leading space removed), else the raw token; a label with a line
+    break or another unprintable character is shown escaped (``\\n``)."""
     raw = tokenizer.convert_ids_to_tokens(ids)
     labels = []
     for i, r in zip(ids, raw, strict=True):
-        text = tokenizer.decode([i]).strip()
-        labels.append(text if text else str(r))
+        text = tokenizer.decode([i]).strip() or str(r)
+        labels.append(text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text)
     return labels
 
 
@@ -381,13 +383,14 @@ def _observation_figure(obs: Observations, title: str, save: Path) -> None:
     image = axes[2].imshow(obs.previous.T.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=1,
                            interpolation="nearest")
     axes[2].set(title="previous-token score per head", xlabel="layer", ylabel="head")
+    axes[2].set_yticks(range(obs.previous.shape[1]))
     fig.colorbar(image, ax=axes[2], shrink=0.85)
     if mixed:
         from matplotlib.patches import Patch
 
         kinds = list(dict.fromkeys(obs.layer_kinds))
         handles = [Patch(color="tab:orange" if k == "global" else "tab:blue", label=k) for k in kinds]
-        axes[1].legend(handles=handles, fontsize=8)
+        axes[0].legend(handles=handles, fontsize=8, loc="upper left")
     fig.suptitle(title, fontsize=10)
     save_figure(fig, save)
 
@@ -467,10 +470,10 @@ def explain_llm(
                             f"{HTML_LIMIT:,} (use a shorter prompt)")
     picture, labels = stack, tokens
     if length > PICTURE_SIDE:
-        pooled = torch.nn.functional.adaptive_avg_pool2d(maps, PICTURE_SIDE)  # (layers, H, side, side)
+        pooled = torch.nn.functional.adaptive_max_pool2d(maps, PICTURE_SIDE)  # (layers, H, side, side)
         picture, labels = pooled[:, None], None  # type: ignore[assignment]
-        result.notes.append(f"heads.png: each map averaged into {PICTURE_SIDE} x {PICTURE_SIDE} cells "
-                            f"({length} tokens)")
+        result.notes.append(f"heads.png: {length} tokens drawn as {PICTURE_SIDE} x {PICTURE_SIDE} cells, each the "
+                            "largest weight of its block")
     head_grid(picture, labels, layer_names=layer_names, cell=0.7 if maps.shape[1] > 6 else 1.0,
               cmap="magma", save=folder / "heads.png")
     result.files["heads"] = folder / "heads.png"

@@ -122,3 +122,82 @@ def test_cache_errors():
     with pytest.raises(ValueError, match="window"):
         RingKVCache(0)
 
+
+
+# --------------------------------------------------------------------------------------------- windows on caches
+def _record_kernel_inputs(mha: MultiHeadAttention) -> list[tuple]:
+    """What reaches the kernel on each call: (query, key, value, attn_mask) as the Attend tap receives them."""
+    seen: list[tuple] = []
+    mha.attend.register_forward_pre_hook(lambda module, args: seen.append(args[:4]))
+    return seen
+
+
+@pytest.mark.parametrize("position", ["none", "rope", "alibi", "shaw"])
+def test_kv_cache_window_reads_only_the_window(position):
+    window = 5
+    mha = MultiHeadAttention(D, H, num_kv_heads=2, window=window, position=POSITIONS[position]()).eval()
+    x = torch.randn(2, 16, D)
+    want = _float64(mha, x)
+    seen = _record_kernel_inputs(mha)
+    cache = KVCache(capacity=4)
+    blocks = [7, 1, 1, 4, 1, 1, 1]
+    assert_close_to_reference(_decode(mha, x, cache, blocks), want, reduction=D, msg="windowed KVCache")
+    assert cache.length == 16 and cache.keys is not None and cache.keys.shape[2] == 16  # the cache keeps all
+    start = 0
+    for size, (_q, k, _, mask) in zip(blocks, seen, strict=True):
+        stop = start + size
+        assert k.shape[2] == min(stop, window + size - 1)  # only the keys the block's first query can see
+        if size == 1 and position in ("none", "rope"):
+            assert mask is None  # one query whose window holds every key it reads: nothing to mask
+        elif isinstance(mask, torch.Tensor):  # a position bias (and the window, for a block): never L x S_cache
+            assert mask.shape[-1] == k.shape[2]
+        start = stop
+
+
+def test_kv_cache_window_weights_cover_every_cached_key():
+    mha = MultiHeadAttention(8, 2, window=3, dtype=torch.float64).eval()
+    x = torch.randn(1, 9, 8, dtype=torch.float64)
+    _, full = mha(x, is_causal=True, need_weights=True)
+    cache = KVCache()
+    mha(x[:, :6], cache=cache, is_causal=True)
+    out, w = mha(x[:, 6:7], cache=cache, is_causal=True, need_weights=True)
+    assert w.shape == (1, 2, 1, 7)  # S counts every cached key; the ones before the window weigh 0
+    assert torch.equal(w[..., :4], torch.zeros(1, 2, 1, 4))
+    assert_close_to_reference(w, full[:, :, 6:7, :7], reduction=8)
+
+
+@pytest.mark.parametrize("cache_kind", ["ring", "kv"])
+def test_window_prefill_reaches_the_native_block_engine(cache_kind):
+    """A prefill through a RingKVCache (and a KVCache) hands the kernel a SlidingWindowMask over keys in position
+    order, which backend="auto" runs on the native block engine (forward; the training path is the same kernel)."""
+    from attnkit.functional import SlidingWindowMask, _native, which_backend
+
+    window = 8
+    mha = MultiHeadAttention(D, H, window=window).eval()
+    x = torch.randn(2, 150, D)
+    want = _float64(mha, x)
+    seen = _record_kernel_inputs(mha)
+    cache = RingKVCache(window) if cache_kind == "ring" else KVCache()
+    got = _decode(mha, x, cache, [70, 1, 79])  # a prefill, a token, a second prefill over a wrapped ring
+    assert_close_to_reference(got, want, reduction=D, msg=f"{cache_kind} prefill")
+    for i in (0, 2):
+        q, k, v, mask = seen[i]
+        assert mask == SlidingWindowMask(window), mask  # a structure, no L x S tensor
+        if _native.load() is not None:
+            assert which_backend(q, k, v, mask).name == "native_mask"
+    assert seen[2][1].shape[2] == 79 + window - 1  # the second prefill reads the ring's keys its block can see
+
+
+def test_ring_block_update_returns_positions_in_order():
+    ring = RingKVCache(4)
+    k = torch.arange(10.0).view(1, 1, 10, 1)
+    ring.update(k[:, :, :3], k[:, :, :3])
+    ring.update(k[:, :, 3:4], k[:, :, 3:4])
+    ring.update(k[:, :, 4:6], k[:, :, 4:6])  # wraps the ring
+    assert not ring.ordered or ring.length == 6
+    keys, _, pos = ring.update(k[:, :, 6:9], k[:, :, 6:9])
+    assert ring.ordered
+    assert pos.tolist() == list(range(2, 9))  # the 4 held tokens, oldest first, then the block
+    assert keys.flatten().tolist() == [float(p) for p in range(2, 9)]
+    keys, _, pos = ring.update(k[:, :, 9:], k[:, :, 9:])  # one token: the ring in slot order
+    assert not ring.ordered and sorted(pos.tolist()) == [6, 7, 8, 9]

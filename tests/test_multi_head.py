@@ -10,7 +10,19 @@ import torch
 from torch import nn
 
 from attnkit import create_attention
-from attnkit.functional import BlockedWindowMask, BlockSparseMask, CausalMask, attention_reference, strided_layout
+from attnkit.functional import (
+    BlockedWindowMask,
+    BlockSparseMask,
+    CausalMask,
+    DocumentMask,
+    MaskMod,
+    SinkMask,
+    SlidingWindowMask,
+    as_mask,
+    attention_reference,
+    scaled_dot_product_attention,
+    strided_layout,
+)
 from attnkit.layers import MultiHeadAttention
 from attnkit.testing import assert_close_to_reference
 
@@ -208,3 +220,101 @@ def test_layout_runs_the_block_sparse_kernel(causal):
     auto = _copy(dense, layout=layout)
     assert_close_to_reference(auto(x, attn_mask=extra), dense(x, attn_mask=extra & layout.materialize(16, 16)[0, 0]),
                               reduction=16)
+
+
+# --------------------------------------------------------------------------------------------- attn_mask= objects
+# Every mask object and mask_mod reaches the kernel as a structure; the reference is a float64 copy of the module
+# run with the same mask materialised as a boolean tensor through the reference kernel (_manual).
+N_MASK = 130  # three query/key tiles of 64, the last one partial
+DOCS = torch.tensor([0] * 50 + [1] * 47 + [2] * 33)  # (S,) packed documents
+
+
+def _prefix_lm(b, h, q, kv):
+    return (kv <= q) | (kv < 20)  # attention-gym's prefix LM: a bidirectional prefix of 20
+
+
+def _per_head_window(b, h, q, kv):
+    return (kv <= q) & (q - kv < 8 + 16 * h)  # each head its own window: a mask_mod that reads h
+
+
+def _per_row_length(b, h, q, kv):
+    return kv < 100 + 20 * b  # a mask_mod that reads b: per-sequence key lengths
+
+
+MASK_OBJECTS = {
+    "sliding_window": lambda: SlidingWindowMask(17),
+    "window_or_sinks": lambda: SlidingWindowMask(9) | SinkMask(3),
+    "documents_causal": lambda: DocumentMask(DOCS) & CausalMask(),
+    "documents_window": lambda: DocumentMask(DOCS) & SlidingWindowMask(33),
+    "mask_mod_prefix_lm": lambda: _prefix_lm,
+    "mask_mod_per_head": lambda: _per_head_window,
+    "mask_mod_per_row": lambda: _per_row_length,
+    "MaskMod_dilated": lambda: MaskMod(lambda b, h, q, kv: (kv <= q) & ((q - kv) % 3 == 0)),
+}
+
+
+def _materialised(mask, batch: int, heads: int) -> torch.Tensor:
+    return as_mask(mask)._bind(batch, heads).materialize(N_MASK, N_MASK)  # (Rb|1, Rh|1, L, S) boolean
+
+
+@pytest.mark.parametrize("key_mask_kind", ["none", "right_padding", "holes"])
+@pytest.mark.parametrize("name", MASK_OBJECTS)
+def test_attn_mask_object_and_mask_mod_forward_backward(name, key_mask_kind):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(D, H, num_kv_heads=2)  # float32: the native block engine where it is built
+    ref = copy.deepcopy(mha).double()
+    x = torch.randn(2, N_MASK, D, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    key_mask = {
+        "none": None,
+        "right_padding": torch.arange(N_MASK).view(1, -1) < torch.tensor([[N_MASK], [111]]),  # a PaddingMask
+        "holes": torch.rand(2, N_MASK) > 0.1,  # not a prefix: joins the materialised mask as a tensor
+    }[key_mask_kind]
+    mask = MASK_OBJECTS[name]()
+    want_mask = _materialised(mask, 2, H)
+    if key_mask is not None:
+        want_mask = want_mask & key_mask.view(2, 1, 1, N_MASK)
+    out = mha(x, attn_mask=mask, key_mask=key_mask)
+    want = _manual(ref, x64, want_mask)
+    assert_close_to_reference(out, want, reduction=max(N_MASK, D), msg="forward")
+    g = torch.randn_like(out)
+    out.backward(g)
+    want.backward(g.double())
+    assert_close_to_reference(x.grad, x64.grad, reduction=max(N_MASK, D), grad=True, msg="dx")
+    for (pname, p), p64 in zip(mha.named_parameters(), ref.parameters(), strict=True):
+        assert_close_to_reference(p.grad, p64.grad, reduction=2 * N_MASK, grad=True, msg=f"d{pname}")
+
+
+def test_attn_mask_object_with_is_causal_and_weights():
+    mha = MultiHeadAttention(D, H, dtype=torch.float64)
+    x = torch.randn(2, 40, D, dtype=torch.float64)
+    docs = torch.tensor([0] * 25 + [1] * 15)
+    out, w = mha(x, attn_mask=DocumentMask(docs), is_causal=True, need_weights=True)
+    want_mask = DocumentMask(docs).materialize(40, 40) & CausalMask().materialize(40, 40)
+    assert_close_to_reference(out, _manual(mha, x, want_mask), reduction=max(40, D))
+    assert torch.equal(w > 0, want_mask.expand_as(w))  # the weights obey the same mask
+
+
+def test_gradcheck_mask_mod():
+    mha = MultiHeadAttention(8, 2, dtype=torch.float64)
+    x = torch.randn(1, 6, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: mha(t, attn_mask=_prefix_lm), (x,), fast_mode=True)
+
+
+def test_tensor_mask_one_rule():
+    """Integer 0/1 masks read as boolean (the tutorial's mask == 0); other integers raise the message every
+    kernel gives (one normaliser)."""
+    mha = MultiHeadAttention(D, H, dtype=torch.float64)
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    allowed = torch.rand(2, 5, 5) > 0.3
+    allowed[..., 0] = True
+    assert torch.equal(mha(x, attn_mask=allowed.to(torch.uint8)), mha(x, attn_mask=allowed))
+    bad = allowed.long() * 2
+    with pytest.raises(ValueError) as mod_err:
+        mha(x, attn_mask=bad)
+    with pytest.raises(ValueError) as fn_err:
+        scaled_dot_product_attention(x, x, x, bad)
+    assert str(mod_err.value) == str(fn_err.value)
+    assert "integer attn_mask of 0 and 1 only" in str(mod_err.value) and "values in [0, 2]" in str(mod_err.value)
+    with pytest.raises(ValueError, match="mask_mod"):
+        mha(x, attn_mask="causal")

@@ -129,6 +129,11 @@ def test_observe_equals_the_definitions_on_random_causal_maps() -> None:
     assert torch.allclose(obs.sink.double(), torch.tensor(sink, dtype=torch.float64), rtol=1e-6, atol=0)
     assert torch.allclose(obs.previous.double(), torch.tensor(prev, dtype=torch.float64), rtol=1e-6, atol=0)
     assert torch.allclose(obs.distance.double(), torch.tensor(dist, dtype=torch.float64), rtol=1e-6, atol=0)
+    # uniform baselines: query i sees min(i + 1, W) keys, the first one only while i < W
+    want_sink = {4: sum(1 / min(i + 1, 4) for i in range(1, 4)) / 6, None: sum(1 / (i + 1) for i in range(1, 7)) / 6}
+    want_dist = {4: sum((min(i + 1, 4) - 1) / 2 for i in range(1, 7)) / 6, None: sum(i / 2 for i in range(1, 7)) / 6}
+    for got, want in ((obs.uniform_sink, want_sink), (obs.uniform_distance, want_dist)):
+        assert got.tolist() == pytest.approx([want[4], want[None], want[4]], rel=1e-6)
     assert [r[0] for r in obs.kind_table()] == ["layers", "local 4", "global"]
     assert obs.kind_table()[1][1] == "2"
     with pytest.raises(ValueError, match="at least 3 tokens"):

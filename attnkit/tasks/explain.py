@@ -244,19 +244,26 @@ class Observations:
             position ``i - 1`` (query 1's previous token is the first token, the sink, so it is left out).
         distance: per layer and head, the mean attention distance ``sum_j w[i, j] (i - j)`` in tokens, averaged
             over the queries ``i >= 1``.
+        uniform_sink, uniform_distance: per layer, the same two figures for uniform attention over the keys each
+            query can see (``min(i + 1, W)`` of them; the first token only while ``i < W``): the baseline that
+            says whether a figure is the model's doing or the mask's.
     """
 
     layer_kinds: list[str]
     sink: torch.Tensor
     previous: torch.Tensor
     distance: torch.Tensor
+    uniform_sink: torch.Tensor
+    uniform_distance: torch.Tensor
 
     def layer_table(self) -> list[list[str]]:
-        """Per layer: kind, sink share, mean distance, its best previous-token head (header first)."""
-        rows = [["layer", "kind", "sink share", "mean distance", "best previous-token head"]]
+        """Per layer: kind, sink share, mean distance (each beside its uniform baseline), the best previous-token
+        head (header first)."""
+        rows = [["layer", "kind", "sink share", "(uniform)", "mean distance", "(uniform)", "best previous-token head"]]
         for i, kind in enumerate(self.layer_kinds):
             h = int(self.previous[i].argmax())
-            rows.append([str(i), kind, f"{float(self.sink[i].mean()):.2f}", f"{float(self.distance[i].mean()):.1f}",
+            rows.append([str(i), kind, f"{float(self.sink[i].mean()):.2f}", f"{float(self.uniform_sink[i]):.2f}",
+                         f"{float(self.distance[i].mean()):.1f}", f"{float(self.uniform_distance[i]):.1f}",
                          f"head {h}: {float(self.previous[i, h]):.2f}"])
         return rows
 
@@ -274,11 +281,13 @@ class Observations:
 
     def kind_table(self) -> list[list[str]]:
         """Local against global layers side by side (one row per kind, header first)."""
-        rows = [["layers", "count", "sink share", "mean distance", "max previous-token score"]]
+        rows = [["layers", "count", "sink share", "(uniform)", "mean distance", "(uniform)",
+                 "max previous-token score"]]
         for kind in dict.fromkeys(self.layer_kinds):
             idx = [i for i, k in enumerate(self.layer_kinds) if k == kind]
             rows.append([kind, str(len(idx)), f"{float(self.sink[idx].mean()):.2f}",
-                         f"{float(self.distance[idx].mean()):.1f}", f"{float(self.previous[idx].max()):.2f}"])
+                         f"{float(self.uniform_sink[idx].mean()):.2f}", f"{float(self.distance[idx].mean()):.1f}",
+                         f"{float(self.uniform_distance[idx].mean()):.1f}", f"{float(self.previous[idx].max()):.2f}"])
         return rows
 
     def to_json(self) -> dict[str, Any]:
@@ -287,10 +296,13 @@ class Observations:
                 "sink": "mean weight of the queries i >= 1 on the first token",
                 "previous": "mean weight of the queries i >= 2 on position i - 1",
                 "distance": "mean over the queries i >= 1 of sum_j w[i, j] * (i - j), in tokens",
+                "uniform": "the same for uniform weights over the keys each query can see (its mask)",
             },
             "layers": [
                 {"layer": i, "kind": kind, "sink": round(float(self.sink[i].mean()), 4),
-                 "distance": round(float(self.distance[i].mean()), 3)}
+                 "uniform_sink": round(float(self.uniform_sink[i]), 4),
+                 "distance": round(float(self.distance[i].mean()), 3),
+                 "uniform_distance": round(float(self.uniform_distance[i]), 3)}
                 for i, kind in enumerate(self.layer_kinds)
             ],
             "sink_per_head": [[round(float(x), 4) for x in row] for row in self.sink],
@@ -304,7 +316,8 @@ def observe(maps: torch.Tensor, layer_kinds: list[str] | None = None) -> Observa
 
     Args:
         maps: ``(layers, H, L, L)`` causal attention weights of one unpadded prompt (rows sum to 1).
-        layer_kinds: a label per layer (default ``"global"`` for all).
+        layer_kinds: a label per layer: ``"global"`` (the default for all) or ``"local W"`` (a sliding window of
+            ``W`` keys, the query's own included, as HF's ``sliding_window``).
 
     Shape:
         ``maps (layers, H, L, L)`` -> each statistic ``(layers, H)``.
@@ -326,7 +339,15 @@ def observe(maps: torch.Tensor, layer_kinds: list[str] | None = None) -> Observa
     previous = w[:, :, i, i - 1].mean(-1)
     offsets = (torch.arange(length)[:, None] - torch.arange(length)[None, :]).clamp_min(0).double()  # (L, L): i - j
     distance = (w[:, :, 1:] * offsets[1:]).sum(-1).mean(-1)
-    return Observations(kinds, sink.float(), previous.float(), distance.float())
+    uniform_sink, uniform_distance = [], []
+    q = torch.arange(1, length, dtype=torch.float64)  # the queries i >= 1
+    for kind in kinds:
+        window = int(kind.split()[1]) if kind.startswith("local ") else length
+        seen = torch.clamp(q + 1, max=window)  # keys visible to query i: min(i + 1, W)
+        uniform_sink.append(float(((q < window) / seen).mean()))
+        uniform_distance.append(float(((seen - 1) / 2).mean()))  # mean of 0 .. seen - 1
+    return Observations(kinds, sink.float(), previous.float(), distance.float(),
+                        torch.tensor(uniform_sink), torch.tensor(uniform_distance))
 
 
 def layer_kinds(config: Any) -> list[str]:
@@ -378,7 +399,10 @@ def _observation_figure(obs: Observations, title: str, save: Path) -> None:
     axes = fig.subplots(1, 3, width_ratios=[1, 1, 1.1])
     axes[0].bar(layers, obs.sink.mean(1).numpy(), color=colors)
     axes[0].set(title="attention-sink share (weight on token 0)", xlabel="layer", ylim=(0, 1))
+    axes[0].scatter(layers, obs.uniform_sink.numpy(), marker="_", s=80, color="black", label="uniform attention")
+    axes[0].legend(fontsize=8, loc="upper right")
     axes[1].bar(layers, obs.distance.mean(1).numpy(), color=colors)
+    axes[1].scatter(layers, obs.uniform_distance.numpy(), marker="_", s=80, color="black")
     axes[1].set(title="mean attention distance (tokens)", xlabel="layer")
     image = axes[2].imshow(obs.previous.T.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=1,
                            interpolation="nearest")
@@ -390,7 +414,7 @@ def _observation_figure(obs: Observations, title: str, save: Path) -> None:
 
         kinds = list(dict.fromkeys(obs.layer_kinds))
         handles = [Patch(color="tab:orange" if k == "global" else "tab:blue", label=k) for k in kinds]
-        axes[0].legend(handles=handles, fontsize=8, loc="upper left")
+        axes[1].legend(handles=handles, fontsize=8, loc="upper left")
     fig.suptitle(title, fontsize=10)
     save_figure(fig, save)
 

@@ -65,3 +65,16 @@ def test_bad_key_mask_gives_one_error_everywhere(bad: str) -> None:
     msg = next(iter(messages.values()))
     assert msg.startswith(f"expected key_mask of shape (B, S) = ({B}, {S}): a boolean key_mask"), msg
     assert f"got {got};" in msg, msg
+
+
+def test_integer_key_mask_other_than_0_1_gives_one_error_everywhere() -> None:
+    lengths = REAL.long() * 2  # e.g. a mask of counts, not of 0/1: a mistake every caller names the same way
+    messages = {}
+    for name, call in CALLERS.items():
+        with pytest.raises(ValueError) as info:
+            call(lengths)
+        messages[name] = str(info.value)
+    assert len(set(messages.values())) == 1, messages
+    msg = next(iter(messages.values()))
+    assert msg.startswith("expected an integer key_mask of 0 and 1 only"), msg
+    assert "got torch.int64 values in [0, 2];" in msg, msg

@@ -22,7 +22,9 @@ from attnkit.functional import (
     attention_reference,
     scaled_dot_product_attention,
     strided_layout,
+    which_backend,
 )
+from attnkit.functional.dispatch import ALIASES
 from attnkit.layers import MultiHeadAttention
 from attnkit.testing import assert_close_to_reference
 
@@ -195,26 +197,41 @@ def _copy(src: MultiHeadAttention, **kwargs) -> MultiHeadAttention:
     return dst
 
 
+def _kernel_backends(mha: MultiHeadAttention) -> list[str]:
+    """The backend ``auto`` picks for each kernel call of ``mha`` (recorded from what reaches its Attend tap)."""
+    seen: list[str] = []
+
+    def hook(module, args, kwargs):
+        seen.append(which_backend(*args[:4], is_causal=kwargs.get("is_causal", False), scale=kwargs.get("scale")).name)
+
+    mha.attend.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_window_mask_object_runs_the_local_kernel(causal):
     dense = MultiHeadAttention(16, 2, dtype=torch.float64)
     win = BlockedWindowMask(4, causal=False)
-    local = _copy(dense, window=win, backend="local")  # a forced backend raises if it cannot serve the call
+    local = _copy(dense, window=win)
+    seen = _kernel_backends(local)
     x = torch.randn(2, 13, 16, dtype=torch.float64)
     key_mask = torch.arange(13).view(1, 13) < torch.tensor([[13], [9]])  # right padding -> PaddingMask structure
     want_mask = replace(win, causal=causal).materialize(13, 13)[0, 0]  # (L, S)
     want = dense(x, attn_mask=want_mask, key_mask=key_mask)
     assert_close_to_reference(local(x, key_mask=key_mask, is_causal=causal), want, reduction=16)
+    assert seen[0] in ALIASES["local"], seen  # the window's own kernels
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_layout_runs_the_block_sparse_kernel(causal):
     dense = MultiHeadAttention(16, 2, dtype=torch.float64)
     layout = BlockSparseMask(strided_layout(4, stride=2, causal=False), 4)
-    sparse = _copy(dense, layout=layout, backend="block_sparse")
+    sparse = _copy(dense, layout=layout)
+    seen = _kernel_backends(sparse)
     x = torch.randn(2, 16, 16, dtype=torch.float64)
     want = dense(x, attn_mask=layout.materialize(16, 16)[0, 0], is_causal=causal)
     assert_close_to_reference(sparse(x, is_causal=causal), want, reduction=16)
+    assert seen[0] in ALIASES["block_sparse"], seen  # the layout's own kernels
     # with a tensor mask on top, the module falls back to a dense kernel with the combined mask
     extra = torch.rand(16, 16) > 0.2
     auto = _copy(dense, layout=layout)

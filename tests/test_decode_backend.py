@@ -9,7 +9,13 @@ import copy
 import pytest
 import torch
 
-from attnkit.functional import _native, attention_reference, scaled_dot_product_attention, which_backend
+from attnkit.functional import (
+    _decode_calibration,
+    _native,
+    attention_reference,
+    scaled_dot_product_attention,
+    which_backend,
+)
 from attnkit.functional.decode import decode_attention, native_unsupported
 from attnkit.layers import KVCache, MultiHeadAttention
 from attnkit.testing import assert_close_to_reference
@@ -59,6 +65,12 @@ def test_decode_matches_reference(dtype, shape, mask_kind, impl):
     assert_close_to_reference(w, ref_w, reduction=s)
     if mask_kind == "dead_row":
         assert (out[1] == 0).all() and (w[1] == 0).all()
+
+
+@pytest.fixture(autouse=True)
+def _no_calibration(monkeypatch):
+    """Routing as declared, not as this machine's timings say (those: tests/test_functional_decode_calibration.py)."""
+    monkeypatch.setenv(_decode_calibration.ENV, "0")
 
 
 @pytest.fixture

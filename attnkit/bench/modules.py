@@ -13,8 +13,10 @@ machine shared with other jobs slows both alike):
    ``--quick``: 1k, 8k)
    against the memory-bandwidth bound ``bytes(K) + bytes(V)`` / read bandwidth, where the read bandwidth is that
    of a large tensor sum measured in the same run; for float32 and bfloat16 caches, PyTorch's fused SDPA next to
-   attnkit's ``decode`` kernel (the native C kernel in one pass, as ``backend="auto"`` runs it inside a model, and
-   its PyTorch-only path), and which of them ``backend="auto"`` picks at this thread count. Run it with
+   attnkit's decode kernels (``native_decode``: the native C kernel in one pass, as ``backend="auto"`` runs it inside
+   a model; ``torch_decode``: its PyTorch-only path), which backend ``backend="auto"`` picks at this thread count
+   (it reads this machine's decode calibration, :mod:`attnkit.functional._decode_calibration`), and which was
+   fastest. Run it with
    ``OMP_NUM_THREADS=1`` as well: on a busy machine the thread count changes the picture.
 
 ``--quick`` shrinks the module sizes and repeats (for CI and the tour; under 20 s).
@@ -31,7 +33,13 @@ import torch
 from torch import nn
 
 from attnkit.bench._timing import Table, machine_line, ratio
-from attnkit.functional import _native, decode_attention, scaled_dot_product_attention, which_backend
+from attnkit.functional import (
+    _decode_calibration,
+    _native,
+    decode_attention,
+    scaled_dot_product_attention,
+    which_backend,
+)
 from attnkit.layers import KVCache, MultiHeadAttention
 
 
@@ -176,16 +184,25 @@ def bandwidth_table(quick: bool) -> Table:
     table = Table(f"decode step vs memory-bandwidth bound (1 query, H={h}, E={e}, B=1, "
                   f"{torch.get_num_threads()} threads)",
                   ["cache", "context", "MB read", "bound ms", "sdpa ms", "sdpa of bound", f"decode ({impl}) ms",
-                   "of bound", "decode (torch) ms", "of bound", "auto picks"])
+                   "of bound", "decode (torch) ms", "of bound", "auto picks", "fastest"])
     for dtype, ctx, nbytes, name, t_sdpa, t_native, t_torch in rows:
         bound = nbytes / bw
+        candidates = {"sdpa": t_sdpa, "torch_decode": t_torch}
+        if impl == "native":
+            candidates["native_decode"] = t_native
+        fastest = min(candidates, key=lambda c: candidates[c])
         table.add(str(dtype).replace("torch.", ""), ctx, f"{nbytes / 1e6:.1f}", f"{bound * 1e3:.2f}",
                   f"{t_sdpa * 1e3:.2f}", f"{bound / t_sdpa:.2f}", f"{t_native * 1e3:.2f}", f"{bound / t_native:.2f}",
-                  f"{t_torch * 1e3:.2f}", f"{bound / t_torch:.2f}", name)
+                  f"{t_torch * 1e3:.2f}", f"{bound / t_torch:.2f}", name, fastest)
     table.notes.append(f"read bandwidth: median {bw / 1e9:.2f} GB/s over {len(bws)} measurements (each the median "
                        f"of {sums} sums of a {numel * 4 >> 20} MiB float32 tensor; min {min(bws) / 1e9:.2f}, "
                        f"max {max(bws) / 1e9:.2f}), taken between the rows")
     table.notes.append(f"native kernel: {_native.status()}")
+    cal_file = _decode_calibration.cache_path() if _decode_calibration.mode() != "off" else None
+    table.notes.append("'auto picks' = the backend backend='auto' runs for the row's step (which_backend); 'fastest' "
+                       "= the quickest of the kernels timed here. auto reads this machine's decode calibration "
+                       + (f"({cal_file})" if cal_file else f"(off: {_decode_calibration.ENV}=0, or no native library)")
+                       + f"; {_decode_calibration.ENV}=force measures it again")
     table.notes.append("bound = bytes of K and V / read bandwidth; 'of bound' = bound / measured time (above 1: the "
                        "cache was served from the CPU caches)")
     return table

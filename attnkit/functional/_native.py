@@ -45,7 +45,7 @@ from pathlib import Path
 
 from attnkit._runtime import cpu_flags  # noqa: F401 - re-exported: tests patch _native.cpu_flags
 
-__all__ = ["band_body", "load", "status"]
+__all__ = ["band_body", "library_path", "load", "status"]
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = (_CSRC / "decode.c", _CSRC / "band.c")  # compiled together into one library
@@ -163,6 +163,13 @@ def load() -> ctypes.CDLL | None:
         if "lib" not in _STATE:
             _STATE["lib"], _STATE["status"] = _build()
     return _STATE["lib"]  # type: ignore[return-value]
+
+
+def library_path() -> Path | None:
+    """Where the loaded native library lies (per-machine data, e.g. the decode calibration, goes beside it), or
+    ``None`` when none is loaded."""
+    lib = load()
+    return None if lib is None else Path(lib._name)
 
 
 def status() -> str:

@@ -29,8 +29,10 @@ Both equal the reference (:func:`attention_reference`) within float32 rounding, 
 exact; ``tests/test_decode_backend.py`` checks each over dtypes, GQA, masks, cache views and dead rows.
 
 Both come ahead of ``"sdpa"`` in the priority list: ``backend="auto"`` routes inference calls with at most
-``MAX_QUERIES`` queries and at least ``MIN_KEYS`` keys to ``native_decode`` whenever the native kernel can run them
-(float32, bfloat16 or float16 caches, any thread count). PyTorch's fused kernel reaches about half the
+``MAX_QUERIES`` queries and at least ``MIN_KEYS`` keys to ``native_decode`` where the native kernel can run them
+(float32, bfloat16 or float16 caches, any thread count) and this machine's one-time calibration
+(:mod:`attnkit.functional._decode_calibration`, ``ATTNKIT_DECODE_CALIBRATION``) found it at least as fast as the
+kernel ``auto`` would run instead. PyTorch's fused kernel reaches about half the
 memory-bandwidth bound on a float32 cache and a tenth on a bfloat16 one (``python -m attnkit.bench modules``).
 Without the native kernel, the dispatcher sends only half-precision caches at one intra-op thread to
 ``torch_decode``: the PyTorch path is a chain of parallel regions, and on a shared, oversubscribed machine each
@@ -45,13 +47,9 @@ Example:
     >>> out, weights = decode_attention(q, k, v)
     >>> out.shape, weights.shape
     (torch.Size([1, 8, 1, 64]), torch.Size([1, 8, 1, 4096]))
-    >>> threads = torch.get_num_threads()
-    >>> torch.set_num_threads(1)
-    >>> which_backend(q, k, v).name in ("native_decode", "torch_decode")
-    True
-    >>> scaled_dot_product_attention(q, k, v).shape
-    torch.Size([1, 8, 1, 64])
-    >>> torch.set_num_threads(threads)
+    >>> out = scaled_dot_product_attention(q, k, v, backend="torch_decode")   # a decode backend, forced
+    >>> out.shape, which_backend(q, k, v, backend="torch_decode").name
+    (torch.Size([1, 8, 1, 64]), 'torch_decode')
 """
 
 from __future__ import annotations
@@ -61,9 +59,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import _native
+from . import _decode_calibration, _native
 from . import _validate as V
-from .dispatch import AttentionCall, Backend, register_backend
+from .dispatch import AttentionCall, Backend, get_backend, register_backend
 from .masks import causal_mask
 
 __all__ = ["MAX_QUERIES", "decode_attention", "native_unsupported"]
@@ -300,13 +298,9 @@ def _native_supports(call: AttentionCall) -> list[str]:
     return reasons
 
 
-def _torch_auto_skip(call: AttentionCall) -> list[str]:
-    """The PyTorch path serves any call without dropout; ``auto`` reaches it only where the native kernel cannot run,
-    and takes it only where it beats the fused kernel."""
-    reasons = _step_reasons(call)
-    if reasons or call.needs_grad or call.query.device.type != "cpu":  # grad and device: declared on the backend
-        return reasons
-    why = native_unsupported(call.query, call.key, call.value)
+def _torch_rules(call: AttentionCall) -> list[str]:
+    """Where ``auto`` never takes the PyTorch decode path (it is not faster than the fused kernel there)."""
+    reasons = []
     if call.key.dtype not in _HALF:
         reasons.append(f"a {str(call.key.dtype).replace('torch.', '')} cache: the fused kernel streams it as fast as "
                        "the PyTorch path would")
@@ -315,16 +309,60 @@ def _torch_auto_skip(call: AttentionCall) -> list[str]:
         reasons.append(f"{threads} intra-op threads: the PyTorch path is a chain of parallel regions, and on a busy "
                        "machine each one can wait for a descheduled thread, where the fused kernel waits once (use "
                        "one thread, or call decode_attention)")
+    return reasons
+
+
+def _calibration(call: AttentionCall, run: bool = True) -> dict[str, float] | None:
+    """This machine's timings for a step like ``call`` (measured once, see :mod:`._decode_calibration`; ``run=False``:
+    only if this process measured or read them already)."""
+    return _decode_calibration.timings(call.key.dtype, call.k_len, run=run)
+
+
+def _native_auto_skip(call: AttentionCall) -> list[str]:
+    """``auto`` takes the native kernel for decoding steps where this machine's calibration found it at least as
+    fast as the kernel ``auto`` would run instead (SDPA, or the PyTorch decode path where that one is taken)."""
+    reasons = _step_reasons(call)
+    if reasons or get_backend("native_decode").not_supported_reasons(call):
+        return reasons  # not served anyway: nothing to calibrate
+    row = _calibration(call)
+    if row is None:
+        return reasons
+    rival = "torch_decode" if not _torch_rules(call) and row["torch_decode"] < row["sdpa"] else "sdpa"
+    if row["native_decode"] > row[rival]:
+        reasons.append(f"slower than {rival} on this machine ({_decode_calibration.describe(row, call.key.dtype)}; "
+                       f"{_decode_calibration.ENV}=0 turns the calibration off)")
+    return reasons
+
+
+def _torch_auto_skip(call: AttentionCall) -> list[str]:
+    """The PyTorch path serves any call without dropout; ``auto`` reaches it only where the native kernel is not
+    taken, and takes it only where it beats the fused kernel (by its rules, and by the calibration where there is
+    one)."""
+    reasons = _step_reasons(call)
+    if reasons or call.needs_grad or call.query.device.type != "cpu":  # grad and device: declared on the backend
+        return reasons
+    reasons += _torch_rules(call)
+    why = native_unsupported(call.query, call.key, call.value)
     if why and reasons:
         reasons.append(f"(no native kernel: {why})")
+    if not reasons and not why:
+        row = _calibration(call)
+        if row is not None and row["torch_decode"] > row["sdpa"]:
+            reasons.append(f"slower than sdpa on this machine ({_decode_calibration.describe(row, call.key.dtype)})")
     return reasons
+
+
+def _native_kernel(call: AttentionCall) -> str:
+    row = _calibration(call, run=False) if not _step_reasons(call) else None  # a forced call does not calibrate
+    return "native C kernel (csrc/decode.c)" + (
+        f"; {_decode_calibration.describe(row, call.key.dtype)}" if row is not None else "")
 
 
 register_backend(Backend(
     "native_decode", _decode_fn("native"), True, _native_supports,
     "a few queries over a long KV cache, bandwidth-bound: the native C kernel (csrc/decode.c) streams the cache "
-    "once", auto_skip=_step_reasons, dtypes=(torch.float32, torch.bfloat16, torch.float16), devices=("cpu",),
-    grad=False, head_dims=MAX_NATIVE_DIM,
+    "once", auto_skip=_native_auto_skip, kernel=_native_kernel, dtypes=(torch.float32, torch.bfloat16, torch.float16),
+    devices=("cpu",), grad=False, head_dims=MAX_NATIVE_DIM,
 ))
 register_backend(Backend(
     "torch_decode", _decode_fn("torch"), True, _supports,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,9 @@ from torch import Tensor, nn
 from attnkit._errors import fail
 from attnkit._typing import FactoryKwargs
 from attnkit.functional import scoring
-from attnkit.functional._validate import check_key_mask, check_tensor
+from attnkit.functional._validate import check_tensor
 from attnkit.functional.hard import HARD_MODES, HardAttentionResult, hard_attention
+from attnkit.functional.mask_args import normalize_masks
 
 from .attend import WeightsTap
 from .registry import register_attention
@@ -167,8 +169,10 @@ class HardAttention(nn.Module):
         if v.dim() != 3 or v.shape[:2] != (b, s):
             raise fail(f"values of shape (B, S, Dv) = ({b}, {s}, Dv)", f"{tuple(v.shape)}", "values=None (use keys)")
         mask = None
-        if key_mask is not None:
-            mask = check_key_mask(key_mask, b, s).unsqueeze(1)  # (B, 1, S)
+        if key_mask is not None:  # the one normaliser's key_mask rule: boolean or integer 0/1, True = real key
+            args = normalize_masks(None, key_mask, batch=b, heads=1, q_len=q.shape[1], k_len=s, dtype=keys.dtype,
+                                   device=keys.device)
+            mask = cast(Tensor, args.mask).view(b, 1, s)  # (B, 1, S)
         mode = self.mode if self.training else self.eval_mode
         res = hard_attention(
             self.scores(q, keys),

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from attnkit._errors import fail
 from attnkit.functional import scoring
-from attnkit.functional._validate import check_key_mask, check_tensor
+from attnkit.functional._validate import check_tensor
 from attnkit.functional.mask_args import MaskLike, normalize_masks
 
 from .attend import Attend, WeightsTap
@@ -163,7 +163,11 @@ def _prepare_step(
     v = keys if values is None else check_tensor("values", values)  # (B, S, Dv)
     if v.dim() != 3 or v.shape[:2] != (b, s):
         raise fail(f"values of shape (B, S, Dv) = ({b}, {s}, Dv)", f"{tuple(v.shape)}", "values=None (use keys)")
-    mask = None if key_mask is None else check_key_mask(key_mask, b, s).unsqueeze(1)  # (B, 1, S)
+    mask = None
+    if key_mask is not None:  # the one normaliser's key_mask rule: boolean or integer 0/1, True = real key
+        args = normalize_masks(None, key_mask, batch=b, heads=1, q_len=q.shape[1], k_len=s, dtype=keys.dtype,
+                               device=keys.device)
+        mask = cast(Tensor, args.mask).view(b, 1, s)  # (B, 1, S)
     return q, keys, v, mask, one_step
 
 

@@ -335,3 +335,27 @@ def test_tensor_mask_one_rule():
     assert "integer attn_mask of 0 and 1 only" in str(mod_err.value) and "values in [0, 2]" in str(mod_err.value)
     with pytest.raises(ValueError, match="mask_mod"):
         mha(x, attn_mask="causal")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_int_window_trains_on_the_native_block_engine(causal):
+    """window=int is a SlidingWindowMask structure: auto runs it on the native block engine (where it is built),
+    forward and backward, and both equal the float64 reference on the window materialised."""
+    from attnkit.functional import _native
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(D, H, num_kv_heads=2, window=16)
+    ref = copy.deepcopy(mha).double()
+    seen = _kernel_backends(mha)
+    x = torch.randn(2, 150, D, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    out = mha(x, is_causal=causal)
+    want = _manual(ref, x64, SlidingWindowMask(16, causal=causal).materialize(150, 150))
+    assert_close_to_reference(out, want, reduction=max(150, D))
+    g = torch.randn_like(out)
+    out.backward(g)
+    want.backward(g.double())
+    assert_close_to_reference(x.grad, x64.grad, reduction=150, grad=True, msg="dx")
+    assert_close_to_reference(mha.q_proj.weight.grad, ref.q_proj.weight.grad, reduction=2 * 150, grad=True)
+    if _native.load() is not None:
+        assert seen == ["native_mask"]

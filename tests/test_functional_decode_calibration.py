@@ -120,6 +120,9 @@ def _auto_follows(fake: dict[str, object]) -> None:
     out = scaled_dot_product_attention(q, k, v)
     assert_close_to_reference(out, attention_reference(q.double(), k.double(), v.double())[0], reduction=4096)
     assert which_backend(q, k, v, backend="native_decode").name == "native_decode"  # forced: it still runs
+    # steps the calibration did not time keep the declared rule: with weights (auto's other choice is math), with a mask
+    assert which_backend(q, k, v, return_weights=True).name == "native_decode"
+    assert which_backend(q, k, v, torch.rand(1, 4096) > 0.5).name == "native_decode"
 
     qb, kb = q.bfloat16(), k.bfloat16()  # half precision at one thread: the PyTorch decode path is a candidate
     fake["table"] = _table(2.0, 1.5, 3.0)  # native slower than the PyTorch path, which beats SDPA

@@ -87,7 +87,8 @@ def cache_path() -> Path | None:
 
 def _stamp() -> dict[str, Any]:
     lib = _native.library_path()
-    return {"version": VERSION, "cpu": cpu_model(), "library": lib.name if lib else None, "torch": torch.__version__}
+    return {"version": VERSION, "cpu": cpu_model(), "library": lib.name if lib else None, "torch": torch.__version__,
+            "step": {"heads": HEADS, "dim": DIM, "contexts": list(CONTEXTS)}}
 
 
 def measure(threads: int, contexts: tuple[int, ...] = CONTEXTS, dtypes: tuple[torch.dtype, ...] = DTYPES,

@@ -318,12 +318,21 @@ def _calibration(call: AttentionCall, run: bool = True) -> dict[str, float] | No
     return _decode_calibration.timings(call.key.dtype, call.k_len, run=run)
 
 
+def _plain_step(call: AttentionCall) -> bool:
+    """The step the calibration timed: no mask (after normalising: e.g. a lower-right causal mask with one query
+    sees every key) and no weights; there SDPA is ``auto``'s alternative. Elsewhere the rule stays as declared."""
+    if call.need_weights:
+        return False
+    mask, causal = call.dense_mask()
+    return mask is None and not causal
+
+
 def _native_auto_skip(call: AttentionCall) -> list[str]:
     """``auto`` takes the native kernel for decoding steps where this machine's calibration found it at least as
     fast as the kernel ``auto`` would run instead (SDPA, or the PyTorch decode path where that one is taken)."""
     reasons = _step_reasons(call)
-    if reasons or get_backend("native_decode").not_supported_reasons(call):
-        return reasons  # not served anyway: nothing to calibrate
+    if reasons or get_backend("native_decode").not_supported_reasons(call) or not _plain_step(call):
+        return reasons  # not served anyway, or not the step the calibration timed
     row = _calibration(call)
     if row is None:
         return reasons
@@ -346,14 +355,14 @@ def _torch_auto_skip(call: AttentionCall) -> list[str]:
     if why and reasons:
         reasons.append(f"(no native kernel: {why})")
     if not reasons and not why:
-        row = _calibration(call)
+        row = _calibration(call) if _plain_step(call) else None
         if row is not None and row["torch_decode"] > row["sdpa"]:
             reasons.append(f"slower than sdpa on this machine ({_decode_calibration.describe(row, call.key.dtype)})")
     return reasons
 
 
 def _native_kernel(call: AttentionCall) -> str:
-    row = _calibration(call, run=False) if not _step_reasons(call) else None  # a forced call does not calibrate
+    row = _calibration(call, run=False) if not _step_reasons(call) and _plain_step(call) else None
     return "native C kernel (csrc/decode.c)" + (
         f"; {_decode_calibration.describe(row, call.key.dtype)}" if row is not None else "")
 

@@ -648,7 +648,9 @@ def tour_llm_section(out_dir: Path, quick: bool) -> Section:
             f"attnkit's fused kernel and still returns the exact maps (output_attentions=True) of its "
             f"{obs.sink.shape[0]} layers x {obs.sink.shape[1]} heads, on: {EXAMPLE} Computed from those maps: the "
             f"attention-sink share (weight on the first token, '{result.tokens[0]}') is "
-            f"{float(sink.min()):.2f} to {float(sink.max()):.2f} across layers (median {float(sink.median()):.2f}), "
+            f"{float(sink.min()):.2f} to {float(sink.max()):.2f} across layers "
+            f"(median {float(sink.quantile(0.5)):.2f}; "
+            f"uniform attention would give {float(obs.uniform_sink.mean()):.2f}), "
             f"and the strongest previous-token head is layer {best[0]} head {best[1]} (score {best[2]}). "
             "The first table is per layer; the second lists the heads that copy the previous token."
         ),

@@ -230,3 +230,17 @@ def test_entropy_bonus_and_normalize() -> None:
     want = reinforce_loss(r.log_prob.double(), reward.double(), normalize=True)
     assert_close_to_reference(a, want, reduction=6, msg="rewards")
     assert_close_to_reference(b, want, reduction=6, msg="rewards x 10 + 3")
+
+
+def test_integer_mask_follows_the_one_rule() -> None:
+    """An integer mask reads 0 = masked, 1 = may choose (as a boolean); any other value raises one message."""
+    scores = torch.randn(2, 3, 5, dtype=torch.float64)
+    value = torch.randn(2, 5, 4, dtype=torch.float64)
+    mask = torch.rand(2, 3, 5) > 0.4
+    mask[..., 0] = True
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    as_bool = hard_attention(scores, value, mode="sample", mask=mask, generator=g1)
+    as_int = hard_attention(scores, value, mode="sample", mask=mask.long(), generator=g2)
+    assert torch.equal(as_bool.values, as_int.values) and torch.equal(as_bool.indices, as_int.indices)
+    with pytest.raises(ValueError, match="0 and 1 only"):
+        hard_attention(scores, value, mode="argmax", mask=mask.long() * 3)

@@ -107,6 +107,8 @@ def test_attend_matches_hand_softmax(qk) -> None:
             assert_close_to_reference(out[b, i], expect_w @ value[b], reduction=S)
     # integer (0 = masked) and float (added) masks mean the same thing; the integer mask becomes the same boolean
     assert torch.equal(scoring.attend(scores, value, mask.long()), out)
+    with pytest.raises(ValueError, match="0 and 1 only"):  # the one integer rule: anything but 0/1 is a mistake
+        scoring.attend(scores, value, mask.long() * 2)
     bias = torch.zeros(B, L, S, dtype=torch.float64).masked_fill(~mask, float("-inf"))
     assert_close_to_reference(scoring.attend(scores, value, bias), out, reduction=S)  # float64 both
 

@@ -112,7 +112,7 @@ def _allowed_and_logits(scores: Tensor, mask: Tensor | None) -> tuple[Tensor, Te
             scores = scores + mask.to(scores.dtype)
             allowed = torch.ones_like(scores, dtype=torch.bool)
         else:
-            allowed = (mask != 0).expand_as(scores)
+            allowed = V.int_mask_as_bool(mask, "mask").expand_as(scores)
     allowed = allowed & ~torch.isneginf(scores) & ~torch.isnan(scores)
     return allowed, scores.masked_fill(~allowed, float("-inf"))
 

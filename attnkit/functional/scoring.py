@@ -204,7 +204,7 @@ def attend(
         elif mask.dtype.is_floating_point:
             scores = scores + mask.to(scores.dtype)
         else:
-            allowed = mask != 0
+            allowed = V.int_mask_as_bool(mask, "mask")
     weights = masked_softmax(scores, allowed)  # (..., L, S)
     probs = F.dropout(weights, p=V.check_dropout(dropout_p), training=True) if dropout_p > 0 else weights
     out = torch.matmul(probs, value)  # (..., L, Ev)

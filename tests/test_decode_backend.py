@@ -115,6 +115,8 @@ def test_native_equals_torch_path_on_a_long_cache(threads, hk):
         out_n, w_n = decode_attention(q, k, v, impl="native")
         out_f, _ = decode_attention(q, k, v, impl="native", need_weights=False)
         out_t, w_t = decode_attention(q, k, v, impl="torch")
+        assert torch.equal(decode_attention(q, k, v, impl="native_decode")[0], out_n)  # impl= by backend name
+        assert torch.equal(decode_attention(q, k, v, impl="torch_decode")[0], out_t)
     finally:
         torch.set_num_threads(saved)
     ref_out, ref_w = attention_reference(q.double(), k.double(), v.double())

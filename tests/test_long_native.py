@@ -179,6 +179,12 @@ def test_native_equals_torch_path_and_impl_errors() -> None:
     assert_close_to_reference(native, ref, reduction=_span(257, 64), msg="native")  # each against the reference,
     assert_close_to_reference(flash, ref, reduction=_span(257, 64), msg="torch")  # never one against the other
     torch.testing.assert_close(sliding_window_attention(q, k, v, window=64), native, atol=0, rtol=0)  # auto
+    for name, same in (("native_band", native), ("flash_pieces", flash)):  # impl= by backend name
+        torch.testing.assert_close(sliding_window_attention(q, k, v, window=64, impl=name), same, atol=0, rtol=0)
+    blockwise = sliding_window_attention(q, k, v, window=64, impl="window_blockwise")
+    assert_close_to_reference(blockwise, ref, reduction=_span(257, 64), msg="window_blockwise")
+    with pytest.raises(ValueError, match="key padding"):
+        sliding_window_attention(q, k, v, window=64, impl="flash_pieces", key_mask=torch.ones(1, 257, dtype=torch.bool))
     with pytest.raises(ValueError, match="native"):
         sliding_window_attention(q.double(), k.double(), v.double(), window=64, impl="native")
     with pytest.raises(ValueError, match="L == S"):

@@ -168,6 +168,9 @@ def test_native_sparse_routing_and_errors() -> None:
     assert_close_to_reference(native, ref, reduction=n, msg="native")  # each against the reference,
     assert_close_to_reference(flash, ref, reduction=n, msg="torch")  # never one against the other
     torch.testing.assert_close(block_sparse_attention(q, k, v, layout, block_size=32), native, atol=0, rtol=0)
+    for name, same in (("native_block_sparse", native), ("torch_block_sparse", flash)):  # impl= by backend name
+        torch.testing.assert_close(block_sparse_attention(q, k, v, layout, block_size=32, impl=name), same, atol=0,
+                                   rtol=0)
     left = torch.ones(2, 128, dtype=torch.bool)
     left[0, :5] = False  # not right padding: the PyTorch path serves it
     ref = _dense(layout, 32, False, left)(q.double(), k.double(), v.double())

@@ -122,8 +122,10 @@ def decode_attention(
         attn_mask: boolean (``True`` = may attend) or float (added) tensor broadcastable to ``(B, H, L, S)``.
         scale: score scale, ``1/sqrt(E)`` when ``None``.
         block: keys per converted block for half-precision caches (PyTorch path).
-        impl: ``"native"`` (the C kernel; raises if it cannot run this input), ``"torch"`` (PyTorch operators
-            only), or ``"auto"`` (native where it can run, else PyTorch).
+        impl: a backend to force, by name: ``"native_decode"`` (the C kernel; raises if it cannot run this input)
+            or ``"torch_decode"`` (PyTorch operators only); ``"auto"``: native where it can run, else PyTorch (this
+            function runs what it is asked; the per-machine calibration is ``backend="auto"``'s choice).
+            ``"native"`` and ``"torch"`` are short for the two names.
         need_weights: return the weights; with ``False`` and no mask the native kernel runs in one pass (online
             softmax per chunk of keys, merged with the log-sum-exp) and the weights are ``None``.
 
@@ -131,8 +133,9 @@ def decode_attention(
         ``out (B, H, L, Ev)`` in the query dtype and ``weights (B, H, L, S)`` in the accumulation dtype (float32,
         or float64 for float64 inputs), or ``None``; rows with no allowed key give zeros.
     """
-    if impl not in ("auto", "native", "torch"):
-        raise V.fail("impl to be 'auto', 'native' or 'torch'", repr(impl), "impl='auto'")
+    if impl not in _IMPLS:
+        raise V.fail(f"impl in {list(_IMPLS)}", repr(impl), "impl='auto'")
+    impl = _IMPLS[impl]
     b, h, q_len, e = query.shape
     hk, ev = key.shape[1], value.shape[-1]
     g = h // hk
@@ -155,6 +158,10 @@ def decode_attention(
     else:
         out, weights = _decode_torch(qg, key, value, attn_mask, block, (b, h, q_len, ev), query.dtype)
     return out, weights if need_weights else None
+
+
+#: ``impl=`` of :func:`decode_attention` -> the implementation it runs
+_IMPLS = {"auto": "auto", "native": "native", "torch": "torch", "native_decode": "native", "torch_decode": "torch"}
 
 
 def native_unsupported(query: Tensor, key: Tensor, value: Tensor) -> str:

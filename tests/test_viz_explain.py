@@ -203,3 +203,42 @@ def test_layer_kinds_follow_the_config() -> None:
     gemma = transformers.Gemma3TextConfig(num_hidden_layers=7, sliding_window=512)  # five local, one global
     assert task.layer_kinds(gemma) == ["local 512"] * 5 + ["global", "local 512"]
     assert task.layer_kinds(transformers.LlamaConfig(num_hidden_layers=2)) == ["global", "global"]
+
+
+@pytest.mark.slow  # ~25 s on 2 busy cores (float64 eager Gemma); the default run covers observe() and the kinds above
+def test_gemma3_local_and_global_observations_are_the_reference_maps(tmp_path) -> None:
+    """Gemma-3 on a prompt longer than its 512-key window: the kinds come from the config, and every observation
+    (from attnkit's maps) equals the definitions applied to float64 eager maps."""
+    pytest.importorskip("transformers", reason="the LLM path needs transformers")
+    from attnkit.models.llm import LLMS, load_causal_lm
+
+    if "gemma3" not in LLMS:
+        pytest.skip("this attnkit has no gemma3 model")
+    try:
+        reference, tok = load_causal_lm("gemma3", attn_implementation="eager", dtype=torch.float64)
+    except (DataNotFoundError, ImportError) as err:
+        pytest.skip(f"Gemma-3-270m is not available: {err}")
+    text = " ".join([LLM_PROMPT] * 44)
+    batch = tok(text, return_tensors="pt")
+    length = batch["input_ids"].shape[1]
+    assert length > 512 + 16  # queries beyond the window
+    with torch.no_grad():
+        ref_maps = torch.stack(reference(**batch, output_attentions=True, use_cache=False).attentions)[:, 0]
+    del reference
+    result = task.explain_llm(text, model="gemma3", out=tmp_path, top=1)
+    obs = result.observations
+    assert obs is not None and obs.layer_kinds == ["local 512"] * 5 + ["global"] + ["local 512"] * 5 + ["global"] + [
+        "local 512"
+    ] * 5 + ["global"]
+    kinds = obs.kind_table()
+    assert [r[0] for r in kinds[1:]] == ["local 512", "global"] and [r[1] for r in kinds[1:]] == ["15", "3"]
+    ref = task.observe(ref_maps, obs.layer_kinds)  # observe() itself is checked against loops above
+    atol, _ = tolerance(torch.float32, 18 * 2048)  # the maps' tolerance: 18 layers x the 2048-wide MLP
+    assert (obs.sink - ref.sink).abs().max() <= atol
+    assert (obs.previous - ref.previous).abs().max() <= atol
+    assert (obs.distance - ref.distance).abs().max() <= atol * length * length / 2
+    # a local layer's query beyond the window cannot see the first token: its uniform baseline says so
+    assert obs.uniform_sink[0] < obs.uniform_sink[5]
+    assert float(ref_maps[0, :, 512:, 0].abs().max()) == 0.0
+    data = json.loads((tmp_path / "explain.json").read_text(encoding="utf-8"))
+    assert data["model"] == "gemma3" and len(data["tokens"]) == length and "html" not in result.files

@@ -218,7 +218,7 @@ def test_gemma3_local_and_global_observations_are_the_reference_maps(tmp_path) -
         reference, tok = load_causal_lm("gemma3", attn_implementation="eager", dtype=torch.float64)
     except (DataNotFoundError, ImportError) as err:
         pytest.skip(f"Gemma-3-270m is not available: {err}")
-    text = " ".join([LLM_PROMPT] * 44)
+    text = " ".join([LLM_PROMPT] * 50)  # about 550 tokens
     batch = tok(text, return_tensors="pt")
     length = batch["input_ids"].shape[1]
     assert length > 512 + 16  # queries beyond the window

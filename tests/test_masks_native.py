@@ -160,7 +160,7 @@ def test_routing_and_fallback() -> None:
     assert which_backend(q, q, q, lambda b, h, qi, kv: qi >= kv).name == "native_mask"  # a bare mask_mod
     assert which_backend(q, q, q, SlidingWindowMask(16) & PaddingMask(torch.tensor([60]))).name == "native_mask"
     assert which_backend(q, q, q, CausalMask()).name == "sdpa"  # the fused kernel's own causal path
-    assert which_backend(q, q, q, BlockedWindowMask(16)).name == "local"  # its own kernel
+    assert which_backend(q, q, q, BlockedWindowMask(16)).name == "native_band"  # its own kernel
     assert which_backend(q.double(), q.double(), q.double(), SlidingWindowMask(16)).name != "native_mask"
     assert which_backend(q, q, q, SlidingWindowMask(16), return_weights=True).name == "math"
     why = which_backend(q.double(), q.double(), q.double(), SlidingWindowMask(16)).reasons["native_mask"]

@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from .masks import AndMask, AttentionMask, CausalMask, OrMask, as_mask, causal_mask, combine_masks
+from .mask_args import normalize_masks
+from .masks import AndMask, AttentionMask, CausalMask, OrMask, causal_mask, combine_masks
 
 __all__ = [
     "ALIASES",
@@ -359,34 +360,22 @@ def make_call(
     return_weights: bool,
 ) -> tuple[AttentionCall, bool]:
     """Validate the arguments of :func:`~attnkit.functional.scaled_dot_product_attention` into an
-    :class:`AttentionCall`; also returns whether the inputs were 3-D ``(B, L, E)``."""
+    :class:`AttentionCall`; also returns whether the inputs were 3-D ``(B, L, E)``. The masks go through
+    :func:`~attnkit.functional.mask_args.normalize_masks`, the one normaliser every module calls too."""
     q, k, v = V.check_qkv(query, key, value)
     three_d = q.dim() == 3
     if three_d:  # the tutorial layout (B, L, E): one head
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
     b, h, q_len, e = q.shape
-    k_len = k.shape[2]
-    mask: Tensor | None = None
-    structure: AttentionMask | None = None
-    if isinstance(attn_mask, AttentionMask) or (callable(attn_mask) and not isinstance(attn_mask, Tensor)):
-        structure = as_mask(attn_mask)._bind(b, h)  # a bare mask_mod(b, h, q_idx, kv_idx) becomes a MaskMod
-    elif attn_mask is not None:
-        mask = V.check_mask_tensor(
-            V.check_tensor("attn_mask", attn_mask), b, h, q_len, k_len, ndim_in=3 if three_d else 4
-        )
-        if mask.dtype != torch.bool:
-            mask = mask.to(q.dtype)
-        if mask.device != q.device:
-            raise V.fail(
-                "attn_mask on the query's device", f"{mask.device} vs {q.device}", "attn_mask.to(query.device)"
-            )
+    masks = normalize_masks(attn_mask, None, is_causal, batch=b, heads=h, q_len=q_len, k_len=k.shape[2],
+                            dtype=q.dtype, device=q.device, ndim_in=3 if three_d else 4)
     call = AttentionCall(
         query=q,
         key=k,
         value=v,
-        mask=mask,
-        structure=structure,
-        is_causal=bool(is_causal),
+        mask=masks.mask,
+        structure=masks.structure,
+        is_causal=masks.is_causal,
         dropout_p=V.check_dropout(dropout_p),
         scale=V.check_scale(scale, e),
         need_weights=bool(return_weights),

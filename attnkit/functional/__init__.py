@@ -19,6 +19,7 @@ from .dispatch import (
 )
 from .hard import HardAttentionResult, baseline_loss, hard_attention, reinforce_loss
 from .local import WindowMask, sliding_window_attention
+from .mask_args import MaskArgs, MaskLike, normalize_masks
 from .masked import masked_attention  # registers the "native_mask" backend (any mask object on the C engine)
 from .masks import (
     AndMask,
@@ -111,4 +112,7 @@ __all__ = [
     "chunked_attention",
     "merge_attention",
     "decode_attention",
+    "MaskArgs",
+    "MaskLike",
+    "normalize_masks",
 ]

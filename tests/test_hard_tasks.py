@@ -56,3 +56,45 @@ def test_caption_quick_hard_run_beats_chance(tmp_path: Path) -> None:
     assert summary["settings"]["train_size"] * summary["settings"]["epochs"] // 32 <= 500  # no more steps than soft
     assert r["token_accuracy"] > 55.0
     assert 0.0 <= r["attention_entropy"] < summary["uniform_entropy"] - 1.0  # the policy has become sharp
+
+
+def test_glimpse_resume_gives_the_uninterrupted_result(tmp_path: Path) -> None:
+    """A RAM run stopped mid-epoch and resumed from its checkpoint ends with exactly the weights (and BN statistics)
+    of the same run left alone; Monte Carlo samples (2 paths per image) on."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    digits, labels = torch.rand(40, 1, 28, 28, generator=g), torch.randint(0, 10, (40,), generator=g)
+    kw = dict(epochs=3, batch_size=8, lr=3e-3, std=0.15, seed=3, task="translated", samples=2, patch=8, scales=2)
+    whole, _, _ = glimpse.train_one(2, digits, labels, checkpoint_dir=tmp_path / "a", checkpoint_every=3, **kw)
+    part, _, cpu_part = glimpse.train_one(2, digits, labels, checkpoint_dir=tmp_path / "b", stop_after=7, **kw)
+    assert not all(torch.equal(v, whole.state_dict()[k]) for k, v in part.state_dict().items())  # really stopped
+    resumed, _, cpu_all = glimpse.train_one(2, digits, labels, checkpoint_dir=tmp_path / "b", resume=True, **kw)
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert cpu_all > cpu_part > 0.0  # CPU time adds up over the parts
+    with pytest.raises(Exception, match="expected"):  # another setting cannot resume this run
+        glimpse.train_one(2, digits, labels, checkpoint_dir=tmp_path / "b", resume=True, **{**kw, "samples": 1})
+
+
+def test_glimpse_monte_carlo_evaluation() -> None:
+    """evaluate(samples=M) samples M paths per image (reproducible by seed) and averages the class probabilities;
+    samples=1 is the deterministic mean path."""
+    import torch
+
+    from attnkit.models.glimpse import RecurrentAttentionModel
+
+    torch.manual_seed(0)
+    model = RecurrentAttentionModel(glimpses=3, patch=8, scales=2, hidden=32, std=0.3).eval()
+    torch.nn.init.normal_(model.policy.proj.weight)  # paths that depend on the image
+    x, y = torch.rand(12, 1, 60, 60), torch.randint(0, 10, (12,))
+    mean_path = model(x).locations
+    sampled = model(x, generator=torch.Generator().manual_seed(1), sample=True).locations
+    assert not torch.equal(mean_path, sampled) and not model.policy.training
+    assert torch.equal(model(x).locations, mean_path)
+    e1 = glimpse.evaluate(model, x, y, samples=4, seed=5)
+    assert e1 == glimpse.evaluate(model, x, y, samples=4, seed=5)
+    with torch.no_grad():
+        probs = model(x.repeat_interleave(4, 0), generator=torch.Generator().manual_seed(5), sample=True).logits
+    expected = (probs.softmax(-1).view(12, 4, -1).mean(1).argmax(-1) != y).float().mean().item() * 100
+    assert e1 == pytest.approx(expected)

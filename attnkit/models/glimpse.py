@@ -125,7 +125,12 @@ class RecurrentAttentionModel(nn.Module):
         h_l = F.relu(self.where(loc))  # (B, 128)
         return F.relu(self.mix_what(h_g) + self.mix_where(h_l))  # (B, 256)
 
-    def forward(self, images: Tensor, *, generator: torch.Generator | None = None) -> RAMOutput:
+    def forward(
+        self, images: Tensor, *, generator: torch.Generator | None = None, sample: bool | None = None
+    ) -> RAMOutput:
+        """``sample``: draw the locations from the policy (default: in training mode) or take its mean (default in
+        eval mode). ``sample=True`` in eval mode is Monte Carlo evaluation: batch normalisation uses its running
+        statistics while the paths are sampled."""
         if images.dim() != 4:
             raise fail("images of shape (B, C, H, W)", f"{tuple(images.shape)}", "images.unsqueeze(1)")
         b = images.shape[0]
@@ -137,7 +142,13 @@ class RecurrentAttentionModel(nn.Module):
             if t < self.glimpses - 1:
                 h = state[0]
                 baselines.append(self.baseline(h))  # (B,): predicted before the choice, from detached h
-                choice = self.policy(h, generator=generator)
+                policy_mode = self.policy.training
+                if sample is not None:
+                    self.policy.training = sample  # the policy has no other train/eval behaviour
+                try:
+                    choice = self.policy(h, generator=generator)
+                finally:
+                    self.policy.training = policy_mode
                 loc = choice.loc  # (B, 2)
                 locs.append(loc)
                 log_probs.append(choice.log_prob)  # (B,)

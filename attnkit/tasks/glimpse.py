@@ -25,6 +25,7 @@ from attnkit.data import load_mnist
 from attnkit.data.scenes import cluttered_mnist, translated_mnist
 from attnkit.models.glimpse import RecurrentAttentionModel, ram_loss
 from attnkit.tasks.report import Section
+from attnkit.train.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
 
 HELP = "recurrent attention model (hard glimpses + REINFORCE) on 60x60 translated / cluttered MNIST"
 
@@ -59,6 +60,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="peak learning rate of the location layer (default: --lr / 10)",
     )
+    p.add_argument(
+        "--samples", type=positive_int, default=1, help="Monte Carlo paths per training image (each image repeated)"
+    )
+    p.add_argument(
+        "--test-samples", type=positive_int, default=1, help="also report the error averaged over this many paths"
+    )
+    p.add_argument("--patch", type=positive_int, default=12, help="finest retina patch (paper, 60x60: 12)")
+    p.add_argument("--scales", type=positive_int, default=3, help="retina scales (paper, 60x60: 3)")
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=0, help="checkpoint every N steps (0: none)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --out")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     p.add_argument("--out", type=output_dir, default="runs/glimpse", help="folder for results.json and pictures")
 
@@ -83,6 +94,11 @@ def make_scenes(task: str, digits: torch.Tensor, seed: int) -> torch.Tensor:
     raise ValueError(f"expected --task in {TASKS}, got {task!r}; try --task translated")
 
 
+def _order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the training digits in ``epoch``: its own generator, so a resumed run can rebuild it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1 + 104_729 * epoch))
+
+
 def train_one(
     glimpses: int,
     train_x: torch.Tensor,
@@ -97,52 +113,117 @@ def train_one(
     desc: str = "",
     task: str | None = None,
     policy_lr: float | None = None,
-) -> tuple[RecurrentAttentionModel, float]:
-    """Train one RAM with the hybrid loss; returns the model (in eval mode) and the training seconds.
+    samples: int = 1,
+    patch: int = 12,
+    scales: int = 3,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> tuple[RecurrentAttentionModel, float, float]:
+    """Train one RAM with the hybrid loss; returns the model (in eval mode), the training seconds (wall) and the
+    training CPU seconds (process time, summed over resumed parts).
 
     ``train_x`` are 60x60 scenes, or, with ``task`` given, the 28x28 training digits: then every epoch places
     them anew (new positions, new clutter), so each epoch sees new scenes of the same digits. ``policy_lr`` is
     the peak learning rate of the location layer (default ``lr / 10``: a slower policy stays near the digit
-    while the classifier learns, instead of drifting to an empty corner; docs/hard.md).
+    while the classifier learns, instead of drifting to an empty corner; docs/hard.md). ``samples``: Monte Carlo
+    paths per image (each image of a batch of ``batch_size`` is repeated ``samples`` times; every copy draws its
+    own path, with its own reward and baseline). With ``checkpoint_dir`` a checkpoint is written every
+    ``checkpoint_every`` steps and at the end; ``resume`` continues from the newest one there, to the same result
+    as an uninterrupted run. ``stop_after``: stop (with a checkpoint) after that many steps in total (tests).
     """
     torch.manual_seed(seed)
-    model = RecurrentAttentionModel(glimpses=glimpses, patch=12, scales=3, std=std, what=what)
+    model = RecurrentAttentionModel(glimpses=glimpses, patch=patch, scales=scales, std=std, what=what)
     policy_lr = lr / 10 if policy_lr is None else policy_lr
     policy = list(model.policy.parameters())
     rest = [p for name, p in model.named_parameters() if not name.startswith("policy.")]
     opt = torch.optim.Adam([{"params": rest, "lr": lr}, {"params": policy, "lr": policy_lr}])
-    g = torch.Generator().manual_seed(seed + 1)
+    g = torch.Generator().manual_seed(seed + 1)  # the paths' noise
     n = train_x.shape[0]
-    steps = epochs * ((n + batch_size - 1) // batch_size)
+    per_epoch = (n + batch_size - 1) // batch_size
+    steps = epochs * per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, policy_lr], total_steps=steps, pct_start=0.1)
-    start = time.perf_counter()
+    config = {
+        "glimpses": glimpses, "patch": patch, "scales": scales, "std": std, "what": what, "task": task,
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "policy_lr": policy_lr, "seed": seed,
+        "samples": samples, "train_size": n,
+    }  # fmt: skip
+    step, cpu_before, wall_before = 0, 0.0, 0.0
+    if resume:
+        if checkpoint_dir is None or latest_checkpoint(checkpoint_dir) is None:
+            raise ValueError(f"expected a checkpoint to resume in {checkpoint_dir}, got none; try without --resume")
+        ckpt = load_checkpoint(checkpoint_dir, expect_config=config)
+        restore(ckpt, model, opt, sched)
+        g.set_state(torch.frombuffer(bytearray(ckpt.files["paths_rng.bin"]), dtype=torch.uint8))
+        step = ckpt.step
+        cpu_before = float(ckpt.extra["cpu_seconds"])
+        wall_before = float(ckpt.extra["seconds"])
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
+
+    def save() -> None:
+        if checkpoint_dir is not None:
+            save_checkpoint(
+                checkpoint_dir, step=step, model=model, optimizer=opt, scheduler=sched, config=config,
+                extra={"cpu_seconds": cpu_before + time.process_time() - cpu_start,
+                       "seconds": wall_before + time.perf_counter() - wall_start},
+                files={"paths_rng.bin": bytes(g.get_state().numpy().tobytes())}, keep=2,
+            )  # fmt: skip
+
     model.train()
-    with progress(steps, desc or f"RAM {glimpses} glimpses") as bar:
-        for epoch in range(epochs):
+    with progress(steps, desc or f"RAM {glimpses} glimpses", initial=step) as bar:
+        for epoch in range(step // per_epoch, epochs):
             scenes = train_x if task is None else make_scenes(task, train_x, seed + 7919 * epoch)  # (N, 1, 60, 60)
-            order = torch.randperm(n, generator=g)
-            for i in range(0, n, batch_size):
+            order = _order(n, seed, epoch)
+            for i in range((step % per_epoch) * batch_size, n, batch_size):
                 idx = order[i : i + batch_size]
-                out = model(scenes[idx], generator=g)
-                loss = ram_loss(out, train_y[idx])
+                x, y = scenes[idx], train_y[idx]
+                if samples > 1:
+                    x, y = x.repeat_interleave(samples, 0), y.repeat_interleave(samples, 0)  # (B * M, ...)
+                out = model(x, generator=g)
+                loss = ram_loss(out, y)
                 opt.zero_grad(set_to_none=True)
                 loss.total.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
                 opt.step()
                 sched.step()
+                step += 1
                 bar.update(1)
                 bar.set_postfix(ce=f"{loss.classification.item():.3f}", acc=f"{loss.reward.mean().item():.2f}")
+                if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+                    save()
+                if stop_after is not None and step >= stop_after:
+                    break
+            if stop_after is not None and step >= stop_after:
+                break
+    save()
     model.eval()
-    return model, time.perf_counter() - start
+    return model, wall_before + time.perf_counter() - wall_start, cpu_before + time.process_time() - cpu_start
 
 
 @torch.no_grad()
-def evaluate(model: RecurrentAttentionModel, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Test error in percent (eval mode: the policy's mean locations, deterministic)."""
+def evaluate(
+    model: RecurrentAttentionModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 500,
+    *,
+    samples: int = 1,
+    seed: int = 0,
+) -> float:
+    """Test error in percent. ``samples=1``: the policy's mean locations (deterministic); ``samples=M > 1``: M
+    sampled paths per image, the class probabilities averaged over them (Monte Carlo evaluation)."""
     model.eval()
+    g = torch.Generator().manual_seed(seed)
     wrong = 0
     for i in range(0, x.shape[0], batch_size):
-        wrong += int((model(x[i : i + batch_size]).logits.argmax(-1) != y[i : i + batch_size]).sum())
+        xb = x[i : i + batch_size]
+        if samples == 1:
+            pred = model(xb).logits.argmax(-1)
+        else:
+            logits = model(xb.repeat_interleave(samples, 0), generator=g, sample=True).logits  # (B * M, classes)
+            pred = logits.softmax(-1).view(xb.shape[0], samples, -1).mean(1).argmax(-1)
+        wrong += int((pred != y[i : i + batch_size]).sum())
     return 100.0 * wrong / x.shape[0]
 
 
@@ -209,13 +290,24 @@ def run_experiment(
     seed: int = 0,
     what: str = "conv",
     policy_lr: float | None = None,
+    samples: int = 1,
+    test_samples: int = 1,
+    patch: int = 12,
+    scales: int = 3,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> dict:
-    """Train one RAM per glimpse count and evaluate on held-out scenes; write results.json and the picture."""
+    """Train one RAM per glimpse count and evaluate on held-out scenes; write results.json and the picture.
+
+    With ``checkpoint_every`` (steps) or ``resume``, checkpoints go to ``out_dir/checkpoints_<task>_<glimpses>``.
+    ``test_samples > 1`` also reports the Monte Carlo test error (that many sampled paths per image, averaged).
+    """
     epochs = (4 if quick else 10) if epochs is None else epochs
     train_size = (6000 if quick else 50_000) if train_size is None else train_size
     test_size = (1000 if quick else 10_000) if test_size is None else test_size
     for name, value in {"epochs": epochs, "train_size": train_size, "test_size": test_size,
-                        "batch_size": batch_size}.items():  # fmt: skip
+                        "batch_size": batch_size, "samples": samples, "test_samples": test_samples,
+                        "patch": patch, "scales": scales}.items():  # fmt: skip
         if not isinstance(value, int) or value < 1:
             option = "--" + name.replace("_", "-")
             raise ValueError(f"expected {option} >= 1, got {value!r}; try {option} 1 or more")
@@ -227,7 +319,8 @@ def run_experiment(
     results = []
     model = None
     for k in glimpse_counts:
-        model, seconds = train_one(
+        ckpt_dir = out_dir / f"checkpoints_{task}_{k}" if (checkpoint_every or resume) else None
+        model, seconds, cpu = train_one(
             k,
             train_digits,
             train_y,
@@ -240,9 +333,21 @@ def run_experiment(
             what=what,
             desc=f"{task} {k}",
             policy_lr=policy_lr,
+            samples=samples,
+            patch=patch,
+            scales=scales,
+            checkpoint_dir=ckpt_dir,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
         )
+        eval_start = time.process_time()
         err = evaluate(model, test_x, test_y)
-        results.append({"glimpses": k, "test_error": err, "paper_error": PAPER_ERROR[task].get(k), "seconds": seconds})
+        row = {"glimpses": k, "test_error": err, "paper_error": paper_error(task, k, patch, scales),
+               "seconds": seconds, "cpu_seconds": cpu}  # fmt: skip
+        if test_samples > 1:
+            row["test_error_mc"] = evaluate(model, test_x, test_y, samples=test_samples, seed=seed + 20_000)
+        row["eval_cpu_seconds"] = time.process_time() - eval_start
+        results.append(row)
     out_dir.mkdir(parents=True, exist_ok=True)
     picture = plot_paths(model, test_x, test_y, out_dir / f"glimpse_paths_{task}.png") if model else None
     summary = {
@@ -257,10 +362,15 @@ def run_experiment(
             "what": what,
             "policy_lr": policy_lr,
             "seed": seed,
-            "patch": 12,
-            "scales": 3,
+            "patch": patch,
+            "scales": scales,
+            "samples": samples,
+            "test_samples": test_samples,
             "quick": quick,
+            "threads": torch.get_num_threads(),
+            "steps": epochs * ((train_size + batch_size - 1) // batch_size),
         },
+        "paper": "Mnih et al. 2014, RAM 12x12 patches, 3 scales (Table 1 right / Table 2 left)",
         "results": results,
         "picture": str(picture) if picture else None,
     }
@@ -268,11 +378,22 @@ def run_experiment(
     return summary
 
 
+def paper_error(task: str, glimpses: int, patch: int = 12, scales: int = 3) -> float | None:
+    """The paper's test error for this task and glimpse count, or None where the paper has no such row."""
+    if (patch, scales) != (12, 3):
+        return None
+    return PAPER_ERROR[task].get(glimpses)
+
+
 def result_rows(summary: dict) -> list[list[str]]:
-    rows = [["glimpses", "test error (ours)", "paper (Mnih et al. 2014)", "train time"]]
+    mc = summary["settings"].get("test_samples", 1)
+    head = ["glimpses", "test error (ours)"] + ([f"test error, {mc} paths averaged"] if mc > 1 else [])
+    rows = [[*head, "paper (Mnih et al. 2014)", "train time", "train CPU time"]]
     for r in summary["results"]:
         paper = f"{r['paper_error']:.2f}%" if r["paper_error"] is not None else "-"
-        rows.append([str(r["glimpses"]), f"{r['test_error']:.2f}%", paper, f"{r['seconds']:.0f} s"])
+        extra = [f"{r['test_error_mc']:.2f}%"] if mc > 1 else []
+        rows.append([str(r["glimpses"]), f"{r['test_error']:.2f}%", *extra, paper, f"{r['seconds']:.0f} s",
+                     f"{r['cpu_seconds']:.0f} s"])  # fmt: skip
     return rows
 
 
@@ -292,11 +413,18 @@ def run(args: argparse.Namespace) -> int:
         what=args.what,
         policy_lr=args.policy_lr,
         seed=args.seed,
+        samples=args.samples,
+        test_samples=args.test_samples,
+        patch=args.patch,
+        scales=args.scales,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
     )
     s = summary["settings"]
     print(
         f"RAM on 60x60 {args.task} MNIST: {s['train_size']} training scenes x {s['epochs']} epochs, "
-        f"{s['test_size']} test scenes (digits from MNIST's test split); chance = 90% error"
+        f"{s['test_size']} test scenes (digits from MNIST's test split), {s['samples']} path(s) per image; "
+        "chance = 90% error"
     )
     print(format_table(result_rows(summary)))
     print(f"glimpse paths: {summary['picture']}")

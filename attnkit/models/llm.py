@@ -141,7 +141,12 @@ def _gguf_file(spec: LLMSpec, scratch: Path) -> Path:
             f"{spec.distribution!r} cannot be imported ({err}); reinstall it with: {spec.install}"
         ) from err
     scratch.mkdir(parents=True, exist_ok=True)
-    path = Path(assemble(scratch / spec.gguf))  # checks the sha256 of the whole file
+    try:
+        path = Path(assemble(scratch / spec.gguf))  # checks the sha256 of the whole file (ValueError if it differs)
+    except (ImportError, FileNotFoundError) as err:  # a part package is missing
+        raise DataNotFoundError(
+            f"a part of {spec.distribution!r} is missing ({err}); reinstall it with: {spec.install}"
+        ) from err
     if not path.is_file():
         raise DataNotFoundError(f"{spec.assembler}.assemble did not write {path}; reinstall with: {spec.install}")
     return path

@@ -108,6 +108,50 @@ def test_training_is_deterministic_per_seed() -> None:
     assert not torch.equal(a.head.weight, c.head.weight)
 
 
+def test_stopped_and_resumed_study_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM in the middle of training writes a checkpoint and stops the study; ``resume`` ends with the same
+    weights, loss and test accuracy, bit for bit, as a run that was never interrupted."""
+    import dataclasses
+    import os
+    import signal
+
+    from attnkit.train.checkpoint import list_checkpoints, load_checkpoint
+
+    config = classify.ClassifyConfig(
+        dataset="mnist", attention=("se",), seeds=1, epochs=2, train_size=96, test_size=64, batch_size=16,
+        widths=(4, 8, 8), plots=False,
+    )  # fmt: skip  # 6 steps per epoch, 12 in all
+    whole = classify.run_study(config, tmp_path / "whole", log=lambda _m: None)
+    assert not whole.stopped
+
+    calls = {"n": 0}
+    real = classify.F.cross_entropy
+
+    def interrupting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == 5:  # during step 5 (of epoch 1): a stop signal, as from Ctrl-C or a scheduler
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(classify.F, "cross_entropy", interrupting)
+    part = classify.run_study(config, tmp_path / "parts", log=lambda _m: None)
+    monkeypatch.setattr(classify.F, "cross_entropy", real)
+    assert part.stopped and not part.runs
+    ckpt_dir = tmp_path / "parts" / "checkpoints" / "se-seed0"
+    assert [p.name for p in list_checkpoints(ckpt_dir)] == ["step-00000005"]
+    resumed = classify.run_study(dataclasses.replace(config, resume=True), tmp_path / "parts", log=lambda _m: None)
+    assert not resumed.stopped
+    a, b = whole.runs[0], resumed.runs[0]
+    assert (a.test_accuracy, a.final_loss) == (b.test_accuracy, b.final_loss)
+    wa = load_checkpoint(tmp_path / "whole" / "checkpoints" / "se-seed0").model_state
+    wb = load_checkpoint(ckpt_dir).model_state
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # a checkpoint written with other settings is refused, not silently continued
+    other = dataclasses.replace(config, resume=True, lr=0.02)
+    with pytest.raises(ValueError, match="lr"):
+        classify.run_study(other, tmp_path / "parts", log=lambda _m: None)
+
+
 def test_cli_missing_data_and_bad_names_are_clean_errors(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -21,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any
 
 import torch
@@ -37,7 +39,6 @@ from attnkit._argtypes import (
     positive_int,
 )
 from attnkit._errors import fail
-from attnkit._progress import progress
 from attnkit._runtime import torch_threads
 from attnkit._table import format_table
 from attnkit.bench._timing import machine_line
@@ -45,6 +46,8 @@ from attnkit.data.images import ImageSplits, load_images
 from attnkit.layers.registry import list_attentions
 from attnkit.models.cnn import AttentionCNN, count_parameters
 from attnkit.tasks.report import Section
+from attnkit.train.checkpoint import latest_checkpoint, load_checkpoint
+from attnkit.train.loop import STOPPED, FitConfig, FitResult, fit
 
 HELP = "train a small CNN with SE / ECA / CBAM / no attention on MNIST or Fashion-MNIST and compare them"
 
@@ -67,6 +70,14 @@ class ClassifyConfig:
     widths: tuple[int, ...] = (16, 32, 64)
     threads: int = 0  # 0 = leave the count as it is (the attnkit command follows the cores left free)
     plots: bool = True
+    save_every: int = 0  # checkpoint every N steps (0: only at the end of each model and on a stop signal)
+    keep: int = 1  # checkpoints kept per model
+    resume: bool = False  # continue each model from its newest checkpoint under out/checkpoints/
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ClassifyConfig:
+        """The settings of ``attnkit classify`` from its parsed arguments."""
+        return config_from_args(args)
 
 
 @dataclass
@@ -89,6 +100,7 @@ class StudyResult:
     machine: str
     pictures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    stopped: bool = False  # a stop signal ended the study early (checkpoint written; continue with --resume)
 
     def table_rows(self) -> list[list[str]]:
         """Rows (header first) of the results table."""
@@ -154,12 +166,33 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 500) -
     return correct / len(x), len(x) / max(seconds, 1e-9)
 
 
-def train_model(
-    config: ClassifyConfig, attention: str, seed: int, train_x: Tensor, train_y: Tensor, *, desc: str = ""
-) -> tuple[AttentionCNN, float, float]:
-    """Train one model; returns it, the last epoch's mean loss, and the training wall time (s).
+def _run_config(config: ClassifyConfig, attention: str, seed: int) -> dict[str, Any]:
+    """What decides one model's weights (stored in its checkpoints; a resumed run must agree)."""
+    return {
+        "task": "classify", "dataset": config.dataset, "attention": attention, "seed": seed, "epochs": config.epochs,
+        "train_size": config.train_size, "batch_size": config.batch_size, "lr": config.lr,
+        "weight_decay": config.weight_decay, "widths": list(config.widths),
+    }  # fmt: skip
 
-    The seed fixes the initial weights and the data order, so equal seeds give equal runs.
+
+def fit_model(
+    config: ClassifyConfig,
+    attention: str,
+    seed: int,
+    train_x: Tensor,
+    train_y: Tensor,
+    *,
+    desc: str = "",
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    log: Any = print,
+) -> tuple[AttentionCNN, FitResult, float]:
+    """Train one model through :func:`attnkit.train.loop.fit`; returns it, fit's result and the mean training loss
+    (eval mode) on the first 2,000 training images.
+
+    The seed fixes the initial weights and the data order: the batch of step ``s`` is drawn from ``(seed, epoch)``
+    alone, so a run resumed from a checkpoint in ``checkpoint_dir`` ends with the same weights as an uninterrupted
+    one. Without ``checkpoint_dir`` the checkpoints go to a temporary folder.
     """
     torch.manual_seed(seed)
     model = AttentionCNN(10, widths=config.widths, attention=attention)
@@ -169,26 +202,48 @@ def train_model(
         raise fail("at least 8 training steps for the one-cycle schedule", f"{total}", "more images or --batch-size 8")
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total, pct_start=0.25)
-    order = torch.Generator().manual_seed(10_000 + seed)
-    loss_sum, loss_n = 0.0, 0
-    start = time.perf_counter()
-    with progress(total, desc or attention, unit="step") as bar:
-        for _ in range(config.epochs):
-            model.train()
-            perm = torch.randperm(len(train_x), generator=order)
-            loss_sum, loss_n = 0.0, 0
-            for i in range(0, len(perm), config.batch_size):
-                idx = perm[i : i + config.batch_size]
-                loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                loss_sum += float(loss.detach()) * len(idx)
-                loss_n += len(idx)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}")
-    return model, loss_sum / max(loss_n, 1), time.perf_counter() - start
+    perms: dict[int, Tensor] = {}
+
+    def loss_fn(net: nn.Module, step: int) -> tuple[Tensor, Tensor]:
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch not in perms:  # the epoch's order from (seed, epoch) alone: resuming reads the same batches
+            perms.clear()
+            g = torch.Generator().manual_seed(10_000 + seed * 1_000_003 + epoch)
+            perms[epoch] = torch.randperm(len(train_x), generator=g)
+        idx = perms[epoch][index * config.batch_size : (index + 1) * config.batch_size]
+        loss = F.cross_entropy(net(train_x[idx]), train_y[idx], reduction="sum")
+        return loss, torch.tensor(len(idx))
+
+    def train_loss(net: nn.Module) -> dict[str, float]:
+        x, y = train_x[:2000], train_y[:2000]
+        return {"train_loss": float(F.cross_entropy(net(x), y))}
+
+    run_config = _run_config(config, attention, seed)
+    fit_config = FitConfig(
+        steps=total, lr=config.lr, clip=0.0, weight_decay=config.weight_decay, eval_every=0,
+        save_every=config.save_every, log_every=0, keep=config.keep, progress_label=desc or attention,
+    )  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        folder = Path(checkpoint_dir) if checkpoint_dir is not None else Path(stack.enter_context(TemporaryDirectory()))
+        start = None
+        if resume and latest_checkpoint(folder) is not None:
+            start = load_checkpoint(folder, expect_config=run_config)
+        result = fit(
+            model, loss_fn, fit_config, checkpoint_dir=folder, run_config=run_config, validate=train_loss,
+            resume=start, log=log, optimizer=opt, scheduler=sched,
+        )  # fmt: skip
+    model.eval()
+    loss = result.history[-1]["train_loss"] if result.history else float("nan")
+    return model, result, loss
+
+
+def train_model(
+    config: ClassifyConfig, attention: str, seed: int, train_x: Tensor, train_y: Tensor, *, desc: str = ""
+) -> tuple[AttentionCNN, float, float]:
+    """Train one model (checkpoints in a temporary folder); returns it, its training loss (:func:`fit_model`) and
+    the training wall time (s). Equal seeds give equal runs."""
+    model, result, loss = fit_model(config, attention, seed, train_x, train_y, desc=desc, log=lambda _m: None)
+    return model, loss, result.seconds
 
 
 def _summarise(runs: list[RunResult], order: Sequence[str], reference: int) -> list[dict[str, Any]]:
@@ -235,11 +290,19 @@ def _run_study(config: ClassifyConfig, out: str | Path | None, log: Any) -> Stud
     log(f"classify: {describe(config, len(train_x), len(test_x))}")
     runs: list[RunResult] = []
     models: dict[str, AttentionCNN] = {}
+    stopped = False
     for name in config.attention:
         for seed in range(config.seeds):
-            model, loss, seconds = train_model(
-                config, name, seed, train_x, data.train_y, desc=f"{name} seed {seed}"
-            )
+            ckpt = Path(out) / "checkpoints" / f"{name}-seed{seed}" if out is not None else None
+            model, fitted, loss = fit_model(
+                config, name, seed, train_x, data.train_y, desc=f"{name} seed {seed}", checkpoint_dir=ckpt,
+                resume=config.resume, log=lambda _m: None,
+            )  # fmt: skip
+            if fitted.stopped:
+                log(f"  {name:>9} seed {seed}: stopped by a signal at step {fitted.step}; continue with --resume")
+                stopped = True
+                break
+            seconds = fitted.seconds
             acc, infer_ips = evaluate(model, test_x, data.test_y)
             run = RunResult(
                 name, seed, acc, count_parameters(model), len(train_x) * config.epochs / seconds, infer_ips,
@@ -249,6 +312,10 @@ def _run_study(config: ClassifyConfig, out: str | Path | None, log: Any) -> Stud
             log(f"  {name:>9} seed {seed}: test accuracy {acc * 100:.2f}%  (loss {loss:.3f}, {seconds:.0f} s)")
             if seed == 0:
                 models[name] = model
+        if stopped:
+            break
+    if stopped:
+        return StudyResult(config, runs, [], machine_line(), stopped=True)
     plain = count_parameters(AttentionCNN(10, widths=config.widths))
     result = StudyResult(config, runs, _summarise(runs, config.attention, plain), machine_line())
     if out is not None:
@@ -388,6 +455,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="10,000 / 2,000 images, 1 epoch, 1 seed (CI, tour)")
     parser.add_argument("--no-plots", action="store_true", help="skip the pictures")
     parser.add_argument(
+        "--save-every", type=non_negative_int, default=0,
+        help="checkpoint every N steps (default 0: at the end of each model and on a stop signal)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue from the checkpoints under OUT/checkpoints (finished models are read back, not retrained; "
+        "the same weights as an uninterrupted run)",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=output_dir, default="runs/classify", help="folder for the table (markdown + JSON) and pictures"
     )
     if hasattr(parser, "add_check"):
@@ -428,11 +504,16 @@ def config_from_args(args: argparse.Namespace) -> ClassifyConfig:
             raise fail("--widths as comma-separated ints", repr(args.widths), "--widths 16,32,64") from None
     c.widths = tuple(widths)
     c.batch_size, c.lr, c.threads, c.plots = args.batch_size, args.lr, args.threads, not args.no_plots
+    c.save_every = getattr(args, "save_every", 0) or 0
+    c.resume = bool(getattr(args, "resume", False))
     return c
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_study(config_from_args(args), args.out)
+    result = run_study(ClassifyConfig.from_args(args), args.out)
+    if result.stopped:
+        print(f"stopped by a signal; checkpoints in {args.out}/checkpoints; continue: the same command with --resume")
+        return STOPPED
     print(format_table(result.table_rows()))
     print(f"results: {args.out}/classify_{result.config.dataset}.md (.json); pictures: {', '.join(result.pictures)}")
     return 0
@@ -459,10 +540,3 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
         seconds=time.perf_counter() - start,
     )
 
-
-if __name__ == "__main__":
-    from attnkit._argtypes import ArgumentParser
-
-    parser = ArgumentParser(prog="python -m attnkit.tasks.classify", description=HELP)
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))

@@ -152,6 +152,7 @@ class FitConfig:
         keep: checkpoints kept.
         progress: show progress on stderr (rank 0 only): a live bar on a terminal, else a plain line every 5 % or
             30 s (:mod:`attnkit._progress`).
+        progress_label: the progress line's label (e.g. ``"se seed 2"`` when one command trains many models).
     """
 
     steps: int
@@ -164,6 +165,7 @@ class FitConfig:
     log_every: int = 10
     keep: int = 3
     progress: bool = True
+    progress_label: str = "train"
 
 
 @dataclass
@@ -192,6 +194,8 @@ def fit(
     validate: Callable[[nn.Module], dict[str, float]] | None = None,
     resume: Checkpoint | None = None,
     log: Callable[[str], None] = print,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
 ) -> FitResult:
     """Train ``model`` for ``config.steps`` steps with AdamW, checkpointing so no work is lost.
 
@@ -206,10 +210,16 @@ def fit(
             mode, no gradients).
         resume: a loaded checkpoint to continue from (weights, optimiser, scheduler, RNG and step).
         log: where one-line progress messages go.
+        optimizer: the optimiser to step (default AdamW with ``config.lr`` and ``config.weight_decay``).
+        scheduler: its learning-rate scheduler, stepped once per step (default: with the default optimiser, the
+            inverse-sqrt schedule with ``config.warmup``; with a given optimiser, none). Both are saved in every
+            checkpoint and restored on resume.
     """
     w = D.world()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_schedule(config.warmup))
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        if scheduler is None:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_schedule(config.warmup))
     start = 0
     history: list[dict[str, float]] = []
     before = 0.0  # training seconds of earlier runs of this training (resumed runs add theirs)
@@ -261,7 +271,7 @@ def fit(
     if config.progress and w.is_main and start < config.steps:
         from attnkit._progress import progress
 
-        bar = progress(config.steps, "train", unit="step", initial=start, file=sys.stderr)
+        bar = progress(config.steps, config.progress_label, unit="step", initial=start, file=sys.stderr)
     t0, c0 = time.perf_counter(), time.process_time()
     loss_value = float("nan")
     stopped = False
@@ -276,7 +286,8 @@ def fit(
             if config.clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
             optimizer.step()
-            scheduler.step()
+            if scheduler is not None:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_value = float(D.all_reduce_sum(loss_sum.detach().to(torch.float64).reshape(1)) / total)
             step += 1
@@ -284,7 +295,7 @@ def fit(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}")
             if config.log_every and (step % config.log_every == 0 or step == config.steps):
-                log(f"step {step}/{config.steps} loss {loss_value:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
+                log(f"step {step}/{config.steps} loss {loss_value:.4f} lr {optimizer.param_groups[0]['lr']:.2e}")
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 run_validation(step)
             if D.any_flag(bool(flag["signal"])):

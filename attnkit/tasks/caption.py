@@ -12,12 +12,18 @@ and the mean entropy of the attention distribution (nats; log 80 = 4.38 is unifo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any, cast
 
 import torch
+from torch import Tensor, nn
 
 from attnkit._argtypes import (
     choice_list,
@@ -28,13 +34,14 @@ from attnkit._argtypes import (
     positive_int,
     probability,
 )
-from attnkit._progress import progress
 from attnkit._table import format_table
 from attnkit.data import load_mnist
 from attnkit.data.scenes import EOS, CaptionScenes, decode_caption, digit_scenes
 from attnkit.layers.hard import MovingAverageBaseline
 from attnkit.models.captioner import ATTENTIONS, ShowAttendTell, caption_loss
 from attnkit.tasks.report import Section
+from attnkit.train.checkpoint import latest_checkpoint, load_checkpoint
+from attnkit.train.loop import STOPPED, FitConfig, FitResult, fit
 
 HELP = "Show-Attend-and-Tell on multi-digit MNIST scenes: soft vs hard (REINFORCE) attention"
 
@@ -82,6 +89,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=positive_float, default=1.0, help="gumbel: temperature of the relaxed softmax")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     p.add_argument("--out", type=output_dir, default="runs/caption", help="folder for results.json and overlays")
+    p.add_argument(
+        "--save-every", type=non_negative_int, default=0,
+        help="checkpoint every N steps (default 0: at the end of each model and on a stop signal)",
+    )  # fmt: skip
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue from the checkpoints under OUT/checkpoints (the same weights as an uninterrupted run)",
+    )  # fmt: skip
 
 
 def _parse_attention(text: str | list[str]) -> list[str]:
@@ -91,7 +106,7 @@ def _parse_attention(text: str | list[str]) -> list[str]:
     return names
 
 
-def _check_counts(**counts: int) -> None:
+def _check_counts(**counts: int | None) -> None:
     """Counts given to :func:`run_experiment` (the CLI refuses them while parsing): each at least 1."""
     for name, value in counts.items():
         if not isinstance(value, int) or value < 1:
@@ -113,7 +128,61 @@ def expected_schedule(step: int, total: int, *, final: float, anneal: float) -> 
     return 1.0 + (final - 1.0) * frac
 
 
-def train_captioner(
+@dataclass
+class CaptionSettings:
+    """Everything that decides a captioning study's numbers (saved in results.json); ``None`` counts take the
+    quick or full default (4 / 10 epochs, 4,000 / 40,000 training and 500 / 5,000 held-out scenes)."""
+
+    attention: tuple[str, ...] = ("soft", "hard")
+    quick: bool = False
+    epochs: int | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+    batch_size: int = 32
+    lr: float = 2e-3
+    entropy_weight: float = 0.01
+    reinforce_weight: float = 0.1
+    expected_prob: float | None = None
+    expected_anneal: float = 1.0
+    normalize: bool = True
+    tau: float = 1.0
+    seed: int = 0
+    save_every: int = 0  # checkpoint every N steps (0: at the end of each model and on a stop signal)
+    resume: bool = False  # continue each model from its newest checkpoint under out/checkpoints/<attention>
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CaptionSettings:
+        """The settings of ``attnkit caption`` from its parsed arguments."""
+        return cls(
+            attention=tuple(_parse_attention(args.attention)), quick=args.quick, epochs=args.epochs,
+            train_size=args.train_size, test_size=args.test_size, batch_size=args.batch_size, lr=args.lr,
+            entropy_weight=args.entropy_weight, reinforce_weight=args.reinforce_weight,
+            expected_prob=args.expected_prob, expected_anneal=args.expected_anneal, normalize=args.normalize,
+            tau=args.tau, seed=args.seed, save_every=getattr(args, "save_every", 0) or 0,
+            resume=bool(getattr(args, "resume", False)),
+        )  # fmt: skip
+
+    def resolved(self) -> CaptionSettings:
+        """The same settings with the quick / full defaults filled in (and checked)."""
+        out = replace(
+            self,
+            epochs=(4 if self.quick else 10) if self.epochs is None else self.epochs,
+            train_size=(4000 if self.quick else 40_000) if self.train_size is None else self.train_size,
+            test_size=(500 if self.quick else 5000) if self.test_size is None else self.test_size,
+        )
+        _check_counts(epochs=out.epochs, train_size=out.train_size, test_size=out.test_size, batch_size=out.batch_size)
+        return out
+
+
+class _Trainee(nn.Module):
+    """The captioner and its REINFORCE baseline in one module, so a checkpoint holds both (exact resume)."""
+
+    def __init__(self, model: ShowAttendTell, baseline: MovingAverageBaseline) -> None:
+        super().__init__()
+        self.model, self.baseline = model, baseline
+
+
+def fit_captioner(
     attention: str,
     data: CaptionScenes,
     *,
@@ -127,14 +196,21 @@ def train_captioner(
     expected_anneal: float = 1.0,
     normalize: bool = True,
     tau: float = 1.0,
-) -> tuple[ShowAttendTell, float]:
-    """Train one captioner (teacher forcing); returns the model in eval mode and the training seconds.
+    checkpoint_dir: str | Path | None = None,
+    save_every: int = 0,
+    resume: bool = False,
+    log: Callable[[str], None] = lambda _m: None,
+) -> tuple[ShowAttendTell, FitResult]:
+    """Train one captioner (teacher forcing) through :func:`attnkit.train.loop.fit`; returns the model in eval mode
+    and fit's result (steps, stop signal, training seconds over every resumed part).
 
     Hard attention uses a curriculum: the probability that a step uses the expected context starts at 1 (soft
     attention) and falls linearly to ``expected_prob`` over the first ``expected_anneal`` fraction of the steps
     (0 = no curriculum, the paper's fixed ``expected_prob`` from the start). ``expected_prob=None`` means 0.5
     for ``"hard"`` (Xu et al.) and 0 for ``"gumbel"``. ``normalize`` divides the REINFORCE advantages by their
-    standard deviation over the batch.
+    standard deviation over the batch. The batch order, the sampled locations and the curriculum of step ``s``
+    depend only on ``(seed, s)``, and the baseline is saved with the weights, so a run resumed from a checkpoint
+    in ``checkpoint_dir`` ends as an uninterrupted one does. Without ``checkpoint_dir``: a temporary folder.
     """
     if expected_prob is None:
         expected_prob = DEFAULT_EXPECTED_PROB.get(attention, 0.0)
@@ -142,41 +218,52 @@ def train_captioner(
         raise ValueError(f"expected expected_anneal in [0, 1], got {expected_anneal!r}; try expected_anneal=1.0")
     torch.manual_seed(seed)
     model = ShowAttendTell(attention, expected_prob=expected_prob, tau=tau)
+    trainee = _Trainee(model, MovingAverageBaseline(0.9))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    baseline = MovingAverageBaseline(0.9)
-    g = torch.Generator().manual_seed(seed + 1)
     n = len(data)
-    steps = epochs * ((n + batch_size - 1) // batch_size)
+    per_epoch = (n + batch_size - 1) // batch_size
+    steps = epochs * per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05, div_factor=5.0)
-    model.train()
-    start = time.perf_counter()
-    step = 0
-    with progress(steps, f"caption {attention}") as bar:
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=g)
-            for i in range(0, n, batch_size):
-                model.expected_prob = expected_schedule(step, steps, final=expected_prob, anneal=expected_anneal)
-                step += 1
-                idx = order[i : i + batch_size]
-                tokens = data.tokens[idx]
-                out = model(data.images[idx], tokens, generator=g)
-                loss = caption_loss(
-                    out,
-                    tokens,
-                    baseline=baseline,
-                    entropy_weight=entropy_weight,
-                    reinforce_weight=reinforce_weight,
-                    normalize=normalize,
-                )
-                opt.zero_grad(set_to_none=True)
-                loss.total.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                opt.step()
-                sched.step()
-                bar.update(1)
-                bar.set_postfix(nll=f"{loss.nll.item():.3f}")
+    final = float(expected_prob)
+    orders: dict[int, Tensor] = {}
+
+    def loss_fn(net: nn.Module, step: int) -> tuple[Tensor, Tensor]:
+        epoch, index = divmod(step, per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed((seed + 1) * 1_000_003 + epoch))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 500_009 + step)  # this step's sampled locations
+        model.expected_prob = expected_schedule(step, steps, final=final, anneal=expected_anneal)
+        idx = orders[epoch][index * batch_size : (index + 1) * batch_size]
+        tokens = data.tokens[idx]
+        out = model(data.images[idx], tokens, generator=g)
+        loss = caption_loss(
+            out, tokens, baseline=trainee.baseline, entropy_weight=entropy_weight,
+            reinforce_weight=reinforce_weight, normalize=normalize,
+        )  # fmt: skip
+        return loss.total, torch.tensor(1)  # the loss is a mean already
+
+    run_config = {
+        "task": "caption", "attention": attention, "epochs": epochs, "train_size": n, "batch_size": batch_size,
+        "lr": lr, "entropy_weight": entropy_weight, "seed": seed, "reinforce_weight": reinforce_weight,
+        "expected_prob": final, "expected_anneal": expected_anneal, "normalize": normalize, "tau": tau,
+    }  # fmt: skip
+    config = FitConfig(steps=steps, lr=lr, clip=5.0, eval_every=0, save_every=save_every, log_every=0, keep=1,
+                       progress_label=f"caption {attention}")  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        folder = Path(checkpoint_dir) if checkpoint_dir is not None else Path(stack.enter_context(TemporaryDirectory()))
+        start = load_checkpoint(folder, expect_config=run_config) if resume and latest_checkpoint(folder) else None
+        result = fit(trainee, loss_fn, config, checkpoint_dir=folder, run_config=run_config, resume=start, log=log,
+                     optimizer=opt, scheduler=sched)  # fmt: skip
+    model.expected_prob = expected_schedule(max(result.step - 1, 0), steps, final=final, anneal=expected_anneal)
     model.eval()
-    return model, time.perf_counter() - start
+    return model, result
+
+
+def train_captioner(attention: str, data: CaptionScenes, **kwargs: Any) -> tuple[ShowAttendTell, float]:
+    """:func:`fit_captioner` without checkpoints to keep; returns the model in eval mode and the training seconds."""
+    model, result = fit_captioner(attention, data, **kwargs)
+    return model, result.seconds
 
 
 @torch.no_grad()
@@ -229,75 +316,48 @@ def plot_overlays(model: ShowAttendTell, data: CaptionScenes, path: Path, index:
     return path
 
 
-def run_experiment(
-    attentions: list[str],
-    *,
-    quick: bool,
-    out_dir: Path,
-    epochs: int | None = None,
-    train_size: int | None = None,
-    test_size: int | None = None,
-    batch_size: int = 32,
-    lr: float = 2e-3,
-    entropy_weight: float = 0.01,
-    seed: int = 0,
-    reinforce_weight: float = 0.1,
-    expected_prob: float | None = None,
-    expected_anneal: float = 1.0,
-    normalize: bool = True,
-    tau: float = 1.0,
-) -> dict:
-    epochs = (4 if quick else 10) if epochs is None else epochs
-    train_size = (4000 if quick else 40_000) if train_size is None else train_size
-    test_size = (500 if quick else 5000) if test_size is None else test_size
-    _check_counts(epochs=epochs, train_size=train_size, test_size=test_size, batch_size=batch_size)
+def run_experiment(attentions: list[str], *, quick: bool, out_dir: Path, **kwargs: Any) -> dict:
+    """:func:`run_study` with the settings as keyword arguments (the fields of :class:`CaptionSettings`)."""
+    return run_study(CaptionSettings(attention=tuple(attentions), quick=quick, **kwargs), out_dir)
+
+
+def run_study(settings: CaptionSettings, out_dir: Path) -> dict:
+    """Train and evaluate one captioner per attention; write ``results.json`` and the overlays into ``out_dir``.
+
+    Checkpoints go to ``out_dir/checkpoints/<attention>``; with ``settings.resume`` each model continues from its
+    newest one. A stop signal ends the study early: the result then has ``"stopped": True`` and no results file.
+    """
+    s = settings.resolved()
+    epochs, train_size, test_size = cast(int, s.epochs), cast(int, s.train_size), cast(int, s.test_size)
     mnist = load_mnist()
-    train = digit_scenes(mnist.train_x, mnist.train_y, train_size, generator=torch.Generator().manual_seed(seed))
-    test = digit_scenes(mnist.test_x, mnist.test_y, test_size, generator=torch.Generator().manual_seed(seed + 1))
+    train = digit_scenes(mnist.train_x, mnist.train_y, train_size, generator=torch.Generator().manual_seed(s.seed))
+    test = digit_scenes(mnist.test_x, mnist.test_y, test_size, generator=torch.Generator().manual_seed(s.seed + 1))
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in attentions:
-        model, seconds = train_captioner(
-            name,
-            train,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            entropy_weight=entropy_weight,
-            seed=seed,
-            reinforce_weight=reinforce_weight,
-            expected_prob=expected_prob,
-            expected_anneal=expected_anneal,
-            normalize=normalize,
-            tau=tau,
-        )
+    results: list[dict[str, Any]] = []
+    for name in s.attention:
+        model, fitted = fit_captioner(
+            name, train, epochs=epochs, batch_size=s.batch_size, lr=s.lr, entropy_weight=s.entropy_weight,
+            seed=s.seed, reinforce_weight=s.reinforce_weight, expected_prob=s.expected_prob,
+            expected_anneal=s.expected_anneal, normalize=s.normalize, tau=s.tau,
+            checkpoint_dir=out_dir / "checkpoints" / name, save_every=s.save_every, resume=s.resume,
+        )  # fmt: skip
+        if fitted.stopped:
+            return {"stopped": True, "settings": asdict(s), "results": results}
         metrics = evaluate_captioner(model, test)
         picture = plot_overlays(model, test, out_dir / f"caption_overlay_{name}.png")
         results.append(
             {
                 "attention": name,
-                "seconds": seconds,
+                "seconds": fitted.seconds,
+                "cpu_seconds": fitted.cpu_seconds,
+                "steps": fitted.step,
                 "picture": str(picture),
                 "final_expected_prob": model.expected_prob,  # after the curriculum (None in settings: the default)
                 **metrics,
             }
         )
     summary = {
-        "settings": {
-            "epochs": epochs,
-            "train_size": train_size,
-            "test_size": test_size,
-            "batch_size": batch_size,
-            "lr": lr,
-            "entropy_weight": entropy_weight,
-            "reinforce_weight": reinforce_weight,
-            "expected_prob": expected_prob,
-            "expected_anneal": expected_anneal,
-            "normalize": normalize,
-            "tau": tau,
-            "seed": seed,
-            "quick": quick,
-        },
+        "settings": {k: v for k, v in asdict(s).items() if k not in ("attention", "resume", "save_every")},
         "uniform_entropy": math.log(80),  # the 5x16 feature grid of a 36x128 scene
         "results": results,
     }
@@ -322,23 +382,10 @@ def result_rows(summary: dict) -> list[list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_experiment(
-        _parse_attention(args.attention),
-        quick=args.quick,
-        out_dir=Path(args.out),
-        epochs=args.epochs,
-        train_size=args.train_size,
-        test_size=args.test_size,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        entropy_weight=args.entropy_weight,
-        reinforce_weight=args.reinforce_weight,
-        expected_prob=args.expected_prob,
-        expected_anneal=args.expected_anneal,
-        normalize=args.normalize,
-        tau=args.tau,
-        seed=args.seed,
-    )
+    summary = run_study(CaptionSettings.from_args(args), Path(args.out))
+    if summary.get("stopped"):
+        print(f"stopped by a signal; checkpoints in {args.out}/checkpoints; continue: the same command with --resume")
+        return STOPPED
     s = summary["settings"]
     print(
         f"Show-Attend-and-Tell on 2-4 digit MNIST scenes: {s['train_size']} training scenes x {s['epochs']} "
@@ -380,10 +427,3 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
         seconds=time.perf_counter() - start,
     )
 
-
-if __name__ == "__main__":
-    from attnkit._argtypes import ArgumentParser
-
-    parser = ArgumentParser(prog="python -m attnkit.tasks.caption", description=HELP)
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))

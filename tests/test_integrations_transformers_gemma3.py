@@ -160,6 +160,7 @@ def test_left_padded_batch_logits_and_maps_match_float64_eager(gemma) -> None:
         assert (mine[(rows & ~keys).expand_as(mine)] == 0).all()  # padding keys get zero weight
 
 
+@pytest.mark.slow  # 20-70 s each on one core; make test runs them (test-fast does not)
 def test_long_prompt_logits_and_maps_match_float64_eager(gemma) -> None:
     """1,100 tokens: the sliding layers see 512 keys, the global layers all of them; both are checked."""
     model, reference, tok = gemma["model"], gemma["reference"], gemma["tok"]
@@ -184,6 +185,7 @@ def test_long_prompt_logits_and_maps_match_float64_eager(gemma) -> None:
 # ------------------------------------------------------------------------------------------------ generation
 
 
+@pytest.mark.slow  # 20-70 s each on one core; make test runs them (test-fast does not)
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
 def test_greedy_generation_equals_eager_and_sdpa(gemma, cache_kind: str) -> None:
     """40 greedy tokens after ~480-token prompts: the sliding caches fill up and roll past the 512 window."""
@@ -235,6 +237,7 @@ transformers.AttentionInterface.register(RECORDING, _recording_attention)
 transformers.AttentionMaskInterface.register(RECORDING, ak.attnkit_mask)
 
 
+@pytest.mark.slow  # 20-70 s each on one core; make test runs them (test-fast does not)
 def test_training_step_gradients_match_float64_eager(gemma) -> None:
     """A fine-tuning step (forward + backward, 1,024 tokens) through all 18 layers (15 sliding-window, 3 global):
     every attention call's output and its gradients ``dQ, dK, dV`` (under the real upstream gradient of the step)

@@ -45,7 +45,7 @@ def test_train_quick_numbers_writes_by_length_then_evaluate_and_translate(
         assert set(b) == {"n", "bleu", "chrf", "exact"} and 0 <= b["exact"] <= 100
     # evaluate and translate read --data and the morpheme tokenizers back from the checkpoint
     model, cfg, tok_src, tok_tgt, _ = T.load_run(out, device="cpu")
-    assert cfg["data"] == "numbers" and cfg["max_tokens"] == 160
+    assert cfg.data == "numbers" and cfg.max_tokens == 160
     assert isinstance(tok_tgt, generated.MorphemeTokenizer)
     assert tok_src.decode(tok_src.encode("twenty-one; four")) == "twenty-one; four"
     assert main(["translate", "evaluate", "--out", str(out), "--limit", "5", "--beam", "1", "--threads", "1"]) == 0
@@ -79,8 +79,20 @@ def test_old_checkpoint_settings_default_to_the_bible() -> None:
     ns = argparse.Namespace(model="bahdanau", quick=False, **{k: None for k in T.DEFAULTS})
     stored = {k: full for k, (full, _q) in T.DEFAULTS.items() if k != "data"} | {"model": "bahdanau"}
     cfg = T.resolve_settings(ns, stored)
-    assert cfg["data"] == "bible" and (cfg["src"], cfg["tgt"]) == ("4", "e") and cfg["max_tokens"] == 64
+    assert cfg.data == "bible" and (cfg.src, cfg.tgt) == ("4", "e") and cfg.max_tokens == 64
     assert T.tokenizer_class(cfg) is not generated.MorphemeTokenizer
     ns.data = "numbers"
     fresh = T.resolve_settings(ns)
-    assert (fresh["src"], fresh["tgt"], fresh["max_tokens"]) == ("en", "de", 160)
+    assert (fresh.src, fresh.tgt, fresh.max_tokens) == ("en", "de", 160)
+
+
+def test_settings_dataclass_matches_the_defaults_and_round_trips() -> None:
+    """TranslateSettings' defaults are DEFAULTS' full column; what a checkpoint stores reads back equal."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(T.TranslateSettings)}
+    assert {k: v for k, v in defaults.items() if k in T.DEFAULTS} == {k: f for k, (f, _q) in T.DEFAULTS.items()}
+    s = T.TranslateSettings(model="luong", data="numbers", src="en", tgt="de", steps=7)
+    stored = {**s.to_dict(), "model_config": {"ignored": True}}
+    assert T.TranslateSettings.from_stored(stored) == s
+    assert T.TranslateSettings.from_stored({"model": "none"}).data == "bible"  # checkpoints from before --data

@@ -21,7 +21,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,57 @@ FIXED = (
     "model", "data", "src", "tgt", "batch_size", "lr", "warmup", "clip", "seed", "vocab_size", "max_chars",
     "max_tokens", "max_train", "embed_dim", "hidden_dim", "layers", "heads", "ff_dim", "dropout", "label_smoothing",
 )  # fmt: skip
+
+
+
+@dataclass
+class TranslateSettings:
+    """Everything that decides a translation run (stored in every checkpoint as ``to_dict()``).
+
+    The defaults are the full run's (``DEFAULTS``' first column); :meth:`from_args` fills what was not given from
+    the checkpoint being resumed, else from the quick or full defaults, and checks the combination.
+    """
+
+    model: str = "bahdanau"
+    quick: bool = False
+    data: str = "bible"
+    src: str = "4"
+    tgt: str = "e"
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 200
+    clip: float = 1.0
+    seed: int = 0
+    vocab_size: int = 4000
+    max_chars: int = 200
+    max_tokens: int = 64
+    max_train: int = 0
+    embed_dim: int = 256
+    hidden_dim: int = 256
+    layers: int = 3
+    heads: int = 4
+    ff_dim: int = 1024
+    dropout: float = 0.2
+    label_smoothing: float = 0.1
+    eval_every: int = 500
+    save_every: int = 250
+    eval_limit: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, stored: dict[str, Any] | None = None) -> TranslateSettings:
+        """The run's settings: explicit options, else the checkpoint's ``stored`` config, else the defaults."""
+        return resolve_settings(args, stored)
+
+    @classmethod
+    def from_stored(cls, config: dict[str, Any]) -> TranslateSettings:
+        """The settings a checkpoint stored (keys it lacks take the defaults; checkpoints before ``--data`` are
+        Bible runs; other keys, like ``model_config``, are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -229,14 +280,14 @@ def run(args: argparse.Namespace) -> int:
         return _train_command(args, out)
     if args.action == "evaluate":
         model, run_cfg, tok_src, tok_tgt, ckpt_extra = load_run(out, device=args.device)
-        data = run_cfg.get("data", "bible")
+        data = run_cfg.data
         corpus = load_corpus(run_cfg)
         pairs = corpus.test if args.split == "test" else corpus.valid
         if data != "bible" and args.split == "test":
             pairs, limit = bucketed_test_pairs(corpus, args.limit), 0
         else:
             limit = args.limit
-        res = evaluate(model, tok_src, tok_tgt, pairs, run_cfg["tgt"], beam=args.beam, alpha=args.alpha,
+        res = evaluate(model, tok_src, tok_tgt, pairs, run_cfg.tgt, beam=args.beam, alpha=args.alpha,
                        limit=limit, batch_size=args.batch_size, data=data)  # fmt: skip
         res.update(_run_summary(model, run_cfg, ckpt_extra))
         res["split"] = args.split
@@ -258,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- settings
-def resolve_settings(args: argparse.Namespace, stored: dict[str, Any] | None = None) -> dict[str, Any]:
+def resolve_settings(args: argparse.Namespace, stored: dict[str, Any] | None = None) -> TranslateSettings:
     """The run's settings: explicit options, else the checkpoint's (when resuming), else the defaults.
 
     Raises:
@@ -309,19 +360,21 @@ def resolve_settings(args: argparse.Namespace, stored: dict[str, Any] | None = N
         raise fail("an even --hidden-dim", str(cfg["hidden_dim"]), f"--hidden-dim {cfg['hidden_dim'] + 1}")
     if cfg["model"] == "transformer" and cfg["hidden_dim"] % cfg["heads"]:
         raise fail("--hidden-dim divisible by --heads", f"{cfg['hidden_dim']} and {cfg['heads']}", "--heads 4")
-    return cfg
+    return TranslateSettings(**cfg)
 
 
-def build_model(cfg: dict[str, Any], src_vocab: int, tgt_vocab: int, device: torch.device | str = "cpu") -> Seq2SeqBase:
-    """The model named by ``cfg["model"]`` with the sizes in ``cfg``."""
-    if cfg["model"] == "transformer":
+def build_model(
+    cfg: TranslateSettings, src_vocab: int, tgt_vocab: int, device: torch.device | str = "cpu"
+) -> Seq2SeqBase:
+    """The model named by ``cfg.model`` with the sizes in ``cfg``."""
+    if cfg.model == "transformer":
         return TransformerMT(
-            src_vocab, tgt_vocab, d_model=cfg["hidden_dim"], nhead=cfg["heads"], num_layers=cfg["layers"],
-            dim_feedforward=cfg["ff_dim"], dropout=cfg["dropout"], device=device,
+            src_vocab, tgt_vocab, d_model=cfg.hidden_dim, nhead=cfg.heads, num_layers=cfg.layers,
+            dim_feedforward=cfg.ff_dim, dropout=cfg.dropout, device=device,
         )  # fmt: skip
     return GRUSeq2Seq(
-        src_vocab, tgt_vocab, attention=cfg["model"], embed_dim=cfg["embed_dim"], hidden_dim=cfg["hidden_dim"],
-        dropout=cfg["dropout"], device=device,
+        src_vocab, tgt_vocab, attention=cfg.model, embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
+        dropout=cfg.dropout, device=device,
     )  # fmt: skip
 
 
@@ -368,46 +421,47 @@ def make_batch(enc: Encoded, idx: Sequence[int], device: torch.device | str) -> 
     return src, src != PAD, tgt_in, tgt_out
 
 
-def prepare_data(cfg: dict[str, Any], tokenizers: tuple[Tokenizer, Tokenizer] | None = None) -> dict[str, Any]:
+def prepare_data(cfg: TranslateSettings, tokenizers: tuple[Tokenizer, Tokenizer] | None = None) -> dict[str, Any]:
     """Load the corpus, train (or reuse) the tokenizers and encode train / valid."""
     corpus = load_corpus(cfg)
     train_pairs = corpus.train
-    if cfg.get("data", "bible") != "bible":
+    if cfg.data != "bible":
         if tokenizers is None:
             tokenizers = tuple(  # type: ignore[assignment]
                 generated.MorphemeTokenizer.train(
-                    [getattr(p, side) for p in train_pairs], **generated.tokenizer_settings(cfg["data"], cfg[side])
+                    [getattr(p, side) for p in train_pairs],
+                    **generated.tokenizer_settings(cfg.data, getattr(cfg, side)),
                 )
                 for side in ("src", "tgt")
             )
-    elif cfg["max_train"]:
+    elif cfg.max_train:
         # a fixed, seed-independent subset: every k-th verse of the training books
-        k = max(1, len(train_pairs) // cfg["max_train"])
-        train_pairs = train_pairs[::k][: cfg["max_train"]]
+        k = max(1, len(train_pairs) // cfg.max_train)
+        train_pairs = train_pairs[::k][: cfg.max_train]
     if tokenizers is None:
         tok_src = Tokenizer.train(
-            [p.src for p in train_pairs], vocab_size=cfg["vocab_size"],
-            character_coverage=LANGUAGES[cfg["src"]].character_coverage,
+            [p.src for p in train_pairs], vocab_size=cfg.vocab_size,
+            character_coverage=LANGUAGES[cfg.src].character_coverage,
         )  # fmt: skip
         tok_tgt = Tokenizer.train(
-            [p.tgt for p in train_pairs], vocab_size=cfg["vocab_size"],
-            character_coverage=LANGUAGES[cfg["tgt"]].character_coverage,
+            [p.tgt for p in train_pairs], vocab_size=cfg.vocab_size,
+            character_coverage=LANGUAGES[cfg.tgt].character_coverage,
         )  # fmt: skip
     else:
         tok_src, tok_tgt = tokenizers
-    train = encode_pairs(train_pairs, tok_src, tok_tgt, cfg["max_tokens"])
+    train = encode_pairs(train_pairs, tok_src, tok_tgt, cfg.max_tokens)
     valid = encode_pairs(corpus.valid, tok_src, tok_tgt, None)
     if not train.src:
         raise fail("training pairs within --max-tokens", "none", "a larger --max-tokens or --max-chars")
     return {"corpus": corpus, "tok_src": tok_src, "tok_tgt": tok_tgt, "train": train, "valid": valid}
 
 
-def load_corpus(cfg: dict[str, Any]) -> Any:
+def load_corpus(cfg: TranslateSettings) -> Any:
     """The run's parallel text: Bible verses (``ParallelCorpus``) or generated pairs (``GeneratedCorpus``)."""
-    data = cfg.get("data", "bible")
+    data = cfg.data
     if data == "bible":
-        return load_parallel(cfg["src"], cfg["tgt"], max_chars=cfg["max_chars"])
-    return generated.load_corpus(data, cfg["src"], cfg["tgt"], n_train=cfg["max_train"] or 20000, seed=cfg["seed"])
+        return load_parallel(cfg.src, cfg.tgt, max_chars=cfg.max_chars)
+    return generated.load_corpus(data, cfg.src, cfg.tgt, n_train=cfg.max_train or 20000, seed=cfg.seed)
 
 
 def bucketed_test_pairs(corpus: Any, limit: int = 0) -> list[Any]:
@@ -419,9 +473,9 @@ def bucketed_test_pairs(corpus: Any, limit: int = 0) -> list[Any]:
     return [p for pairs in buckets.values() for p in pairs[:per]]
 
 
-def tokenizer_class(cfg: dict[str, Any]) -> type[Tokenizer]:
+def tokenizer_class(cfg: TranslateSettings) -> type[Tokenizer]:
     """How a checkpoint's tokenizers are read back: sentencepiece subwords (Bible) or morphemes (generated)."""
-    return Tokenizer if cfg.get("data", "bible") == "bible" else generated.MorphemeTokenizer
+    return Tokenizer if cfg.data == "bible" else generated.MorphemeTokenizer
 
 
 # --------------------------------------------------------------------------------------------------- train
@@ -463,11 +517,11 @@ def _train(args: argparse.Namespace, out: Path, w: D.World, log: Any) -> dict[st
             raise CheckpointError(f"expected src.spm and tgt.spm in {ckpt.path}, got {sorted(ckpt.files)}") from None
     data = prepare_data(cfg, toks)
     tok_src, tok_tgt, enc, valid = data["tok_src"], data["tok_tgt"], data["train"], data["valid"]
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg.seed)
     model = build_model(cfg, len(tok_src), len(tok_tgt), device=w.device)
-    run_cfg = {**cfg, **{"model_config": model.config()}}  # type: ignore[operator]
-    plan = BatchPlan([len(t) for t in enc.tgt], cfg["batch_size"], seed=cfg["seed"], rank=w.rank, world_size=w.size)
-    ls = float(cfg["label_smoothing"])
+    run_cfg = {**cfg.to_dict(), "model_config": model.config()}  # type: ignore[operator]
+    plan = BatchPlan([len(t) for t in enc.tgt], cfg.batch_size, seed=cfg.seed, rank=w.rank, world_size=w.size)
+    ls = float(cfg.label_smoothing)
 
     def loss_fn(net: nn.Module, step: int) -> tuple[Tensor, Tensor]:
         src, src_mask, tgt_in, tgt_out = make_batch(enc, plan.batch(step), w.device)
@@ -491,12 +545,12 @@ def _train(args: argparse.Namespace, out: Path, w: D.World, log: Any) -> dict[st
     if w.is_main:
         lang = f"{language(cfg, 'src').name} -> {language(cfg, 'tgt').name}"
         log(
-            f"{cfg['model']}: {count_parameters(model):,} parameters; {lang}; {len(enc.src):,} training pairs, "
+            f"{cfg.model}: {count_parameters(model):,} parameters; {lang}; {len(enc.src):,} training pairs, "
             f"vocab {len(tok_src)}/{len(tok_tgt)}; {w.size} process(es) on {w.device}"
         )
     fcfg = FitConfig(
-        steps=cfg["steps"], lr=cfg["lr"], warmup=cfg["warmup"], clip=cfg["clip"], eval_every=cfg["eval_every"],
-        save_every=cfg["save_every"], keep=args.keep, progress=not args.no_progress,
+        steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, clip=cfg.clip, eval_every=cfg.eval_every,
+        save_every=cfg.save_every, keep=args.keep, progress=not args.no_progress,
     )  # fmt: skip
     files = {"src.spm": tok_src.to_bytes(), "tgt.spm": tok_tgt.to_bytes()}
     res = fit(
@@ -507,14 +561,14 @@ def _train(args: argparse.Namespace, out: Path, w: D.World, log: Any) -> dict[st
     if res.stopped or not w.is_main:
         return summary
     model.eval()
-    kind = cfg.get("data", "bible")
+    kind = cfg.data
     if kind == "bible":
-        pairs, limit = data["corpus"].test, cfg["eval_limit"]
+        pairs, limit = data["corpus"].test, cfg.eval_limit
     else:  # every length bucket, --eval-limit spread over them
-        pairs, limit = bucketed_test_pairs(data["corpus"], cfg["eval_limit"]), 0
-    scores = evaluate(model, tok_src, tok_tgt, pairs, cfg["tgt"], beam=1, limit=limit, data=kind)
+        pairs, limit = bucketed_test_pairs(data["corpus"], cfg.eval_limit), 0
+    scores = evaluate(model, tok_src, tok_tgt, pairs, cfg.tgt, beam=1, limit=limit, data=kind)
     record = {"seconds": res.seconds, "cpu_seconds": res.cpu_seconds, "history": res.history}
-    scores.update(_run_summary(model, run_cfg, record))
+    scores.update(_run_summary(model, cfg, record))
     scores["split"] = "test"
     (out / "results-test-beam1.json").write_text(json.dumps(scores, indent=1, ensure_ascii=False))
     log(_result_line(scores))
@@ -523,13 +577,13 @@ def _train(args: argparse.Namespace, out: Path, w: D.World, log: Any) -> dict[st
     return {**summary, **scores}
 
 
-def _run_summary(model: nn.Module, cfg: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _run_summary(model: nn.Module, cfg: TranslateSettings, extra: dict[str, Any]) -> dict[str, Any]:
     return {
-        "model": cfg["model"],
-        "data": cfg.get("data", "bible"),
-        "src": cfg["src"],
-        "tgt": cfg["tgt"],
-        "steps": cfg["steps"],
+        "model": cfg.model,
+        "data": cfg.data,
+        "src": cfg.src,
+        "tgt": cfg.tgt,
+        "steps": cfg.steps,
         "parameters": count_parameters(model),
         "train_seconds": round(float(extra.get("seconds", 0.0)), 1),
         "train_cpu_seconds": round(float(extra.get("cpu_seconds", 0.0)), 1),
@@ -549,14 +603,14 @@ def _result_line(res: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------- load / eval
 def load_run(
     out: str | Path, *, device: str = "auto"
-) -> tuple[Seq2SeqBase, dict[str, Any], Tokenizer, Tokenizer, dict[str, Any]]:
+) -> tuple[Seq2SeqBase, TranslateSettings, Tokenizer, Tokenizer, dict[str, Any]]:
     """Model (eval mode), settings, tokenizers and training record from the newest checkpoint in ``out``."""
     ckpt_dir = Path(out) / "checkpoints"
     if not ckpt_dir.is_dir():
         raise fail(f"a trained run in {out}", f"no {ckpt_dir}", f"attnkit translate train --out {out}")
     ckpt = load_checkpoint(ckpt_dir)
-    cfg = ckpt.config
     try:
+        cfg = TranslateSettings.from_stored(ckpt.config)
         tok_cls = tokenizer_class(cfg)
         tok_src, tok_tgt = tok_cls.from_bytes(ckpt.files["src.spm"]), tok_cls.from_bytes(ckpt.files["tgt.spm"])
         model = build_model(cfg, len(tok_src), len(tok_tgt))
@@ -567,13 +621,13 @@ def load_run(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )
     model = model.to(dev).eval()
-    return model, cfg, tok_src, tok_tgt, ckpt.extra  # type: ignore[return-value]
+    return model, cfg, tok_src, tok_tgt, ckpt.extra
 
 
-def language(cfg: dict[str, Any], side: str) -> Language:
-    """The :class:`~attnkit.data.bible.Language` of ``cfg[side]`` (``"src"`` / ``"tgt"``) in the run's data."""
-    table = LANGUAGES if cfg.get("data", "bible") == "bible" else generated.LANGUAGES
-    return table[cfg[side]]
+def language(cfg: TranslateSettings, side: str) -> Language:
+    """The :class:`~attnkit.data.bible.Language` of ``cfg.src`` / ``cfg.tgt`` (``side``) in the run's data."""
+    table = LANGUAGES if cfg.data == "bible" else generated.LANGUAGES
+    return table[getattr(cfg, side)]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -624,7 +678,7 @@ def evaluate(
             hyps[j] = tok_tgt.decode(ids)
     seconds = time.perf_counter() - t0
     refs = [p.tgt for p in pairs]
-    lang = language({"data": data, "tgt": tgt_code}, "tgt")
+    lang = (LANGUAGES if data == "bible" else generated.LANGUAGES)[tgt_code]
     bleu_metric = sacrebleu.BLEU(tokenize=lang.bleu_tokenize)
     bleu = bleu_metric.corpus_score(hyps, [refs])
     chrf = sacrebleu.corpus_chrf(hyps, [refs])

@@ -66,10 +66,19 @@ def test_glimpse_resume_gives_the_uninterrupted_result(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     digits, labels = torch.rand(40, 1, 28, 28, generator=g), torch.randint(0, 10, (40,), generator=g)
     kw = dict(epochs=3, batch_size=8, lr=3e-3, std=0.15, seed=3, task="translated", samples=2, patch=8, scales=2)
-    whole, _, _ = glimpse.train_one(2, digits, labels, checkpoint_dir=tmp_path / "a", checkpoint_every=3, **kw)
-    part, _, cpu_part = glimpse.train_one(2, digits, labels, checkpoint_dir=tmp_path / "b", stop_after=7, **kw)
+    whole, _, _, n_whole = glimpse.train_one(2, digits, labels, checkpoint_dir=tmp_path / "a", checkpoint_every=3, **kw)
+    part, _, cpu_part, n_part = glimpse.train_one(2, digits, labels, checkpoint_dir=tmp_path / "b", stop_after=7, **kw)
     assert not all(torch.equal(v, whole.state_dict()[k]) for k, v in part.state_dict().items())  # really stopped
-    resumed, _, cpu_all = glimpse.train_one(2, digits, labels, checkpoint_dir=tmp_path / "b", resume=True, **kw)
+    before = sorted(p.name for p in (tmp_path / "b").iterdir())
+    peek, _, cpu_peek, n_peek = glimpse.train_one(  # evaluate the checkpoint: trains nothing, writes nothing
+        2, digits, labels, checkpoint_dir=tmp_path / "b", resume=True, stop_after=7, **kw
+    )
+    assert (n_part, n_peek) == (7, 7) and 0.0 < cpu_peek <= cpu_part  # the CPU time stored with the checkpoint
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == before
+    for k, v in part.state_dict().items():
+        assert torch.equal(v, peek.state_dict()[k]), k
+    resumed, _, cpu_all, n_all = glimpse.train_one(2, digits, labels, checkpoint_dir=tmp_path / "b", resume=True, **kw)
+    assert n_whole == n_all == 15
     for k, v in whole.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
     assert cpu_all > cpu_part > 0.0  # CPU time adds up over the parts

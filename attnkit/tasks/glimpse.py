@@ -81,6 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", type=positive_int, default=None, help="retina scales (default: the paper's, 3 / 1)")
     p.add_argument("--checkpoint-every", type=non_negative_int, default=0, help="checkpoint every N steps (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --out")
+    p.add_argument(
+        "--stop-after",
+        type=positive_int,
+        default=None,
+        help="stop after this many steps in all and evaluate (with --resume at or past it: evaluate the checkpoint)",
+    )
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     p.add_argument("--out", type=output_dir, default="runs/glimpse", help="folder for results.json and pictures")
 
@@ -134,9 +140,10 @@ def train_one(
     checkpoint_every: int = 0,
     resume: bool = False,
     stop_after: int | None = None,
-) -> tuple[RecurrentAttentionModel, float, float]:
-    """Train one RAM with the hybrid loss; returns the model (in eval mode), the training seconds (wall) and the
-    training CPU seconds (process time, summed over resumed parts).
+) -> tuple[RecurrentAttentionModel, float, float, int]:
+    """Train one RAM with the hybrid loss; returns the model (in eval mode), the training seconds (wall), the
+    training CPU seconds (process time, summed over resumed parts) and the steps trained so far (of
+    ``epochs * ceil(N / batch_size)``).
 
     ``train_x`` are 60x60 scenes, or, with ``task`` given, the 28x28 training digits: then every epoch places
     them anew (new positions, new clutter), so each epoch sees new scenes of the same digits. ``policy_lr`` is
@@ -145,7 +152,8 @@ def train_one(
     paths per image (each image of a batch of ``batch_size`` is repeated ``samples`` times; every copy draws its
     own path, with its own reward and baseline). With ``checkpoint_dir`` a checkpoint is written every
     ``checkpoint_every`` steps and at the end; ``resume`` continues from the newest one there, to the same result
-    as an uninterrupted run. ``stop_after``: stop (with a checkpoint) after that many steps in total (tests).
+    as an uninterrupted run. ``stop_after``: stop (with a checkpoint) after that many steps in total; resuming a
+    run that is already there trains nothing and writes no checkpoint (to evaluate a checkpoint mid-run).
     """
     torch.manual_seed(seed)
     model = RecurrentAttentionModel(glimpses=glimpses, patch=patch, scales=scales, std=std, what=what)
@@ -174,9 +182,10 @@ def train_one(
         cpu_before = float(ckpt.extra["cpu_seconds"])
         wall_before = float(ckpt.extra["seconds"])
     cpu_start, wall_start = time.process_time(), time.perf_counter()
+    first = step
 
     def save() -> None:
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and step > first:
             save_checkpoint(
                 checkpoint_dir, step=step, model=model, optimizer=opt, scheduler=sched, config=config,
                 extra={"cpu_seconds": cpu_before + time.process_time() - cpu_start,
@@ -185,6 +194,9 @@ def train_one(
             )  # fmt: skip
 
     model.train()
+    if stop_after is not None and step >= stop_after:
+        model.eval()
+        return model, wall_before, cpu_before, step
     with progress(steps, desc or f"RAM {glimpses} glimpses", initial=step) as bar:
         for epoch in range(step // per_epoch, epochs):
             scenes = train_x if task is None else make_scenes(task, train_x, seed + 7919 * epoch)  # (N, 1, 60, 60)
@@ -212,7 +224,7 @@ def train_one(
                 break
     save()
     model.eval()
-    return model, wall_before + time.perf_counter() - wall_start, cpu_before + time.process_time() - cpu_start
+    return model, wall_before + time.perf_counter() - wall_start, cpu_before + time.process_time() - cpu_start, step
 
 
 @torch.no_grad()
@@ -310,6 +322,7 @@ def run_experiment(
     scales: int | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    stop_after: int | None = None,
 ) -> dict:
     """Train one RAM per glimpse count and evaluate on held-out scenes; write results.json and the picture.
 
@@ -338,7 +351,7 @@ def run_experiment(
     model = None
     for k in glimpse_counts:
         ckpt_dir = out_dir / f"checkpoints_{task}_{k}" if (checkpoint_every or resume) else None
-        model, seconds, cpu = train_one(
+        model, seconds, cpu, done = train_one(
             k,
             train_digits,
             train_y,
@@ -357,11 +370,12 @@ def run_experiment(
             checkpoint_dir=ckpt_dir,
             checkpoint_every=checkpoint_every,
             resume=resume,
+            stop_after=stop_after,
         )
         eval_start = time.process_time()
         err = evaluate(model, test_x, test_y)
         row = {"glimpses": k, "test_error": err, "paper_error": paper_error(task, k, patch, scales),
-               "seconds": seconds, "cpu_seconds": cpu}  # fmt: skip
+               "seconds": seconds, "cpu_seconds": cpu, "steps_done": done}  # fmt: skip
         if test_samples > 1:
             row["test_error_mc"] = evaluate(model, test_x, test_y, samples=test_samples, seed=seed + 20_000)
         row["eval_cpu_seconds"] = time.process_time() - eval_start
@@ -439,6 +453,7 @@ def run(args: argparse.Namespace) -> int:
         scales=args.scales,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        stop_after=args.stop_after,
     )
     s = summary["settings"]
     print(
@@ -448,6 +463,11 @@ def run(args: argparse.Namespace) -> int:
         "chance = 90% error"
     )
     print(format_table(result_rows(summary)))
+    for r in summary["results"]:
+        if r["steps_done"] < s["steps"]:
+            print(
+                f"{r['glimpses']} glimpses: stopped after {r['steps_done']} of {s['steps']} steps (--resume continues)"
+            )
     print(f"glimpse paths: {summary['picture']}")
     return 0
 

@@ -35,7 +35,7 @@ test: system-deps-test $(STAMP)
 	$(PY) -m ruff check attnkit tests
 	$(PY) -m mypy
 	$(PY) -m attnkit.functional._native_check --strict
-	$(PY) -m pytest -n 2 --durations=15
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15
 	$(PY) -m mkdocs build --strict --site-dir site
 
 test-fast: $(STAMP)

@@ -89,11 +89,30 @@ def test_tiny_study_through_the_tour_section(tmp_path: Path, monkeypatch: pytest
         accs = [r["test_accuracy"] for r in runs if r["attention"] == row["attention"]]
         assert row["accuracy_mean"] == pytest.approx(statistics.fmean(accs))
         assert row["accuracy_std"] == pytest.approx(statistics.stdev(accs))
+        # the t-based 95% interval of the mean over the 2 seeds: t(0.975, 1) = 12.706
+        assert row["accuracy_ci95"] == pytest.approx(12.706 * statistics.stdev(accs) / 2**0.5)
         assert row["added_params"] == row["params"] - plain
         assert row["params"] == count_parameters(AttentionCNN(10, widths=(8, 16, 32), attention=row["attention"]))
     for name in section.images:
         path = tmp_path / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 300_000
+
+
+def test_depth_gives_a_resnet_14() -> None:
+    """--depth 2: stem + 3 stages x 2 blocks x 2 convs + the classifier = 14 weight layers (1x1 shortcuts aside)."""
+    from attnkit.cli import build_parser
+
+    args = build_parser().parse_args(["classify", "--depth", "2", "--seeds", "5", "--attention", "none,se"])
+    config = classify.ClassifyConfig.from_args(args)
+    assert (config.depth, config.seeds, config.attention) == (2, 5, ("none", "se"))
+    model = AttentionCNN(10, widths=config.widths, depth=config.depth, attention="se")
+    from attnkit.models.cnn import BasicBlock
+
+    stem = [m for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    layers = [*stem, *(c for b in blocks for c in (b.conv1, b.conv2)), model.head]
+    assert len(layers) == 14
+    assert "(14 weight layers)" in classify.describe(config)
 
 
 def test_training_is_deterministic_per_seed() -> None:

@@ -45,6 +45,7 @@ from attnkit.bench._timing import machine_line
 from attnkit.data.images import ImageSplits, load_images
 from attnkit.layers.registry import list_attentions
 from attnkit.models.cnn import AttentionCNN, count_parameters
+from attnkit.tasks.claims import mean_interval
 from attnkit.tasks.report import Section
 from attnkit.train.checkpoint import latest_checkpoint, load_checkpoint
 from attnkit.train.loop import STOPPED, FitConfig, FitResult, fit
@@ -68,6 +69,7 @@ class ClassifyConfig:
     lr: float = 1e-2
     weight_decay: float = 5e-4
     widths: tuple[int, ...] = (16, 32, 64)
+    depth: int = 1  # residual blocks per stage: 2 + 6 * depth weight layers (depth 2: a ResNet-14)
     threads: int = 0  # 0 = leave the count as it is (the attnkit command follows the cores left free)
     plots: bool = True
     save_every: int = 0  # checkpoint every N steps (0: only at the end of each model and on a stop signal)
@@ -107,8 +109,8 @@ class StudyResult:
         rows = [["attention", "test accuracy (%)", "params", "added params", "train img/s", "infer img/s"]]
         for s in self.summary:
             acc = f"{s['accuracy_mean'] * 100:.2f}"
-            if s["seeds"] > 1:  # no spread to show from one seed
-                acc += f" ± {s['accuracy_std'] * 100:.2f}"
+            if s.get("accuracy_ci95") is not None:  # no interval from one seed
+                acc += f" ± {s['accuracy_ci95'] * 100:.2f}"
             added = "—" if s["attention"] == "none" else f"+{s['added_params']:,} ({s['added_percent']:.2f}%)"
             rows.append(
                 [s["attention"], acc, f"{s['params']:,}", added, f"{s['train_ips']:.0f}", f"{s['infer_ips']:.0f}"]
@@ -130,7 +132,8 @@ def describe(c: ClassifyConfig, n_train: int | None = None, n_test: int | None =
     return (
         f"{c.dataset}: {train} training / {test} test images, {c.epochs} epoch(s), batch {c.batch_size}, AdamW "
         f"lr {c.lr:g} (one-cycle), weight decay {c.weight_decay:g}, widths {list(c.widths)}, "
-        f"{c.seeds} seed(s); accuracy of the last epoch's weights, no model selection"
+        f"{c.depth} block(s) per stage ({2 + 6 * c.depth} weight layers), {c.seeds} seed(s) (± = t-based 95% "
+        "interval of the mean over seeds); accuracy of the last epoch's weights, no model selection"
     )
 
 
@@ -171,7 +174,7 @@ def _run_config(config: ClassifyConfig, attention: str, seed: int) -> dict[str, 
     return {
         "task": "classify", "dataset": config.dataset, "attention": attention, "seed": seed, "epochs": config.epochs,
         "train_size": config.train_size, "batch_size": config.batch_size, "lr": config.lr,
-        "weight_decay": config.weight_decay, "widths": list(config.widths),
+        "weight_decay": config.weight_decay, "widths": list(config.widths), "depth": config.depth,
     }  # fmt: skip
 
 
@@ -195,7 +198,7 @@ def fit_model(
     one. Without ``checkpoint_dir`` the checkpoints go to a temporary folder.
     """
     torch.manual_seed(seed)
-    model = AttentionCNN(10, widths=config.widths, attention=attention)
+    model = AttentionCNN(10, widths=config.widths, depth=config.depth, attention=attention)
     steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
     total = steps_per_epoch * config.epochs
     if total < 8:
@@ -261,6 +264,8 @@ def _summarise(runs: list[RunResult], order: Sequence[str], reference: int) -> l
                 "seeds": len(rs),
                 "accuracy_mean": statistics.fmean(accs),
                 "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "accuracy_ci95": None if len(accs) < 2 else mean_interval(accs)[1],  # t-based half-width
+                "error_mean": 100.0 * (1.0 - statistics.fmean(accs)),
                 "accuracies": accs,
                 "params": params,
                 "added_params": added,
@@ -316,7 +321,7 @@ def _run_study(config: ClassifyConfig, out: str | Path | None, log: Any) -> Stud
             break
     if stopped:
         return StudyResult(config, runs, [], machine_line(), stopped=True)
-    plain = count_parameters(AttentionCNN(10, widths=config.widths))
+    plain = count_parameters(AttentionCNN(10, widths=config.widths, depth=config.depth))
     result = StudyResult(config, runs, _summarise(runs, config.attention, plain), machine_line())
     if out is not None:
         folder = Path(out)
@@ -450,6 +455,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--widths", type=int_list(example="16,32,64"), default="16,32,64", help="channels of the three stages"
     )
     parser.add_argument(
+        "--depth", type=positive_int, default=1,
+        help="residual blocks per stage (default 1: 8 weight layers; 2: a ResNet-14; 3: a ResNet-20)",
+    )  # fmt: skip
+    parser.add_argument(
         "--threads", type=non_negative_int, default=0, help="torch threads (0 = follow the cores left free)"
     )
     parser.add_argument("--quick", action="store_true", help="10,000 / 2,000 images, 1 epoch, 1 seed (CI, tour)")
@@ -505,6 +514,7 @@ def config_from_args(args: argparse.Namespace) -> ClassifyConfig:
     c.widths = tuple(widths)
     c.batch_size, c.lr, c.threads, c.plots = args.batch_size, args.lr, args.threads, not args.no_plots
     c.save_every = getattr(args, "save_every", 0) or 0
+    c.depth = getattr(args, "depth", 1) or 1
     c.resume = bool(getattr(args, "resume", False))
     return c
 

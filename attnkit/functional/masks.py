@@ -102,7 +102,7 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 ModFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 """``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``: FlexAttention's signature, ``True`` = may attend."""
 
-_CHUNK_BLOCKS = 1024  # partial blocks evaluated at once: 1024 x 64 x 64 elements (int64 temporaries stay ~32 MiB)
+_CHUNK_BLOCKS = 256  # partial blocks evaluated at once: 256 x 64 x 64 elements (int64 temporaries of 8 MiB)
 _BIT_WEIGHTS = (1 << torch.arange(8)).to(torch.uint8)
 
 
@@ -190,7 +190,7 @@ class MaskBlocks:
 
 def _compile(mask: AttentionMask, q_len: int, k_len: int) -> MaskBlocks:
     """Build the :class:`MaskBlocks` of ``mask``: analytic block states where the mask knows them, then the
-    element mask of every block still *partial*, evaluated by ``mask._mod`` in chunks (memory bounded), which also
+    element mask of every block still *partial*, evaluated by ``mask._mod`` (:func:`_evaluate_partial`), which also
     reclassifies blocks that turn out empty or full."""
     rb, rh = mask._rows()
     nq, nk = _nblocks(q_len), _nblocks(k_len)
@@ -199,29 +199,10 @@ def _compile(mask: AttentionMask, q_len: int, k_len: int) -> MaskBlocks:
         states = torch.full((1, 1, nq, nk), PARTIAL, dtype=torch.uint8)
     st = states.expand(rb, rh, nq, nk).reshape(rb * rh, nq, nk).clone()  # (R, Nq, Nk)
     partial = (st == PARTIAL).nonzero()  # (P, 3): row, q block, k block (lexicographic)
-    words: list[Tensor] = []
+    bits = torch.zeros(0, BLOCK, dtype=torch.int64)
     if partial.shape[0]:
-        mod = mask._mod(q_len, k_len)
-        ar = torch.arange(BLOCK)
-        edges = q_len % BLOCK or k_len % BLOCK
-        for chunk in partial.split(_CHUNK_BLOCKS):
-            r, qb, kb = chunk.unbind(1)
-            q = qb.view(-1, 1, 1) * BLOCK + ar.view(1, BLOCK, 1)  # (n, 64, 1)
-            kv = kb.view(-1, 1, 1) * BLOCK + ar.view(1, 1, BLOCK)  # (n, 1, 64)
-            b, h = (r // rh).view(-1, 1, 1), (r % rh).view(-1, 1, 1)  # (n, 1, 1)
-            allowed = _as_bool(mod(b, h, q.clamp(max=q_len - 1), kv.clamp(max=k_len - 1)))
-            allowed = allowed.expand(chunk.shape[0], BLOCK, BLOCK)
-            if edges:
-                valid = (q < q_len) & (kv < k_len)  # (n, 64, 64)
-                allowed = allowed & valid
-                full = (allowed == valid).flatten(1).all(1)
-            else:
-                full = allowed.flatten(1).all(1)
-            some = allowed.flatten(1).any(1)
-            st[r, qb, kb] = torch.where(some, torch.where(full, FULL, PARTIAL), EMPTY).to(torch.uint8)
-            keep = some & ~full
-            if bool(keep.any()):
-                words.append(_pack_bits(allowed[keep].contiguous()))
+        new_states, bits = _evaluate_partial(mask._mod(q_len, k_len), rh, partial, q_len, k_len)
+        st[partial[:, 0], partial[:, 1], partial[:, 2]] = new_states
     nz = st.nonzero()  # (nnz, 3), sorted by row, q block, k block
     kind = st[nz[:, 0], nz[:, 1], nz[:, 2]]
     is_part = kind == PARTIAL
@@ -231,9 +212,55 @@ def _compile(mask: AttentionMask, q_len: int, k_len: int) -> MaskBlocks:
     row_ptr[1:] = torch.cumsum(counts, 0)
     ends = row_ptr[1:].view(rb * rh, nq)
     starts = torch.cat([row_ptr[:1], ends[:-1, -1]]).view(rb * rh, 1)
-    bits = torch.cat(words) if words else torch.zeros(0, BLOCK, dtype=torch.int64)
     return MaskBlocks(q_len, k_len, rb, rh, torch.cat([starts, ends], 1).contiguous(), nz[:, 2].contiguous(),
                       part.contiguous(), bits.contiguous())
+
+
+def _evaluate_partial(mod: ModFn, rh: int, partial: Tensor, q_len: int, k_len: int) -> tuple[Tensor, Tensor]:
+    """Evaluate ``mod`` on every element of the blocks ``partial`` (``(P, 3)``: description row, q block, k block,
+    lexicographic): ``(P,)`` uint8 states (empty / partial / full) and the ``(P', 64)`` bit words of the blocks
+    that stay partial, in ``partial``'s order.
+
+    Exact: every pair is evaluated (nothing is probed). The function is called on chunks of ``_CHUNK_BLOCKS`` blocks
+    with broadcast int64 indices ``b, h (n, 1, 1)``, ``q_idx (n, 64, 1)``, ``kv_idx (n, 1, 64)``, small enough that
+    its temporaries stay in the CPU's cache (one pass over ``L x S`` int64 temporaries at once would stream them
+    through memory several times). Each ``(n, 64, 64)`` bool result is read as ``(n, 512)`` int64 words of 8 flags
+    for the any / all reductions, and only the blocks that stay partial are packed to bits."""
+    p = partial.shape[0]
+    ar = torch.arange(BLOCK)
+    out = torch.empty(p, dtype=torch.uint8)
+    words: list[Tensor] = []
+    edges = bool(q_len % BLOCK or k_len % BLOCK)
+    ones = 0x0101010101010101  # eight True flags in one int64 word
+    r_all, qb_all, kb_all = partial.unbind(1)
+    b_all, h_all = r_all // rh, r_all % rh
+    for start in range(0, p, _CHUNK_BLOCKS):
+        sl = slice(start, start + _CHUNK_BLOCKS)
+        qb, kb = qb_all[sl], kb_all[sl]
+        n = qb.shape[0]
+        q = qb.view(-1, 1, 1) * BLOCK + ar.view(1, BLOCK, 1)  # (n, 64, 1)
+        kv = kb.view(-1, 1, 1) * BLOCK + ar.view(1, 1, BLOCK)  # (n, 1, 64)
+        if edges:
+            q, kv = q.clamp(max=q_len - 1), kv.clamp(max=k_len - 1)
+        got = _as_bool(mod(b_all[sl].view(-1, 1, 1), h_all[sl].view(-1, 1, 1), q, kv))
+        if got.shape != (n, BLOCK, BLOCK) or not got.is_contiguous():
+            got = got.expand(n, BLOCK, BLOCK).contiguous()
+        if edges:  # padding rows / keys past the lengths: never allowed, and do not stop a block being full
+            qv = qb.view(-1, 1, 1) * BLOCK + ar.view(1, BLOCK, 1) < q_len
+            kvv = kb.view(-1, 1, 1) * BLOCK + ar.view(1, 1, BLOCK) < k_len
+            valid = (qv & kvv).view(torch.uint8).view(torch.int64).view(n, -1)  # (n, 512)
+            flags = (got & qv & kvv).view(torch.uint8).view(torch.int64).view(n, -1)
+            full = (flags == valid).all(1)
+        else:
+            flags = got.view(torch.uint8).view(torch.int64).view(n, -1)  # (n, 512): 8 flags per word
+            full = (flags == ones).all(1)
+        some = flags.any(1)
+        out[sl] = torch.where(some, torch.where(full, FULL, PARTIAL), EMPTY)
+        keep = some & ~full
+        if bool(keep.any()):
+            words.append(_pack_bits(flags.view(torch.uint8).view(torch.bool).view(n, BLOCK, BLOCK)[keep]))
+    bits = torch.cat(words) if words else torch.zeros(0, BLOCK, dtype=torch.int64)
+    return out, bits
 
 
 def _as_bool(x: Tensor) -> Tensor:

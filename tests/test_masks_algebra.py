@@ -315,3 +315,21 @@ def test_mask_mod_blocks_equal_the_structured_masks_at_a_long_length() -> None:
         ours, theirs = MaskMod(fn, B=1, H=1).blocks(n, n), structured.blocks(n, n)
         for field in ("row_ptr", "cols", "part", "bits"):
             assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
+
+
+def test_mask_mod_blocks_with_worker_threads(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With two intra-op threads the chunks go to two workers (single-threaded ops each): the same description, in
+    order, as one thread gives; the intra-op thread count is restored after."""
+    from attnkit._runtime import torch_threads
+
+    monkeypatch.setattr(masks_mod, "_CHUNK_BLOCKS", 2)
+    fn = _mods()["per_head_window"]
+    with torch_threads(1):
+        one = MaskMod(fn)._bind(1, 3).blocks(300, 257)  # type: ignore[arg-type]
+    with torch_threads(2):
+        two = MaskMod(fn)._bind(1, 3).blocks(300, 257)  # type: ignore[arg-type]
+        assert torch.get_num_threads() == 2
+    for field in ("row_ptr", "cols", "part", "bits"):
+        assert torch.equal(getattr(one, field), getattr(two, field)), field
+    got = two.to_dense()
+    assert torch.equal(got, MaskMod(fn)._bind(1, 3).materialize(300, 257).expand_as(got))  # type: ignore[arg-type]

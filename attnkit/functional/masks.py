@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import functools
 import threading
 import weakref
 from collections import OrderedDict
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._threads import run_tasks
 from ._validate import fail
 
 _ALIGNS = ("upper_left", "lower_right")
@@ -222,43 +224,47 @@ def _evaluate_partial(mod: ModFn, rh: int, partial: Tensor, q_len: int, k_len: i
     that stay partial, in ``partial``'s order.
 
     Exact: every pair is evaluated (nothing is probed). The function is called on chunks of ``_CHUNK_BLOCKS`` blocks
-    with broadcast int64 indices ``b, h (n, 1, 1)``, ``q_idx (n, 64, 1)``, ``kv_idx (n, 1, 64)``, small enough that
-    its temporaries stay in the CPU's cache (one pass over ``L x S`` int64 temporaries at once would stream them
-    through memory several times). Each ``(n, 64, 64)`` bool result is read as ``(n, 512)`` int64 words of 8 flags
-    for the any / all reductions, and only the blocks that stay partial are packed to bits."""
+    with broadcast int64 indices ``b, h (n, 1, 1)``, ``q_idx (n, 64, 1)``, ``kv_idx (n, 1, 64)``, so its
+    temporaries stay small (one pass over ``L x S`` int64 temporaries at once streams gigabytes through memory).
+    Each ``(n, 64, 64)`` bool result is read as ``(n, 512)`` int64 words of 8 flags for the any / all reductions,
+    and only the blocks that stay partial are packed to bits. The chunks are pulled from one queue by the intra-op
+    thread count of workers, each running single-threaded ops (:func:`~attnkit.functional._threads.run_tasks`):
+    hundreds of small multithreaded calls would each wait on a barrier, for long where other work shares the
+    cores."""
     p = partial.shape[0]
     ar = torch.arange(BLOCK)
     out = torch.empty(p, dtype=torch.uint8)
-    words: list[Tensor] = []
     edges = bool(q_len % BLOCK or k_len % BLOCK)
     ones = 0x0101010101010101  # eight True flags in one int64 word
     r_all, qb_all, kb_all = partial.unbind(1)
     b_all, h_all = r_all // rh, r_all % rh
-    for start in range(0, p, _CHUNK_BLOCKS):
+
+    def chunk(start: int) -> Tensor | None:
         sl = slice(start, start + _CHUNK_BLOCKS)
         qb, kb = qb_all[sl], kb_all[sl]
         n = qb.shape[0]
         q = qb.view(-1, 1, 1) * BLOCK + ar.view(1, BLOCK, 1)  # (n, 64, 1)
         kv = kb.view(-1, 1, 1) * BLOCK + ar.view(1, 1, BLOCK)  # (n, 1, 64)
-        if edges:
-            q, kv = q.clamp(max=q_len - 1), kv.clamp(max=k_len - 1)
-        got = _as_bool(mod(b_all[sl].view(-1, 1, 1), h_all[sl].view(-1, 1, 1), q, kv))
+        got = _as_bool(mod(b_all[sl].view(-1, 1, 1), h_all[sl].view(-1, 1, 1),
+                           q.clamp(max=q_len - 1) if edges else q, kv.clamp(max=k_len - 1) if edges else kv))
         if got.shape != (n, BLOCK, BLOCK) or not got.is_contiguous():
             got = got.expand(n, BLOCK, BLOCK).contiguous()
         if edges:  # padding rows / keys past the lengths: never allowed, and do not stop a block being full
-            qv = qb.view(-1, 1, 1) * BLOCK + ar.view(1, BLOCK, 1) < q_len
-            kvv = kb.view(-1, 1, 1) * BLOCK + ar.view(1, 1, BLOCK) < k_len
-            valid = (qv & kvv).view(torch.uint8).view(torch.int64).view(n, -1)  # (n, 512)
-            flags = (got & qv & kvv).view(torch.uint8).view(torch.int64).view(n, -1)
-            full = (flags == valid).all(1)
+            real = (q < q_len) & (kv < k_len)  # (n, 64, 64)
+            flags = (got & real).view(torch.uint8).view(torch.int64).view(n, -1)  # (n, 512): 8 flags per word
+            full = (flags == real.view(torch.uint8).view(torch.int64).view(n, -1)).all(1)
         else:
-            flags = got.view(torch.uint8).view(torch.int64).view(n, -1)  # (n, 512): 8 flags per word
+            flags = got.view(torch.uint8).view(torch.int64).view(n, -1)
             full = (flags == ones).all(1)
         some = flags.any(1)
         out[sl] = torch.where(some, torch.where(full, FULL, PARTIAL), EMPTY)
         keep = some & ~full
-        if bool(keep.any()):
-            words.append(_pack_bits(flags.view(torch.uint8).view(torch.bool).view(n, BLOCK, BLOCK)[keep]))
+        if not bool(keep.any()):
+            return None
+        return _pack_bits(flags.view(torch.uint8).view(torch.bool).view(n, BLOCK, BLOCK)[keep])
+
+    tasks = [functools.partial(chunk, start) for start in range(0, p, _CHUNK_BLOCKS)]
+    words = [w for w in run_tasks(tasks, min(len(tasks), torch.get_num_threads())) if w is not None]
     bits = torch.cat(words) if words else torch.zeros(0, BLOCK, dtype=torch.int64)
     return out, bits
 

@@ -63,3 +63,14 @@ def test_hard_captioner_stopped_and_resumed_equals_uninterrupted(
     assert resumed.expected_prob == whole.expected_prob
     with pytest.raises(ValueError, match="lr"):  # another recipe does not continue this one's checkpoint
         caption.fit_captioner("hard", data, checkpoint_dir=tmp_path / "b", resume=True, **{**kw, "lr": 1e-3})
+
+
+def test_a_fresh_run_removes_an_older_runs_checkpoints(tmp_path: Path) -> None:
+    """Without resume, checkpoints an older (longer) run left in the folder go, so --resume later continues this
+    run and not the older one's newer steps."""
+    mnist = load_mnist()
+    data = digit_scenes(mnist.train_x, mnist.train_y, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(batch_size=8, lr=2e-3, entropy_weight=0.01, seed=0, checkpoint_dir=tmp_path)
+    caption.fit_captioner("soft", data, epochs=5, **kw)  # 10 steps
+    caption.fit_captioner("soft", data, epochs=4, **kw)  # 8 steps, fresh
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000008"]

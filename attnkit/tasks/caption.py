@@ -40,7 +40,7 @@ from attnkit.data.scenes import EOS, CaptionScenes, decode_caption, digit_scenes
 from attnkit.layers.hard import MovingAverageBaseline
 from attnkit.models.captioner import ATTENTIONS, ShowAttendTell, caption_loss
 from attnkit.tasks.report import Section
-from attnkit.train.checkpoint import latest_checkpoint, load_checkpoint
+from attnkit.train.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoints
 from attnkit.train.loop import STOPPED, FitConfig, FitResult, fit
 
 HELP = "Show-Attend-and-Tell on multi-digit MNIST scenes: soft vs hard (REINFORCE) attention"
@@ -253,6 +253,8 @@ def fit_captioner(
     with contextlib.ExitStack() as stack:
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else Path(stack.enter_context(TemporaryDirectory()))
         start = load_checkpoint(folder, expect_config=run_config) if resume and latest_checkpoint(folder) else None
+        if not resume:
+            remove_checkpoints(folder)
         result = fit(trainee, loss_fn, config, checkpoint_dir=folder, run_config=run_config, resume=start, log=log,
                      optimizer=opt, scheduler=sched)  # fmt: skip
     model.expected_prob = expected_schedule(max(result.step - 1, 0), steps, final=final, anneal=expected_anneal)

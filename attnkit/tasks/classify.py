@@ -47,7 +47,7 @@ from attnkit.layers.registry import list_attentions
 from attnkit.models.cnn import AttentionCNN, count_parameters
 from attnkit.tasks.claims import mean_interval
 from attnkit.tasks.report import Section
-from attnkit.train.checkpoint import latest_checkpoint, load_checkpoint
+from attnkit.train.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoints
 from attnkit.train.loop import STOPPED, FitConfig, FitResult, fit
 
 HELP = "train a small CNN with SE / ECA / CBAM / no attention on MNIST or Fashion-MNIST and compare them"
@@ -231,6 +231,8 @@ def fit_model(
         start = None
         if resume and latest_checkpoint(folder) is not None:
             start = load_checkpoint(folder, expect_config=run_config)
+        elif not resume:
+            remove_checkpoints(folder)
         result = fit(
             model, loss_fn, fit_config, checkpoint_dir=folder, run_config=run_config, validate=train_loss,
             resume=start, log=log, optimizer=opt, scheduler=sched,

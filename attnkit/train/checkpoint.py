@@ -49,6 +49,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "remove_checkpoints",
     "restore_rng",
     "save_checkpoint",
 ]
@@ -176,6 +177,15 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit():
             found.append((int(p.name[len(PREFIX) :]), p))
     return [p for _, p in sorted(found)]
+
+
+def remove_checkpoints(directory: str | Path) -> int:
+    """Delete the checkpoint folders in ``directory`` (a fresh run into a folder an older run used, so a later
+    ``--resume`` cannot pick up the older run's newer steps); returns how many were removed."""
+    found = list_checkpoints(directory)
+    for p in found:
+        shutil.rmtree(p)
+    return len(found)
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:

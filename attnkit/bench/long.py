@@ -445,7 +445,7 @@ def mask_suite(quick: bool, with_flex: bool) -> list[Table]:
                             "not judged here")
     compile_t.notes.append("attnkit mask_mod: MaskMod(fn, B=1, H=1).blocks(N, N) on a fresh object (nothing "
                            "cached), the function evaluated exactly on every element: on broadcast int64 index "
-                           "tensors, 256 blocks of 64 x 64 at a time (no torch.compile); attnkit mask object: "
+                           "tensors, a chunk of blocks of 64 x 64 at a time (no torch.compile); attnkit mask object: "
                            "mask.blocks(N, N), block states known analytically, only partial blocks evaluated")
     return [times, ratios, compile_t]
 

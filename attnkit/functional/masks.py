@@ -104,7 +104,7 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 ModFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 """``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``: FlexAttention's signature, ``True`` = may attend."""
 
-_CHUNK_BLOCKS = 256  # partial blocks evaluated at once: 256 x 64 x 64 elements (int64 temporaries of 8 MiB)
+_CHUNK_BLOCKS = 128  # partial blocks evaluated at once: 128 x 64 x 64 elements (int64 temporaries of 4 MiB)
 _BIT_WEIGHTS = (1 << torch.arange(8)).to(torch.uint8)
 
 

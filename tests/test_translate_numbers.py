@@ -96,3 +96,19 @@ def test_settings_dataclass_matches_the_defaults_and_round_trips() -> None:
     stored = {**s.to_dict(), "model_config": {"ignored": True}}
     assert T.TranslateSettings.from_stored(stored) == s
     assert T.TranslateSettings.from_stored({"model": "none"}).data == "bible"  # checkpoints from before --data
+
+
+def test_full_tour_section_compares_attention_with_none_by_length(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The full tour's translation section (shrunk to a few steps): no attention and Luong on numbers, one row each,
+    exact match per length bucket, and JSON the claims table reads."""
+    from attnkit.tasks.claims import build_claims, collect
+
+    monkeypatch.setitem(T.TOUR_NUMBERS, "steps", 12)
+    monkeypatch.setitem(T.TOUR_NUMBERS, "save_every", 0)
+    monkeypatch.setitem(T.TOUR_NUMBERS, "eval_limit", 10)
+    section = T.tour_section(tmp_path, False)
+    assert [r[0] for r in section.table[1:]] == ["none", "luong"] and section.table[0][3] == "exact %"
+    assert section.more_tables[0][0] == ["exact % by source words", "1-10", "11-20", "21-30", "31-40", "41-50"]
+    assert all(str(tmp_path / img).endswith(".png") and (tmp_path / img).exists() for img in section.images)
+    claim = build_claims(collect(tmp_path))[0]
+    assert claim.measured.startswith("BLEU none ") and "longest inputs (41-50 words)" in claim.measured

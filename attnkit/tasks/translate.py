@@ -782,9 +782,18 @@ def translate_text(
 
 
 # --------------------------------------------------------------------------------------------------- tour
+# The full tour's study (docs/translation.md, "Attention against input length"): numbers written out in English ->
+# German, 500 steps, the settings of the documented run (there: no attention 71, Luong 125 CPU s; 2.6% vs 75.2% exact).
+TOUR_NUMBERS: dict[str, Any] = {
+    "data": "numbers", "src": "en", "tgt": "de", "steps": 500, "batch_size": 64, "lr": 3e-3, "warmup": 50,
+    "embed_dim": 64, "hidden_dim": 128, "dropout": 0.1, "eval_every": 0, "save_every": 250, "eval_limit": 0,
+}  # fmt: skip
+
+
 def tour_section(out_dir: Path, quick: bool) -> Section:
-    """Train tiny GRUs briefly and score them: ``quick`` Bahdanau for 80 steps (about 20 s on 2 idle cores); the
-    full tour no attention, Bahdanau and Luong for 300 steps each (a few minutes). Plots one verse's alignment."""
+    """``quick``: a tiny Bahdanau GRU on Bible verses for 80 steps (about 20 s on 2 idle cores). Full: no attention
+    against Luong attention on English -> German numbers of 1-50 words for 500 steps each (a few CPU minutes),
+    scored per length bucket, with the alignment of a long input Luong translated exactly."""
     t0 = time.perf_counter()
     with torch_threads(1):  # these small recurrent steps run no faster on more threads, and a busy machine hurts
         return _tour_section(Path(out_dir), quick, t0)
@@ -792,10 +801,11 @@ def tour_section(out_dir: Path, quick: bool) -> Section:
 
 def _tour_section(out_dir: Path, quick: bool, t0: float) -> Section:
     folder = Path(out_dir) / "translate"
-    models = ("bahdanau",) if quick else ("none", "bahdanau", "luong")
-    rows = [["model", "BLEU", "chrF", "parameters", "train s (wall)", "train s (CPU)", "steps"]]
+    models = ("bahdanau",) if quick else ("none", "luong")
+    rows = [["model", "BLEU", "chrF", "exact %", "parameters", "train s (wall)", "train s (CPU)", "steps"]]
     images: list[str] = []
     links: list[tuple[str, str]] = []
+    by_length: list[list[str]] = []
     for name in models:
         run_dir = folder / name
         if run_dir.exists():
@@ -807,22 +817,53 @@ def _tour_section(out_dir: Path, quick: bool, t0: float) -> Section:
             **{k: None for k in DEFAULTS},
         )  # fmt: skip
         if not quick:
-            ns.steps, ns.eval_limit = 300, 0
+            ns.quick = False
+            for key, value in TOUR_NUMBERS.items():
+                setattr(ns, key, value)
         res = train(ns, run_dir, log=lambda _m: None)
         if res["stopped"]:  # SIGTERM / Ctrl-C during the tour: the checkpoint is written, stop the tour too
             raise KeyboardInterrupt
-        rows.append([name, f"{res['bleu']:.2f}", f"{res['chrf']:.2f}", f"{res['parameters']:,}",
+        exact = f"{res['exact']:.1f}" if "exact" in res else "—"
+        rows.append([name, f"{res['bleu']:.2f}", f"{res['chrf']:.2f}", exact, f"{res['parameters']:,}",
                      f"{res['train_seconds']:.0f}", f"{res['train_cpu_seconds']:.0f}", str(res["step"])])  # fmt: skip
         links.append((f"{name}: results JSON", f"translate/{name}/results-test-beam1.json"))
-        if name != "none":
-            model, _cfg, ts, tt, _ = load_run(run_dir, device="cpu")
+        if "by_length" in res:
+            if not by_length:
+                by_length.append(["exact % by source words", *res["by_length"]])
+            by_length.append([name, *(f"{b['exact']:.1f}" for b in res["by_length"].values())])
+        if name == "none":
+            continue
+        model, cfg, ts, tt, _ = load_run(run_dir, device="cpu")
+        if quick:
             tr = translate_text(model, ts, tt, "In the beginning God created the heavens and the earth.", beam=1)
-            img = folder / f"alignment-{name}.png"
-            tr.plot(save=img, title=f"{name}: {tr.translation}"[:80])
-            images.append(f"translate/{img.name}")
-    summary = (
-        "English (WEB) -> German (Elberfelder) Bible verses, split by book (test: Ruth, Jonah, Galatians, James); "
-        "tiny GRU models trained for seconds on CPU, greedy decoding, sacrebleu BLEU/chrF on the held-out books. "
-        "Numbers this small only show the pipeline works; see docs/translation.md for longer runs."
-    )
-    return Section("Translation with attention", summary, rows, images, links, seconds=time.perf_counter() - t0)
+            title = f"{name}: {tr.translation}"[:80]
+        else:  # only an output that is a real translation: the first 21-30-word test input it got exactly right
+            found = None
+            for pair in load_corpus(cfg).buckets["21-30"][:30]:
+                tr = translate_text(model, ts, tt, pair.src, beam=1)
+                if tr.translation == pair.tgt:
+                    found = (tr, len(pair.src.split()))
+                    break
+            if found is None:
+                continue
+            tr, title = found[0], f"{name}: a {found[1]}-word input, translated exactly (units before tens)"
+        img = folder / f"alignment-{name}.png"
+        tr.plot(save=img, title=title)
+        images.append(f"translate/{img.name}")
+    if quick:
+        summary = (
+            "English (WEB) -> German (Elberfelder) Bible verses, split by book (test: Ruth, Jonah, Galatians, James); "
+            "a tiny Bahdanau GRU trained for seconds on CPU, greedy decoding, sacrebleu BLEU/chrF on the held-out "
+            "books. Numbers this small only show the pipeline works; the full tour compares attention with none "
+            "against input length, and docs/translation.md has the longer runs."
+        )
+    else:
+        summary = (
+            "Bahdanau et al. 2015 (Fig. 2) at small scale: English number sequences of 1-50 words written in German "
+            "(units before tens: crossing alignments), a GRU without attention against the same GRU with Luong "
+            "attention, 500 steps each, greedy decoding, 500 held-out pairs (100 per length bucket). The paper: "
+            "RNNencdec-50 17.82 vs RNNsearch-50 26.75 BLEU; the no-attention model falls away with length. "
+            "Longer runs and all four models: docs/translation.md."
+        )
+    return Section("Translation with attention", summary, rows, images, links, seconds=time.perf_counter() - t0,
+                   more_tables=[by_length] if by_length else [])  # fmt: skip

@@ -27,7 +27,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "classify": ("attnkit.tasks.classify", "SE / ECA / CBAM on real images"),
     "caption": ("attnkit.tasks.caption", "soft vs hard attention captioning digit scenes"),
     "glimpse": ("attnkit.tasks.glimpse", "a recurrent attention model taking glimpses"),
-    "translate": ("attnkit.tasks.translate", "translation with attention on Bible verses"),
+    "translate": ("attnkit.tasks.translate", "translation with and without attention (full: against input length)"),
 }
 
 _STYLE = """

@@ -29,10 +29,13 @@ Example (not run by the doctests: it needs the model package)::
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +155,22 @@ def _gguf_file(spec: LLMSpec, scratch: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _no_bars_in_logs() -> Iterator[None]:
+    """HF's loading bars redraw a line with carriage returns; in a log (stderr not a terminal) they are switched
+    off for the call, as attnkit's own progress lines are log-friendly."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if was and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _convert(gguf: Path, out: Path) -> None:
     """De-quantize ``gguf`` into a float32 HF folder ``out`` (weights, config, tokenizer)."""
     try:
@@ -160,8 +179,9 @@ def _convert(gguf: Path, out: Path) -> None:
         raise ImportError(
             f"loading a GGUF model needs transformers, gguf and accelerate: pip install 'attnkit[hf]' ({err})"
         ) from err
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _no_bars_in_logs():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The tensors are de-quantized already; HF still marks the model as GGUF-quantized, which refuses to save.
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
@@ -196,9 +216,10 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = converted_folder(name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(folder), attn_implementation=attn_implementation, dtype=dtype, local_files_only=True
-    )
+    with _no_bars_in_logs():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), attn_implementation=attn_implementation, dtype=dtype, local_files_only=True
+        )
     if device is not None:
         model.to(device)  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

@@ -19,11 +19,14 @@ from attnkit.tasks.report import Section
 
 HELP = "run a short version of every capability on the embedded data and write one offline index.html"
 
-# name -> (task module, what the section shows); the order is the tour's order.
+# name -> (task module[:function], what the section shows); the function is tour_section unless named; the order is
+# the tour's order.
 SECTIONS: dict[str, tuple[str, str]] = {
     "kernels": ("attnkit.tasks.kernels", "dense kernels, masks, backends and their bench table"),
     "long": ("attnkit.tasks.long", "sliding-window, block-sparse and chunked kernels"),
     "explain": ("attnkit.tasks.explain", "multi-head attention in a real pretrained MiniLM"),
+    "llm": ("attnkit.tasks.explain:tour_llm_section",
+            "a real LLM (SmolLM2) through attn_implementation='attnkit': attention sink, previous-token heads"),
     "classify": ("attnkit.tasks.classify", "SE / ECA / CBAM on real images"),
     "caption": ("attnkit.tasks.caption", "soft vs hard attention captioning digit scenes"),
     "glimpse": ("attnkit.tasks.glimpse", "a recurrent attention model taking glimpses"),
@@ -63,11 +66,12 @@ def _selected(only: str | list[str] | None) -> list[str]:
 
 def run_section(name: str, out_dir: Path, quick: bool) -> tuple[Section, bool]:
     """Run one section; a failure becomes a section that shows the error (and ``False``)."""
-    module_name, what = SECTIONS[name]
+    target, what = SECTIONS[name]
+    module_name, _, function = target.partition(":")
     start = time.perf_counter()
     try:
         module = importlib.import_module(module_name)
-        section = module.tour_section(out_dir, quick)
+        section = getattr(module, function or "tour_section")(out_dir, quick)
         ok = True
     except Exception as err:  # noqa: BLE001 - the tour reports every failure and goes on
         section = Section(f"{name}: failed", f"{what}: {type(err).__name__}: {err}")

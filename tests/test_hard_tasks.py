@@ -22,7 +22,7 @@ def test_bad_arguments_are_clean_errors(capsys: pytest.CaptureFixture[str], tmp_
 def test_glimpse_quick_run_beats_chance(tmp_path: Path) -> None:
     """A short RAM run (4 glimpses, 6000 translated digits x 4 epochs) must do clearly better than chance (90%).
 
-    Measured: 45.4% test error on one thread (docs/hard.md); the first round reached 70.0% (6000 scenes x 2 epochs).
+    Measured: 41.6% test error on one thread (docs/hard.md); the first round reached 70.0% (6000 scenes x 2 epochs).
     """
     summary = glimpse.run_experiment("translated", [4], quick=True, out_dir=tmp_path, test_size=500)
     err = summary["results"][0]["test_error"]

@@ -272,6 +272,21 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {line}\n")
 
 
+def add_checkpoint_arguments(
+    p: argparse.ArgumentParser, *, every: str = "at the end of each model and on a stop signal", resume: str = ""
+) -> None:
+    """The two options every training command shares, ``--save-every N`` and ``--resume``, with one wording;
+    ``every`` says what 0 means, ``resume`` adds a detail."""
+    p.add_argument(
+        "--save-every", type=non_negative_int, default=0,
+        help=f"checkpoint every N steps (default 0: {every})",
+    )  # fmt: skip
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue from the checkpoints under OUT (the same weights as an uninterrupted run" + resume + ")",
+    )  # fmt: skip
+
+
 def exit_code(err: SystemExit) -> int:
     """The status a :class:`SystemExit` from argparse stands for (``--help`` is 0, an error 2)."""
     code = err.code

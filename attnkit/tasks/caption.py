@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from attnkit._argtypes import (
+    add_checkpoint_arguments,
     choice_list,
     non_negative_float,
     non_negative_int,
@@ -89,14 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=positive_float, default=1.0, help="gumbel: temperature of the relaxed softmax")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     p.add_argument("--out", type=output_dir, default="runs/caption", help="folder for results.json and overlays")
-    p.add_argument(
-        "--save-every", type=non_negative_int, default=0,
-        help="checkpoint every N steps (default 0: at the end of each model and on a stop signal)",
-    )  # fmt: skip
-    p.add_argument(
-        "--resume", action="store_true",
-        help="continue from the checkpoints under OUT/checkpoints (the same weights as an uninterrupted run)",
-    )  # fmt: skip
+    add_checkpoint_arguments(p)
 
 
 def _parse_attention(text: str | list[str]) -> list[str]:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from attnkit._argtypes import (
     ArgumentTypeError,
+    add_checkpoint_arguments,
     choice_list,
     int_list,
     non_negative_int,
@@ -465,15 +466,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="10,000 / 2,000 images, 1 epoch, 1 seed (CI, tour)")
     parser.add_argument("--no-plots", action="store_true", help="skip the pictures")
-    parser.add_argument(
-        "--save-every", type=non_negative_int, default=0,
-        help="checkpoint every N steps (default 0: at the end of each model and on a stop signal)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--resume", action="store_true",
-        help="continue from the checkpoints under OUT/checkpoints (finished models are read back, not retrained; "
-        "the same weights as an uninterrupted run)",
-    )  # fmt: skip
+    add_checkpoint_arguments(parser, resume="; finished models are read back, not retrained")
     parser.add_argument(
         "--out", type=output_dir, default="runs/classify", help="folder for the table (markdown + JSON) and pictures"
     )

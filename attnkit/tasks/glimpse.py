@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from attnkit._argtypes import int_list, non_negative_int, output_dir, positive_float, positive_int
+from attnkit._argtypes import (
+    add_checkpoint_arguments,
+    int_list,
+    non_negative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+)
 from attnkit._progress import progress
 from attnkit._table import format_table
 from attnkit.data import load_mnist
@@ -79,8 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--patch", type=positive_int, default=None, help="finest retina patch (default: the paper's, 12 / 8)"
     )
     p.add_argument("--scales", type=positive_int, default=None, help="retina scales (default: the paper's, 3 / 1)")
-    p.add_argument("--checkpoint-every", type=non_negative_int, default=0, help="checkpoint every N steps (0: none)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --out")
+    add_checkpoint_arguments(p, every="none")
+    p.add_argument("--checkpoint-every", dest="save_every", type=non_negative_int, help=argparse.SUPPRESS)  # old name
     p.add_argument(
         "--stop-after",
         type=positive_int,
@@ -451,7 +458,7 @@ def run(args: argparse.Namespace) -> int:
         test_samples=args.test_samples,
         patch=args.patch,
         scales=args.scales,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.save_every,
         resume=args.resume,
         stop_after=args.stop_after,
     )

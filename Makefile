@@ -35,11 +35,11 @@ test: system-deps-test $(STAMP)
 	$(PY) -m ruff check attnkit tests
 	$(PY) -m mypy
 	$(PY) -m attnkit.functional._native_check --strict
-	$(PY) -m pytest -n 2 --dist loadgroup --durations=15
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not long" --durations=15
 	$(PY) -m mkdocs build --strict --site-dir site
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not slow and not browser and not distributed"
+	$(PY) -m pytest -n 2 -m "not slow and not long and not browser and not distributed"
 
 lint: $(STAMP)
 	$(PY) -m ruff check attnkit tests

@@ -1,6 +1,7 @@
 """attn_implementation="attnkit" inside HuggingFace models: MiniLM (bidirectional, padding), SmolLM2-135M (causal,
-GQA 9/3, left padding, generation), tiny random Gemma-3 configs (sliding windows, soft-capping fallback), a tiny
-random gpt-oss config (attention sinks). The real Gemma-3-270m: tests/test_integrations_transformers_gemma3.py.
+GQA 9/3, left padding, generation), tiny random Gemma-3 configs (sliding windows), a tiny random Gemma-2 config
+(soft-capping), a tiny random gpt-oss config (attention sinks). The real Gemma-3-270m:
+tests/test_integrations_transformers_gemma3.py.
 
 Tolerance policy (attnkit.testing): every float32 result - attnkit's and, for context, HF eager's - is compared with
 the float64 eager run of the same weights (``model.double()``), never with another float32 result. The reduction is
@@ -358,19 +359,36 @@ def _tiny_gemma2(impl: str) -> torch.nn.Module:
     return model.eval()
 
 
-def test_softcap_falls_back_to_eager_with_one_warning() -> None:
-    ak._warned.clear()
+def test_softcap_is_served_exactly() -> None:
+    """Gemma-2's logit soft-capping (cap 2.0, small enough to change every score) on a sliding (window 5) and a
+    global layer, left padding, 16 tokens: no fallback; logits and maps against the float64 eager model, and a
+    training step's gradients."""
     ours = _tiny_gemma2("attnkit")
     reference = _tiny_gemma2("eager").double()
-    ids = torch.randint(1, 96, (1, 8))
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        first = ours(input_ids=ids).logits
-        ours(input_ids=ids)
-        ref = reference(input_ids=ids).logits
-    mine = [w for w in caught if "attnkit" in str(w.message)]
-    assert len(mine) == 1 and "softcap" in str(mine[0].message) and "eager" in str(mine[0].message)
-    _check("gemma2 softcap fallback logits", first, ref, 2 * 128)
+    ids = torch.randint(1, 96, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad(), _no_fallback():
+        out = ours(input_ids=ids, attention_mask=mask, output_attentions=True)
+        plain = ours(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(out.logits, plain)  # maps do not change the output
+    ref = _unpadded_reference(reference, ids, mask)
+    _check_padded("gemma2 softcap: attnkit", out.logits, out.attentions, ref, 2 * 128)
+    ours.train()
+    reference.train()
+    with _no_fallback():
+        ours(input_ids=ids[1:], labels=ids[1:]).loss.backward()
+    reference(input_ids=ids[1:], labels=ids[1:]).loss.backward()
+    theirs = dict(reference.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad is not None and theirs[name].grad is not None, name
+        _check("gemma2 softcap: gradients", p.grad, theirs[name].grad, 2 * 128, grad=True)
+
+
+def test_softcap_with_sinks_goes_to_eager() -> None:
+    """The sink key's score would be capped too: softcap with s_aux is left to the model's eager attention."""
+    assert ak._unsupported({"softcap": 2.0, "s_aux": torch.zeros(4)}) is not None
+    assert ak._unsupported({"softcap": 2.0}) is None
 
 
 def _tiny_gpt_oss(impl: str) -> torch.nn.Module:

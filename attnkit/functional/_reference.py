@@ -41,11 +41,13 @@ def attention_reference(
     *,
     is_causal: bool = False,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Scaled dot-product attention, written out.
 
     ``softmax(Q K^T * scale + mask) V`` with ``scale = 1/sqrt(E)`` by default. A boolean mask is ``True`` where a
-    query may attend; a float mask is added to the scores. Fully masked rows give zero output and weights.
+    query may attend; a float mask is added to the scores. Fully masked rows give zero output and weights. With
+    ``softcap`` the scores are capped first, ``softcap * tanh(scores / softcap)`` (Gemma 2's logit soft-capping).
 
     Shape:
         query ``(B, H, L, E)``, key ``(B, Hkv, S, E)``, value ``(B, Hkv, S, Ev)``, mask broadcastable to
@@ -58,6 +60,8 @@ def attention_reference(
     value = expand_kv_heads(value, h)  # (B, H, S, Ev)
 
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale  # (B, H, L, S)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)  # (B, H, L, S): inside (-softcap, softcap)
 
     allowed = None  # boolean (B|1, H|1, L, S) or None
     if isinstance(attn_mask, AttentionMask):

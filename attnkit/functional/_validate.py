@@ -6,6 +6,7 @@ Nothing here broadcasts silently: a mask either has one of the documented shapes
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -138,6 +139,16 @@ def check_scale(scale: Any, head_dim: int) -> float:
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise fail("scale to be a float or None", type(scale).__name__, "scale=None (1/sqrt(E))")
     return float(scale)
+
+
+def check_softcap(softcap: Any) -> float | None:
+    """``None`` (no capping) or a positive finite float: scores become ``softcap * tanh(scores / softcap)``."""
+    if softcap is None:
+        return None
+    if (not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not math.isfinite(softcap)
+            or softcap <= 0):
+        raise fail("softcap to be a positive float or None", repr(softcap), "softcap=50.0 (Gemma 2's attention cap)")
+    return float(softcap)
 
 
 def check_mask_tensor(mask: Tensor, batch: int, heads: int, q_len: int, k_len: int, *, ndim_in: int) -> Tensor:

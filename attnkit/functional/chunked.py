@@ -110,15 +110,23 @@ def _chunk_mask(
     return (causal if part is None else part + causal), False, False
 
 
-def _block_scores(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool, scale: float) -> Tensor:
+def _block_scores(
+    q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool, scale: float, softcap: float | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``(scores, tanh)`` of one block: the scaled (and capped) scores with the mask applied, and with ``softcap``
+    the ``tanh(raw / softcap)`` the backward pass needs (``d capped / d raw = 1 - tanh^2``)."""
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, l, c)
+    t = None
+    if softcap is not None:
+        t = torch.tanh(scores / softcap)  # (B, H, l, c)
+        scores = softcap * t
     if mask is not None:
         scores = scores + mask
     if is_causal:
         i = torch.arange(q.shape[-2], device=q.device).view(-1, 1)
         j = torch.arange(k.shape[-2], device=q.device).view(1, -1)
         scores = scores.masked_fill(j > i, float("-inf"))
-    return scores
+    return scores, t
 
 
 # --------------------------------------------------------------------------------------------- one block
@@ -126,9 +134,10 @@ def _block_scores(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool, sc
 # block_forward gives (out, lse) of queries against one block of keys; partial results merge with their lse; and
 # block_backward takes the *merged* out and lse, so every block's gradients are exact. *_math is the same on any
 # device, in readable PyTorch.
-def block_forward_math(q, k, v, mask, is_causal, scale):  # type: ignore[no-untyped-def]
-    """The readable math of :func:`block_forward` (any device): ``out = softmax(s) v``, ``lse = logsumexp(s)``."""
-    scores = _block_scores(q, k, mask, is_causal, scale)  # (B, H, l, c)
+def block_forward_math(q, k, v, mask, is_causal, scale, softcap=None):  # type: ignore[no-untyped-def]
+    """The readable math of :func:`block_forward` (any device): ``out = softmax(s) v``, ``lse = logsumexp(s)``;
+    with ``softcap`` the scores are ``softcap * tanh(s / softcap)`` (Gemma 2)."""
+    scores, _ = _block_scores(q, k, mask, is_causal, scale, softcap)  # (B, H, l, c)
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, l); -inf where a row sees nothing
     safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - safe.unsqueeze(-1))  # (B, H, l, c): zero where masked
@@ -136,27 +145,31 @@ def block_forward_math(q, k, v, mask, is_causal, scale):  # type: ignore[no-unty
     return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
-def block_backward_math(grad, q, k, v, out, lse, mask, is_causal, scale):  # type: ignore[no-untyped-def]
+def block_backward_math(grad, q, k, v, out, lse, mask, is_causal, scale, softcap=None):  # type: ignore[no-untyped-def]
     """The readable math of :func:`block_backward`: gradients from the merged ``out`` and ``lse``."""
-    scores = _block_scores(q, k, mask, is_causal, scale)  # (B, H, l, c)
+    scores, t = _block_scores(q, k, mask, is_causal, scale, softcap)  # (B, H, l, c)
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(scores.dtype)
     probs = torch.exp(scores - lse.unsqueeze(-1))  # (B, H, l, c): the global softmax restricted to this block
     d_v = torch.matmul(probs.transpose(-2, -1), grad)  # (B, H, c, Ev)
     d_probs = torch.matmul(grad, v.transpose(-2, -1))  # (B, H, l, c)
     delta = (grad * out).sum(-1, keepdim=True)  # (B, H, l, 1): rowsum(dO * O)
     d_scores = probs * (d_probs - delta)  # (B, H, l, c)
+    if t is not None:
+        d_scores = d_scores * (1 - t * t)  # through the cap: d(softcap * tanh(s / softcap)) / ds
     d_q = torch.matmul(d_scores, k) * scale  # (B, H, l, E)
     d_k = torch.matmul(d_scores.transpose(-2, -1), q) * scale  # (B, H, c, E)
     return d_q, d_k, d_v
 
 
-def block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float):  # type: ignore[no-untyped-def]
+def block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float,  # type: ignore[no-untyped-def]
+                  softcap: float | None = None):
     """Flash on one block: ``(out, lse)`` with ``lse = -inf`` (and zero output) for rows that see no key.
 
-    Off the CPU (the flash op here is PyTorch's CPU kernel) the same result comes from :func:`block_forward_math`.
+    Off the CPU (the flash op here is PyTorch's CPU kernel), and with ``softcap`` (which the flash kernel does not
+    do), the same result comes from :func:`block_forward_math`.
     """
-    if q.device.type != "cpu":
-        return block_forward_math(q, k, v, mask, is_causal, scale)
+    if q.device.type != "cpu" or softcap is not None:
+        return block_forward_math(q, k, v, mask, is_causal, scale, softcap)
     out, lse = _flash(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
     if mask is not None:
         dead = torch.isneginf(mask).all(-1)  # (B|1, H|1, l|1)
@@ -167,10 +180,10 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causa
     return out, lse
 
 
-def block_backward(grad, q, k, v, out, lse, mask, is_causal, scale):  # type: ignore[no-untyped-def]
+def block_backward(grad, q, k, v, out, lse, mask, is_causal, scale, softcap=None):  # type: ignore[no-untyped-def]
     """Flash backward on one block with the *merged* output and lse; rows that saw no key get zero gradients."""
-    if q.device.type != "cpu":
-        return block_backward_math(grad, q, k, v, out, lse, mask, is_causal, scale)
+    if q.device.type != "cpu" or softcap is not None:
+        return block_backward_math(grad, q, k, v, out, lse, mask, is_causal, scale, softcap)
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # exp(s - inf) = 0
     return _flash_backward(grad, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
 
@@ -181,7 +194,7 @@ def _bounds(n: int, chunk: int) -> list[tuple[int, int]]:
 
 class _ChunkedFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, is_causal, chunk, scale):  # type: ignore[no-untyped-def, override]
+    def forward(ctx, q, k, v, mask, is_causal, chunk, scale, softcap):  # type: ignore[no-untyped-def, override]
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         b, h, q_len, _ = q.shape
         out = q.new_zeros(b, h, q_len, v.shape[-1])  # (B, H, L, Ev)
@@ -192,7 +205,7 @@ class _ChunkedFn(torch.autograd.Function):
                 m, causal, skip = _chunk_mask(mask, is_causal, q0, q1, k0, k1, q.dtype, q.device)
                 if skip:
                     continue
-                o_c, l_c = block_forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], m, causal, scale)
+                o_c, l_c = block_forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], m, causal, scale, softcap)
                 parts.append(o_c)
                 lses.append(l_c)
                 if len(parts) == 2:  # keep one running partial: memory O(chunk) per query chunk
@@ -202,7 +215,7 @@ class _ChunkedFn(torch.autograd.Function):
                 out[:, :, q0:q1] = parts[0]
                 lse[:, :, q0:q1] = lses[0]
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.is_causal, ctx.chunk, ctx.scale = is_causal, chunk, scale
+        ctx.is_causal, ctx.chunk, ctx.scale, ctx.softcap = is_causal, chunk, scale, softcap
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -219,12 +232,12 @@ class _ChunkedFn(torch.autograd.Function):
                 if skip:
                     continue
                 g_q, g_k, g_v = block_backward(
-                    g_c, q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], o_c, l_c, m, causal, ctx.scale
+                    g_c, q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], o_c, l_c, m, causal, ctx.scale, ctx.softcap
                 )
                 dq[:, :, q0:q1] += g_q
                 dk[:, :, k0:k1] += g_k
                 dv[:, :, k0:k1] += g_v
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def chunked_attention(
@@ -236,6 +249,7 @@ def chunked_attention(
     is_causal: bool = False,
     chunk_size: int = 1024,
     scale: float | None = None,
+    softcap: float | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention computed ``chunk_size x chunk_size`` scores at a time, forward and backward.
@@ -253,6 +267,8 @@ def chunked_attention(
             skipped.
         chunk_size: query and key chunk length.
         scale: score scale, ``1/sqrt(E)`` when ``None``.
+        softcap: logit soft-capping, ``softcap * tanh(scores / softcap)`` before the mask (Gemma 2); the blocks
+            then run the readable PyTorch math instead of PyTorch's flash kernel, forward and backward.
         return_lse: also return the log-sum-exp ``(B, H, L)`` of every row (``-inf`` where no key is visible).
 
     Returns:
@@ -272,6 +288,7 @@ def chunked_attention(
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise V.fail("chunk_size to be a positive int", repr(chunk_size), "chunk_size=1024")
     scale_f = V.check_scale(scale, e)
+    cap = V.check_softcap(softcap)
     if q_len == 0 or k_len == 0:
         out = q.new_zeros(b, h, q_len, ev) + 0.0 * (q.sum() + k.sum() + v.sum())
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -279,7 +296,7 @@ def chunked_attention(
         return (out, lse) if return_lse else out
     k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)  # (B, H, S, E|Ev)
     q, k, v = same_head_dim(q, k, v)  # the flash kernel wants E == Ev
-    out, lse = _ChunkedFn.apply(q, k, v, mask, bool(is_causal), chunk_size, scale_f)
+    out, lse = _ChunkedFn.apply(q, k, v, mask, bool(is_causal), chunk_size, scale_f, cap)
     out = out[..., :ev]  # (B, H, L, Ev)
     return (out, lse) if return_lse else out
 
@@ -296,12 +313,14 @@ def _chunked_supports(call: AttentionCall) -> list[str]:
 
 def _chunked_fn(call: AttentionCall) -> tuple[Tensor, None]:
     mask, causal = call.dense_mask()
-    out = chunked_attention(call.query, call.key, call.value, mask, is_causal=causal, scale=call.scale)
+    out = chunked_attention(call.query, call.key, call.value, mask, is_causal=causal, scale=call.scale,
+                            softcap=call.softcap)
     return out, None  # type: ignore[return-value]
 
 
 # Only when asked for (backend="chunked"): on CPU PyTorch's fused SDPA is already a flash kernel with O(N) memory
 # and is faster, so "auto" keeps choosing it (measured by `python -m attnkit.bench long`).
 register_backend(
-    Backend("chunked", _chunked_fn, False, _chunked_supports, "chunked online-softmax attention, O(N*chunk) memory"),
+    Backend("chunked", _chunked_fn, False, _chunked_supports, "chunked online-softmax attention, O(N*chunk) memory",
+            softcap=True),
 )

@@ -82,7 +82,8 @@ def _dropout(weights: Tensor, p: float) -> Tensor:
 # --------------------------------------------------------------------------------------------- backends
 def _reference_fn(call: AttentionCall) -> tuple[Tensor, Tensor]:
     mask, causal = call.dense_mask()
-    out, weights = attention_reference(call.query, call.key, call.value, mask, is_causal=causal, scale=call.scale)
+    out, weights = attention_reference(call.query, call.key, call.value, mask, is_causal=causal, scale=call.scale,
+                                       softcap=call.softcap)
     if call.dropout_p > 0:
         out = torch.matmul(_dropout(weights, call.dropout_p), expand_kv_heads(call.value, call.heads))
     return out, weights
@@ -202,6 +203,8 @@ def _math_fn(call: AttentionCall) -> tuple[Tensor, Tensor]:
     if call.needs_grad:
         qg = _grouped(q * call.scale, hk)  # (B, Hkv, G*L, E)
         scores = torch.matmul(qg, k.transpose(-2, -1)).view(b, h, q_len, k_len)  # (B, H, L, S)
+        if call.softcap is not None:
+            scores = call.softcap * torch.tanh(scores / call.softcap)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         weights = torch.softmax(scores, dim=-1)  # (B, H, L, S)
@@ -218,6 +221,8 @@ def _math_fn(call: AttentionCall) -> tuple[Tensor, Tensor]:
             alpha=call.scale,
             out=weights.view(b * hk, groups, k_len),
         )
+        if call.softcap is not None:
+            weights.div_(call.softcap).tanh_().mul_(call.softcap)
         if mask is not None:
             if mask.dtype == torch.bool:
                 weights.masked_fill_(mask.logical_not(), float("-inf"))
@@ -267,8 +272,10 @@ def dense_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | No
 
 
 register_backend(Backend("sdpa", _sdpa_fn, False, description="PyTorch fused scaled_dot_product_attention"))
-register_backend(Backend("math", _math_fn, True, description="in-place float math that returns exact weights"))
-register_backend(Backend("reference", _reference_fn, True, description="readable reference math (test oracle)"))
+register_backend(Backend("math", _math_fn, True, description="in-place float math that returns exact weights",
+                         softcap=True))
+register_backend(Backend("reference", _reference_fn, True, description="readable reference math (test oracle)",
+                         softcap=True))
 
 
 def _empty_keys(call: AttentionCall) -> tuple[Tensor, Tensor]:
@@ -288,6 +295,7 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     return_weights: bool = False,
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Scaled dot-product attention ``softmax(Q K^T * scale + M) V``.
@@ -315,6 +323,9 @@ def scaled_dot_product_attention(
         dropout_p: dropout on the weights (always applied when > 0, as in PyTorch's functional SDPA).
         scale: score scale, ``1/sqrt(E)`` when ``None``.
         return_weights: also return the exact softmax weights ``(B, H, L, S)`` (before dropout), from any backend.
+        softcap: logit soft-capping (Gemma 2): the scores become ``softcap * tanh(scores / softcap)`` before the
+            mask. Served by the ``chunked``, ``math`` and ``reference`` backends (PyTorch's fused kernel and the
+            native kernels do not cap scores).
         backend: ``"auto"`` or a backend name of :func:`available_backends` (``"sdpa"``, ``"math"``,
             ``"reference"``, ``"native_band"``, ...); the old names ``"local"``, ``"decode"`` and ``"block_sparse"``
             are deprecated aliases (:data:`~attnkit.functional.dispatch.ALIASES`).
@@ -335,7 +346,7 @@ def scaled_dot_product_attention(
         >>> scaled_dot_product_attention(Q, K, V, mask).shape
         torch.Size([2, 5, 8])
     """
-    call, three_d = make_call(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights)
+    call, three_d = make_call(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights, softcap)
     weights: Tensor | None
     if call.k_len == 0:
         out, weights = _empty_keys(call)
@@ -353,7 +364,8 @@ def _math_weights(call: AttentionCall) -> Tensor:
     """Exact weights for a call whose output came from a kernel that hides them (one extra ``Q K^T``)."""
     no_values = torch.zeros(*call.value.shape[:-1], 0, dtype=call.value.dtype, device=call.value.device)
     _, weights = _math_fn(
-        AttentionCall(call.query, call.key, no_values, call.mask, call.structure, call.is_causal, 0.0, call.scale, True)
+        AttentionCall(call.query, call.key, no_values, call.mask, call.structure, call.is_causal, 0.0, call.scale, True,
+                      call.softcap)
     )
     return weights
 
@@ -365,11 +377,13 @@ def attention_weights(
     *,
     is_causal: bool = False,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Only the softmax weights ``(B, H, L, S)`` of :func:`scaled_dot_product_attention`, exact, never NaN.
 
     ``attn_mask``: boolean (``True`` = may attend; integer masks read the same way), float (added to the scores),
     or a mask object; same shapes as :func:`scaled_dot_product_attention`. Fully masked rows give zeros.
+    ``softcap``: the scores become ``softcap * tanh(scores / softcap)`` first (Gemma 2's logit soft-capping).
 
     Example:
         >>> import torch
@@ -380,6 +394,6 @@ def attention_weights(
         (torch.Size([1, 2, 3, 5]), True)
     """
     value = torch.zeros(*key.shape[:-1], 0, dtype=key.dtype, device=key.device) if isinstance(key, Tensor) else key
-    call, three_d = make_call(query, key, value, attn_mask, is_causal, 0.0, scale, True)
+    call, three_d = make_call(query, key, value, attn_mask, is_causal, 0.0, scale, True, softcap)
     weights = _empty_keys(call)[1] if call.k_len == 0 else _math_weights(call)
     return weights.squeeze(1) if three_d else weights

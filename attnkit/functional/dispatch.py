@@ -102,6 +102,7 @@ class AttentionCall:
     dropout_p: float
     scale: float
     need_weights: bool
+    softcap: float | None = None  # scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2)
 
     @property
     def batch(self) -> int:
@@ -153,8 +154,9 @@ class AttentionCall:
         """The inputs in one line, for error messages: shapes, dtype, device and mask kinds."""
         q, k, v = self.query, self.key, self.value
         dtype = str(q.dtype).replace("torch.", "")
+        cap = "" if self.softcap is None else f", softcap {self.softcap:g}"
         return (f"query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}, {dtype} on {q.device}, "
-                f"mask: {' & '.join(mask_kinds(self)) or 'none'}")
+                f"mask: {' & '.join(mask_kinds(self)) or 'none'}{cap}")
 
 
 def mask_kinds(call: AttentionCall) -> tuple[str, ...]:
@@ -203,6 +205,7 @@ class Backend:
             readers and for the parity suite; ``supports`` states the exact rule.
         grad: whether it serves inputs that require grad (a backward pass).
         head_dims: the largest ``E`` and ``Ev`` it serves (``None``: any).
+        softcap: whether it serves logit soft-capping (``softcap * tanh(scores / softcap)``, Gemma 2).
         tolerance: a hint for the parity suite, as a multiple of the dtype's tolerance of
             :mod:`attnkit.testing` (``None``: the policy as it stands).
     """
@@ -219,6 +222,7 @@ class Backend:
     mask_kinds: tuple[str, ...] | None = None
     grad: bool = True
     head_dims: int | None = None
+    softcap: bool = False
     tolerance: float | None = None
 
     def declared_reasons(self, call: AttentionCall) -> list[str]:
@@ -233,6 +237,8 @@ class Backend:
             reasons.append(f"inputs require grad (the {self.name} kernel is for inference)")
         if self.head_dims is not None and max(call.query.shape[-1], call.value.shape[-1]) > self.head_dims:
             reasons.append(f"head dims E={call.query.shape[-1]}, Ev={call.value.shape[-1]} above {self.head_dims}")
+        if call.softcap is not None and not self.softcap:
+            reasons.append(f"logit soft-capping (softcap={call.softcap:g}; the {self.name} kernel does not cap scores)")
         return reasons
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
@@ -358,6 +364,7 @@ def make_call(
     dropout_p: Any,
     scale: Any,
     return_weights: bool,
+    softcap: Any = None,
 ) -> tuple[AttentionCall, bool]:
     """Validate the arguments of :func:`~attnkit.functional.scaled_dot_product_attention` into an
     :class:`AttentionCall`; also returns whether the inputs were 3-D ``(B, L, E)``. The masks go through
@@ -379,6 +386,7 @@ def make_call(
         dropout_p=V.check_dropout(dropout_p),
         scale=V.check_scale(scale, e),
         need_weights=bool(return_weights),
+        softcap=V.check_softcap(softcap),
     )
     return call, three_d
 
@@ -393,6 +401,7 @@ def which_backend(
     dropout_p: float = 0.0,
     scale: float | None = None,
     return_weights: bool = False,
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> BackendChoice:
     """Which backend :func:`~attnkit.functional.scaled_dot_product_attention` would run for these inputs, and why.
@@ -409,5 +418,5 @@ def which_backend(
         >>> which_backend(q, q, q, return_weights=True).name
         'math'
     """
-    call, _ = make_call(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights)
+    call, _ = make_call(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights, softcap)
     return choose_backend(call, backend)

@@ -38,9 +38,14 @@ eager gives a uniform row over the padding.
 Attention sinks (gpt-oss ``s_aux``, one learned logit per head in the softmax denominator) are served exactly, as
 one more key (:func:`_with_sink_key`), forward and backward, maps included.
 
-Anything the kernel cannot serve falls back, with a one-time warning naming the reason: ``softcap`` (Gemma 2's tanh
-capping of the scores) to the model's own eager attention (PyTorch's SDPA cannot do it either), a ``position_bias``
-or an unknown keyword argument to HF's ``sdpa``. Never silently wrong.
+Logit soft-capping (Gemma 2's ``softcap``: scores become ``softcap * tanh(scores / softcap)``) is served exactly by
+attnkit's ``chunked`` backend (online softmax over 1,024 x 1,024 blocks, forward and backward, with a custom
+backward through the ``tanh``; ``math`` when maps or dropout are asked for): neither PyTorch's SDPA nor attnkit's
+native kernels cap scores, so such a model runs on PyTorch operators, with O(L x chunk) score memory.
+
+Anything the kernel cannot serve falls back, with a one-time warning naming the reason: a ``head_mask`` or
+``softcap`` together with sinks to the model's own eager attention, a ``position_bias`` or an unknown keyword
+argument to HF's ``sdpa``. Never silently wrong.
 
 :func:`register` (run at import) is idempotent.
 """
@@ -277,8 +282,8 @@ def attnkit_mask(
 
 def _unsupported(kwargs: dict[str, Any]) -> tuple[str, str] | None:
     """``(reason, fallback)`` when this call needs something attnkit's kernel does not do, else ``None``."""
-    if kwargs.get("softcap") is not None:
-        return "logit soft-capping (softcap) is not supported", "eager"
+    if kwargs.get("softcap") is not None and kwargs.get("s_aux") is not None:
+        return "logit soft-capping (softcap) together with attention sinks (s_aux) is not supported", "eager"
     if kwargs.get("sinks") is not None:  # s_aux is served (_attend_with_sinks); "sinks" is no HF model's name
         return "attention sinks passed as sinks= are not supported (s_aux= is)", "eager"
     if kwargs.get("head_mask") is not None:
@@ -378,18 +383,19 @@ def attnkit_attention_forward(
 
     # The output always comes from the fused kernel (bit-identical with and without maps); the maps are the exact
     # recomputation attnkit's taps use (one more Q K^T), as HF's eager would return them.
-    out = scaled_dot_product_attention(query, key, value, mask, dropout_p=dropout, scale=scaling)
+    softcap = kwargs.get("softcap")
+    out = scaled_dot_product_attention(query, key, value, mask, dropout_p=dropout, scale=scaling, softcap=softcap)
     assert isinstance(out, Tensor)
     weights: Tensor | None = None
     if bool(kwargs.get("output_attentions")) or _hf_records_attentions():
-        weights = attention_weights(query, key, mask, scale=scaling)
+        weights = attention_weights(query, key, mask, scale=scaling, softcap=softcap)
         if sinks is not None:
             weights = weights[..., 1:]  # the sink key's weight is not a key's: HF's eager drops it too
     tap = getattr(module, TAP_NAME, None)
     if isinstance(tap, Tap) and tap.observed:
         if weights is None:
             with torch.no_grad():
-                tapped = attention_weights(query, key, mask, scale=scaling)
+                tapped = attention_weights(query, key, mask, scale=scaling, softcap=softcap)
                 tap(tapped if sinks is None else tapped[..., 1:])
         else:
             tap(weights)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _native
+from ._memory import fresh_buffer
 from ._threads import run_tasks, worker_count
 
 __all__ = ["NativeBandFn", "NativePattern", "native_attention", "native_unsupported", "right_padding", "rows_f32"]
@@ -106,7 +107,7 @@ class NativeBandFn(torch.autograd.Function):
         fwd = getattr(lib, pattern.fwd)
         bh, n_q, e = q.shape
         n_k, ev = k.shape[1], v.shape[-1]
-        out = q.new_empty(bh, n_q, ev)
+        out = fresh_buffer((bh, n_q, ev), q.dtype, q.device)  # huge pages: no 4 KiB page faults on the first write
         lse = q.new_empty(bh, n_q)
         fl = 4  # bytes per float32
 
@@ -135,12 +136,12 @@ class NativeBandFn(torch.autograd.Function):
         bh, n_q, e = q.shape
         n_k, ev = k.shape[1], v.shape[-1]
         fl = 4
-        dq = torch.empty_like(q)
+        dq = fresh_buffer(tuple(q.shape), q.dtype, q.device)
         workers = worker_count(q.numel(), None)
         tasks = _bucket_tasks(bh, pattern.groups, workers)
         whole = len(tasks) == bh  # one task per row: it owns (and zeroes) the keys of that row it reads
-        dk = q.new_empty(bh, n_k, e) if whole else None
-        dv = q.new_empty(bh, n_k, ev) if whole else None
+        dk = fresh_buffer((bh, n_k, e), q.dtype, q.device) if whole else None
+        dv = fresh_buffer((bh, n_k, ev), q.dtype, q.device) if whole else None
 
         def task(row: int, g0: int, g1: int) -> tuple[int, int, int, Tensor, Tensor]:
             kv = row // rep

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._memory import fresh_buffer as _fresh_buffer
 from ._reference import attention_reference, expand_kv_heads
 from .dispatch import (
     AttentionCall,
@@ -93,45 +94,6 @@ def _grouped(x: Tensor, kv_heads: int) -> Tensor:
     """``(B, H, L, X) -> (B, Hkv, G*L, X)``: queries of one key/value head side by side (no K/V copies)."""
     b, h, n, d = x.shape
     return x.reshape(b, kv_heads, (h // kv_heads) * n, d)
-
-
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-def _thp_madvise() -> Callable[[int, int], Any] | None:
-    """``madvise(addr, len, MADV_HUGEPAGE)`` where Linux leaves transparent huge pages to the program, else None."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as f:
-            if "[madvise]" not in f.read():
-                return None
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return lambda addr, length: libc.madvise(addr, length, _MADV_HUGEPAGE)
-    except (OSError, AttributeError):
-        return None
-
-
-_MADVISE = _thp_madvise()
-
-
-def _fresh_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``torch.empty(shape)``, backed by huge pages when it is a large CPU buffer on Linux.
-
-    A fresh ``L x S`` buffer is touched once per 4 KiB page, and on a small CPU those page faults cost about as
-    much as the softmax. Asking for 2 MiB pages before the first write (what PyTorch's allocator does itself
-    under ``THP_MEM_ALLOC_ENABLE=1``) removes most of them. The hint changes no value and is skipped elsewhere.
-    """
-    out = torch.empty(shape, dtype=dtype, device=device)
-    nbytes = out.numel() * out.element_size()
-    if _MADVISE is not None and out.device.type == "cpu" and nbytes >= 4 * _HUGE_PAGE:
-        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # first 2 MiB boundary inside the buffer
-        stop = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if stop > start:
-            _MADVISE(start, stop - start)
-    return out
 
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)

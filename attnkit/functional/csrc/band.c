@@ -43,6 +43,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include "attnkit.h"
 
 #ifndef BK_TQ
@@ -63,9 +66,22 @@ static inline int64_t bk_limit(int64_t i, int64_t j0, int64_t jn, int causal) {
     return bk_min(jn, i - j0 + 1);
 }
 
-/* A 64-byte aligned scratch buffer of `count` floats (NULL when out of memory). */
+/* A 64-byte aligned scratch buffer of `count` floats (NULL when out of memory). One of 4 MiB or more (the
+ * transposed keys of a long row) is aligned to 2 MiB and, on Linux, asks for transparent huge pages: a fresh buffer
+ * is otherwise faulted in one 4 KiB page at a time on its first write, which cost about 5 % of the forward at
+ * N = 16384. The hint changes no value. */
+#define BK_HUGE ((size_t)2 << 20)
 static float *bk_scratch(int64_t count) {
-    return aligned_alloc(64, (size_t)((count * (int64_t)sizeof(float) + 63) / 64 * 64));
+    const size_t bytes = (size_t)((count * (int64_t)sizeof(float) + 63) / 64 * 64);
+#ifdef MADV_HUGEPAGE
+    if (bytes >= 2 * BK_HUGE) {
+        const size_t whole = (bytes + BK_HUGE - 1) / BK_HUGE * BK_HUGE;
+        void *p = aligned_alloc(BK_HUGE, whole);
+        if (p) madvise(p, whole, MADV_HUGEPAGE);
+        return p;
+    }
+#endif
+    return aligned_alloc(64, bytes);
 }
 
 /* xt (cols x ldt) = the rows [r0, r1) of x (rows x cols) transposed, zero from column r1 - r0 to ldt. */

@@ -55,8 +55,32 @@ static inline VI BK(iota)(void) {
     return r;
 }
 
-/* 2**x for x <= 0 (x = -inf gives 0, NaN stays NaN): x = n + f with |f| <= 1/2, 2**f by its Taylor series to
- * degree 7 (relative error below 1e-8), 2**n built in the exponent bits. Results below 2**-126 flush to 0. */
+/* 2**x for x <= 8 (x = -inf gives 0, NaN stays NaN): x = n + f with |f| <= 1/2, 2**f by a degree-6 polynomial
+ * (fitted to the relative error on [-1/2, 1/2]: 1.9e-9 in exact arithmetic, 1.0e-7 evaluated in float32, as the
+ * degree-7 Taylor series it replaced, one multiply-add fewer), times 2**n. */
+static inline VF BK(exp2_poly)(VF f) {
+    VF p = BK(splat)(1.534579255435211e-04f);
+    p = p * f + 1.3399924435901372e-03f;
+    p = p * f + 9.6184889643892800e-03f;
+    p = p * f + 5.5503287939314920e-02f;
+    p = p * f + 2.4022646891193483e-01f;
+    p = p * f + 6.9314720572935000e-01f;
+    return p * f + 1.0000000005539975f;
+}
+
+#if BK_VEC == 16 && defined(__AVX512F__)
+/* AVX-512: n = round(x) and p * 2**n by the instruction set's own rounding and scaling (vrndscaleps, vscalefps),
+ * five operations fewer than the integer construction below. x is first raised to -150 (max(-150, x) keeps a NaN),
+ * so -inf gives 2**-150, which rounds to exactly 0; x in (-150, -126) gives a subnormal where the construction below
+ * gives 0 (a weight 2**-126 below the row's largest, invisible beside it). */
+static inline VF BK(exp2v)(VF x) {
+    const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-150.0f), (__m512)x);
+    const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const VF p = BK(exp2_poly)((VF)_mm512_sub_ps(xc, n));
+    return (VF)_mm512_scalef_ps((__m512)p, n);
+}
+#else
+/* Elsewhere 2**n is built in the exponent bits; results below 2**-126 flush to 0. */
 static inline VF BK(exp2v)(VF x) {
     const VF lo = BK(splat)(-127.0f);
     x = BK(sel)(x < lo, lo, x);
@@ -65,17 +89,11 @@ static inline VF BK(exp2v)(VF x) {
     VF n = r - magic;
     VF f = x - n;
     VI ni = (VI)r - (VI)magic; /* the integer n, from the low mantissa bits */
-    VF p = BK(splat)(1.5252733804059841e-05f);
-    p = p * f + 1.5403530393381608e-04f;
-    p = p * f + 1.3333558146428443e-03f;
-    p = p * f + 9.6181291076284772e-03f;
-    p = p * f + 5.5504108664821580e-02f;
-    p = p * f + 2.4022650695910071e-01f;
-    p = p * f + 6.9314718055994531e-01f;
-    p = p * f + 1.0f;
+    const VF p = BK(exp2_poly)(f);
     VF scale = (VF)((ni + 127) << 23); /* 2**n; n = -127 gives the bits of 0.0 */
     return p * scale;
 }
+#endif
 
 /* The one microkernel: C[r][0:nv*VEC] = (acc ? C[r] : 0) + sum_k a[r*ar + k*ak] * y[k*ys + 0:nv*VEC], r < MR.
  * Strided scalars a (broadcast) times rows of y: every product of the kernel is this shape, with a either a tile
@@ -130,6 +148,56 @@ static void BK(gemm)(float *c, int64_t ldc, const float *a, int64_t ar, int64_t 
                 BK(mk)(ci, ldc, ai, ar, ak, y + c0, ys, kn, acc, 1);
         }
     }
+}
+
+/* xt (cols x ldt) = the rows [r0, r1) of x (rows x cols) transposed, zero from column r1 - r0 to ldt (what
+ * bk_transpose does), BK_VEC x BK_VEC blocks at a time in registers: load BK_VEC rows, exchange the off-diagonal
+ * h x h blocks of every 2h x 2h block for h = BK_VEC / 2 ... 1 (each exchange swaps bit h of the row and column
+ * index, so all of them together swap the indices), store BK_VEC columns. `cols` is a multiple of BK_VEC (head
+ * dims are padded to 16); the rows after the last whole block go through bk_transpose. */
+static void BK(transpose)(const float *x, int64_t cols, int64_t r0, int64_t r1, float *xt, int64_t ldt) {
+    if (cols % BK_VEC) {
+        bk_transpose(x, cols, r0, r1, xt, ldt);
+        return;
+    }
+    const int64_t whole = r0 + (r1 - r0) / BK_VEC * BK_VEC;
+    for (int64_t c = 0; c < cols; c++) {
+        memset(xt + c * ldt + (r1 - r0), 0, sizeof(float) * (size_t)(ldt - r1 + r0));
+        for (int64_t r = whole; r < r1; r++) xt[c * ldt + (r - r0)] = x[r * cols + c]; /* after the last block */
+    }
+    const VI lane = BK(iota)();
+    for (int64_t rb = r0; rb < whole; rb += BK_VEC) {
+        for (int64_t c0 = 0; c0 < cols; c0 += BK_VEC) {
+            VF r[BK_VEC];
+#pragma GCC unroll 16
+            for (int i = 0; i < BK_VEC; i++) r[i] = BK(ld)(x + (rb + i) * cols + c0);
+#pragma GCC unroll 4
+            for (int h = BK_VEC / 2; h >= 1; h /= 2) {
+                const VI up = (lane & h) != 0; /* lanes whose bit h is set */
+                const VI lo_mask = (up & (lane + (BK_VEC - h))) | (~up & lane); /* a[j] or b[j - h] */
+                const VI hi_mask = (up & (lane + BK_VEC)) | (~up & (lane + h));  /* a[j + h] or b[j] */
+#pragma GCC unroll 16
+                for (int i = 0; i < BK_VEC; i++) {
+                    if (i & h) continue;
+                    const VF a = r[i], b = r[i + h];
+                    r[i] = __builtin_shuffle(a, b, lo_mask);
+                    r[i + h] = __builtin_shuffle(a, b, hi_mask);
+                }
+            }
+#pragma GCC unroll 16
+            for (int i = 0; i < BK_VEC; i++) BK(st)(xt + (c0 + i) * ldt + (rb - r0), r[i]);
+        }
+    }
+}
+
+/* The max of a row whose `jw` scores are all kept. */
+static inline float BK(row_max)(const float *row, int64_t jw) {
+    VF mv = BK(ld)(row);
+    for (int64_t j = BK_VEC; j < jw; j += BK_VEC) {
+        const VF x = BK(ld)(row + j);
+        mv = BK(sel)(x > mv, x, mv);
+    }
+    return BK(hmax)(mv);
 }
 
 /* One row of the tile: keep the first `lim` of `jw` scores (the rest become -inf), return their max. */
@@ -227,7 +295,7 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
     float *qs = buf, *s = qs + BK_TQP * e, *o = s + BK_TQP * BK_LDS, *m = o + BK_TQP * ev, *l = m + BK_TQP;
     float *kt = l + BK_TQP, *vz = kt + e * ldt; /* vz: the values of a partial block, unseen keys zeroed */
     uint64_t words[BK_TQ];
-    bk_transpose(k, e, key0, key1, kt, ldt);
+    BK(transpose)(k, e, key0, key1, kt, ldt);
     for (bk_tile T = {g0, 0, g0 * P->g, 0}; bk_tile_next(&T, P, g1);) {
         const int64_t r0 = T.r0, t = T.t, tp = bk_up(t, BK_MR);
         for (int64_t i = 0; i < tp; i++)
@@ -258,7 +326,9 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
                         memset(row, 0, sizeof(float) * (size_t)jw);
                         continue;
                     }
-                    const float mx = part >= 0 ? BK(mask_max_bits)(row, jw, words[i]) : BK(mask_max)(row, jw, lim);
+                    const float mx = part >= 0  ? BK(mask_max_bits)(row, jw, words[i])
+                                     : lim == jw ? BK(row_max)(row, jw) /* every key of the block: no mask */
+                                                 : BK(mask_max)(row, jw, lim);
                     if (mx > m[i] + 8.0f) { /* a new reference only when the scores outgrow it by 2**8: any */
                         const float alpha = exp2f(m[i] - mx); /* reference is exact, and this one keeps */
                         l[i] *= alpha;                        /* every weight below 256 */
@@ -296,8 +366,8 @@ static int BK(attend_bwd)(const bk_pat *P, const float *q, const float *k, const
     float *qs2 = buf, *qs = qs2 + BK_TQP * e, *gq = qs + BK_TQP * e, *go = gq + BK_TQP * e;
     float *p = go + BK_TQP * ev, *ds = p + BK_TQP * BK_LDS, *lse2 = ds + BK_TQP * BK_LDS, *dl = lse2 + BK_TQP;
     float *kt = dl + BK_TQP, *vt = kt + e * ldt, *tmp = vt + ev * ldt, *kz = tmp + BK_MR * wmax;
-    bk_transpose(k, e, key0, key1, kt, ldt);
-    bk_transpose(v, ev, key0, key1, vt, ldt);
+    BK(transpose)(k, e, key0, key1, kt, ldt);
+    BK(transpose)(v, ev, key0, key1, vt, ldt);
     memset(dk, 0, sizeof(float) * (size_t)((key1 - key0) * e)); /* dk, dv: the rows [key0, key1), owned */
     memset(dv, 0, sizeof(float) * (size_t)((key1 - key0) * ev));
     for (bk_tile T = {g0, 0, g0 * P->g, 0}; bk_tile_next(&T, P, g1);) {

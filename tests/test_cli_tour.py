@@ -54,6 +54,14 @@ def test_kernels_section_writes_its_picture(tmp_path: Path) -> None:
     assert png.stat().st_size > 10_000
     for src in re.findall(r'<img src="([^"]+)"', index):
         assert (tmp_path / src).exists(), src
+    docs = [h for h in re.findall(r'<a href="([^"]+)"', index) if h.endswith("sdpa.md")]
+    assert len(docs) == 1 and (tmp_path / docs[0]).resolve() == (tour._DOCS_DIR / "sdpa.md").resolve()
+
+
+def test_every_section_links_an_existing_docs_page() -> None:
+    assert set(tour.DOCS) == set(tour.SECTIONS)
+    for name, page in tour.DOCS.items():
+        assert (tour._DOCS_DIR / page).is_file(), (name, page)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import html
 import importlib
+import os
 import time
 import traceback
 from pathlib import Path
@@ -32,6 +33,30 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "glimpse": ("attnkit.tasks.glimpse", "a recurrent attention model taking glimpses"),
     "translate": ("attnkit.tasks.translate", "translation with and without attention (full: against input length)"),
 }
+
+#: section -> the docs page with its long runs, the commands that made them and the papers' figures beside them
+DOCS: dict[str, str] = {
+    "kernels": "sdpa.md",
+    "long": "long.md",
+    "explain": "seeing.md",
+    "llm": "seeing.md",
+    "classify": "vision.md",
+    "caption": "hard.md",
+    "glimpse": "hard.md",
+    "translate": "translation.md",
+}
+_DOCS_DIR = Path(__file__).resolve().parents[2] / "docs"  # the repository's docs (a source or editable install)
+
+
+def docs_link(name: str, out_dir: Path) -> tuple[str, str] | None:
+    """``(label, href)`` of the section's docs page, relative to the tour's folder; ``None`` where the docs are not
+    beside the package (an installed wheel)."""
+    page = _DOCS_DIR / DOCS[name]
+    if not page.is_file():
+        return None
+    href = Path(os.path.relpath(page, out_dir.resolve())).as_posix()
+    return f"the long runs and the papers' figures: docs/{DOCS[name]}", href
+
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -78,6 +103,9 @@ def run_section(name: str, out_dir: Path, quick: bool) -> tuple[Section, bool]:
         section.table = [["traceback"], *[[line] for line in traceback.format_exc().splitlines()[-8:]]]
         ok = False
     section.seconds = time.perf_counter() - start
+    link = docs_link(name, out_dir)
+    if link is not None:
+        section.links.append(link)
     return section, ok
 
 

@@ -190,18 +190,32 @@ static void BK(transpose)(const float *x, int64_t cols, int64_t r0, int64_t r1, 
     }
 }
 
-/* The max of a row whose `jw` scores are all kept. */
-static inline float BK(row_max)(const float *row, int64_t jw) {
+/* Whether a lane of x is above thr. */
+#if BK_VEC == 16 && defined(__AVX512F__)
+static inline int BK(any_gt)(VF x, float thr) {
+    return _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(thr), _CMP_GT_OQ) != 0;
+}
+#else
+static inline int BK(any_gt)(VF x, float thr) {
+    const VI gt = x > BK(splat)(thr);
+    int32_t any = 0;
+    for (int i = 0; i < BK_VEC; i++) any |= gt[i];
+    return any != 0;
+}
+#endif
+
+/* The lane-wise max of a row whose `jw` scores are all kept (the row's max is the largest lane). */
+static inline VF BK(row_max)(const float *row, int64_t jw) {
     VF mv = BK(ld)(row);
     for (int64_t j = BK_VEC; j < jw; j += BK_VEC) {
         const VF x = BK(ld)(row + j);
         mv = BK(sel)(x > mv, x, mv);
     }
-    return BK(hmax)(mv);
+    return mv;
 }
 
-/* One row of the tile: keep the first `lim` of `jw` scores (the rest become -inf), return their max. */
-static inline float BK(mask_max)(float *row, int64_t jw, int64_t lim) {
+/* One row of the tile: keep the first `lim` of `jw` scores (the rest become -inf), return their lane-wise max. */
+static inline VF BK(mask_max)(float *row, int64_t jw, int64_t lim) {
     const VF ninf = BK(splat)(-INFINITY);
     const VI idx0 = BK(iota)();
     VF mv = ninf;
@@ -210,7 +224,7 @@ static inline float BK(mask_max)(float *row, int64_t jw, int64_t lim) {
         mv = BK(sel)(x > mv, x, mv);
         BK(st)(row + j, x);
     }
-    return BK(hmax)(mv);
+    return mv;
 }
 
 /* Lanes j .. j + VEC - 1 of a row's 64-bit word: -1 where the bit is set (the key may be attended), else 0. */
@@ -219,8 +233,9 @@ static inline VI BK(bitsel)(uint64_t word, int64_t j) {
     return ((bv >> BK(iota)()) & 1) != 0;
 }
 
-/* One row of the tile in a partial block: keep the scores whose bit is set (the rest become -inf), return the max. */
-static inline float BK(mask_max_bits)(float *row, int64_t jw, uint64_t word) {
+/* One row of the tile in a partial block: keep the scores whose bit is set (the rest become -inf), return their
+ * lane-wise max. */
+static inline VF BK(mask_max_bits)(float *row, int64_t jw, uint64_t word) {
     const VF ninf = BK(splat)(-INFINITY);
     VF mv = ninf;
     for (int64_t j = 0; j < jw; j += BK_VEC) {
@@ -228,7 +243,7 @@ static inline float BK(mask_max_bits)(float *row, int64_t jw, uint64_t word) {
         mv = BK(sel)(x > mv, x, mv);
         BK(st)(row + j, x);
     }
-    return BK(hmax)(mv);
+    return mv;
 }
 
 /* The keys of a partial block (jn rows of width x) with the rows no row of the tile may attend (0 bits of `seen`)
@@ -254,8 +269,8 @@ static inline uint64_t BK(block_words)(const bk_pat *P, int64_t part, int64_t t,
     return seen;
 }
 
-/* row = 2**(row - m) in place (masked entries, -inf, give 0); returns the sum. */
-static inline float BK(exp_sum)(float *row, int64_t jw, float m) {
+/* row = 2**(row - m) in place (masked entries, -inf, give 0); returns the lane-wise sum. */
+static inline VF BK(exp_sum)(float *row, int64_t jw, float m) {
     VF acc = (VF){0};
     const VF mv = BK(splat)(m);
     for (int64_t j = 0; j < jw; j += BK_VEC) {
@@ -263,7 +278,7 @@ static inline float BK(exp_sum)(float *row, int64_t jw, float m) {
         BK(st)(row + j, p);
         acc += p;
     }
-    return BK(hsum)(acc);
+    return acc;
 }
 
 #define BK_TQP ((BK_TQ + BK_MR - 1) / BK_MR * BK_MR) /* tile rows, padded to whole microkernels */
@@ -301,7 +316,8 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
         for (int64_t i = 0; i < tp; i++)
             for (int64_t d = 0; d < e; d++) qs[i * e + d] = i < t ? q[(r0 + i) * e + d] * c2 : 0.0f;
         memset(o, 0, sizeof(float) * (size_t)(tp * ev));
-        for (int64_t i = 0; i < t; i++) m[i] = -INFINITY, l[i] = 0.0f;
+        VF lv[BK_TQP]; /* the running sums, lane by lane: one horizontal sum per row at the end */
+        for (int64_t i = 0; i < t; i++) m[i] = -INFINITY, lv[i] = (VF){0};
         int64_t cursor = 0, lo, hi, part;
         while (bk_next_range(P, T.grp, &cursor, &lo, &hi, &part)) {
             if (!bk_clip(P, &T, &lo, &hi)) continue;
@@ -316,7 +332,19 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
                         vb = vz;
                     }
                 }
-                BK(gemm)(s, BK_LDS, qs, e, 1, kt + (j0 - key0), ldt, tp, jw, e, 0); /* S = Qs K^T, base 2 */
+                int64_t need[BK_TQP / BK_MR]; /* per group of MR rows: its keys are among the first need[] */
+                if (part >= 0) { /* a partial block (e.g. the causal diagonal): only the columns its rows see */
+                    for (int64_t i = 0; i < tp; i += BK_MR) {
+                        uint64_t u = 0;
+                        for (int64_t r = i; r < i + BK_MR && r < t; r++) u |= words[r];
+                        need[i / BK_MR] = u ? 64 - __builtin_clzll(u) : 0;
+                        if (need[i / BK_MR]) /* columns up to the last seen key, in whole vectors of 16 */
+                            BK(gemm)(s + i * BK_LDS, BK_LDS, qs + i * e, e, 1, kt + (j0 - key0), ldt, BK_MR,
+                                     bk_up(need[i / BK_MR], 16), e, 0);
+                    }
+                } else {
+                    BK(gemm)(s, BK_LDS, qs, e, 1, kt + (j0 - key0), ldt, tp, jw, e, 0); /* S = Qs K^T, base 2 */
+                }
                 for (int64_t i = 0; i < tp; i++) {
                     float *row = s + i * BK_LDS;
                     const int64_t lim = i >= t      ? 0
@@ -326,21 +354,29 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
                         memset(row, 0, sizeof(float) * (size_t)jw);
                         continue;
                     }
-                    const float mx = part >= 0  ? BK(mask_max_bits)(row, jw, words[i])
-                                     : lim == jw ? BK(row_max)(row, jw) /* every key of the block: no mask */
-                                                 : BK(mask_max)(row, jw, lim);
-                    if (mx > m[i] + 8.0f) { /* a new reference only when the scores outgrow it by 2**8: any */
-                        const float alpha = exp2f(m[i] - mx); /* reference is exact, and this one keeps */
-                        l[i] *= alpha;                        /* every weight below 256 */
+                    const VF mv = part >= 0  ? BK(mask_max_bits)(row, jw, words[i])
+                                  : lim == jw ? BK(row_max)(row, jw) /* every key of the block: no mask */
+                                              : BK(mask_max)(row, jw, lim);
+                    if (BK(any_gt)(mv, m[i] + 8.0f)) { /* a new reference only when the scores outgrow it by */
+                        const float mx = BK(hmax)(mv);   /* 2**8: any reference is exact, and this one keeps */
+                        const float alpha = exp2f(m[i] - mx); /* every weight below 256 */
+                        lv[i] = lv[i] * alpha;
                         for (int64_t d = 0; d < ev; d++) o[i * ev + d] *= alpha;
                         m[i] = mx;
                     }
-                    l[i] += BK(exp_sum)(row, jw, m[i]);
+                    lv[i] += BK(exp_sum)(row, jw, m[i]);
                 }
-                BK(gemm)(o, ev, s, BK_LDS, 1, vb, ev, tp, ev, jn, 1); /* O += P V */
+                if (part >= 0) { /* P is zero after each group's last seen key */
+                    for (int64_t i = 0; i < tp; i += BK_MR)
+                        if (need[i / BK_MR])
+                            BK(gemm)(o + i * ev, ev, s + i * BK_LDS, BK_LDS, 1, vb, ev, BK_MR, ev, need[i / BK_MR], 1);
+                } else {
+                    BK(gemm)(o, ev, s, BK_LDS, 1, vb, ev, tp, ev, jn, 1); /* O += P V */
+                }
             }
         }
         for (int64_t i = 0; i < t; i++) {
+            l[i] = BK(hsum)(lv[i]);
             const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
             for (int64_t d = 0; d < ev; d++) out[(r0 + i) * ev + d] = o[i * ev + d] * inv;
             lse[r0 + i] = l[i] > 0.0f ? (m[i] + log2f(l[i])) * 0.6931471805599453f : -INFINITY;

@@ -191,3 +191,28 @@ def test_multi_head_window_uses_the_exact_window() -> None:
     m2.load_state_dict(m.state_dict())
     want = m2(x, attn_mask=SlidingWindowMask(16).materialize(90, 90)[0, 0])
     assert_close_to_reference(got, want, reduction=90)
+
+
+@NEEDS_LIB
+@pytest.mark.parametrize("isa", ISAS)
+def test_openmp_tasks_equal_the_thread_pool(isa, monkeypatch):  # type: ignore[no-untyped-def]
+    """A threaded forward (two workers; GQA, per-row padding, per-head masks) gives bit for bit the same output on
+    PyTorch's OpenMP threads (attnkit_mask_fwd_tasks) as on the Python thread pool (the same tasks), and it matches
+    the float64 reference."""
+    _skip_unless_isa(isa)
+    from attnkit.functional import _native_bridge
+
+    if not LIB.attnkit_openmp():
+        pytest.skip("the library was built without OpenMP")
+    monkeypatch.setattr(_native_bridge, "worker_count", lambda numel, workers: 2)  # threaded at any size
+    per_head = MaskMod(lambda b, h, q, kv: (kv <= q) & ((q - kv < 300) | (h == 1)))
+    mask = per_head & PaddingMask(torch.tensor([2000, 1701]))
+    q, k, v, _ = _inputs(2, 4, 2, 2048, 2048, 64, 64, torch.float32)  # 8 rows of 32 query tiles: 4 tasks a worker
+    outs = {}
+    for flag in (True, False):
+        monkeypatch.setattr(_native_bridge, "OPENMP_TASKS", flag)
+        with torch.no_grad():
+            outs[flag] = masked_attention(q, k, v, mask, 0.125, isa=isa)
+    assert torch.equal(outs[True], outs[False])
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), mask._bind(2, 4), scale=0.125)
+    assert_close_to_reference(outs[True], ref, reduction=2048)

@@ -115,6 +115,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.attnkit_mask_fwd.restype = cint
     lib.attnkit_mask_bwd.argtypes = [*[ptr] * 9, *mask_args]
     lib.attnkit_mask_bwd.restype = cint
+    # q k v out lse, n_q n_k, kv_len, e ev rep, row_ptr row_of, groups, cols part bits, scale, tasks, ntasks, nthreads,
+    # isa
+    lib.attnkit_mask_fwd_tasks.argtypes = [*[ptr] * 5, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, f32,
+                                           ptr, i64, cint, cint]
+    lib.attnkit_mask_fwd_tasks.restype = cint
+    lib.attnkit_openmp.restype = cint
     lib.attnkit_band_isa.restype = cint
     lib.attnkit_simd.restype = cint
     lib.attnkit_has_f16.restype = cint

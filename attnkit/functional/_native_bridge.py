@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +85,13 @@ class NativePattern(Protocol):
         ...
 
 
+#: run a whole forward's tasks on PyTorch's OpenMP threads where the pattern has a batched entry point (the mask
+#: engine's ``attnkit_mask_fwd_tasks``); ``False``: on :func:`run_tasks`' threads (the tests compare both)
+OPENMP_TASKS = True
+
+
 def _native_call(fn: Callable[..., int], *args: object) -> None:
-    if fn(*args) != 0:
+    if fn(*args) != 0:  # -1: a tile buffer could not be allocated
         raise MemoryError("attnkit's native attention kernel could not allocate its tile buffers")
 
 
@@ -120,7 +125,17 @@ class NativeBandFn(torch.autograd.Function):
 
         workers = worker_count(q.numel(), None)
         tasks = _bucket_tasks(bh, pattern.groups, workers)
-        run_tasks([functools.partial(task, *t) for t in tasks], workers, torch_ops=False)
+        batched = getattr(pattern, "fwd_tasks", None)
+        if batched is not None and workers > 1 and OPENMP_TASKS and lib.attnkit_openmp():
+            # the tasks on PyTorch's own OpenMP threads: threads of ours would share the cores with them while they
+            # spin after the operator before this one
+            args, keep = cast(Any, pattern).task_args(lengths, e, ev, rep)
+            spec = torch.tensor(tasks, dtype=torch.int64)
+            _native_call(getattr(lib, batched), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                         lse.data_ptr(), *args, scale, spec.data_ptr(), len(tasks), workers, isa)
+            del keep, spec
+        else:
+            run_tasks([functools.partial(task, *t) for t in tasks], workers, torch_ops=False)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pattern, ctx.scale, ctx.rep, ctx.isa, ctx.lengths = pattern, scale, rep, isa, lengths
         ctx.mark_non_differentiable(lse)

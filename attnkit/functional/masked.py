@@ -52,6 +52,7 @@ class _MaskPattern:
     heads: int  # query heads H of the call: row r of B*H is batch r // H, head r % H
     fwd: str = "attnkit_mask_fwd"
     bwd: str = "attnkit_mask_bwd"
+    fwd_tasks: str = "attnkit_mask_fwd_tasks"  # the whole forward on OpenMP threads (_native_bridge.NativeBandFn)
 
     @property
     def groups(self) -> int:
@@ -64,6 +65,16 @@ class _MaskPattern:
         bl = self.blocks
         ptr = bl.row_ptr.data_ptr() + self._row(row) * (self.groups + 1) * bl.row_ptr.element_size()
         return (bl.q_len, bl.k_len, kv_len, e, ev, ptr, bl.cols.data_ptr(), bl.part.data_ptr(), bl.bits.data_ptr())
+
+    def task_args(self, lengths: list[int], e: int, ev: int, rep: int) -> tuple[tuple[object, ...], list[Tensor]]:
+        """The arguments of ``attnkit_mask_fwd_tasks`` from ``n_q`` to ``bits`` (every row at once), and the tensors
+        they point into (to keep alive during the call)."""
+        bl = self.blocks
+        kv_len = torch.tensor(lengths, dtype=torch.int64)
+        row_of = torch.tensor([self._row(r) for r in range(len(lengths))], dtype=torch.int64)
+        args = (bl.q_len, bl.k_len, kv_len.data_ptr(), e, ev, rep, bl.row_ptr.data_ptr(), row_of.data_ptr(),
+                self.groups, bl.cols.data_ptr(), bl.part.data_ptr(), bl.bits.data_ptr())
+        return args, [kv_len, row_of]
 
     def keys(self, row: int, g0: int, g1: int) -> tuple[int, int]:
         ptr = self.blocks.row_ptr[self._row(row)]

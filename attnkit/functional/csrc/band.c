@@ -285,3 +285,43 @@ int attnkit_mask_bwd(const float *q, const float *k, const float *v, const float
     const bk_pat P = {n_q, n_k, kv_len, BK_TQ, 0, 0, 0, row_ptr, cols, part, bits};
     return BK_DISPATCH(attend_bwd, &P, q, k, v, out, dout, lse, dq, dk, dv, e, ev, scale, g0, g1);
 }
+
+/* The forward of a whole call under a mask: the tasks (row of B*H, first and last query group) tasks[3 t .. 3 t + 2]
+ * pulled one at a time by `nthreads` OpenMP threads, the same threads PyTorch's operators run on (one libgomp). Run
+ * on threads of its own, the kernel would share the cores with PyTorch's threads while they spin after the operator
+ * before it (measured: 20 % slower right after a compiled FlexAttention call). Row r reads key/value row r / rep,
+ * its first kv_len[r] keys, and the description row row_of[r] (row_ptr has groups + 1 entries per description row).
+ * Returns 0, or a nonzero result of one of the tasks. Without OpenMP the tasks run in turn. */
+int attnkit_mask_fwd_tasks(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n_q,
+                           int64_t n_k, const int64_t *kv_len, int64_t e, int64_t ev, int64_t rep,
+                           const int64_t *row_ptr, const int64_t *row_of, int64_t groups, const int64_t *cols,
+                           const int64_t *part, const uint64_t *bits, float scale, const int64_t *tasks,
+                           int64_t ntasks, int nthreads, int isa) {
+    int err = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+#endif
+    for (int64_t t = 0; t < ntasks; t++) {
+        const int64_t row = tasks[3 * t], kv = row / rep;
+        const int rc = attnkit_mask_fwd(q + row * n_q * e, k + kv * n_k * e, v + kv * n_k * ev, out + row * n_q * ev,
+                                        lse + row * n_q, n_q, n_k, kv_len[row], e, ev,
+                                        row_ptr + row_of[row] * (groups + 1), cols, part, bits, scale,
+                                        tasks[3 * t + 1], tasks[3 * t + 2], isa);
+        if (rc) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            err = rc;
+        }
+    }
+    return err;
+}
+
+/* 1 when the library was built with OpenMP (attnkit_mask_fwd_tasks runs its tasks in parallel), else 0. */
+int attnkit_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

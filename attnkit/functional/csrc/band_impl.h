@@ -359,9 +359,11 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
                                               : BK(mask_max)(row, jw, lim);
                     if (BK(any_gt)(mv, m[i] + 8.0f)) { /* a new reference only when the scores outgrow it by */
                         const float mx = BK(hmax)(mv);   /* 2**8: any reference is exact, and this one keeps */
-                        const float alpha = exp2f(m[i] - mx); /* every weight below 256 */
-                        lv[i] = lv[i] * alpha;
-                        for (int64_t d = 0; d < ev; d++) o[i * ev + d] *= alpha;
+                        if (m[i] != -INFINITY) {                /* every weight below 256 (before the first */
+                            const float alpha = exp2f(m[i] - mx); /* block the row's sum and output are 0) */
+                            lv[i] = lv[i] * alpha;
+                            for (int64_t d = 0; d < ev; d++) o[i * ev + d] *= alpha;
+                        }
                         m[i] = mx;
                     }
                     lv[i] += BK(exp_sum)(row, jw, m[i]);

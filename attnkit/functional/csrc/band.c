@@ -84,10 +84,12 @@ static float *bk_scratch(int64_t count) {
     return aligned_alloc(64, bytes);
 }
 
-/* xt (cols x ldt) = the rows [r0, r1) of x (rows x cols) transposed, zero from column r1 - r0 to ldt. */
-static void bk_transpose(const float *x, int64_t cols, int64_t r0, int64_t r1, float *xt, int64_t ldt) {
+/* xt (cols x ldt) = the rows [from, r1) of x (rows x cols) transposed into columns from - r0 ..., zero from column
+ * r1 - r0 to ldt; the columns of the rows [r0, from) are left to the caller (the vector transpose of band_impl.h
+ * writes whole blocks and hands the rest here). */
+static void bk_transpose(const float *x, int64_t cols, int64_t r0, int64_t from, int64_t r1, float *xt, int64_t ldt) {
     for (int64_t c = 0; c < cols; c++) memset(xt + c * ldt + (r1 - r0), 0, sizeof(float) * (size_t)(ldt - r1 + r0));
-    for (int64_t rb = r0; rb < r1; rb += 16) {
+    for (int64_t rb = from; rb < r1; rb += 16) {
         const int64_t re = bk_min(rb + 16, r1);
         for (int64_t c = 0; c < cols; c++)
             for (int64_t r = rb; r < re; r++) xt[c * ldt + (r - r0)] = x[r * cols + c];

@@ -150,21 +150,14 @@ static void BK(gemm)(float *c, int64_t ldc, const float *a, int64_t ar, int64_t 
     }
 }
 
-/* xt (cols x ldt) = the rows [r0, r1) of x (rows x cols) transposed, zero from column r1 - r0 to ldt (what
- * bk_transpose does), BK_VEC x BK_VEC blocks at a time in registers: load BK_VEC rows, exchange the off-diagonal
- * h x h blocks of every 2h x 2h block for h = BK_VEC / 2 ... 1 (each exchange swaps bit h of the row and column
- * index, so all of them together swap the indices), store BK_VEC columns. `cols` is a multiple of BK_VEC (head
- * dims are padded to 16); the rows after the last whole block go through bk_transpose. */
+/* xt (cols x ldt) = the rows [r0, r1) of x (rows x cols) transposed, zero from column r1 - r0 to ldt (as
+ * bk_transpose), BK_VEC x BK_VEC blocks at a time in registers: load BK_VEC rows, exchange the off-diagonal h x h
+ * blocks of every 2h x 2h block for h = BK_VEC / 2 ... 1 (each exchange swaps bit h of the row and column index, so
+ * all of them together swap the indices), store BK_VEC columns. The rows after the last whole block, the zeros, and
+ * a `cols` that is not a multiple of BK_VEC (head dims are padded to 16) go through bk_transpose. */
 static void BK(transpose)(const float *x, int64_t cols, int64_t r0, int64_t r1, float *xt, int64_t ldt) {
-    if (cols % BK_VEC) {
-        bk_transpose(x, cols, r0, r1, xt, ldt);
-        return;
-    }
-    const int64_t whole = r0 + (r1 - r0) / BK_VEC * BK_VEC;
-    for (int64_t c = 0; c < cols; c++) {
-        memset(xt + c * ldt + (r1 - r0), 0, sizeof(float) * (size_t)(ldt - r1 + r0));
-        for (int64_t r = whole; r < r1; r++) xt[c * ldt + (r - r0)] = x[r * cols + c]; /* after the last block */
-    }
+    const int64_t whole = cols % BK_VEC ? r0 : r0 + (r1 - r0) / BK_VEC * BK_VEC;
+    bk_transpose(x, cols, r0, whole, r1, xt, ldt);
     const VI lane = BK(iota)();
     for (int64_t rb = r0; rb < whole; rb += BK_VEC) {
         for (int64_t c0 = 0; c0 < cols; c0 += BK_VEC) {
@@ -305,10 +298,10 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
     int64_t key0, key1;
     bk_pat_keys(P, g0, g1, &key0, &key1);
     const int64_t ldt = key1 - key0 + BK_TK; /* the transposed keys, zero after the last one */
-    float *buf = bk_scratch(BK_TQP * (e + BK_LDS + ev) + 2 * BK_TQP + e * ldt + (P->part ? BK_TK * ev : 0));
+    float *buf = bk_scratch(BK_TQP * (e + BK_LDS + ev) + BK_TQP + e * ldt + (P->part ? BK_TK * ev : 0));
     if (!buf) return -1;
-    float *qs = buf, *s = qs + BK_TQP * e, *o = s + BK_TQP * BK_LDS, *m = o + BK_TQP * ev, *l = m + BK_TQP;
-    float *kt = l + BK_TQP, *vz = kt + e * ldt; /* vz: the values of a partial block, unseen keys zeroed */
+    float *qs = buf, *s = qs + BK_TQP * e, *o = s + BK_TQP * BK_LDS, *m = o + BK_TQP * ev;
+    float *kt = m + BK_TQP, *vz = kt + e * ldt; /* vz: the values of a partial block, unseen keys zeroed */
     uint64_t words[BK_TQ];
     BK(transpose)(k, e, key0, key1, kt, ldt);
     for (bk_tile T = {g0, 0, g0 * P->g, 0}; bk_tile_next(&T, P, g1);) {
@@ -378,10 +371,10 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
             }
         }
         for (int64_t i = 0; i < t; i++) {
-            l[i] = BK(hsum)(lv[i]);
-            const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+            const float l = BK(hsum)(lv[i]);
+            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
             for (int64_t d = 0; d < ev; d++) out[(r0 + i) * ev + d] = o[i * ev + d] * inv;
-            lse[r0 + i] = l[i] > 0.0f ? (m[i] + log2f(l[i])) * 0.6931471805599453f : -INFINITY;
+            lse[r0 + i] = l > 0.0f ? (m[i] + log2f(l)) * 0.6931471805599453f : -INFINITY;
         }
     }
     free(buf);

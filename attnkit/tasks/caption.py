@@ -12,14 +12,12 @@ and the mean entropy of the attention distribution (nats; log 80 = 4.38 is unifo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from tempfile import TemporaryDirectory
 from typing import Any, cast
 
 import torch
@@ -41,7 +39,7 @@ from attnkit.data.scenes import EOS, CaptionScenes, decode_caption, digit_scenes
 from attnkit.layers.hard import MovingAverageBaseline
 from attnkit.models.captioner import ATTENTIONS, ShowAttendTell, caption_loss
 from attnkit.tasks.report import Section
-from attnkit.train.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoints
+from attnkit.train.checkpoint import run_folder
 from attnkit.train.loop import STOPPED, FitConfig, FitResult, fit
 
 HELP = "Show-Attend-and-Tell on multi-digit MNIST scenes: soft vs hard (REINFORCE) attention"
@@ -244,11 +242,7 @@ def fit_captioner(
     }  # fmt: skip
     config = FitConfig(steps=steps, lr=lr, clip=5.0, eval_every=0, save_every=save_every, log_every=0, keep=1,
                        progress_label=f"caption {attention}")  # fmt: skip
-    with contextlib.ExitStack() as stack:
-        folder = Path(checkpoint_dir) if checkpoint_dir is not None else Path(stack.enter_context(TemporaryDirectory()))
-        start = load_checkpoint(folder, expect_config=run_config) if resume and latest_checkpoint(folder) else None
-        if not resume:
-            remove_checkpoints(folder)
+    with run_folder(checkpoint_dir, resume=resume, expect_config=run_config) as (folder, start):
         result = fit(trainee, loss_fn, config, checkpoint_dir=folder, run_config=run_config, resume=start, log=log,
                      optimizer=opt, scheduler=sched)  # fmt: skip
     model.expected_prob = expected_schedule(max(result.step - 1, 0), steps, final=final, anneal=expected_anneal)

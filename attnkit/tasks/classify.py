@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import statistics
@@ -22,7 +21,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from tempfile import TemporaryDirectory
 from typing import Any
 
 import torch
@@ -48,7 +46,7 @@ from attnkit.layers.registry import list_attentions
 from attnkit.models.cnn import AttentionCNN, count_parameters
 from attnkit.tasks.claims import mean_interval
 from attnkit.tasks.report import Section
-from attnkit.train.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoints
+from attnkit.train.checkpoint import run_folder
 from attnkit.train.loop import STOPPED, FitConfig, FitResult, fit
 
 HELP = "train a small CNN with SE / ECA / CBAM / no attention on MNIST or Fashion-MNIST and compare them"
@@ -227,13 +225,7 @@ def fit_model(
         steps=total, lr=config.lr, clip=0.0, weight_decay=config.weight_decay, eval_every=0,
         save_every=config.save_every, log_every=0, keep=config.keep, progress_label=desc or attention,
     )  # fmt: skip
-    with contextlib.ExitStack() as stack:
-        folder = Path(checkpoint_dir) if checkpoint_dir is not None else Path(stack.enter_context(TemporaryDirectory()))
-        start = None
-        if resume and latest_checkpoint(folder) is not None:
-            start = load_checkpoint(folder, expect_config=run_config)
-        elif not resume:
-            remove_checkpoints(folder)
+    with run_folder(checkpoint_dir, resume=resume, expect_config=run_config) as (folder, start):
         result = fit(
             model, loss_fn, fit_config, checkpoint_dir=folder, run_config=run_config, validate=train_loss,
             resume=start, log=log, optimizer=opt, scheduler=sched,

@@ -26,13 +26,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any
 
 import numpy as np
@@ -51,6 +54,7 @@ __all__ = [
     "load_checkpoint",
     "remove_checkpoints",
     "restore_rng",
+    "run_folder",
     "save_checkpoint",
 ]
 
@@ -186,6 +190,27 @@ def remove_checkpoints(directory: str | Path) -> int:
     for p in found:
         shutil.rmtree(p)
     return len(found)
+
+
+@contextlib.contextmanager
+def run_folder(
+    checkpoint_dir: str | Path | None, *, resume: bool, expect_config: dict[str, Any]
+) -> Iterator[tuple[Path, Checkpoint | None]]:
+    """The checkpoint folder of one training run and the checkpoint it starts from, for ``train.loop.fit``.
+
+    The folder is ``checkpoint_dir``, or a temporary folder removed on exit when it is ``None``. With ``resume`` the
+    run starts from the newest checkpoint there (checked against ``expect_config``), or from scratch when there is
+    none yet (a model an interrupted run had not reached); without it, the older checkpoints there are removed, so
+    that a later ``--resume`` cannot pick up an older run's steps.
+    """
+    with contextlib.ExitStack() as stack:
+        folder = Path(checkpoint_dir) if checkpoint_dir is not None else Path(stack.enter_context(TemporaryDirectory()))
+        start = None
+        if resume and latest_checkpoint(folder) is not None:
+            start = load_checkpoint(folder, expect_config=expect_config)
+        elif not resume:
+            remove_checkpoints(folder)
+        yield folder, start
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:

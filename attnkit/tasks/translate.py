@@ -91,40 +91,39 @@ FIXED = (
 )  # fmt: skip
 
 
-
 @dataclass
 class TranslateSettings:
     """Everything that decides a translation run (stored in every checkpoint as ``to_dict()``).
 
-    The defaults are the full run's (``DEFAULTS``' first column); :meth:`from_args` fills what was not given from
-    the checkpoint being resumed, else from the quick or full defaults, and checks the combination.
+    The defaults are the full run's, read from ``DEFAULTS``' first column; :meth:`from_args` fills what was not
+    given from the checkpoint being resumed, else from the quick or full defaults, and checks the combination.
     """
 
     model: str = "bahdanau"
     quick: bool = False
-    data: str = "bible"
-    src: str = "4"
-    tgt: str = "e"
-    steps: int = 4000
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup: int = 200
-    clip: float = 1.0
-    seed: int = 0
-    vocab_size: int = 4000
-    max_chars: int = 200
-    max_tokens: int = 64
-    max_train: int = 0
-    embed_dim: int = 256
-    hidden_dim: int = 256
-    layers: int = 3
-    heads: int = 4
-    ff_dim: int = 1024
-    dropout: float = 0.2
-    label_smoothing: float = 0.1
-    eval_every: int = 500
-    save_every: int = 250
-    eval_limit: int = 0
+    data: str = DEFAULTS["data"][0]
+    src: str = DEFAULTS["src"][0]
+    tgt: str = DEFAULTS["tgt"][0]
+    steps: int = DEFAULTS["steps"][0]
+    batch_size: int = DEFAULTS["batch_size"][0]
+    lr: float = DEFAULTS["lr"][0]
+    warmup: int = DEFAULTS["warmup"][0]
+    clip: float = DEFAULTS["clip"][0]
+    seed: int = DEFAULTS["seed"][0]
+    vocab_size: int = DEFAULTS["vocab_size"][0]
+    max_chars: int = DEFAULTS["max_chars"][0]
+    max_tokens: int = DEFAULTS["max_tokens"][0]
+    max_train: int = DEFAULTS["max_train"][0]
+    embed_dim: int = DEFAULTS["embed_dim"][0]
+    hidden_dim: int = DEFAULTS["hidden_dim"][0]
+    layers: int = DEFAULTS["layers"][0]
+    heads: int = DEFAULTS["heads"][0]
+    ff_dim: int = DEFAULTS["ff_dim"][0]
+    dropout: float = DEFAULTS["dropout"][0]
+    label_smoothing: float = DEFAULTS["label_smoothing"][0]
+    eval_every: int = DEFAULTS["eval_every"][0]
+    save_every: int = DEFAULTS["save_every"][0]
+    eval_limit: int = DEFAULTS["eval_limit"][0]
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, stored: dict[str, Any] | None = None) -> TranslateSettings:
@@ -624,10 +623,14 @@ def load_run(
     return model, cfg, tok_src, tok_tgt, ckpt.extra
 
 
+def _languages(data: str) -> dict[str, Language]:
+    """The language table of a kind of data: the Bible's versions, or the generated corpora's languages."""
+    return LANGUAGES if data == "bible" else generated.LANGUAGES
+
+
 def language(cfg: TranslateSettings, side: str) -> Language:
     """The :class:`~attnkit.data.bible.Language` of ``cfg.src`` / ``cfg.tgt`` (``side``) in the run's data."""
-    table = LANGUAGES if cfg.data == "bible" else generated.LANGUAGES
-    return table[getattr(cfg, side)]
+    return _languages(cfg.data)[getattr(cfg, side)]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -678,7 +681,7 @@ def evaluate(
             hyps[j] = tok_tgt.decode(ids)
     seconds = time.perf_counter() - t0
     refs = [p.tgt for p in pairs]
-    lang = (LANGUAGES if data == "bible" else generated.LANGUAGES)[tgt_code]
+    lang = _languages(data)[tgt_code]
     bleu_metric = sacrebleu.BLEU(tokenize=lang.bleu_tokenize)
     bleu = bleu_metric.corpus_score(hyps, [refs])
     chrf = sacrebleu.corpus_chrf(hyps, [refs])

@@ -20,42 +20,34 @@ from attnkit.tasks.report import Section
 
 HELP = "run a short version of every capability on the embedded data and write one offline index.html"
 
-# name -> (task module[:function], what the section shows); the function is tour_section unless named; the order is
-# the tour's order.
-SECTIONS: dict[str, tuple[str, str]] = {
-    "kernels": ("attnkit.tasks.kernels", "dense kernels, masks, backends and their bench table"),
-    "long": ("attnkit.tasks.long", "sliding-window, block-sparse and chunked kernels"),
-    "explain": ("attnkit.tasks.explain", "multi-head attention in a real pretrained MiniLM"),
+# name -> (task module[:function], what the section shows, the docs page with its long runs, the commands that
+# made them and the papers' figures); the function is tour_section unless named; the order is the tour's order.
+SECTIONS: dict[str, tuple[str, str, str]] = {
+    "kernels": ("attnkit.tasks.kernels", "dense kernels, masks, backends and their bench table", "sdpa.md"),
+    "long": ("attnkit.tasks.long", "sliding-window, block-sparse and chunked kernels", "long.md"),
+    "explain": ("attnkit.tasks.explain", "multi-head attention in a real pretrained MiniLM", "seeing.md"),
     "llm": ("attnkit.tasks.explain:tour_llm_section",
-            "a real LLM (SmolLM2) through attn_implementation='attnkit': attention sink, previous-token heads"),
-    "classify": ("attnkit.tasks.classify", "SE / ECA / CBAM on real images"),
-    "caption": ("attnkit.tasks.caption", "soft vs hard attention captioning digit scenes"),
-    "glimpse": ("attnkit.tasks.glimpse", "a recurrent attention model taking glimpses"),
-    "translate": ("attnkit.tasks.translate", "translation with and without attention (full: against input length)"),
+            "a real LLM (SmolLM2) through attn_implementation='attnkit': attention sink, previous-token heads",
+            "seeing.md"),
+    "classify": ("attnkit.tasks.classify", "SE / ECA / CBAM on real images", "vision.md"),
+    "caption": ("attnkit.tasks.caption", "soft vs hard attention captioning digit scenes", "hard.md"),
+    "glimpse": ("attnkit.tasks.glimpse", "a recurrent attention model taking glimpses", "hard.md"),
+    "translate": ("attnkit.tasks.translate", "translation with and without attention (full: against input length)",
+                  "translation.md"),
 }
 
-#: section -> the docs page with its long runs, the commands that made them and the papers' figures beside them
-DOCS: dict[str, str] = {
-    "kernels": "sdpa.md",
-    "long": "long.md",
-    "explain": "seeing.md",
-    "llm": "seeing.md",
-    "classify": "vision.md",
-    "caption": "hard.md",
-    "glimpse": "hard.md",
-    "translate": "translation.md",
-}
 _DOCS_DIR = Path(__file__).resolve().parents[2] / "docs"  # the repository's docs (a source or editable install)
 
 
 def docs_link(name: str, out_dir: Path) -> tuple[str, str] | None:
     """``(label, href)`` of the section's docs page, relative to the tour's folder; ``None`` where the docs are not
     beside the package (an installed wheel)."""
-    page = _DOCS_DIR / DOCS[name]
+    doc = SECTIONS[name][2]
+    page = _DOCS_DIR / doc
     if not page.is_file():
         return None
     href = Path(os.path.relpath(page, out_dir.resolve())).as_posix()
-    return f"the long runs and the papers' figures: docs/{DOCS[name]}", href
+    return f"the long runs and the papers' figures: docs/{doc}", href
 
 
 _STYLE = """
@@ -91,7 +83,7 @@ def _selected(only: str | list[str] | None) -> list[str]:
 
 def run_section(name: str, out_dir: Path, quick: bool) -> tuple[Section, bool]:
     """Run one section; a failure becomes a section that shows the error (and ``False``)."""
-    target, what = SECTIONS[name]
+    target, what, _ = SECTIONS[name]
     module_name, _, function = target.partition(":")
     start = time.perf_counter()
     try:

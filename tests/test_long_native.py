@@ -144,7 +144,7 @@ def test_native_window_thread_splits(b, h, threads, monkeypatch):  # type: ignor
 @NEEDS_LIB
 def test_native_bucket_tasks_cover_every_bucket_once() -> None:
     for rows, nb, workers in [(1, 1, 2), (1, 7, 2), (3, 5, 4), (8, 32, 2), (2, 3, 1)]:
-        tasks = bridge_mod._bucket_tasks(rows, nb, workers)
+        tasks = bridge_mod.bucket_tasks(rows, nb, workers)
         seen = sorted((row, b) for row, b0, b1 in tasks for b in range(b0, b1))
         assert seen == [(row, b) for row in range(rows) for b in range(nb)]
         assert len(tasks) >= min(rows * nb, 2 * workers) or workers == 1

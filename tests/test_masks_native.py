@@ -18,10 +18,11 @@ from attnkit.functional import (
     SlidingWindowMask,
     _native,
     attention_reference,
+    attention_weights,
     scaled_dot_product_attention,
     which_backend,
 )
-from attnkit.functional.masked import masked_attention
+from attnkit.functional.masked import masked_attention, masked_weights
 from attnkit.testing import assert_close_to_reference
 
 LIB = _native.load()
@@ -150,6 +151,7 @@ def test_portable_build_matches_reference(tmp_path, monkeypatch):  # type: ignor
     q, k, v, g = _inputs(1, 2, 1, 150, 170, 16, 32, torch.float32)
     for mask in (SlidingWindowMask(30) | SinkMask(3), MaskMod(lambda b, h, q, kv: (q - kv) % 5 != 1)):
         _check(mask, q, k, v, g, isa=2)  # asks for AVX-512, gets the portable body
+        _check_weights(mask, q, k, isa=2)
 
 
 # --------------------------------------------------------------------------------------------- routing
@@ -162,7 +164,14 @@ def test_routing_and_fallback() -> None:
     assert which_backend(q, q, q, CausalMask()).name == "sdpa"  # the fused kernel's own causal path
     assert which_backend(q, q, q, BlockedWindowMask(16)).name == "native_band"  # its own kernel
     assert which_backend(q.double(), q.double(), q.double(), SlidingWindowMask(16)).name != "native_mask"
-    assert which_backend(q, q, q, SlidingWindowMask(16), return_weights=True).name == "math"
+    choice = which_backend(q, q, q, SlidingWindowMask(16), return_weights=True)  # weights on a path of their own
+    assert (choice.name, choice.weights_from) == ("native_mask", "native_mask")
+    choice = which_backend(q, q, q, CausalMask(), return_weights=True)
+    assert (choice.name, choice.weights_from) == ("sdpa", "native_mask")
+    assert which_backend(q, q, q, return_weights=True).name == "math"  # no mask: output and weights in one pass
+    assert which_backend(q, q, q, SlidingWindowMask(16), return_weights=True, dropout_p=0.1).name == "math"
+    qg = q.clone().requires_grad_()
+    assert which_backend(qg, q, q, SlidingWindowMask(16), return_weights=True).name == "math"  # weights with grad
     why = which_backend(q.double(), q.double(), q.double(), SlidingWindowMask(16)).reasons["native_mask"]
     assert any("float64" in r for r in why)
     # the public entry point, with is_causal on top and a bare callable, against the reference
@@ -216,3 +225,110 @@ def test_openmp_tasks_equal_the_thread_pool(isa, monkeypatch):  # type: ignore[n
     assert torch.equal(outs[True], outs[False])
     ref, _ = attention_reference(q.double(), k.double(), v.double(), mask._bind(2, 4), scale=0.125)
     assert_close_to_reference(outs[True], ref, reduction=2048)
+
+
+# --------------------------------------------------------------------------------------------- exact weights
+def _check_weights(mask, q, k, isa=2):  # type: ignore[no-untyped-def]
+    """Native weights (attnkit_mask_weights) against the float64 reference's weights of the same inputs."""
+    b, h, q_len, e = q.shape
+    k_len = k.shape[2]
+    w = masked_weights(q, k, mask, e**-0.5, isa=isa)
+    v = torch.zeros(b, k.shape[1], k_len, 1, dtype=torch.float64)
+    _, ref = attention_reference(q.double(), k.double(), v, mask._bind(b, h))
+    assert w.dtype == q.dtype and w.shape == (b, h, q_len, k_len)
+    assert_close_to_reference(w, ref, reduction=k_len, msg="weights")
+    return w
+
+
+@NEEDS_LIB
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", list(_masks()))
+def test_native_weights_match_reference(name, isa):  # type: ignore[no-untyped-def]
+    _skip_unless_isa(isa)
+    q, k, _, _ = _inputs(2, 4, 2, 203, 203, 24, 40, torch.float32)
+    _check_weights(_masks()[name], q, k, isa)
+
+
+@NEEDS_LIB
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("q_len", "k_len"), [(1, 203), (77, 203), (130, 70), (64, 64), (65, 129)])
+def test_native_weights_lengths(q_len, k_len, isa):  # type: ignore[no-untyped-def]
+    """Odd lengths, L != S, one query; masks with gaps between their key ranges (a sink before the window) and
+    causal alignments; every entry outside the mask is exactly zero."""
+    _skip_unless_isa(isa)
+    q, k, _, _ = _inputs(1, 3, 1, q_len, k_len, 16, 16, torch.float32)
+    for mask in (SlidingWindowMask(40), SlidingWindowMask(9) | SinkMask(3), MaskMod(lambda b, h, q, kv: q <= kv),
+                 CausalMask("lower_right"), CausalMask() & PaddingMask(torch.tensor([k_len // 2 + 1]))):
+        w = _check_weights(mask, q, k, isa)
+        assert torch.equal(w.masked_fill(mask.materialize(q_len, k_len), 0.0), torch.zeros_like(w))
+
+
+@NEEDS_LIB
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_weights_low_precision(dtype):  # type: ignore[no-untyped-def]
+    q, k, _, _ = _inputs(1, 4, 2, 150, 150, 32, 32, dtype)
+    for mask in (SlidingWindowMask(50) | SinkMask(2), DocumentMask(torch.arange(150) // 40) & CausalMask()):
+        _check_weights(mask, q, k)
+
+
+@NEEDS_LIB
+@pytest.mark.parametrize("isa", ISAS)
+def test_native_weights_hidden_nan_and_dead_rows(isa):  # type: ignore[no-untyped-def]
+    """NaN keys the mask hides never reach a weight; rows that see nothing are all zero."""
+    _skip_unless_isa(isa)
+    n = 200
+    hidden = torch.zeros(n, dtype=torch.bool)
+    hidden[[3, 70, 71, 130, 199]] = True
+    keep = ~hidden
+    mask = MaskMod(lambda b, h, q, kv: keep[kv] & (kv <= q) & (q % 7 != 0))  # every 7th row sees nothing
+    q, k, _, _ = _inputs(1, 2, 1, n, n, 16, 16, torch.float32)
+    k_bad = k.clone()
+    k_bad[:, :, hidden] = float("nan")
+    w = masked_weights(q, k_bad, mask, 0.25, isa=isa)
+    assert torch.isfinite(w).all()
+    assert torch.equal(w[:, :, ::7], torch.zeros_like(w[:, :, ::7]))
+    _, ref = attention_reference(q.double(), k.double(), torch.zeros(1, 1, n, 1, dtype=torch.float64),
+                                 mask.materialize(n, n), scale=0.25)
+    assert_close_to_reference(w, ref, reduction=n)
+
+
+@NEEDS_LIB
+@pytest.mark.parametrize("isa", ISAS)
+def test_native_weights_openmp_tasks_equal_the_thread_pool(isa, monkeypatch):  # type: ignore[no-untyped-def]
+    """Threaded weights (GQA, per-row padding, per-head masks) are bit for bit the same on PyTorch's OpenMP threads
+    (attnkit_mask_weights_tasks) as on the Python thread pool, and match the float64 reference."""
+    _skip_unless_isa(isa)
+    from attnkit.functional import _native_bridge, masked
+
+    if not LIB.attnkit_openmp():
+        pytest.skip("the library was built without OpenMP")
+    monkeypatch.setattr(masked, "worker_count", lambda numel, workers: 2)  # threaded at any size
+    per_head = MaskMod(lambda b, h, q, kv: (kv <= q) & ((q - kv < 300) | (h == 1)))
+    mask = per_head & PaddingMask(torch.tensor([700, 501]))
+    q, k, _, _ = _inputs(2, 4, 2, 700, 700, 64, 64, torch.float32)
+    ws = {}
+    for flag in (True, False):
+        monkeypatch.setattr(_native_bridge, "OPENMP_TASKS", flag)
+        ws[flag] = masked_weights(q, k, mask, 0.125, isa=isa)
+    assert torch.equal(ws[True], ws[False])
+    _, ref = attention_reference(q.double(), k.double(), torch.zeros(2, 2, 700, 1, dtype=torch.float64),
+                                 mask._bind(2, 4), scale=0.125)
+    assert_close_to_reference(ws[True], ref, reduction=700)
+
+
+@NEEDS_LIB
+def test_public_weights_use_the_native_path_and_keep_the_output() -> None:
+    """return_weights=True with a mask object: the output is the one computed without weights (same kernel), the
+    weights equal attention_weights' and the reference; with grad, the math path gives differentiable weights."""
+    q, k, v, _ = _inputs(1, 4, 2, 150, 150, 32, 32, torch.float32)
+    mask = SlidingWindowMask(40) | SinkMask(2)
+    out, w = scaled_dot_product_attention(q, k, v, mask, return_weights=True)
+    assert torch.equal(out, scaled_dot_product_attention(q, k, v, mask))
+    assert torch.equal(w, attention_weights(q, k, mask))
+    ref, ref_w = attention_reference(q.double(), k.double(), v.double(), mask)
+    assert_close_to_reference(w, ref_w, reduction=150)
+    assert_close_to_reference(out, ref, reduction=150)
+    qg = q.clone().requires_grad_()
+    wg = attention_weights(qg, k, mask)
+    (wg * torch.arange(150.0)).sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()

@@ -120,6 +120,13 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.attnkit_mask_fwd_tasks.argtypes = [*[ptr] * 5, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, f32,
                                            ptr, i64, cint, cint]
     lib.attnkit_mask_fwd_tasks.restype = cint
+    # q k w, n_q n_k kv_len e, row_ptr cols part bits, scale, g0 g1, isa
+    lib.attnkit_mask_weights.argtypes = [*[ptr] * 3, *[i64] * 4, *[ptr] * 4, f32, i64, i64, cint]
+    lib.attnkit_mask_weights.restype = cint
+    # q k w, n_q n_k, kv_len, e rep, row_ptr row_of, groups, cols part bits, scale, tasks, ntasks, nthreads, isa
+    lib.attnkit_mask_weights_tasks.argtypes = [*[ptr] * 3, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, f32,
+                                               ptr, i64, cint, cint]
+    lib.attnkit_mask_weights_tasks.restype = cint
     lib.attnkit_openmp.restype = cint
     lib.attnkit_band_isa.restype = cint
     lib.attnkit_simd.restype = cint

@@ -21,7 +21,10 @@ from . import _native
 from ._memory import fresh_buffer
 from ._threads import run_tasks, worker_count
 
-__all__ = ["NativeBandFn", "NativePattern", "native_attention", "native_unsupported", "right_padding", "rows_f32"]
+__all__ = [
+    "NativeBandFn", "NativePattern", "bucket_tasks", "native_attention", "native_call", "native_unsupported",
+    "right_padding", "rows_f32",
+]
 
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # computed in float32; float64 stays in PyTorch
@@ -47,7 +50,7 @@ def rows_f32(x: Tensor, width: int) -> Tensor:
     return (F.pad(x, (0, width - d)) if width > d else x).contiguous()
 
 
-def _bucket_tasks(rows: int, nb: int, workers: int) -> list[tuple[int, int, int]]:
+def bucket_tasks(rows: int, nb: int, workers: int) -> list[tuple[int, int, int]]:
     """``(row, b0, b1)`` tasks covering every bucket of every row once: whole rows, or rows cut into a few bucket
     ranges when there are fewer rows than ``2 * workers`` (so that every thread keeps busy to the end)."""
     parts = 1 if workers <= 1 else max(1, min(nb, -(-2 * workers // rows)))
@@ -90,7 +93,7 @@ class NativePattern(Protocol):
 OPENMP_TASKS = True
 
 
-def _native_call(fn: Callable[..., int], *args: object) -> None:
+def native_call(fn: Callable[..., int], *args: object) -> None:
     if fn(*args) != 0:  # -1: a tile buffer could not be allocated
         raise MemoryError("attnkit's native attention kernel could not allocate its tile buffers")
 
@@ -118,20 +121,20 @@ class NativeBandFn(torch.autograd.Function):
 
         def task(row: int, g0: int, g1: int) -> None:
             kv = row // rep
-            _native_call(fwd, q.data_ptr() + row * n_q * e * fl, k.data_ptr() + kv * n_k * e * fl,
+            native_call(fwd, q.data_ptr() + row * n_q * e * fl, k.data_ptr() + kv * n_k * e * fl,
                          v.data_ptr() + kv * n_k * ev * fl, out.data_ptr() + row * n_q * ev * fl,
                          lse.data_ptr() + row * n_q * fl, *pattern.args(row, lengths[row], e, ev), scale, g0, g1,
                          isa)
 
         workers = worker_count(q.numel(), None)
-        tasks = _bucket_tasks(bh, pattern.groups, workers)
+        tasks = bucket_tasks(bh, pattern.groups, workers)
         batched = getattr(pattern, "fwd_tasks", None)
         if batched is not None and workers > 1 and OPENMP_TASKS and lib.attnkit_openmp():
             # the tasks on PyTorch's own OpenMP threads: threads of ours would share the cores with them while they
             # spin after the operator before this one
             args, keep = cast(Any, pattern).task_args(lengths, e, ev, rep)
             spec = torch.tensor(tasks, dtype=torch.int64)
-            _native_call(getattr(lib, batched), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+            native_call(getattr(lib, batched), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                          lse.data_ptr(), *args, scale, spec.data_ptr(), len(tasks), workers, isa)
             del keep, spec
         else:
@@ -153,7 +156,7 @@ class NativeBandFn(torch.autograd.Function):
         fl = 4
         dq = fresh_buffer(tuple(q.shape), q.dtype, q.device)
         workers = worker_count(q.numel(), None)
-        tasks = _bucket_tasks(bh, pattern.groups, workers)
+        tasks = bucket_tasks(bh, pattern.groups, workers)
         whole = len(tasks) == bh  # one task per row: it owns (and zeroes) the keys of that row it reads
         dk = fresh_buffer((bh, n_k, e), q.dtype, q.device) if whole else None
         dv = fresh_buffer((bh, n_k, ev), q.dtype, q.device) if whole else None
@@ -165,7 +168,7 @@ class NativeBandFn(torch.autograd.Function):
                 dk_t, dv_t = dk[row, key0:key1], dv[row, key0:key1]
             else:
                 dk_t, dv_t = q.new_empty(key1 - key0, e), q.new_empty(key1 - key0, ev)
-            _native_call(bwd, q.data_ptr() + row * n_q * e * fl, k.data_ptr() + kv * n_k * e * fl,
+            native_call(bwd, q.data_ptr() + row * n_q * e * fl, k.data_ptr() + kv * n_k * e * fl,
                          v.data_ptr() + kv * n_k * ev * fl, out.data_ptr() + row * n_q * ev * fl,
                          grad.data_ptr() + row * n_q * ev * fl, lse.data_ptr() + row * n_q * fl,
                          dq.data_ptr() + row * n_q * e * fl, dk_t.data_ptr(), dv_t.data_ptr(),

@@ -79,7 +79,24 @@ def _check_band(isa: int) -> dict[str, float]:
         for got, want in zip(grads, ref_grads, strict=True):
             worst = max(worst, _max_ratio(got, want, 2 * window, grad=True))
         result[str(dtype).removeprefix("torch.")] = worst
+    result["weights"] = _check_mask_weights(isa)
     return result
+
+
+def _check_mask_weights(isa: int) -> float:
+    """The mask engine's exact weights (attnkit_mask_weights) under a window with sinks and a padded batch row."""
+    from ._reference import attention_reference
+    from .masked import masked_weights
+    from .masks import PaddingMask, SinkMask, SlidingWindowMask
+
+    gen = torch.Generator().manual_seed(9)
+    n, e = 203, 24
+    q = torch.randn(2, 4, n, e, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 2, n, e, generator=gen, dtype=torch.float64)
+    mask = (SlidingWindowMask(40) | SinkMask(3)) & PaddingMask(torch.tensor([n, 150]))
+    w = masked_weights(q.float(), k.float(), mask, e**-0.5, isa=isa)
+    _, ref = attention_reference(q, k, torch.zeros(2, 2, n, 1, dtype=torch.float64), mask._bind(2, 4))
+    return _max_ratio(w, ref, n, grad=False)
 
 
 def _check_decode() -> dict[str, float]:

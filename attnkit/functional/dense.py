@@ -38,11 +38,14 @@ from .dispatch import (
     AttentionCall,
     Backend,
     BackendChoice,
+    WeightsPath,
     available_backends,
     choose_backend,
     get_backend,
     make_call,
     register_backend,
+    register_weights,
+    weights_of,
     which_backend,
 )
 from .masks import AttentionMask, causal_mask
@@ -315,7 +318,7 @@ def scaled_dot_product_attention(
     else:
         choice = choose_backend(call, backend)
         out, w = get_backend(choice.name).fn(call)
-        weights = w if w is not None or not call.need_weights else _math_weights(call)
+        weights = w if w is not None or not call.need_weights else weights_of(call, choice.weights_from)
     if three_d:
         out = out.squeeze(1)
         weights = weights.squeeze(1) if weights is not None else None
@@ -330,6 +333,9 @@ def _math_weights(call: AttentionCall) -> Tensor:
                       call.softcap)
     )
     return weights
+
+
+register_weights(WeightsPath("math", _math_weights))
 
 
 def attention_weights(
@@ -357,5 +363,5 @@ def attention_weights(
     """
     value = torch.zeros(*key.shape[:-1], 0, dtype=key.dtype, device=key.device) if isinstance(key, Tensor) else key
     call, three_d = make_call(query, key, value, attn_mask, is_causal, 0.0, scale, True, softcap)
-    weights = _empty_keys(call)[1] if call.k_len == 0 else _math_weights(call)
+    weights = _empty_keys(call)[1] if call.k_len == 0 else weights_of(call)
     return weights.squeeze(1) if three_d else weights

@@ -2,10 +2,15 @@
 
 A backend declares as data what it serves (dtypes, devices, mask kinds, gradients, head dims, whether it returns
 the weights, a tolerance hint for the parity suite) and gives, through ``supports(call)``, the reasons it cannot
-serve one call. ``backend="auto"`` runs the first backend of :data:`PRIORITY` that can serve the call (with
-``return_weights=True``, the first that returns weights itself); a forced backend that cannot serve raises
-``ValueError`` with the inputs and every reason. :func:`which_backend` tells which kernel would run and why the
-others were passed over.
+serve one call. ``backend="auto"`` runs the first backend of :data:`PRIORITY` that can serve the call; a forced
+backend that cannot serve raises ``ValueError`` with the inputs and every reason. :func:`which_backend` tells which
+kernel would run and why the others were passed over.
+
+Exact weights (``return_weights=True``, :func:`~attnkit.functional.attention_weights`) come from the backend when it
+returns them, else from a :class:`WeightsPath`, the first of :data:`WEIGHTS_PRIORITY` that serves the call: the
+native block engine's for mask objects (``native_mask``: only the blocks the mask touches), else ``math``. With
+``return_weights=True``, ``auto`` keeps the output on the backend it would pick without weights when a path other
+than ``math`` serves the weights, and otherwise runs the first backend that returns weights itself.
 
 Each implementation is its own backend: the sliding window's native C kernel (``native_band``), its PyTorch flash
 pieces (``flash_pieces``) and blockwise path (``window_blockwise``); the decode kernel's native (``native_decode``)
@@ -45,15 +50,19 @@ from .masks import AndMask, AttentionMask, CausalMask, OrMask, causal_mask, comb
 __all__ = [
     "ALIASES",
     "PRIORITY",
+    "WEIGHTS_PRIORITY",
     "AttentionCall",
     "Backend",
     "BackendChoice",
+    "WeightsPath",
     "available_backends",
     "choose_backend",
     "get_backend",
     "make_call",
     "mask_kinds",
     "register_backend",
+    "register_weights",
+    "weights_of",
     "which_backend",
 ]
 
@@ -75,6 +84,10 @@ PRIORITY: tuple[str, ...] = (
     "math",
     "reference",
 )
+
+#: The order in which the exact weights of a call are computed apart from its output (:class:`WeightsPath`): the
+#: native engine's for mask objects (the blocks they touch, softmax in cache, one write), then the dense math.
+WEIGHTS_PRIORITY: tuple[str, ...] = ("native_mask", "math")
 
 #: Deprecated backend names, each standing for its member backends in order: forcing an alias runs the first member
 #: that serves the call (with a ``DeprecationWarning``). They were the backends that chose among their own kernels.
@@ -294,6 +307,47 @@ def _warn_alias(name: str) -> None:
                   "serves the call runs); name one of them, or use backend='auto'", DeprecationWarning, stacklevel=4)
 
 
+@dataclass(frozen=True)
+class WeightsPath:
+    """A way to compute the exact softmax weights ``(B, H, L, S)`` of a call apart from its output, for a backend
+    that hides them (and for :func:`~attnkit.functional.attention_weights`).
+
+    Args:
+        name: its name in :data:`WEIGHTS_PRIORITY` (and in :attr:`BackendChoice.weights_from`).
+        fn: ``fn(call) -> weights``.
+        supports: ``supports(call) -> list of reasons it cannot serve`` (empty = it can).
+    """
+
+    name: str
+    fn: Callable[[AttentionCall], Tensor]
+    supports: Callable[[AttentionCall], list[str]] = field(default=lambda call: [])
+
+
+_WEIGHTS: dict[str, WeightsPath] = {}
+
+
+def register_weights(path: WeightsPath) -> None:
+    """Add a weights path (or replace the one of that name); :data:`WEIGHTS_PRIORITY` orders the built-in ones,
+    others follow in the order of registration."""
+    items = {**_WEIGHTS, path.name: path}
+    order = {name: i for i, name in enumerate(WEIGHTS_PRIORITY)}
+    _WEIGHTS.clear()
+    _WEIGHTS.update(sorted(items.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def _weights_path(call: AttentionCall) -> str:
+    for name, path in _WEIGHTS.items():
+        if not path.supports(call):
+            return name
+    raise ValueError(f"no weights path serves these inputs ({call.describe()})")  # pragma: no cover (math serves all)
+
+
+def weights_of(call: AttentionCall, path: str | None = None) -> Tensor:
+    """The exact weights of ``call`` from the named path (``None``: the first of :data:`WEIGHTS_PRIORITY` that
+    serves it)."""
+    return _WEIGHTS[path or _weights_path(call)].fn(call)
+
+
 @dataclass
 class BackendChoice:
     """Which backend would run, and why each one ahead of it was passed over."""
@@ -332,6 +386,12 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> BackendChoice:
                      "; ".join(f"{n}: {'; '.join(r)}" for n, r in reasons.items()), 'backend="auto"')
     if backend != "auto":
         return _forced(call, backend)
+    if call.need_weights and call.dropout_p == 0 and (path := _weights_path(call)) != "math":
+        # the weights have a path of their own: the output stays on the kernel chosen without them
+        choice = choose_backend(replace(call, need_weights=False))
+        if not _BACKENDS[choice.name].returns_weights:
+            choice.weights_from = path
+        return choice
     reasons = {}
     for name, b in _BACKENDS.items():
         why = b.not_supported_reasons(call) + (b.auto_skip(call) if b.auto_skip is not None else [])
@@ -351,7 +411,7 @@ def _forced(call: AttentionCall, backend: str) -> BackendChoice:
     if why:
         raise V.fail(f"inputs that backend {backend!r} can serve", f"{'; '.join(why)} ({call.describe()})",
                      'backend="auto"')
-    weights_from = "math" if hides_weights else None
+    weights_from = _weights_path(call) if hides_weights else None
     return BackendChoice(backend, {}, weights_from, chosen.kernel(call) if chosen.kernel else None)
 
 

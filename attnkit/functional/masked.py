@@ -23,14 +23,17 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from . import _native
-from ._native_bridge import native_attention
-from .dispatch import AttentionCall, Backend, register_backend
+from . import _native, _native_bridge
+from ._memory import fresh_buffer
+from ._native_bridge import bucket_tasks, native_attention, native_call, rows_f32
+from ._threads import run_tasks, worker_count
+from .dispatch import AttentionCall, Backend, WeightsPath, register_backend, register_weights
 from .masks import (
     AndMask,
     AttentionMask,
@@ -41,7 +44,7 @@ from .masks import (
     PaddingMask,
 )
 
-__all__ = ["masked_attention", "split_padding"]
+__all__ = ["masked_attention", "masked_weights", "split_padding"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,13 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale
     bfloat16 / float16 CPU tensors, the native library loaded (check ``native_unsupported`` first).
     ``is_causal`` adds upper-left causal masking. ``isa``: 2 = the AVX-512 body where the CPU has it, 1 = the
     build's own target."""
+    pattern, lengths = _compile(q, k, mask, is_causal)
+    return native_attention(q, k, v, pattern, scale, isa, lengths)
+
+
+def _compile(q: Tensor, k: Tensor, mask: AttentionMask, is_causal: bool) -> tuple[_MaskPattern, Tensor | None]:
+    """The native pattern of ``mask`` for ``(B, H, L, E)`` queries and ``(B, Hkv, S, E)`` keys, and the right
+    padding's lengths ``(B,)`` (``None``: every key is real)."""
     b, h, q_len, _ = q.shape
     k_len = k.shape[2]
     mask = mask._bind(b, h)
@@ -117,7 +127,48 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale
                          f"{blocks.batch} and {blocks.heads}; try MaskMod(fn, B=None, H=None)")
     if lengths is not None:
         lengths = lengths.cpu().long().view(-1).clamp(0, k_len).expand(b)
-    return native_attention(q, k, v, _MaskPattern(blocks, h), scale, isa, lengths)
+    return _MaskPattern(blocks, h), lengths
+
+
+def masked_weights(q: Tensor, k: Tensor, mask: AttentionMask, scale: float, *, is_causal: bool = False,
+                   isa: int = 2) -> Tensor:
+    """The exact softmax weights ``(B, H, L, S)`` of :func:`masked_attention` (same inputs, no values), from the
+    native engine (``attnkit_mask_weights``): per tile of 64 queries the scores of the blocks the mask touches go
+    straight into the output rows, then the softmax runs over them while they are in cache; everything outside
+    those blocks is written as zero. Cost: the blocks the mask touches plus one write of ``B*H*L*S`` floats (the
+    math backend writes the full ``L x S`` scores and reads them back three times). No gradient (the ``math``
+    backend serves weights that need one). Rows with no key to attend give zeros."""
+    b, h, q_len, e = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    pattern, lengths = _compile(q, k, mask, is_causal)
+    e16 = -(-e // 16) * 16
+    qr, kr = rows_f32(q, e16), rows_f32(k, e16)
+    bh, rep = b * h, h // hkv
+    per_row = [k_len] * bh if lengths is None else [int(x) for x in lengths.repeat_interleave(h)]
+    w = fresh_buffer((bh, q_len, k_len), torch.float32, q.device)  # huge pages: the weights are written once
+    lib = _native.load()
+    if lib is None:
+        raise RuntimeError(f"masked_weights needs the native library ({_native.status()})")
+    workers = worker_count(bh * q_len * k_len, None)
+    tasks = bucket_tasks(bh, pattern.groups, workers)
+    if workers > 1 and _native_bridge.OPENMP_TASKS and lib.attnkit_openmp():
+        args, keep = pattern.task_args(per_row, e16, 0, rep)
+        spec = torch.tensor(tasks, dtype=torch.int64)
+        task_args = args[:4] + args[5:]  # the weights take no value width
+        native_call(lib.attnkit_mask_weights_tasks, qr.data_ptr(), kr.data_ptr(), w.data_ptr(), *task_args, scale,
+                    spec.data_ptr(), len(tasks), workers, isa)
+        del keep, spec
+    else:
+        fl = 4  # bytes per float32
+
+        def task(row: int, g0: int, g1: int) -> None:
+            n_q, n_k, kv_len, ee, _, *rest = pattern.args(row, per_row[row], e16, 0)
+            native_call(lib.attnkit_mask_weights, qr.data_ptr() + row * q_len * e16 * fl,
+                        kr.data_ptr() + row // rep * k_len * e16 * fl, w.data_ptr() + row * q_len * k_len * fl,
+                        n_q, n_k, kv_len, ee, *rest, scale, g0, g1, isa)
+
+        run_tasks([functools.partial(task, *t) for t in tasks], workers, torch_ops=False)
+    return w.view(b, h, q_len, k_len).to(q.dtype)
 
 
 @dataclass(frozen=True)
@@ -165,8 +216,6 @@ def _supports(call: AttentionCall) -> list[str]:
         reasons.append("an explicit tensor mask on top of the mask object")
     if call.dropout_p > 0:
         reasons.append("dropout on the weights")
-    if call.need_weights:
-        reasons.append("it does not return the attention weights")
     if call.query.device.type == "cpu" and _native.load() is None:  # dtypes and device: declared on the backend
         reasons.append(f"no native library ({_native.status()})")
     return reasons
@@ -184,6 +233,32 @@ def _kernel(call: AttentionCall) -> str:
     return f"native block engine (mask blocks of 64, full and partial: {body})"
 
 
+def _weights_supports(call: AttentionCall) -> list[str]:
+    """Why :func:`masked_weights` cannot give the weights of ``call``: it serves mask objects and ``is_causal``
+    (no mask at all: the math backend computes output and weights in one pass, as fast), without gradients or
+    soft-capping, for CPU float32 / bfloat16 / float16."""
+    reasons = []
+    if call.structure is None and not call.is_causal:
+        reasons.append("no mask object")
+    if call.mask is not None:
+        reasons.append("an explicit tensor mask")
+    if call.softcap is not None:
+        reasons.append("logit soft-capping")
+    if call.needs_grad:
+        reasons.append("weights that need a gradient")
+    if call.query.device.type != "cpu" or call.query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        reasons.append(f"{call.query.dtype} inputs on {call.query.device.type}")
+    elif _native.load() is None:
+        reasons.append(f"no native library ({_native.status()})")
+    return reasons
+
+
+def _weights_fn(call: AttentionCall) -> Tensor:
+    structure = call.structure if call.structure is not None else _Everything()
+    return masked_weights(call.query, call.key, structure, call.scale, is_causal=call.is_causal)
+
+
+register_weights(WeightsPath("native_mask", _weights_fn, _weights_supports))
 register_backend(
     Backend("native_mask", _fn, False, _supports,
             "any mask object or mask_mod compiled to blocks of 64 (full / partial with a bit mask per row), "

@@ -288,27 +288,27 @@ int attnkit_mask_bwd(const float *q, const float *k, const float *v, const float
     return BK_DISPATCH(attend_bwd, &P, q, k, v, out, dout, lse, dq, dk, dv, e, ev, scale, g0, g1);
 }
 
-/* The forward of a whole call under a mask: the tasks (row of B*H, first and last query group) tasks[3 t .. 3 t + 2]
- * pulled one at a time by `nthreads` OpenMP threads, the same threads PyTorch's operators run on (one libgomp). Run
- * on threads of its own, the kernel would share the cores with PyTorch's threads while they spin after the operator
- * before it (measured: 20 % slower right after a compiled FlexAttention call). Row r reads key/value row r / rep,
- * its first kv_len[r] keys, and the description row row_of[r] (row_ptr has groups + 1 entries per description row).
+/* The exact softmax weights under a mask (attend_wts in band_impl.h): the query groups [g0, g1) of one row,
+ * w (n_q, n_k) row-major, every entry of their rows written (zero where a row may not attend). */
+int attnkit_mask_weights(const float *q, const float *k, float *w, int64_t n_q, int64_t n_k, int64_t kv_len, int64_t e,
+                         const int64_t *row_ptr, const int64_t *cols, const int64_t *part, const uint64_t *bits,
+                         float scale, int64_t g0, int64_t g1, int isa) {
+    if (BK_TQ != 64 || BK_TK != 64) return -2;
+    const bk_pat P = {n_q, n_k, kv_len, BK_TQ, 0, 0, 0, row_ptr, cols, part, bits};
+    return BK_DISPATCH(attend_wts, &P, q, k, w, e, scale, g0, g1);
+}
+
+/* Run task(ctx, t) for t < ntasks, pulled one at a time by `nthreads` OpenMP threads, the same threads PyTorch's
+ * operators run on (one libgomp). Run on threads of its own, a kernel would share the cores with PyTorch's threads
+ * while they spin after the operator before it (measured: 20 % slower right after a compiled FlexAttention call).
  * Returns 0, or a nonzero result of one of the tasks. Without OpenMP the tasks run in turn. */
-int attnkit_mask_fwd_tasks(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n_q,
-                           int64_t n_k, const int64_t *kv_len, int64_t e, int64_t ev, int64_t rep,
-                           const int64_t *row_ptr, const int64_t *row_of, int64_t groups, const int64_t *cols,
-                           const int64_t *part, const uint64_t *bits, float scale, const int64_t *tasks,
-                           int64_t ntasks, int nthreads, int isa) {
+static int bk_run_tasks(int (*task)(const void *ctx, int64_t t), const void *ctx, int64_t ntasks, int nthreads) {
     int err = 0;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
 #endif
     for (int64_t t = 0; t < ntasks; t++) {
-        const int64_t row = tasks[3 * t], kv = row / rep;
-        const int rc = attnkit_mask_fwd(q + row * n_q * e, k + kv * n_k * e, v + kv * n_k * ev, out + row * n_q * ev,
-                                        lse + row * n_q, n_q, n_k, kv_len[row], e, ev,
-                                        row_ptr + row_of[row] * (groups + 1), cols, part, bits, scale,
-                                        tasks[3 * t + 1], tasks[3 * t + 2], isa);
+        const int rc = task(ctx, t);
         if (rc) {
 #ifdef _OPENMP
 #pragma omp atomic write
@@ -316,7 +316,62 @@ int attnkit_mask_fwd_tasks(const float *q, const float *k, const float *v, float
             err = rc;
         }
     }
+#ifndef _OPENMP
+    (void)nthreads;
+#endif
     return err;
+}
+
+/* The arguments of a whole call under a mask: every row of B*H (see attnkit_mask_fwd_tasks). */
+typedef struct {
+    const float *q, *k, *v;
+    float *out, *lse, *w;
+    int64_t n_q, n_k, e, ev, rep, groups;
+    const int64_t *kv_len, *row_ptr, *row_of, *cols, *part, *tasks;
+    const uint64_t *bits;
+    float scale;
+    int isa;
+} bk_call;
+
+static int bk_fwd_task(const void *ctx, int64_t t) {
+    const bk_call *c = ctx;
+    const int64_t row = c->tasks[3 * t], kv = row / c->rep;
+    return attnkit_mask_fwd(c->q + row * c->n_q * c->e, c->k + kv * c->n_k * c->e, c->v + kv * c->n_k * c->ev,
+                            c->out + row * c->n_q * c->ev, c->lse + row * c->n_q, c->n_q, c->n_k, c->kv_len[row], c->e,
+                            c->ev, c->row_ptr + c->row_of[row] * (c->groups + 1), c->cols, c->part, c->bits,
+                            c->scale, c->tasks[3 * t + 1], c->tasks[3 * t + 2], c->isa);
+}
+
+static int bk_weights_task(const void *ctx, int64_t t) {
+    const bk_call *c = ctx;
+    const int64_t row = c->tasks[3 * t], kv = row / c->rep;
+    return attnkit_mask_weights(c->q + row * c->n_q * c->e, c->k + kv * c->n_k * c->e, c->w + row * c->n_q * c->n_k,
+                                c->n_q, c->n_k, c->kv_len[row], c->e, c->row_ptr + c->row_of[row] * (c->groups + 1),
+                                c->cols, c->part, c->bits, c->scale, c->tasks[3 * t + 1], c->tasks[3 * t + 2], c->isa);
+}
+
+/* The forward of a whole call under a mask: the tasks (row of B*H, first and last query group) tasks[3 t .. 3 t + 2]
+ * on PyTorch's OpenMP threads (bk_run_tasks). Row r reads key/value row r / rep, its first kv_len[r] keys, and the
+ * description row row_of[r] (row_ptr has groups + 1 entries per description row). */
+int attnkit_mask_fwd_tasks(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n_q,
+                           int64_t n_k, const int64_t *kv_len, int64_t e, int64_t ev, int64_t rep,
+                           const int64_t *row_ptr, const int64_t *row_of, int64_t groups, const int64_t *cols,
+                           const int64_t *part, const uint64_t *bits, float scale, const int64_t *tasks,
+                           int64_t ntasks, int nthreads, int isa) {
+    const bk_call c = {q, k, v, out, lse, NULL, n_q, n_k, e, ev, rep, groups, kv_len, row_ptr, row_of, cols, part,
+                       tasks, bits, scale, isa};
+    return bk_run_tasks(bk_fwd_task, &c, ntasks, nthreads);
+}
+
+/* The exact weights of a whole call under a mask, the tasks as in attnkit_mask_fwd_tasks: w (rows, n_q, n_k). */
+int attnkit_mask_weights_tasks(const float *q, const float *k, float *w, int64_t n_q, int64_t n_k,
+                               const int64_t *kv_len, int64_t e, int64_t rep, const int64_t *row_ptr,
+                               const int64_t *row_of, int64_t groups, const int64_t *cols, const int64_t *part,
+                               const uint64_t *bits, float scale, const int64_t *tasks, int64_t ntasks, int nthreads,
+                               int isa) {
+    const bk_call c = {q, k, NULL, NULL, NULL, w, n_q, n_k, e, 0, rep, groups, kv_len, row_ptr, row_of, cols, part,
+                       tasks, bits, scale, isa};
+    return bk_run_tasks(bk_weights_task, &c, ntasks, nthreads);
 }
 
 /* 1 when the library was built with OpenMP (attnkit_mask_fwd_tasks runs its tasks in parallel), else 0. */

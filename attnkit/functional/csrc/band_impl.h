@@ -291,6 +291,24 @@ static void BK(gemm_rows)(float *c, int64_t ldc, const float *a, int64_t ar, int
         for (int64_t d = 0; d < width; d++) c[(whole + r) * ldc + d] = tmp[r * width + d];
 }
 
+/* S (tp x jw, base-2 scores) = Qs K^T for one key block (kt: its transposed keys). A partial block (words != NULL)
+ * computes, per group of MR rows, only the columns up to the group's last seen key: need[] (0: the group sees none
+ * of the block). */
+static inline void BK(scores)(float *s, const float *qs, const float *kt, int64_t ldt, int64_t e, int64_t tp,
+                              int64_t t, int64_t jw, const uint64_t *words, int64_t *need) {
+    if (!words) {
+        BK(gemm)(s, BK_LDS, qs, e, 1, kt, ldt, tp, jw, e, 0);
+        return;
+    }
+    for (int64_t i = 0; i < tp; i += BK_MR) { /* e.g. the causal diagonal: about half the block */
+        uint64_t u = 0;
+        for (int64_t r = i; r < i + BK_MR && r < t; r++) u |= words[r];
+        need[i / BK_MR] = u ? 64 - __builtin_clzll(u) : 0;
+        if (need[i / BK_MR]) /* columns up to the last seen key, in whole vectors of 16 */
+            BK(gemm)(s + i * BK_LDS, BK_LDS, qs + i * e, e, 1, kt, ldt, BK_MR, bk_up(need[i / BK_MR], 16), e, 0);
+    }
+}
+
 /* Forward of the query groups [g0, g1) of one row: out (n_q, ev) and lse (n_q) for their rows. */
 static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const float *v, float *out,
                           float *lse, int64_t e, int64_t ev, float scale, int64_t g0, int64_t g1) {
@@ -326,18 +344,7 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
                     }
                 }
                 int64_t need[BK_TQP / BK_MR]; /* per group of MR rows: its keys are among the first need[] */
-                if (part >= 0) { /* a partial block (e.g. the causal diagonal): only the columns its rows see */
-                    for (int64_t i = 0; i < tp; i += BK_MR) {
-                        uint64_t u = 0;
-                        for (int64_t r = i; r < i + BK_MR && r < t; r++) u |= words[r];
-                        need[i / BK_MR] = u ? 64 - __builtin_clzll(u) : 0;
-                        if (need[i / BK_MR]) /* columns up to the last seen key, in whole vectors of 16 */
-                            BK(gemm)(s + i * BK_LDS, BK_LDS, qs + i * e, e, 1, kt + (j0 - key0), ldt, BK_MR,
-                                     bk_up(need[i / BK_MR], 16), e, 0);
-                    }
-                } else {
-                    BK(gemm)(s, BK_LDS, qs, e, 1, kt + (j0 - key0), ldt, tp, jw, e, 0); /* S = Qs K^T, base 2 */
-                }
+                BK(scores)(s, qs, kt + (j0 - key0), ldt, e, tp, t, jw, part >= 0 ? words : NULL, need);
                 for (int64_t i = 0; i < tp; i++) {
                     float *row = s + i * BK_LDS;
                     const int64_t lim = i >= t      ? 0
@@ -375,6 +382,100 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
             const float inv = l > 0.0f ? 1.0f / l : 0.0f;
             for (int64_t d = 0; d < ev; d++) out[(r0 + i) * ev + d] = o[i * ev + d] * inv;
             lse[r0 + i] = l > 0.0f ? (m[i] + log2f(l)) * 0.6931471805599453f : -INFINITY;
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* v[j] = -inf for j in [lo, hi) (keys a row may not attend, between the ranges its tile reads). */
+static inline void BK(fill_ninf)(float *v, int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; j++) v[j] = -INFINITY;
+}
+
+/* The exact softmax weights of the query groups [g0, g1) of one row: w (n_q, n_k), every entry of their rows
+ * written, zero where a row may not attend. Per tile of BK_TQ rows, while its rows of w stay in cache:
+ *   1. the base-2 scores of every key block the tile reads go straight into its rows of w (-inf where masked, also
+ *      between the ranges), with each row's lane-wise max; w is zero before the first range and after the last;
+ *   2. one pass over the span of keys the tile read: w = 2**(w - max) and the row's sum;
+ *   3. one pass dividing by the sum (a row with no key to attend stays all zero).
+ * The readable version is attnkit.functional.attention_weights on the math backend; the ranges of a row come in
+ * ascending order (returns -3 otherwise). */
+static int BK(attend_wts)(const bk_pat *P, const float *q, const float *k, float *w, int64_t e, float scale,
+                          int64_t g0, int64_t g1) {
+    const float c2 = scale * 1.4426950408889634f;
+    const int64_t nk = P->n_k;
+    int64_t key0, key1;
+    bk_pat_keys(P, g0, g1, &key0, &key1);
+    const int64_t ldt = key1 - key0 + BK_TK;
+    float *buf = bk_scratch(BK_TQP * (e + BK_LDS) + e * ldt);
+    if (!buf) return -1;
+    float *qs = buf, *s = qs + BK_TQP * e, *kt = s + BK_TQP * BK_LDS;
+    uint64_t words[BK_TQ];
+    BK(transpose)(k, e, key0, key1, kt, ldt);
+    for (bk_tile T = {g0, 0, g0 * P->g, 0}; bk_tile_next(&T, P, g1);) {
+        const int64_t r0 = T.r0, t = T.t, tp = bk_up(t, BK_MR);
+        for (int64_t i = 0; i < tp; i++)
+            for (int64_t d = 0; d < e; d++) qs[i * e + d] = i < t ? q[(r0 + i) * e + d] * c2 : 0.0f;
+        VF mv[BK_TQP];
+        for (int64_t i = 0; i < t; i++) mv[i] = BK(splat)(-INFINITY);
+        int64_t cursor = 0, lo, hi, part, first = -1, pos = 0; /* the span [first, pos) written so far */
+        while (bk_next_range(P, T.grp, &cursor, &lo, &hi, &part)) {
+            if (!bk_clip(P, &T, &lo, &hi)) continue;
+            if (lo < pos) {
+                free(buf);
+                return -3;
+            }
+            if (first < 0) first = pos = lo;
+            for (int64_t i = 0; i < t; i++) BK(fill_ninf)(w + (r0 + i) * nk, pos, lo);
+            for (int64_t j0 = lo; j0 < hi; j0 += BK_TK) {
+                const int64_t jn = bk_min(BK_TK, hi - j0), jw = bk_up(jn, 16);
+                int64_t need[BK_TQP / BK_MR];
+                if (part >= 0 && !BK(block_words)(P, part, t, jn, words)) { /* no row of the tile sees the block */
+                    for (int64_t i = 0; i < t; i++) BK(fill_ninf)(w + (r0 + i) * nk + j0, 0, jn);
+                    continue;
+                }
+                BK(scores)(s, qs, kt + (j0 - key0), ldt, e, tp, t, jw, part >= 0 ? words : NULL, need);
+                for (int64_t i = 0; i < t; i++) {
+                    float *row = s + i * BK_LDS, *dst = w + (r0 + i) * nk + j0;
+                    const int64_t lim = part >= 0 ? (words[i] != 0) : bk_limit(r0 + i, j0, jn, P->causal);
+                    if (lim <= 0) {
+                        BK(fill_ninf)(dst, 0, jn);
+                        continue;
+                    }
+                    const VF m = part >= 0  ? BK(mask_max_bits)(row, jw, words[i])
+                                 : lim == jw ? BK(row_max)(row, jw)
+                                             : BK(mask_max)(row, jw, lim);
+                    mv[i] = BK(sel)(m > mv[i], m, mv[i]);
+                    memcpy(dst, row, sizeof(float) * (size_t)jn);
+                }
+            }
+            pos = hi;
+        }
+        if (first < 0) first = pos = 0;
+        for (int64_t i = 0; i < t; i++) {
+            float *row = w + (r0 + i) * nk;
+            memset(row, 0, sizeof(float) * (size_t)first);
+            memset(row + pos, 0, sizeof(float) * (size_t)(nk - pos));
+            const float mx = BK(hmax)(mv[i]);
+            if (mx == -INFINITY) { /* no key to attend: zeros */
+                memset(row + first, 0, sizeof(float) * (size_t)(pos - first));
+                continue;
+            }
+            const VF mxv = BK(splat)(mx);
+            VF acc = (VF){0};
+            int64_t j = first;
+            for (; j + BK_VEC <= pos; j += BK_VEC) {
+                const VF p = BK(exp2v)(BK(ld)(row + j) - mxv);
+                BK(st)(row + j, p);
+                acc += p;
+            }
+            float l = BK(hsum)(acc);
+            for (; j < pos; j++) l += row[j] = exp2f(row[j] - mx);
+            const float inv = 1.0f / l;
+            const VF iv = BK(splat)(inv);
+            for (j = first; j + BK_VEC <= pos; j += BK_VEC) BK(st)(row + j, BK(ld)(row + j) * iv);
+            for (; j < pos; j++) row[j] *= inv;
         }
     }
     free(buf);

@@ -53,7 +53,8 @@ def test_every_row_is_measured_and_saved(quick_run: tuple[Path, str]) -> None:
         "decode": [(str(c), i) for c in sizes.decode for i in impls],
         "train": [(str(n), i) for n in sizes.train for i in impls],
         "maps": [(str(sizes.maps), r) for r in
-                 ("eager, output_attentions", "attnkit, output_attentions", "attnkit, no maps")],
+                 ("eager, output_attentions", "attnkit, output_attentions", "attnkit, no maps",
+                  "the maps' memory alone")],
     }
     for part, keys in expected.items():
         data = json.loads((out / f"{stem}_{part}.json").read_text(encoding="utf-8"))

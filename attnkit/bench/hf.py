@@ -19,7 +19,8 @@ Rows (full size; ``--quick`` shrinks every size to a few dozen tokens for a smok
   every implementation, and Gemma's 262,144-word logits alone would need 4 GB (8 GB with their gradient) at 4,096;
 * extra peak memory (resident, sampled; :func:`attnkit.bench._timing.measure_peak_memory`) of one call per cell;
 * maps at 2,048 tokens: ``output_attentions=True`` with eager (HF's only way to get them) and with attnkit (exact
-  maps, output still on the fused kernel), and attnkit without maps.
+  maps, output still on the fused kernel), attnkit without maps, and the maps' memory alone (every layer's maps
+  allocated fresh and written once: the floor any implementation that returns them pays).
 
 A run estimated above the memory guard (half the memory available at start) is skipped and marked, never
 attempted. The prompt is random token ids (seeded): attention's cost does not depend on the words.
@@ -43,6 +44,7 @@ from torch import nn
 
 from attnkit._errors import fail
 from attnkit._runtime import cpu_model
+from attnkit.functional._memory import fresh_buffer
 
 from ._timing import Table, machine_line, measure_peak_memory, ratio
 
@@ -50,6 +52,7 @@ MB = 1024**2
 GB = 1024**3
 BASELINE = "sdpa"
 MINE = "attnkit"
+MEMORY_ALONE = "the maps' memory alone"
 MODELS = ("smollm2", "gemma3")
 
 
@@ -268,6 +271,10 @@ class Report:
         return [self.prefill, self.decode, self.train, self.maps]
 
 
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / GB:.1f} GB"
+
+
 def _ms(t: float) -> str:
     return f"{t * 1e3:.1f}" if t < 1 else f"{t * 1e3:.0f}"
 
@@ -405,23 +412,41 @@ def maps_rows(s: Subject, sizes: Sizes, guard: int, report: Report) -> None:
 
         return run
 
+    def memory_alone(_: Any) -> None:
+        """Fresh memory for every layer's maps, written once and kept to the end, as a forward with maps keeps
+        them: what returning the maps costs any implementation before a score is computed."""
+        maps = []
+        for _ in range(s.layers):
+            m = fresh_buffer((1, s.heads, n, n), torch.float32, torch.device("cpu"))
+            maps.append(m.fill_(0.0))
+        del maps
+
     wanted = {"eager, output_attentions": ("eager", True), "attnkit, output_attentions": (MINE, True),
               "attnkit, no maps": (MINE, False)}
     cases = {
         label: Case(impl, forward(maps)) for label, (impl, maps) in wanted.items()
         if _fits(s, impl, "maps" if maps else "prefill", n, guard, report.skipped)
     }
+    if "attnkit, output_attentions" in cases:  # the same bytes as its maps
+        cases[MEMORY_ALONE] = Case(MINE, memory_alone)
     res = interleave(s, cases, sizes.rounds, failures=report.failed, row=f"maps N={n}")
     mine = res.get("attnkit, output_attentions")
     for label, r in res.items():
         peak = _peak(s, cases[label]) if sizes.memory else None
         eager = res.get("eager, output_attentions")
-        against_eager = ratio(r["wall"], eager["wall"]) if eager else "-"
+        against_eager = ratio(r["wall"], eager["wall"]) if eager and label != MEMORY_ALONE else "-"
         own = f"{mine['wall'] / r['wall']:.2f}x" if mine and label == "attnkit, no maps" else "-"
         report.maps.add(n, label, _ms(r["wall"]), against_eager, own, _mem(peak))
     for label in wanted:
         if label not in res:
             report.maps.add(n, label, _missing(report, f"maps N={n} {label}"), "-", "-", "-")
+    bare, alone = res.get("attnkit, no maps"), res.get(MEMORY_ALONE)
+    if bare and alone:
+        floor = (bare["wall"] + alone["wall"]) / bare["wall"]
+        report.maps.notes.append(
+            f"N={n}: '{MEMORY_ALONE}' is the {s.layers} layers' maps ({_gb(s.layers * s.heads * n * n * 4)}) "
+            f"allocated fresh and written once; no maps + that = {floor:.2f}x attnkit's own time, the least any "
+            "implementation that returns the maps can take here")
     print(f"  maps N={n}: " + ", ".join(f"{k} {_ms(v['wall'])} ms" for k, v in res.items()), flush=True)
 
 

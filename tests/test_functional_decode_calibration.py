@@ -154,6 +154,20 @@ def test_nearest_context_is_read(fake) -> None:  # type: ignore[no-untyped-def]
 def test_measure_gives_a_valid_table() -> None:
     """One real (tiny) measurement: the form the cache stores, never a figure."""
     tab = cal.measure(1, contexts=(256, 512), repeats=1)
-    assert set(tab) == {"float32", "bfloat16"} and cal._valid(tab)
+    assert set(tab) == {"float32", "bfloat16", "float32/gqa4", "bfloat16/gqa4"} and cal._valid(tab)
     assert [r[0] for r in tab["float32"]] == [256, 512] and tab["float32"][0][2] is None  # float32: no torch path
     assert tab["bfloat16"][0][2] is not None  # half precision at one thread: the PyTorch path is timed too
+
+
+def test_timings_read_the_nearest_grouped_query_ratio(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A GQA step reads the rows timed with grouped key/value heads (nearest ratio, log scale); a table without
+    them (an older file's layout) serves every ratio from the plain rows."""
+    plain = [[1024, 1e-3, None, 2e-3], [8192, 3e-3, None, 2e-3]]
+    grouped = [[1024, 1e-3, None, 2e-3], [8192, 1e-3, None, 2e-3]]
+    fake = {"float32": plain, "bfloat16": plain, "float32/gqa4": grouped, "bfloat16/gqa4": grouped}
+    monkeypatch.setattr(cal, "table", lambda threads=None, run=True: fake)
+    assert cal.timings(torch.float32, 8192, 1, group=1)["native_decode"] == 3e-3  # type: ignore[index]
+    assert cal.timings(torch.float32, 8192, 1, group=3)["native_decode"] == 1e-3  # type: ignore[index]
+    assert cal.timings(torch.float32, 8192, 1, group=16)["native_decode"] == 1e-3  # type: ignore[index]
+    del fake["float32/gqa4"], fake["bfloat16/gqa4"]
+    assert cal.timings(torch.float32, 8192, 1, group=3)["native_decode"] == 3e-3  # type: ignore[index]

@@ -332,3 +332,40 @@ def test_a_registered_backend_joins_the_matrix() -> None:
         D._BACKENDS.pop("toy_reference64", None)
         D._RANKS.pop("toy_reference64", None)
     assert "toy_reference64" not in available_backends()
+
+
+# --------------------------------------------------------------------------------------------- kept choices
+def test_auto_keeps_its_choice_for_plain_calls_and_forgets_it_when_the_inputs_change(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """auto's choice for a plain call (no mask object or tensor) is kept per call signature: the same object comes
+    back, equal to a fresh choice; another shape, thread count, grad mode or native library gives a fresh one,
+    and registering a backend forgets every kept choice. Calls with a mask are never kept."""
+    from attnkit.functional import _native, which_backend
+    from attnkit.functional.masks import CausalMask, SlidingWindowMask
+
+    D.clear_choices()
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 300, 16)
+    first = which_backend(q, k, k)
+    assert which_backend(q, k, k) is first
+    call, _ = D.make_call(q, k, k, None, False, 0.0, None, False)
+    assert D._choose(call, "auto") == first
+    assert which_backend(q, k[:, :, :200], k[:, :, :200]) is not first  # another shape
+    qg = q.clone().requires_grad_()
+    assert which_backend(qg, k, k).name == D._choose(D.make_call(qg, k, k, None, False, 0.0, None, False)[0],
+                                                     "auto").name
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert which_backend(q, k, k) is not first
+    finally:
+        torch.set_num_threads(threads)
+    if _native.load() is not None:  # the native library gone: the native decode kernel can no longer be chosen
+        monkeypatch.setattr(_native, "load", lambda: None)
+        assert which_backend(q, k, k).name != "native_decode"
+        monkeypatch.undo()
+    assert which_backend(q, k, k) is first
+    D.register_backend(D.get_backend("reference"))  # any registration
+    assert which_backend(q, k, k) is not first and which_backend(q, k, k) == first
+    causal = which_backend(q, k, k, CausalMask("lower_right"))  # the mask HF models pass: kept, apart from None
+    assert which_backend(q, k, k, CausalMask("lower_right")) is causal and causal is not which_backend(q, k, k)
+    masked = SlidingWindowMask(8)
+    assert which_backend(q, k, k, masked) is not which_backend(q, k, k, masked)  # other mask objects: chosen anew

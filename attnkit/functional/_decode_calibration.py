@@ -8,14 +8,17 @@ So before ``backend="auto"`` first sends a decoding step to ``native_decode``, i
 machine, once, and routes steps to the native kernel only where it measured faster.
 
 What is measured: one decoding step (1 query, ``HEADS`` heads of ``DIM``, batch 1) per cache dtype (float32 and
-bfloat16; a float16 cache reads the bfloat16 rows) and context length (``CONTEXTS``): the native one-pass kernel,
-``torch.nn.functional.scaled_dot_product_attention`` and, where ``auto`` could take it (a half-precision cache at
-one thread), the PyTorch decode path (``torch_decode``); calls alternate between them, the median of the repeats
-counts. A kernel more than ``CLEARLY_SLOWER`` times behind after the first round is not timed again. It costs under
-a second, once per machine and thread count (0.7 s at one thread on a loaded 2-core machine: allocating the
-32k-token caches and PyTorch's half-precision SDPA there dominate). A call with ``S`` keys reads the row of the
-nearest measured context (in log scale). ``auto`` takes a decode kernel only where its median was not above that of
-the kernel it would otherwise run (SDPA, or the PyTorch decode path where that one would serve).
+bfloat16; a float16 cache reads the bfloat16 rows), per grouped-query ratio (``GROUPS``: ``HEADS`` key/value heads,
+and ``HEADS / 4`` of them as in GQA models: the native kernel reads each key/value head once for its group, and
+on SmolLM2's shapes at 8k keys it measured 433 against SDPA's 603 us, where without GQA SDPA can be ahead) and
+context length (``CONTEXTS``): the native one-pass kernel, ``torch.nn.functional.scaled_dot_product_attention`` and,
+where ``auto`` could take it (a half-precision cache at one thread), the PyTorch decode path (``torch_decode``);
+calls alternate between them, the median of the repeats counts. A kernel more than ``CLEARLY_SLOWER`` times behind
+after the first round is not timed again. It costs about a second, once per machine and thread count (allocating
+the 32k-token caches and PyTorch's half-precision SDPA there dominate). A call with ``S`` keys and ``H / Hkv``
+query heads per key/value head reads the row of the nearest measured ratio and context (both in log scale).
+``auto`` takes a decode kernel only where its median was not above that of the kernel it would otherwise run
+(SDPA, or the PyTorch decode path where that one would serve).
 
 Where it is kept: JSON beside the built native library (``<library>.decode_calibration.json`` in attnkit's cache
 folder, see :mod:`attnkit.functional._native`), keyed by the intra-op thread count, and stamped with the CPU model,
@@ -51,19 +54,22 @@ from attnkit._runtime import cpu_model
 
 from . import _native
 
-__all__ = ["CONTEXTS", "ENV", "cache_path", "describe", "measure", "mode", "table", "timings"]
+__all__ = ["CONTEXTS", "ENV", "GROUPS", "cache_path", "describe", "fingerprint", "measure", "mode", "table", "timings"]
 
 ENV = "ATTNKIT_DECODE_CALIBRATION"
 #: context lengths timed (the bench's decode rows)
 CONTEXTS = (1024, 8192, 32768)
+#: query heads per key/value head timed (1: multi-head attention; 4: grouped-query attention)
+GROUPS = (1, 4)
 #: cache dtypes timed; a float16 cache reads the bfloat16 rows (both are converted the same way by PyTorch)
 DTYPES = (torch.float32, torch.bfloat16)
 #: the step timed: the heads of a small model, as ``python -m attnkit.bench modules`` times it
 HEADS, DIM = 8, 64
 #: a kernel more than this many times slower than the best after one timed round is not timed again
 CLEARLY_SLOWER = 3.0
-VERSION = 1
+VERSION = 2  # 2: rows per grouped-query ratio
 _TABLES: dict[int, dict[str, list[list[float | None]]]] = {}  # threads -> dtype -> [[ctx, native, torch, sdpa s]]
+_GENERATION = [0]  # bumped whenever _TABLES changes (see fingerprint)
 _LOCK = threading.Lock()
 
 
@@ -88,14 +94,20 @@ def cache_path() -> Path | None:
 def _stamp() -> dict[str, Any]:
     lib = _native.library_path()
     return {"version": VERSION, "cpu": cpu_model(), "library": lib.name if lib else None, "torch": torch.__version__,
-            "step": {"heads": HEADS, "dim": DIM, "contexts": list(CONTEXTS)}}
+            "step": {"heads": HEADS, "dim": DIM, "contexts": list(CONTEXTS), "groups": list(GROUPS)}}
+
+
+def _rows_name(dtype_name: str, group: int) -> str:
+    """The table's key for a cache dtype and a grouped-query ratio (``"float32"``, ``"float32/gqa4"``)."""
+    return dtype_name if group == 1 else f"{dtype_name}/gqa{group}"
 
 
 def measure(threads: int, contexts: tuple[int, ...] = CONTEXTS, dtypes: tuple[torch.dtype, ...] = DTYPES,
-            repeats: int = 5) -> dict[str, list[list[float | None]]]:
-    """Time one decoding step at ``threads`` intra-op threads: per dtype name the rows ``[context, native seconds,
-    torch_decode seconds or None, sdpa seconds]`` (medians of interleaved repeats; the PyTorch decode path only where
-    ``auto`` could take it: a half-precision cache at one thread). Long contexts get 3 repeats."""
+            repeats: int = 5, groups: tuple[int, ...] = GROUPS) -> dict[str, list[list[float | None]]]:
+    """Time one decoding step at ``threads`` intra-op threads: per dtype name and grouped-query ratio
+    (:func:`_rows_name`) the rows ``[context, native seconds, torch_decode seconds or None, sdpa seconds]`` (medians
+    of interleaved repeats; the PyTorch decode path only where ``auto`` could take it: a half-precision cache at one
+    thread). Long contexts get 3 repeats."""
     from .decode import decode_attention
 
     old = torch.get_num_threads()
@@ -104,14 +116,15 @@ def measure(threads: int, contexts: tuple[int, ...] = CONTEXTS, dtypes: tuple[to
     out: dict[str, list[list[float | None]]] = {}
     try:
         with torch.no_grad():
-            for dtype in dtypes:
+            for dtype, group in ((d, g) for d in dtypes for g in groups):
                 rows: list[list[float | None]] = []
                 for ctx in contexts:
                     q = torch.randn(1, HEADS, 1, DIM).to(dtype)
-                    block = torch.randn(2, HEADS, min(ctx, 1024), DIM).to(dtype)  # values do not change the speed
+                    block = torch.randn(2, HEADS // group, min(ctx, 1024), DIM).to(dtype)  # values: not the speed
                     k, v = (block[i : i + 1].repeat(1, 1, -(-ctx // 1024), 1)[:, :, :ctx].contiguous() for i in (0, 1))
                     fns = {"native": lambda: decode_attention(q, k, v, impl="native", need_weights=False),  # noqa: B023
-                           "sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}  # noqa: B023
+                           "sdpa": lambda: F.scaled_dot_product_attention(q, k, v,  # noqa: B023
+                                                                          enable_gqa=group > 1)}  # noqa: B023
                     if dtype != torch.float32 and threads == 1:
                         fns["torch"] = lambda: decode_attention(q, k, v, impl="torch", need_weights=False)  # noqa: B023
                     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -128,7 +141,7 @@ def measure(threads: int, contexts: tuple[int, ...] = CONTEXTS, dtypes: tuple[to
                             timed = {n: f for n, f in timed.items() if times[n][0] <= CLEARLY_SLOWER * best}
                     med = {name: statistics.median(t) for name, t in times.items()}
                     rows.append([ctx, med["native"], med.get("torch"), med["sdpa"]])
-                out[_dtype_name(dtype)] = rows
+                out[_rows_name(_dtype_name(dtype), group)] = rows
     finally:
         if threads != old:
             torch.set_num_threads(old)
@@ -136,8 +149,9 @@ def measure(threads: int, contexts: tuple[int, ...] = CONTEXTS, dtypes: tuple[to
 
 
 def _valid(entry: object) -> bool:
-    """A thread entry of the file: ``{dtype name: [[context, native s, torch s, sdpa s], ...]}`` for every dtype."""
-    if not isinstance(entry, dict) or set(entry) != {_dtype_name(d) for d in DTYPES}:
+    """A thread entry of the file: ``{dtype name (and ratio): [[context, native s, torch s, sdpa s], ...]}`` for
+    every dtype."""
+    if not isinstance(entry, dict) or not {_dtype_name(d) for d in DTYPES} <= set(entry):
         return False
     for rows in entry.values():
         if not isinstance(rows, list) or not rows:
@@ -198,16 +212,26 @@ def table(threads: int | None = None, *, run: bool = True) -> dict[str, list[lis
                 _write(path, data)
         assert isinstance(entry, dict)
         _TABLES[threads] = entry
+        _GENERATION[0] += 1
         return entry
 
 
-def timings(dtype: torch.dtype, k_len: int, threads: int | None = None, *, run: bool = True
+def fingerprint() -> tuple[str, int]:
+    """What the routing reads of the calibration besides the call: the mode and which tables are loaded (a kept
+    choice of the dispatcher is only reused while this stays the same)."""
+    return mode(), _GENERATION[0]
+
+
+def timings(dtype: torch.dtype, k_len: int, threads: int | None = None, *, group: int = 1, run: bool = True
             ) -> dict[str, float] | None:
-    """The calibration row nearest ``k_len`` keys (log scale) for a ``dtype`` cache: ``{"context", "native_decode",
-    "torch_decode", "sdpa"}`` (seconds; ``torch_decode`` is ``inf`` where it was not timed), or ``None`` without a
-    calibration (off, no native library)."""
+    """The calibration row nearest ``k_len`` keys and ``group`` query heads per key/value head (both in log scale)
+    for a ``dtype`` cache: ``{"context", "native_decode", "torch_decode", "sdpa"}`` (seconds; ``torch_decode`` is
+    ``inf`` where it was not timed), or ``None`` without a calibration (off, no native library)."""
     tab = table(threads, run=run)
     name = _dtype_name(torch.bfloat16 if dtype == torch.float16 else dtype)
+    measured = [g for g in GROUPS if tab is not None and _rows_name(name, g) in tab]
+    if measured:
+        name = _rows_name(name, min(measured, key=lambda g: abs(math.log(g) - math.log(max(group, 1)))))
     rows = None if tab is None else tab.get(name)
     if not rows:
         return None
@@ -226,3 +250,4 @@ def describe(row: dict[str, float], dtype: torch.dtype) -> str:
 def _forget() -> None:
     """Drop the in-memory tables (tests)."""
     _TABLES.clear()
+    _GENERATION[0] += 1

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from . import _decode_calibration, _native
 from . import _validate as V
-from .dispatch import AttentionCall, Backend, get_backend, register_backend
+from .dispatch import CHOICE_INPUTS, AttentionCall, Backend, get_backend, register_backend
 from .masks import causal_mask
 
 __all__ = ["MAX_QUERIES", "decode_attention", "native_unsupported"]
@@ -322,7 +322,7 @@ def _torch_rules(call: AttentionCall) -> list[str]:
 def _calibration(call: AttentionCall, run: bool = True) -> dict[str, float] | None:
     """This machine's timings for a step like ``call`` (measured once, see :mod:`._decode_calibration`; ``run=False``:
     only if this process measured or read them already)."""
-    return _decode_calibration.timings(call.key.dtype, call.k_len, run=run)
+    return _decode_calibration.timings(call.key.dtype, call.k_len, group=call.heads // call.kv_heads, run=run)
 
 
 def _plain_step(call: AttentionCall) -> bool:
@@ -374,6 +374,9 @@ def _native_kernel(call: AttentionCall) -> str:
         f"; {_decode_calibration.describe(row, call.key.dtype)}" if row is not None else "")
 
 
+# what the decode rules read besides the call: the calibration, and which native library is loaded
+CHOICE_INPUTS.append(_decode_calibration.fingerprint)
+CHOICE_INPUTS.append(lambda: id(_native.load()))
 register_backend(Backend(
     "native_decode", _decode_fn("native"), True, _native_supports,
     "a few queries over a long KV cache, bandwidth-bound: the native C kernel (csrc/decode.c) streams the cache "

@@ -57,6 +57,7 @@ __all__ = [
     "WeightsPath",
     "available_backends",
     "choose_backend",
+    "clear_choices",
     "get_backend",
     "make_call",
     "mask_kinds",
@@ -281,6 +282,7 @@ def register_backend(backend: Backend, *, before: str | None = None) -> None:
         rank = float(PRIORITY.index(backend.name)) if backend.name in PRIORITY else float(len(PRIORITY))
     _RANKS[backend.name] = (rank, next(_COUNTER))
     items = {**_BACKENDS, backend.name: backend}
+    clear_choices()
     _BACKENDS.clear()
     _BACKENDS.update(sorted(items.items(), key=lambda item: _RANKS[item[0]]))
 
@@ -330,6 +332,7 @@ def register_weights(path: WeightsPath) -> None:
     """Add a weights path (or replace the one of that name); :data:`WEIGHTS_PRIORITY` orders the built-in ones,
     others follow in the order of registration."""
     items = {**_WEIGHTS, path.name: path}
+    clear_choices()
     order = {name: i for i, name in enumerate(WEIGHTS_PRIORITY)}
     _WEIGHTS.clear()
     _WEIGHTS.update(sorted(items.items(), key=lambda item: order.get(item[0], len(order))))
@@ -348,9 +351,10 @@ def weights_of(call: AttentionCall, path: str | None = None) -> Tensor:
     return _WEIGHTS[path or _weights_path(call)].fn(call)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BackendChoice:
-    """Which backend would run, and why each one ahead of it was passed over."""
+    """Which backend would run, and why each one ahead of it was passed over (read-only: ``auto`` may hand the
+    same choice to every call with the same plain inputs)."""
 
     name: str
     reasons: dict[str, list[str]]
@@ -368,10 +372,48 @@ class BackendChoice:
         return "\n".join(lines)
 
 
+#: Functions whose results the backends' rules read besides the call (an environment variable, the loaded native
+#: library): part of the key under which ``auto``'s choice for a plain call is kept. Modules append theirs.
+CHOICE_INPUTS: list[Callable[[], object]] = []
+_CHOICES: dict[tuple[Any, ...], BackendChoice] = {}  # auto's choices for plain calls; see _choice_key
+_CHOICES_MAX = 1024
+
+
+def clear_choices() -> None:
+    """Forget ``auto``'s kept choices (registering a backend or a weights path does it too)."""
+    _CHOICES.clear()
+
+
+def _choice_key(call: AttentionCall) -> tuple[Any, ...] | None:
+    """Everything the backends' rules read of a plain call (no tensor mask, no mask object other than
+    ``CausalMask``: the decode steps and the causal or unmasked calls a model makes every layer), or ``None`` for any
+    other call. ``auto``'s choice for
+    a plain call is kept under this key: choosing costs tens of microseconds a call, as much as a decode step's
+    kernel on a short cache."""
+    structure = call.structure
+    if call.mask is not None or not (structure is None or type(structure) is CausalMask):
+        return None
+    q, k, v = call.query, call.key, call.value
+    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+            call.needs_grad, call.is_causal, structure, call.dropout_p > 0, call.need_weights, call.softcap is None,
+            torch.get_num_threads(), *(fn() for fn in CHOICE_INPUTS))
+
+
 def choose_backend(call: AttentionCall, backend: str = "auto") -> BackendChoice:
     """The backend that serves ``call``: the forced one (raises with every reason when it cannot serve), the first
     member of a deprecated alias (:data:`ALIASES`) that can, or for ``"auto"`` the first of
-    :func:`available_backends` that can."""
+    :func:`available_backends` that can (kept for plain calls: :func:`_choice_key`)."""
+    if backend == "auto" and (key := _choice_key(call)) is not None:
+        choice = _CHOICES.get(key)
+        if choice is None:
+            if len(_CHOICES) >= _CHOICES_MAX:
+                _CHOICES.clear()
+            choice = _CHOICES[key] = _choose(call, backend)
+        return choice
+    return _choose(call, backend)
+
+
+def _choose(call: AttentionCall, backend: str) -> BackendChoice:
     if backend != "auto" and backend not in _BACKENDS and backend in ALIASES:
         _warn_alias(backend)
         reasons: dict[str, list[str]] = {}
@@ -389,9 +431,7 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> BackendChoice:
     if call.need_weights and call.dropout_p == 0 and (path := _weights_path(call)) != "math":
         # the weights have a path of their own: the output stays on the kernel chosen without them
         choice = choose_backend(replace(call, need_weights=False))
-        if not _BACKENDS[choice.name].returns_weights:
-            choice.weights_from = path
-        return choice
+        return choice if _BACKENDS[choice.name].returns_weights else replace(choice, weights_from=path)
     reasons = {}
     for name, b in _BACKENDS.items():
         why = b.not_supported_reasons(call) + (b.auto_skip(call) if b.auto_skip is not None else [])

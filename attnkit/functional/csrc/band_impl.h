@@ -291,6 +291,12 @@ static void BK(gemm_rows)(float *c, int64_t ldc, const float *a, int64_t ar, int
         for (int64_t d = 0; d < width; d++) c[(whole + r) * ldc + d] = tmp[r * width + d];
 }
 
+/* qs (tp x e) = the tile's t query rows from r0, times c2 (the scale in base 2); zero rows after the t-th. */
+static inline void BK(load_q)(float *qs, const float *q, int64_t r0, int64_t t, int64_t tp, int64_t e, float c2) {
+    for (int64_t i = 0; i < tp; i++)
+        for (int64_t d = 0; d < e; d++) qs[i * e + d] = i < t ? q[(r0 + i) * e + d] * c2 : 0.0f;
+}
+
 /* S (tp x jw, base-2 scores) = Qs K^T for one key block (kt: its transposed keys). A partial block (words != NULL)
  * computes, per group of MR rows, only the columns up to the group's last seen key: need[] (0: the group sees none
  * of the block). */
@@ -324,8 +330,7 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
     BK(transpose)(k, e, key0, key1, kt, ldt);
     for (bk_tile T = {g0, 0, g0 * P->g, 0}; bk_tile_next(&T, P, g1);) {
         const int64_t r0 = T.r0, t = T.t, tp = bk_up(t, BK_MR);
-        for (int64_t i = 0; i < tp; i++)
-            for (int64_t d = 0; d < e; d++) qs[i * e + d] = i < t ? q[(r0 + i) * e + d] * c2 : 0.0f;
+        BK(load_q)(qs, q, r0, t, tp, e, c2);
         memset(o, 0, sizeof(float) * (size_t)(tp * ev));
         VF lv[BK_TQP]; /* the running sums, lane by lane: one horizontal sum per row at the end */
         for (int64_t i = 0; i < t; i++) m[i] = -INFINITY, lv[i] = (VF){0};
@@ -415,8 +420,7 @@ static int BK(attend_wts)(const bk_pat *P, const float *q, const float *k, float
     BK(transpose)(k, e, key0, key1, kt, ldt);
     for (bk_tile T = {g0, 0, g0 * P->g, 0}; bk_tile_next(&T, P, g1);) {
         const int64_t r0 = T.r0, t = T.t, tp = bk_up(t, BK_MR);
-        for (int64_t i = 0; i < tp; i++)
-            for (int64_t d = 0; d < e; d++) qs[i * e + d] = i < t ? q[(r0 + i) * e + d] * c2 : 0.0f;
+        BK(load_q)(qs, q, r0, t, tp, e, c2);
         VF mv[BK_TQP];
         for (int64_t i = 0; i < t; i++) mv[i] = BK(splat)(-INFINITY);
         int64_t cursor = 0, lo, hi, part, first = -1, pos = 0; /* the span [first, pos) written so far */

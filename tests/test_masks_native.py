@@ -298,11 +298,11 @@ def test_native_weights_openmp_tasks_equal_the_thread_pool(isa, monkeypatch):  #
     """Threaded weights (GQA, per-row padding, per-head masks) are bit for bit the same on PyTorch's OpenMP threads
     (attnkit_mask_weights_tasks) as on the Python thread pool, and match the float64 reference."""
     _skip_unless_isa(isa)
-    from attnkit.functional import _native_bridge, masked
+    from attnkit.functional import _native_bridge
 
     if not LIB.attnkit_openmp():
         pytest.skip("the library was built without OpenMP")
-    monkeypatch.setattr(masked, "worker_count", lambda numel, workers: 2)  # threaded at any size
+    monkeypatch.setattr(_native_bridge, "worker_count", lambda numel, workers: 2)  # threaded at any size
     per_head = MaskMod(lambda b, h, q, kv: (kv <= q) & ((q - kv < 300) | (h == 1)))
     mask = per_head & PaddingMask(torch.tensor([700, 501]))
     q, k, _, _ = _inputs(2, 4, 2, 700, 700, 64, 64, torch.float32)

@@ -23,7 +23,7 @@ from ._threads import run_tasks, worker_count
 
 __all__ = [
     "NativeBandFn", "NativePattern", "bucket_tasks", "native_attention", "native_call", "native_unsupported",
-    "right_padding", "rows_f32",
+    "right_padding", "rows_f32", "run_pattern",
 ]
 
 
@@ -98,6 +98,28 @@ def native_call(fn: Callable[..., int], *args: object) -> None:
         raise MemoryError("attnkit's native attention kernel could not allocate its tile buffers")
 
 
+def run_pattern(lib: Any, pattern: NativePattern, batched: str | None, pointers: tuple[int, ...],
+                shape: tuple[list[int], int, int | None, int], scale: float, isa: int, size: int,
+                row_task: Callable[[int, int, int], None]) -> None:
+    """Run one call of the native kernel over every row of ``pattern``: ``(row, g0, g1)`` tasks from
+    :func:`bucket_tasks`, on PyTorch's own OpenMP threads through the batched entry point ``batched`` (threads of
+    ours would share the cores with them while they spin after the operator before this one) where the pattern
+    and the library have it and there is more than one worker, else ``row_task`` per task on :func:`run_tasks`'
+    threads. ``pointers``: the tensor pointers the batched entry point takes first; ``shape``: the per-row key
+    lengths, ``E``, ``Ev`` (``None``: the entry point takes no value width) and the heads per key/value head;
+    ``size``: the elements of the work, for :func:`worker_count`."""
+    lengths, e, ev, rep = shape
+    workers = worker_count(size, None)
+    tasks = bucket_tasks(len(lengths), pattern.groups, workers)
+    if batched is not None and workers > 1 and OPENMP_TASKS and lib.attnkit_openmp():
+        args, keep = cast(Any, pattern).task_args(lengths, e, ev, rep)
+        spec = torch.tensor(tasks, dtype=torch.int64)
+        native_call(getattr(lib, batched), *pointers, *args, scale, spec.data_ptr(), len(tasks), workers, isa)
+        del keep, spec
+    else:
+        run_tasks([functools.partial(row_task, *t) for t in tasks], workers, torch_ops=False)
+
+
 class NativeBandFn(torch.autograd.Function):
     """Attention over a :class:`NativePattern` on float32 rows with the C kernel (``csrc/band.c``), forward and
     backward: ``out (BH, Lq, Ev)`` and the log-sum-exp ``(BH, Lq)`` (no gradient).
@@ -126,19 +148,9 @@ class NativeBandFn(torch.autograd.Function):
                          lse.data_ptr() + row * n_q * fl, *pattern.args(row, lengths[row], e, ev), scale, g0, g1,
                          isa)
 
-        workers = worker_count(q.numel(), None)
-        tasks = bucket_tasks(bh, pattern.groups, workers)
-        batched = getattr(pattern, "fwd_tasks", None)
-        if batched is not None and workers > 1 and OPENMP_TASKS and lib.attnkit_openmp():
-            # the tasks on PyTorch's own OpenMP threads: threads of ours would share the cores with them while they
-            # spin after the operator before this one
-            args, keep = cast(Any, pattern).task_args(lengths, e, ev, rep)
-            spec = torch.tensor(tasks, dtype=torch.int64)
-            native_call(getattr(lib, batched), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                         lse.data_ptr(), *args, scale, spec.data_ptr(), len(tasks), workers, isa)
-            del keep, spec
-        else:
-            run_tasks([functools.partial(task, *t) for t in tasks], workers, torch_ops=False)
+        run_pattern(lib, pattern, getattr(pattern, "fwd_tasks", None),
+                    (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr()), (lengths, e, ev, rep),
+                    scale, isa, q.numel(), task)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pattern, ctx.scale, ctx.rep, ctx.isa, ctx.lengths = pattern, scale, rep, isa, lengths
         ctx.mark_non_differentiable(lse)

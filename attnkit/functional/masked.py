@@ -23,16 +23,14 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from . import _native, _native_bridge
+from . import _native
 from ._memory import fresh_buffer
-from ._native_bridge import bucket_tasks, native_attention, native_call, rows_f32
-from ._threads import run_tasks, worker_count
+from ._native_bridge import native_attention, native_call, rows_f32, run_pattern
 from .dispatch import AttentionCall, Backend, WeightsPath, register_backend, register_weights
 from .masks import (
     AndMask,
@@ -69,13 +67,16 @@ class _MaskPattern:
         ptr = bl.row_ptr.data_ptr() + self._row(row) * (self.groups + 1) * bl.row_ptr.element_size()
         return (bl.q_len, bl.k_len, kv_len, e, ev, ptr, bl.cols.data_ptr(), bl.part.data_ptr(), bl.bits.data_ptr())
 
-    def task_args(self, lengths: list[int], e: int, ev: int, rep: int) -> tuple[tuple[object, ...], list[Tensor]]:
-        """The arguments of ``attnkit_mask_fwd_tasks`` from ``n_q`` to ``bits`` (every row at once), and the tensors
-        they point into (to keep alive during the call)."""
+    def task_args(self, lengths: list[int], e: int, ev: int | None, rep: int
+                  ) -> tuple[tuple[object, ...], list[Tensor]]:
+        """The arguments of ``attnkit_mask_fwd_tasks`` from ``n_q`` to ``bits`` (every row at once; ``ev=None``:
+        those of ``attnkit_mask_weights_tasks``, which take no value width), and the tensors they point into (to
+        keep alive during the call)."""
         bl = self.blocks
         kv_len = torch.tensor(lengths, dtype=torch.int64)
         row_of = torch.tensor([self._row(r) for r in range(len(lengths))], dtype=torch.int64)
-        args = (bl.q_len, bl.k_len, kv_len.data_ptr(), e, ev, rep, bl.row_ptr.data_ptr(), row_of.data_ptr(),
+        widths = (e,) if ev is None else (e, ev)  # the weights' entry point takes no value width
+        args = (bl.q_len, bl.k_len, kv_len.data_ptr(), *widths, rep, bl.row_ptr.data_ptr(), row_of.data_ptr(),
                 self.groups, bl.cols.data_ptr(), bl.part.data_ptr(), bl.bits.data_ptr())
         return args, [kv_len, row_of]
 
@@ -149,25 +150,16 @@ def masked_weights(q: Tensor, k: Tensor, mask: AttentionMask, scale: float, *, i
     lib = _native.load()
     if lib is None:
         raise RuntimeError(f"masked_weights needs the native library ({_native.status()})")
-    workers = worker_count(bh * q_len * k_len, None)
-    tasks = bucket_tasks(bh, pattern.groups, workers)
-    if workers > 1 and _native_bridge.OPENMP_TASKS and lib.attnkit_openmp():
-        args, keep = pattern.task_args(per_row, e16, 0, rep)
-        spec = torch.tensor(tasks, dtype=torch.int64)
-        task_args = args[:4] + args[5:]  # the weights take no value width
-        native_call(lib.attnkit_mask_weights_tasks, qr.data_ptr(), kr.data_ptr(), w.data_ptr(), *task_args, scale,
-                    spec.data_ptr(), len(tasks), workers, isa)
-        del keep, spec
-    else:
-        fl = 4  # bytes per float32
+    fl = 4  # bytes per float32
 
-        def task(row: int, g0: int, g1: int) -> None:
-            n_q, n_k, kv_len, ee, _, *rest = pattern.args(row, per_row[row], e16, 0)
-            native_call(lib.attnkit_mask_weights, qr.data_ptr() + row * q_len * e16 * fl,
-                        kr.data_ptr() + row // rep * k_len * e16 * fl, w.data_ptr() + row * q_len * k_len * fl,
-                        n_q, n_k, kv_len, ee, *rest, scale, g0, g1, isa)
+    def task(row: int, g0: int, g1: int) -> None:
+        n_q, n_k, kv_len, ee, _, *rest = pattern.args(row, per_row[row], e16, 0)
+        native_call(lib.attnkit_mask_weights, qr.data_ptr() + row * q_len * e16 * fl,
+                    kr.data_ptr() + row // rep * k_len * e16 * fl, w.data_ptr() + row * q_len * k_len * fl,
+                    n_q, n_k, kv_len, ee, *rest, scale, g0, g1, isa)
 
-        run_tasks([functools.partial(task, *t) for t in tasks], workers, torch_ops=False)
+    run_pattern(lib, pattern, "attnkit_mask_weights_tasks", (qr.data_ptr(), kr.data_ptr(), w.data_ptr()),
+                (per_row, e16, None, rep), scale, isa, bh * q_len * k_len, task)
     return w.view(b, h, q_len, k_len).to(q.dtype)
 
 

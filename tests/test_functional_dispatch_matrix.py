@@ -369,3 +369,33 @@ def test_auto_keeps_its_choice_for_plain_calls_and_forgets_it_when_the_inputs_ch
     assert which_backend(q, k, k, CausalMask("lower_right")) is causal and causal is not which_backend(q, k, k)
     masked = SlidingWindowMask(8)
     assert which_backend(q, k, k, masked) is not which_backend(q, k, k, masked)  # other mask objects: chosen anew
+
+
+def test_a_kept_plain_call_is_the_call_make_call_validates() -> None:
+    """plain_call keeps the validated call's mask, causality and scale per signature: the kept call equals
+    make_call's and gives the same output; calls outside its definition (3-D inputs, a tensor mask, weights,
+    dropout, an int scale, a Parameter, a forced backend) are not kept and go through make_call."""
+    from attnkit.functional import scaled_dot_product_attention
+    from attnkit.functional.masks import CausalMask
+
+    D.clear_choices()
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 8)
+    for mask, causal, scale in ((None, False, None), (CausalMask("lower_right"), False, 0.3), (None, True, 0.5)):
+        first = D.plain_call(q, k, v, mask, causal, 0.0, scale, False, None, "auto")
+        kept = D.plain_call(q, k, v, mask, causal, 0.0, scale, False, None, "auto")
+        assert first is not None and kept is not None and kept[1] is first[1]
+        call, _ = D.make_call(q, k, v, mask, causal, 0.0, scale, False)
+        assert (kept[0].structure, kept[0].is_causal, kept[0].scale) == (call.structure, call.is_causal, call.scale)
+        assert kept[0].mask is None and not kept[0].need_weights and kept[0].softcap is None
+        out = scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=scale)
+        assert torch.equal(out, D.get_backend(D._choose(call, "auto").name).fn(call)[0])
+    for args in ((q[:, 0], k[:, 0], v[:, 0], None, False, 0.0, None, False, None, "auto"),
+                 (q, k, v, torch.ones(3, 9, dtype=torch.bool), False, 0.0, None, False, None, "auto"),
+                 (q, k, v, None, False, 0.0, None, True, None, "auto"),
+                 (q, k, v, None, False, 0.1, None, False, None, "auto"),
+                 (q, k, v, None, False, 0.0, 1, False, None, "auto"),
+                 (torch.nn.Parameter(q), k, v, None, False, 0.0, None, False, None, "auto"),
+                 (q, k, v, None, False, 0.0, None, False, None, "sdpa")):
+        assert D.plain_call(*args) is None
+    with pytest.raises(ValueError, match="head dim"):  # bad input is validated, never kept
+        scaled_dot_product_attention(q, k[..., :8], v)

@@ -43,6 +43,7 @@ from .dispatch import (
     choose_backend,
     get_backend,
     make_call,
+    plain_call,
     register_backend,
     register_weights,
     weights_of,
@@ -311,6 +312,9 @@ def scaled_dot_product_attention(
         >>> scaled_dot_product_attention(Q, K, V, mask).shape
         torch.Size([2, 5, 8])
     """
+    kept = plain_call(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights, softcap, backend)
+    if kept is not None:  # validated and routed before: a decode step or a model's causal / unmasked layer
+        return kept[2].fn(kept[0])[0]
     call, three_d = make_call(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights, softcap)
     weights: Tensor | None
     if call.k_len == 0:

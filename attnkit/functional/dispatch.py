@@ -58,6 +58,7 @@ __all__ = [
     "available_backends",
     "choose_backend",
     "clear_choices",
+    "plain_call",
     "get_backend",
     "make_call",
     "mask_kinds",
@@ -373,43 +374,55 @@ class BackendChoice:
 
 
 #: Functions whose results the backends' rules read besides the call (an environment variable, the loaded native
-#: library): part of the key under which ``auto``'s choice for a plain call is kept. Modules append theirs.
+#: library): part of the key under which a plain call is kept (:func:`plain_call`). Modules append theirs.
 CHOICE_INPUTS: list[Callable[[], object]] = []
-_CHOICES: dict[tuple[Any, ...], BackendChoice] = {}  # auto's choices for plain calls; see _choice_key
-_CHOICES_MAX = 1024
+_PLAIN: dict[tuple[Any, ...], tuple[AttentionMask | None, bool, float, BackendChoice, Backend]] = {}
+_PLAIN_MAX = 1024
 
 
 def clear_choices() -> None:
-    """Forget ``auto``'s kept choices (registering a backend or a weights path does it too)."""
-    _CHOICES.clear()
+    """Forget the plain calls kept by :func:`plain_call` (registering a backend or a weights path does it too)."""
+    _PLAIN.clear()
 
 
-def _choice_key(call: AttentionCall) -> tuple[Any, ...] | None:
-    """Everything the backends' rules read of a plain call (no tensor mask, no mask object other than
-    ``CausalMask``: the decode steps and the causal or unmasked calls a model makes every layer), or ``None`` for any
-    other call. ``auto``'s choice for
-    a plain call is kept under this key: choosing costs tens of microseconds a call, as much as a decode step's
-    kernel on a short cache."""
-    structure = call.structure
-    if call.mask is not None or not (structure is None or type(structure) is CausalMask):
+def plain_call(query: Any, key: Any, value: Any, attn_mask: Any, is_causal: Any, dropout_p: Any, scale: Any,
+               return_weights: Any, softcap: Any, backend: str) -> tuple[AttentionCall, BackendChoice, Backend] | None:
+    """A plain call validated and routed once per signature: the call, ``auto``'s choice and its backend.
+
+    Plain: ``(B, H, L, E)`` tensors (exactly :class:`torch.Tensor`), no mask or a :class:`CausalMask`, a ``bool``
+    ``is_causal``, no dropout, weights or soft-capping, a ``float`` or ``None`` scale, ``backend="auto"``: the decode
+    steps and the causal or unmasked calls a model makes in every layer. Everything validation and the backends'
+    rules read of such a call is in the key (shapes, strides, dtypes, devices, gradient mode, the mask, the scale,
+    the thread count, :data:`CHOICE_INPUTS`), so the kept result is the one :func:`make_call` and
+    :func:`choose_backend` would give; validating and choosing cost tens of microseconds a call, as much as a decode
+    step's kernel on a short cache. ``None`` for any other call: validate it with :func:`make_call`."""
+    if (backend != "auto" or return_weights is not False or softcap is not None or type(is_causal) is not bool
+            or type(dropout_p) not in (int, float) or dropout_p != 0 or not (scale is None or type(scale) is float)
+            or not (attn_mask is None or type(attn_mask) is CausalMask)
+            or not (type(query) is Tensor and type(key) is Tensor and type(value) is Tensor) or query.dim() != 4):
         return None
-    q, k, v = call.query, call.key, call.value
-    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-            call.needs_grad, call.is_causal, structure, call.dropout_p > 0, call.need_weights, call.softcap is None,
-            torch.get_num_threads(), *(fn() for fn in CHOICE_INPUTS))
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    sig = (query.shape, key.shape, value.shape, query.stride(), key.stride(), value.stride(), query.dtype,
+           key.dtype, value.dtype, query.device, key.device, value.device, grad, is_causal, attn_mask, scale,
+           torch.get_num_threads(), *(fn() for fn in CHOICE_INPUTS))
+    kept = _PLAIN.get(sig)
+    if kept is None:
+        call, _ = make_call(query, key, value, attn_mask, is_causal, dropout_p, scale, False)
+        if call.k_len == 0:
+            return None
+        choice = _choose(call, "auto")
+        if len(_PLAIN) >= _PLAIN_MAX:
+            _PLAIN.clear()
+        _PLAIN[sig] = (call.structure, call.is_causal, call.scale, choice, _BACKENDS[choice.name])
+        return call, choice, _BACKENDS[choice.name]
+    structure, causal, scale_, choice, chosen = kept
+    return AttentionCall(query, key, value, None, structure, causal, 0.0, scale_, False), choice, chosen
 
 
 def choose_backend(call: AttentionCall, backend: str = "auto") -> BackendChoice:
     """The backend that serves ``call``: the forced one (raises with every reason when it cannot serve), the first
     member of a deprecated alias (:data:`ALIASES`) that can, or for ``"auto"`` the first of
-    :func:`available_backends` that can (kept for plain calls: :func:`_choice_key`)."""
-    if backend == "auto" and (key := _choice_key(call)) is not None:
-        choice = _CHOICES.get(key)
-        if choice is None:
-            if len(_CHOICES) >= _CHOICES_MAX:
-                _CHOICES.clear()
-            choice = _CHOICES[key] = _choose(call, backend)
-        return choice
+    :func:`available_backends` that can."""
     return _choose(call, backend)
 
 
@@ -518,5 +531,8 @@ def which_backend(
         >>> which_backend(q, q, q, return_weights=True).name
         'math'
     """
+    kept = plain_call(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights, softcap, backend)
+    if kept is not None:
+        return kept[1]
     call, _ = make_call(query, key, value, attn_mask, is_causal, dropout_p, scale, return_weights, softcap)
     return choose_backend(call, backend)

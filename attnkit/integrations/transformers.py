@@ -280,8 +280,14 @@ def attnkit_mask(
 # ------------------------------------------------------------------------------------------------ attention
 
 
+_KNOWN_KWARGS = _IGNORED_KWARGS | {"softcap", "s_aux", "sinks", "head_mask", "position_bias"}
+_PLAIN_KWARGS = _IGNORED_KWARGS | {"softcap", "s_aux"}  # kwargs that never need a fallback on their own
+
+
 def _unsupported(kwargs: dict[str, Any]) -> tuple[str, str] | None:
     """``(reason, fallback)`` when this call needs something attnkit's kernel does not do, else ``None``."""
+    if kwargs.keys() <= _PLAIN_KWARGS and (kwargs.get("softcap") is None or kwargs.get("s_aux") is None):
+        return None  # the common case, decided without looking at every value
     if kwargs.get("softcap") is not None and kwargs.get("s_aux") is not None:
         return "logit soft-capping (softcap) together with attention sinks (s_aux) is not supported", "eager"
     if kwargs.get("sinks") is not None:  # s_aux is served (_attend_with_sinks); "sinks" is no HF model's name
@@ -290,8 +296,7 @@ def _unsupported(kwargs: dict[str, Any]) -> tuple[str, str] | None:
         return "a head_mask is not supported", "eager"
     if kwargs.get("position_bias") is not None:
         return "a position_bias (additive relative-position scores) is not supported", "sdpa"
-    known = _IGNORED_KWARGS | {"softcap", "s_aux", "sinks", "head_mask", "position_bias"}
-    unknown = sorted(k for k, v in kwargs.items() if k not in known and v is not None)  # None: not in use
+    unknown = sorted(k for k, v in kwargs.items() if k not in _KNOWN_KWARGS and v is not None)  # None: not in use
     if unknown:
         return f"unknown keyword argument(s) {unknown}", "sdpa"
     return None
@@ -315,13 +320,15 @@ def _fallback(
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
+try:
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - other transformers versions
+    _active_collector = None  # type: ignore[assignment]
+
+
 def _hf_records_attentions() -> bool:
     """True while a HF ``capture_outputs`` forward collects ``attentions`` (``output_attentions`` via the config)."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # pragma: no cover - other transformers versions
-        return False
-    collected = _active_collector.get()
+    collected = None if _active_collector is None else _active_collector.get()
     return isinstance(collected, dict) and "attentions" in collected
 
 
@@ -391,7 +398,7 @@ def attnkit_attention_forward(
         weights = attention_weights(query, key, mask, scale=scaling, softcap=softcap)
         if sinks is not None:
             weights = weights[..., 1:]  # the sink key's weight is not a key's: HF's eager drops it too
-    tap = getattr(module, TAP_NAME, None)
+    tap = module._modules.get(TAP_NAME)  # the submodule install_taps adds (a plain getattr raises inside)
     if isinstance(tap, Tap) and tap.observed:
         if weights is None:
             with torch.no_grad():

@@ -66,9 +66,9 @@ def test_softcap_backends_match_reference_or_refuse(name: str, mask: str, dtype:
         with pytest.raises(ValueError, match="softcap"):
             scaled_dot_product_attention(q, k, v, attn_mask, is_causal=causal, softcap=CAP, backend=name)
         return
-    uncapped, _ = D.make_call(q, k, v, attn_mask, causal, 0.0, None, False)
-    if backend.not_supported_reasons(uncapped):
-        pytest.skip(f"{name} does not serve this call even without softcap")
+    if why := backend.not_supported_reasons(call):  # a capping backend refuses only for reasons of its own
+        assert not any("soft-capping" in r for r in why)
+        pytest.skip(f"{name} does not serve this call: {why}")
     meaning, ref_causal = call.dense_mask()
     r = [x.detach().double().requires_grad_(grad) for x in (q, k, v)]
     ref, ref_w = attention_reference(*r, meaning.double() if meaning is not None and meaning.is_floating_point()
@@ -92,19 +92,29 @@ def test_softcap_backends_match_reference_or_refuse(name: str, mask: str, dtype:
 
 
 def test_every_backend_is_declared() -> None:
-    """The dense PyTorch-operator paths serve softcap; the fused and native kernels do not (they cannot cap)."""
+    """The dense PyTorch-operator paths and the native block engine serve softcap; PyTorch's fused kernel and the
+    window, block-sparse and decode kernels do not (they cannot cap)."""
     serving = {n for n in available_backends() if D.get_backend(n).softcap}
     assert {"chunked", "math", "reference"} <= serving
-    assert "sdpa" not in serving
+    assert serving.isdisjoint({"sdpa", "native_band", "native_block_sparse", "native_decode"})
+    assert "native_mask" in serving or "native_mask" not in available_backends()
 
 
 def test_auto_routes_softcap_to_a_backend_that_caps() -> None:
+    """On the CPU with the native library, the block engine serves capped scores under any mask object or none
+    (output and weights); without it the chunked path; dropout goes to math."""
+    from attnkit.functional import _native
+
     q, k, v = _inputs(torch.float32, False)
-    assert which_backend(q, k, v, CausalMask("lower_right"), softcap=CAP).name == "chunked"
-    assert which_backend(q, k, v, SlidingWindowMask(3), softcap=CAP, return_weights=True).name == "math"
+    native = _native.load() is not None
+    assert which_backend(q, k, v, CausalMask("lower_right"), softcap=CAP).name == ("native_mask" if native
+                                                                                   else "chunked")
+    assert which_backend(q, k, v, softcap=CAP).name == ("native_mask" if native else "chunked")
+    weights = which_backend(q, k, v, SlidingWindowMask(3), softcap=CAP, return_weights=True)
+    assert (weights.name, weights.weights_from) == (("native_mask", "native_mask") if native else ("math", None))
     assert which_backend(q, k, v, softcap=CAP, dropout_p=0.1).name == "math"
-    choice = which_backend(q, k, v, SlidingWindowMask(3), softcap=CAP)
-    assert any("softcap" in why for why in choice.reasons["sdpa"])
+    with pytest.raises(ValueError, match="softcap"):  # PyTorch's fused kernel cannot cap: never run uncapped
+        which_backend(q, k, v, SlidingWindowMask(3), softcap=CAP, backend="sdpa")
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True, "50"])

@@ -61,15 +61,15 @@ def _inputs(b, h, hkv, q_len, k_len, e, ev, dtype):  # type: ignore[no-untyped-d
     return q, k, v, g
 
 
-def _check(mask, q, k, v, g, isa=2):  # type: ignore[no-untyped-def]
+def _check(mask, q, k, v, g, isa=2, softcap=None):  # type: ignore[no-untyped-def]
     """Native forward and gradients, each against the float64 reference of the same (rounded) inputs."""
     b, h, q_len, e = q.shape
     k_len = k.shape[2]
     xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = masked_attention(*xs, mask, e**-0.5, isa=isa)
+    out = masked_attention(*xs, mask, e**-0.5, isa=isa, softcap=softcap)
     out.backward(g)
     rs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref, _ = attention_reference(*rs, mask._bind(b, h))
+    ref, _ = attention_reference(*rs, None if mask is None else mask._bind(b, h), softcap=softcap)
     ref.backward(g.double())
     assert out.dtype == q.dtype
     assert_close_to_reference(out, ref, reduction=k_len, msg="out")
@@ -104,6 +104,32 @@ def test_native_mask_low_precision(dtype):  # type: ignore[no-untyped-def]
     q, k, v, g = _inputs(1, 4, 2, 150, 150, 32, 32, dtype)
     for mask in (SlidingWindowMask(50) | SinkMask(2), DocumentMask(torch.arange(150) // 40) & CausalMask()):
         _check(mask, q, k, v, g)
+
+
+SOFTCAP_MASKS = ["none", "causal", "swa|sink", "docs&causal", "sparse", "per_head_mod&pad"]
+
+
+@NEEDS_LIB
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cap", [2.0, 30.0])
+@pytest.mark.parametrize("name", SOFTCAP_MASKS)
+def test_native_softcap_matches_reference(name, cap, isa):  # type: ignore[no-untyped-def]
+    """Logit soft-capping (Gemma 2) in the kernel: output, the three gradients (through 1 - tanh^2) and the exact
+    weights against the float64 reference with the same cap. Scores reach |s| ~ 25, so cap 2 rewrites nearly all
+    of them and cap 30 bends the largest; small scores take the tanh's polynomial branch."""
+    _skip_unless_isa(isa)
+    q, k, v, g = _inputs(2, 4, 2, 203, 203, 24, 40, torch.float32)
+    q, k = q * 3, k * 3
+    mask = {"none": None, "causal": CausalMask(), **_masks()}[name]
+    _check(mask, q, k, v, g, isa, softcap=cap)
+    _check_weights(mask, q, k, isa, softcap=cap)
+
+
+@NEEDS_LIB
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_softcap_low_precision(dtype):  # type: ignore[no-untyped-def]
+    q, k, v, g = _inputs(1, 4, 2, 150, 150, 32, 32, dtype)
+    _check(SlidingWindowMask(50) | SinkMask(2), q * 3, k * 3, v, g, softcap=5.0)
 
 
 @NEEDS_LIB
@@ -152,6 +178,8 @@ def test_portable_build_matches_reference(tmp_path, monkeypatch):  # type: ignor
     for mask in (SlidingWindowMask(30) | SinkMask(3), MaskMod(lambda b, h, q, kv: (q - kv) % 5 != 1)):
         _check(mask, q, k, v, g, isa=2)  # asks for AVX-512, gets the portable body
         _check_weights(mask, q, k, isa=2)
+    _check(SlidingWindowMask(30), q * 3, k * 3, v, g, isa=2, softcap=2.0)  # the portable tanh
+    _check_weights(None, q * 3, k * 3, isa=2, softcap=2.0)
 
 
 # --------------------------------------------------------------------------------------------- routing
@@ -228,13 +256,14 @@ def test_openmp_tasks_equal_the_thread_pool(isa, monkeypatch):  # type: ignore[n
 
 
 # --------------------------------------------------------------------------------------------- exact weights
-def _check_weights(mask, q, k, isa=2):  # type: ignore[no-untyped-def]
+def _check_weights(mask, q, k, isa=2, softcap=None):  # type: ignore[no-untyped-def]
     """Native weights (attnkit_mask_weights) against the float64 reference's weights of the same inputs."""
     b, h, q_len, e = q.shape
     k_len = k.shape[2]
-    w = masked_weights(q, k, mask, e**-0.5, isa=isa)
+    w = masked_weights(q, k, mask, e**-0.5, isa=isa, softcap=softcap)
     v = torch.zeros(b, k.shape[1], k_len, 1, dtype=torch.float64)
-    _, ref = attention_reference(q.double(), k.double(), v, mask._bind(b, h))
+    _, ref = attention_reference(q.double(), k.double(), v, None if mask is None else mask._bind(b, h),
+                                 softcap=softcap)
     assert w.dtype == q.dtype and w.shape == (b, h, q_len, k_len)
     assert_close_to_reference(w, ref, reduction=k_len, msg="weights")
     return w

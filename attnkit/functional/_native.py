@@ -109,23 +109,24 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.attnkit_sparse_fwd.restype = cint
     lib.attnkit_sparse_bwd.argtypes = [*[ptr] * 9, *[i64] * 6, ptr, ptr, cint, f32, i64, i64, cint]
     lib.attnkit_sparse_bwd.restype = cint
-    # n_q, n_k, kv_len, e, ev, row_ptr, cols, part, bits, scale, g0, g1, isa
-    mask_args: list[type] = [*[i64] * 5, *[ptr] * 4, f32, i64, i64, cint]
+    # n_q, n_k, kv_len, e, ev, row_ptr, cols, part, bits, softcap, scale, g0, g1, isa
+    mask_args: list[type] = [*[i64] * 5, *[ptr] * 4, f32, f32, i64, i64, cint]
     lib.attnkit_mask_fwd.argtypes = [*[ptr] * 5, *mask_args]
     lib.attnkit_mask_fwd.restype = cint
     lib.attnkit_mask_bwd.argtypes = [*[ptr] * 9, *mask_args]
     lib.attnkit_mask_bwd.restype = cint
-    # q k v out lse, n_q n_k, kv_len, e ev rep, row_ptr row_of, groups, cols part bits, scale, tasks, ntasks, nthreads,
-    # isa
+    # q k v out lse, n_q n_k, kv_len, e ev rep, row_ptr row_of, groups, cols part bits, softcap scale, tasks, ntasks,
+    # nthreads, isa
     lib.attnkit_mask_fwd_tasks.argtypes = [*[ptr] * 5, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, f32,
-                                           ptr, i64, cint, cint]
+                                           f32, ptr, i64, cint, cint]
     lib.attnkit_mask_fwd_tasks.restype = cint
-    # q k w, n_q n_k kv_len e, row_ptr cols part bits, scale, g0 g1, isa
-    lib.attnkit_mask_weights.argtypes = [*[ptr] * 3, *[i64] * 4, *[ptr] * 4, f32, i64, i64, cint]
+    # q k w, n_q n_k kv_len e, row_ptr cols part bits, softcap scale, g0 g1, isa
+    lib.attnkit_mask_weights.argtypes = [*[ptr] * 3, *[i64] * 4, *[ptr] * 4, f32, f32, i64, i64, cint]
     lib.attnkit_mask_weights.restype = cint
-    # q k w, n_q n_k, kv_len, e rep, row_ptr row_of, groups, cols part bits, scale, tasks, ntasks, nthreads, isa
+    # q k w, n_q n_k, kv_len, e rep, row_ptr row_of, groups, cols part bits, softcap scale, tasks, ntasks, nthreads,
+    # isa
     lib.attnkit_mask_weights_tasks.argtypes = [*[ptr] * 3, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, f32,
-                                               ptr, i64, cint, cint]
+                                               f32, ptr, i64, cint, cint]
     lib.attnkit_mask_weights_tasks.restype = cint
     lib.attnkit_openmp.restype = cint
     lib.attnkit_band_isa.restype = cint

@@ -80,7 +80,31 @@ def _check_band(isa: int) -> dict[str, float]:
             worst = max(worst, _max_ratio(got, want, 2 * window, grad=True))
         result[str(dtype).removeprefix("torch.")] = worst
     result["weights"] = _check_mask_weights(isa)
+    result["softcap"] = _check_mask_softcap(isa)
     return result
+
+
+def _check_mask_softcap(isa: int) -> float:
+    """The mask engine with logit soft-capping (its vector tanh): output and gradients under a causal window."""
+    from ._reference import attention_reference
+    from .masked import masked_attention
+    from .masks import SlidingWindowMask
+
+    gen = torch.Generator().manual_seed(13)
+    n, e, cap = 203, 24, 5.0
+    q, k, v = (3 * torch.randn(1, 2, n, e, generator=gen, dtype=torch.float64) for _ in range(3))
+    g = torch.randn(1, 2, n, e, generator=gen, dtype=torch.float64)
+    mask = SlidingWindowMask(70)
+    q64, k64, v64 = (t.clone().requires_grad_(True) for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, mask.materialize(n, n), softcap=cap)[0]
+    ref_grads = torch.autograd.grad((ref * g).sum(), (q64, k64, v64))
+    qf, kf, vf = (t.float().requires_grad_(True) for t in (q, k, v))
+    out = masked_attention(qf, kf, vf, mask, e**-0.5, softcap=cap, isa=isa)
+    grads = torch.autograd.grad((out * g.float()).sum(), (qf, kf, vf))
+    worst = _max_ratio(out, ref.detach(), n, grad=False)
+    for got, want in zip(grads, ref_grads, strict=True):
+        worst = max(worst, _max_ratio(got, want, n, grad=True))
+    return worst
 
 
 def _check_mask_weights(isa: int) -> float:

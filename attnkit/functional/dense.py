@@ -290,8 +290,8 @@ def scaled_dot_product_attention(
         scale: score scale, ``1/sqrt(E)`` when ``None``.
         return_weights: also return the exact softmax weights ``(B, H, L, S)`` (before dropout), from any backend.
         softcap: logit soft-capping (Gemma 2): the scores become ``softcap * tanh(scores / softcap)`` before the
-            mask. Served by the ``chunked``, ``math`` and ``reference`` backends (PyTorch's fused kernel and the
-            native kernels do not cap scores).
+            mask. Served by the ``native_mask`` (CPU), ``chunked``, ``math`` and ``reference`` backends (PyTorch's
+            fused kernel and the window, block-sparse and decode kernels do not cap scores).
         backend: ``"auto"`` or a backend name of :func:`available_backends` (``"sdpa"``, ``"math"``,
             ``"reference"``, ``"native_band"``, ...); the old names ``"local"``, ``"decode"`` and ``"block_sparse"``
             are deprecated aliases (:data:`~attnkit.functional.dispatch.ALIASES`).

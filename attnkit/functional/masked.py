@@ -51,6 +51,7 @@ class _MaskPattern:
 
     blocks: MaskBlocks
     heads: int  # query heads H of the call: row r of B*H is batch r // H, head r % H
+    softcap: float = 0.0  # logit soft-capping (0: none)
     fwd: str = "attnkit_mask_fwd"
     bwd: str = "attnkit_mask_bwd"
     fwd_tasks: str = "attnkit_mask_fwd_tasks"  # the whole forward on OpenMP threads (_native_bridge.NativeBandFn)
@@ -65,7 +66,8 @@ class _MaskPattern:
     def args(self, row: int, kv_len: int, e: int, ev: int) -> tuple[object, ...]:
         bl = self.blocks
         ptr = bl.row_ptr.data_ptr() + self._row(row) * (self.groups + 1) * bl.row_ptr.element_size()
-        return (bl.q_len, bl.k_len, kv_len, e, ev, ptr, bl.cols.data_ptr(), bl.part.data_ptr(), bl.bits.data_ptr())
+        return (bl.q_len, bl.k_len, kv_len, e, ev, ptr, bl.cols.data_ptr(), bl.part.data_ptr(), bl.bits.data_ptr(),
+                self.softcap)
 
     def task_args(self, lengths: list[int], e: int, ev: int | None, rep: int
                   ) -> tuple[tuple[object, ...], list[Tensor]]:
@@ -77,7 +79,7 @@ class _MaskPattern:
         row_of = torch.tensor([self._row(r) for r in range(len(lengths))], dtype=torch.int64)
         widths = (e,) if ev is None else (e, ev)  # the weights' entry point takes no value width
         args = (bl.q_len, bl.k_len, kv_len.data_ptr(), *widths, rep, bl.row_ptr.data_ptr(), row_of.data_ptr(),
-                self.groups, bl.cols.data_ptr(), bl.part.data_ptr(), bl.bits.data_ptr())
+                self.groups, bl.cols.data_ptr(), bl.part.data_ptr(), bl.bits.data_ptr(), self.softcap)
         return args, [kv_len, row_of]
 
     def keys(self, row: int, g0: int, g1: int) -> tuple[int, int]:
@@ -101,22 +103,24 @@ def split_padding(mask: AttentionMask) -> tuple[AttentionMask | None, Tensor | N
     return mask, None
 
 
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float, *,
-                     is_causal: bool = False, isa: int = 2) -> Tensor:
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None, scale: float, *,
+                     is_causal: bool = False, softcap: float | None = None, isa: int = 2) -> Tensor:
     """``(B, H, L, E)`` attention under ``mask`` on the native engine (see the module docstring): float32 /
     bfloat16 / float16 CPU tensors, the native library loaded (check ``native_unsupported`` first).
-    ``is_causal`` adds upper-left causal masking. ``isa``: 2 = the AVX-512 body where the CPU has it, 1 = the
-    build's own target."""
-    pattern, lengths = _compile(q, k, mask, is_causal)
+    ``mask=None``: every key. ``is_causal`` adds upper-left causal masking. ``softcap``: logit soft-capping, the
+    scores become ``softcap * tanh(scores / softcap)`` before the mask (Gemma 2), forward and backward. ``isa``: 2 =
+    the AVX-512 body where the CPU has it, 1 = the build's own target."""
+    pattern, lengths = _compile(q, k, mask, is_causal, softcap)
     return native_attention(q, k, v, pattern, scale, isa, lengths)
 
 
-def _compile(q: Tensor, k: Tensor, mask: AttentionMask, is_causal: bool) -> tuple[_MaskPattern, Tensor | None]:
-    """The native pattern of ``mask`` for ``(B, H, L, E)`` queries and ``(B, Hkv, S, E)`` keys, and the right
-    padding's lengths ``(B,)`` (``None``: every key is real)."""
+def _compile(q: Tensor, k: Tensor, mask: AttentionMask | None, is_causal: bool, softcap: float | None = None
+             ) -> tuple[_MaskPattern, Tensor | None]:
+    """The native pattern of ``mask`` (``None``: every key) for ``(B, H, L, E)`` queries and ``(B, Hkv, S, E)``
+    keys, and the right padding's lengths ``(B,)`` (``None``: every key is real)."""
     b, h, q_len, _ = q.shape
     k_len = k.shape[2]
-    mask = mask._bind(b, h)
+    mask = (_Everything() if mask is None else mask)._bind(b, h)
     if is_causal:
         mask = mask & CausalMask()
     rest, lengths = split_padding(mask)
@@ -128,11 +132,11 @@ def _compile(q: Tensor, k: Tensor, mask: AttentionMask, is_causal: bool) -> tupl
                          f"{blocks.batch} and {blocks.heads}; try MaskMod(fn, B=None, H=None)")
     if lengths is not None:
         lengths = lengths.cpu().long().view(-1).clamp(0, k_len).expand(b)
-    return _MaskPattern(blocks, h), lengths
+    return _MaskPattern(blocks, h, float(softcap or 0.0)), lengths
 
 
-def masked_weights(q: Tensor, k: Tensor, mask: AttentionMask, scale: float, *, is_causal: bool = False,
-                   isa: int = 2) -> Tensor:
+def masked_weights(q: Tensor, k: Tensor, mask: AttentionMask | None, scale: float, *, is_causal: bool = False,
+                   softcap: float | None = None, isa: int = 2) -> Tensor:
     """The exact softmax weights ``(B, H, L, S)`` of :func:`masked_attention` (same inputs, no values), from the
     native engine (``attnkit_mask_weights``): per tile of 64 queries the scores of the blocks the mask touches go
     straight into the output rows, then the softmax runs over them while they are in cache; everything outside
@@ -141,7 +145,7 @@ def masked_weights(q: Tensor, k: Tensor, mask: AttentionMask, scale: float, *, i
     backend serves weights that need one). Rows with no key to attend give zeros."""
     b, h, q_len, e = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
-    pattern, lengths = _compile(q, k, mask, is_causal)
+    pattern, lengths = _compile(q, k, mask, is_causal, softcap)
     e16 = -(-e // 16) * 16
     qr, kr = rows_f32(q, e16), rows_f32(k, e16)
     bh, rep = b * h, h // hkv
@@ -198,7 +202,9 @@ def _own_backend(structure: AttentionMask) -> str | None:
 
 def _supports(call: AttentionCall) -> list[str]:
     reasons = []
-    if call.structure is None:
+    if call.softcap is not None:
+        pass  # soft-capped scores: no other kernel before the chunked path caps them, so any structure, none too
+    elif call.structure is None:
         reasons.append("no mask object (a tensor mask or none: the dense kernels serve it)")
     elif _fused_serves(call.structure):
         reasons.append("causal / padding structure only (PyTorch's fused kernel serves it)")
@@ -214,8 +220,8 @@ def _supports(call: AttentionCall) -> list[str]:
 
 
 def _fn(call: AttentionCall) -> tuple[Tensor, None]:
-    assert call.structure is not None
-    out = masked_attention(call.query, call.key, call.value, call.structure, call.scale, is_causal=call.is_causal)
+    out = masked_attention(call.query, call.key, call.value, call.structure, call.scale, is_causal=call.is_causal,
+                           softcap=call.softcap)
     return out, None
 
 
@@ -227,15 +233,13 @@ def _kernel(call: AttentionCall) -> str:
 
 def _weights_supports(call: AttentionCall) -> list[str]:
     """Why :func:`masked_weights` cannot give the weights of ``call``: it serves mask objects and ``is_causal``
-    (no mask at all: the math backend computes output and weights in one pass, as fast), without gradients or
-    soft-capping, for CPU float32 / bfloat16 / float16."""
+    (no mask at all: the math backend computes output and weights in one pass, as fast, unless the scores are
+    soft-capped), without gradients, for CPU float32 / bfloat16 / float16."""
     reasons = []
-    if call.structure is None and not call.is_causal:
+    if call.structure is None and not call.is_causal and call.softcap is None:
         reasons.append("no mask object")
     if call.mask is not None:
         reasons.append("an explicit tensor mask")
-    if call.softcap is not None:
-        reasons.append("logit soft-capping")
     if call.needs_grad:
         reasons.append("weights that need a gradient")
     if call.query.device.type != "cpu" or call.query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -246,8 +250,8 @@ def _weights_supports(call: AttentionCall) -> list[str]:
 
 
 def _weights_fn(call: AttentionCall) -> Tensor:
-    structure = call.structure if call.structure is not None else _Everything()
-    return masked_weights(call.query, call.key, structure, call.scale, is_causal=call.is_causal)
+    return masked_weights(call.query, call.key, call.structure, call.scale, is_causal=call.is_causal,
+                          softcap=call.softcap)
 
 
 register_weights(WeightsPath("native_mask", _weights_fn, _weights_supports))
@@ -255,5 +259,5 @@ register_backend(
     Backend("native_mask", _fn, False, _supports,
             "any mask object or mask_mod compiled to blocks of 64 (full / partial with a bit mask per row), "
             "the native C kernel forward and backward", kernel=_kernel,
-            dtypes=(torch.float32, torch.bfloat16, torch.float16), devices=("cpu",)),
+            dtypes=(torch.float32, torch.bfloat16, torch.float16), devices=("cpu",), softcap=True),
 )

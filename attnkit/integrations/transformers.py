@@ -39,9 +39,9 @@ Attention sinks (gpt-oss ``s_aux``, one learned logit per head in the softmax de
 one more key (:func:`_with_sink_key`), forward and backward, maps included.
 
 Logit soft-capping (Gemma 2's ``softcap``: scores become ``softcap * tanh(scores / softcap)``) is served exactly by
-attnkit's ``chunked`` backend (online softmax over 1,024 x 1,024 blocks, forward and backward, with a custom
-backward through the ``tanh``; ``math`` when maps or dropout are asked for): neither PyTorch's SDPA nor attnkit's
-native kernels cap scores, so such a model runs on PyTorch operators, with O(L x chunk) score memory.
+attnkit's native block engine on the CPU (``native_mask``: the cap inside the kernel, forward, backward and maps,
+with HF's mask as blocks), and elsewhere by the ``chunked`` backend (online softmax over 1,024 x 1,024 blocks with a
+custom backward through the ``tanh``; ``math`` when dropout is asked for). PyTorch's SDPA cannot cap scores.
 
 Anything the kernel cannot serve falls back, with a one-time warning naming the reason: a ``head_mask`` or
 ``softcap`` together with sinks to the model's own eager attention, a ``position_bias`` or an unknown keyword

@@ -43,24 +43,25 @@ int attnkit_sparse_bwd(const float *q, const float *k, const float *v, const flo
                        float scale, int64_t g0, int64_t g1, int isa);
 int attnkit_mask_fwd(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n_q, int64_t n_k,
                      int64_t kv_len, int64_t e, int64_t ev, const int64_t *row_ptr, const int64_t *cols,
-                     const int64_t *part, const uint64_t *bits, float scale, int64_t g0, int64_t g1, int isa);
+                     const int64_t *part, const uint64_t *bits, float softcap, float scale, int64_t g0, int64_t g1,
+                     int isa);
 int attnkit_mask_bwd(const float *q, const float *k, const float *v, const float *out, const float *dout,
                      const float *lse, float *dq, float *dk, float *dv, int64_t n_q, int64_t n_k, int64_t kv_len,
                      int64_t e, int64_t ev, const int64_t *row_ptr, const int64_t *cols, const int64_t *part,
-                     const uint64_t *bits, float scale, int64_t g0, int64_t g1, int isa);
+                     const uint64_t *bits, float softcap, float scale, int64_t g0, int64_t g1, int isa);
 int attnkit_mask_fwd_tasks(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n_q,
                            int64_t n_k, const int64_t *kv_len, int64_t e, int64_t ev, int64_t rep,
                            const int64_t *row_ptr, const int64_t *row_of, int64_t groups, const int64_t *cols,
-                           const int64_t *part, const uint64_t *bits, float scale, const int64_t *tasks,
-                           int64_t ntasks, int nthreads, int isa);
+                           const int64_t *part, const uint64_t *bits, float softcap, float scale,
+                           const int64_t *tasks, int64_t ntasks, int nthreads, int isa);
 int attnkit_mask_weights(const float *q, const float *k, float *w, int64_t n_q, int64_t n_k, int64_t kv_len, int64_t e,
                          const int64_t *row_ptr, const int64_t *cols, const int64_t *part, const uint64_t *bits,
-                         float scale, int64_t g0, int64_t g1, int isa);
+                         float softcap, float scale, int64_t g0, int64_t g1, int isa);
 int attnkit_mask_weights_tasks(const float *q, const float *k, float *w, int64_t n_q, int64_t n_k,
                                const int64_t *kv_len, int64_t e, int64_t rep, const int64_t *row_ptr,
                                const int64_t *row_of, int64_t groups, const int64_t *cols, const int64_t *part,
-                               const uint64_t *bits, float scale, const int64_t *tasks, int64_t ntasks, int nthreads,
-                               int isa);
+                               const uint64_t *bits, float softcap, float scale, const int64_t *tasks,
+                               int64_t ntasks, int nthreads, int isa);
 int attnkit_openmp(void);
 
 #endif /* ATTNKIT_H */

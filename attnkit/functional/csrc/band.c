@@ -107,7 +107,12 @@ typedef struct {
     const int64_t *row_ptr, *cols;
     const int64_t *part;   /* NULL, or per CSR entry: -1 for a full block, else its block of words in `bits` */
     const uint64_t *bits;  /* (partial blocks, BK_TQ) words: bit j of word i = row i of the tile may see key j */
+    float cap2;            /* logit soft-capping in base 2: S = cap2 tanh(S / cap2), cap2 = softcap log2 e; 0: none */
 } bk_pat;
+
+/* softcap (natural units; 0 or less: none) as the kernels apply it to base-2 scores: cap2 = softcap log2 e, since
+ * log2 e * softcap * tanh(s / softcap) = cap2 * tanh(s log2 e / cap2). */
+static inline float bk_cap2(float softcap) { return softcap > 0.0f ? softcap * 1.4426950408889634f : 0.0f; }
 
 /* The next key range [lo, hi) of group `grp` from `*cursor` on (0 at the start): adjacent key blocks of a sparse
  * row come as one range, except that a partial block of a masked pattern is a range of its own (`*part` = its
@@ -235,7 +240,7 @@ int attnkit_band_isa(void) {
 int attnkit_band_fwd(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n,
                      int64_t kv_len, int64_t e, int64_t ev, int64_t w, int64_t lb, int64_t lf, int causal, float scale,
                      int64_t b0, int64_t b1, int isa) {
-    const bk_pat P = {n, n, kv_len, w, lb, lf, causal, NULL, NULL, NULL, NULL};
+    const bk_pat P = {n, n, kv_len, w, lb, lf, causal, NULL, NULL, NULL, NULL, 0.0f};
     return BK_DISPATCH(attend_fwd, &P, q, k, v, out, lse, e, ev, scale, b0, b1);
 }
 
@@ -243,7 +248,7 @@ int attnkit_band_bwd(const float *q, const float *k, const float *v, const float
                      const float *lse, float *dq, float *dk, float *dv, int64_t n, int64_t kv_len, int64_t e,
                      int64_t ev, int64_t w, int64_t lb, int64_t lf, int causal, float scale, int64_t b0, int64_t b1,
                      int isa) {
-    const bk_pat P = {n, n, kv_len, w, lb, lf, causal, NULL, NULL, NULL, NULL};
+    const bk_pat P = {n, n, kv_len, w, lb, lf, causal, NULL, NULL, NULL, NULL, 0.0f};
     return BK_DISPATCH(attend_bwd, &P, q, k, v, out, dout, lse, dq, dk, dv, e, ev, scale, b0, b1);
 }
 
@@ -252,7 +257,7 @@ int attnkit_band_bwd(const float *q, const float *k, const float *v, const float
 int attnkit_sparse_fwd(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n_q,
                        int64_t n_k, int64_t kv_len, int64_t e, int64_t ev, int64_t bs, const int64_t *row_ptr,
                        const int64_t *cols, int causal, float scale, int64_t g0, int64_t g1, int isa) {
-    const bk_pat P = {n_q, n_k, kv_len, bs, 0, 0, causal, row_ptr, cols, NULL, NULL};
+    const bk_pat P = {n_q, n_k, kv_len, bs, 0, 0, causal, row_ptr, cols, NULL, NULL, 0.0f};
     return BK_DISPATCH(attend_fwd, &P, q, k, v, out, lse, e, ev, scale, g0, g1);
 }
 
@@ -260,7 +265,7 @@ int attnkit_sparse_bwd(const float *q, const float *k, const float *v, const flo
                        const float *lse, float *dq, float *dk, float *dv, int64_t n_q, int64_t n_k, int64_t kv_len,
                        int64_t e, int64_t ev, int64_t bs, const int64_t *row_ptr, const int64_t *cols, int causal,
                        float scale, int64_t g0, int64_t g1, int isa) {
-    const bk_pat P = {n_q, n_k, kv_len, bs, 0, 0, causal, row_ptr, cols, NULL, NULL};
+    const bk_pat P = {n_q, n_k, kv_len, bs, 0, 0, causal, row_ptr, cols, NULL, NULL, 0.0f};
     return BK_DISPATCH(attend_bwd, &P, q, k, v, out, dout, lse, dq, dk, dv, e, ev, scale, g0, g1);
 }
 
@@ -269,22 +274,24 @@ int attnkit_sparse_bwd(const float *q, const float *k, const float *v, const flo
  * full (part[c] < 0: the unmasked path) or partial, with the words bits[part[c] * BK_TQ + row] (bit j: the row may
  * attend key j of the block). Partial blocks select, never multiply: a masked score is -inf before the max and its
  * weight and score gradient are 0 by selection, and keys of a partial block that no row of the tile may attend are
- * replaced by zeros in the products, so NaN or inf there never reaches an output or gradient. Returns -2 when the
- * kernel was built with tiles other than 64 x 64. */
+ * replaced by zeros in the products, so NaN or inf there never reaches an output or gradient. softcap > 0 caps the
+ * scores before the mask, softcap * tanh(s / softcap) (Gemma 2), and the backward multiplies dS by 1 - tanh^2;
+ * 0: no cap. Returns -2 when the kernel was built with tiles other than 64 x 64. */
 int attnkit_mask_fwd(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n_q, int64_t n_k,
                      int64_t kv_len, int64_t e, int64_t ev, const int64_t *row_ptr, const int64_t *cols,
-                     const int64_t *part, const uint64_t *bits, float scale, int64_t g0, int64_t g1, int isa) {
+                     const int64_t *part, const uint64_t *bits, float softcap, float scale, int64_t g0, int64_t g1,
+                     int isa) {
     if (BK_TQ != 64 || BK_TK != 64) return -2;
-    const bk_pat P = {n_q, n_k, kv_len, BK_TQ, 0, 0, 0, row_ptr, cols, part, bits};
+    const bk_pat P = {n_q, n_k, kv_len, BK_TQ, 0, 0, 0, row_ptr, cols, part, bits, bk_cap2(softcap)};
     return BK_DISPATCH(attend_fwd, &P, q, k, v, out, lse, e, ev, scale, g0, g1);
 }
 
 int attnkit_mask_bwd(const float *q, const float *k, const float *v, const float *out, const float *dout,
                      const float *lse, float *dq, float *dk, float *dv, int64_t n_q, int64_t n_k, int64_t kv_len,
                      int64_t e, int64_t ev, const int64_t *row_ptr, const int64_t *cols, const int64_t *part,
-                     const uint64_t *bits, float scale, int64_t g0, int64_t g1, int isa) {
+                     const uint64_t *bits, float softcap, float scale, int64_t g0, int64_t g1, int isa) {
     if (BK_TQ != 64 || BK_TK != 64) return -2;
-    const bk_pat P = {n_q, n_k, kv_len, BK_TQ, 0, 0, 0, row_ptr, cols, part, bits};
+    const bk_pat P = {n_q, n_k, kv_len, BK_TQ, 0, 0, 0, row_ptr, cols, part, bits, bk_cap2(softcap)};
     return BK_DISPATCH(attend_bwd, &P, q, k, v, out, dout, lse, dq, dk, dv, e, ev, scale, g0, g1);
 }
 
@@ -292,9 +299,9 @@ int attnkit_mask_bwd(const float *q, const float *k, const float *v, const float
  * w (n_q, n_k) row-major, every entry of their rows written (zero where a row may not attend). */
 int attnkit_mask_weights(const float *q, const float *k, float *w, int64_t n_q, int64_t n_k, int64_t kv_len, int64_t e,
                          const int64_t *row_ptr, const int64_t *cols, const int64_t *part, const uint64_t *bits,
-                         float scale, int64_t g0, int64_t g1, int isa) {
+                         float softcap, float scale, int64_t g0, int64_t g1, int isa) {
     if (BK_TQ != 64 || BK_TK != 64) return -2;
-    const bk_pat P = {n_q, n_k, kv_len, BK_TQ, 0, 0, 0, row_ptr, cols, part, bits};
+    const bk_pat P = {n_q, n_k, kv_len, BK_TQ, 0, 0, 0, row_ptr, cols, part, bits, bk_cap2(softcap)};
     return BK_DISPATCH(attend_wts, &P, q, k, w, e, scale, g0, g1);
 }
 
@@ -329,7 +336,7 @@ typedef struct {
     int64_t n_q, n_k, e, ev, rep, groups;
     const int64_t *kv_len, *row_ptr, *row_of, *cols, *part, *tasks;
     const uint64_t *bits;
-    float scale;
+    float softcap, scale;
     int isa;
 } bk_call;
 
@@ -339,7 +346,7 @@ static int bk_fwd_task(const void *ctx, int64_t t) {
     return attnkit_mask_fwd(c->q + row * c->n_q * c->e, c->k + kv * c->n_k * c->e, c->v + kv * c->n_k * c->ev,
                             c->out + row * c->n_q * c->ev, c->lse + row * c->n_q, c->n_q, c->n_k, c->kv_len[row], c->e,
                             c->ev, c->row_ptr + c->row_of[row] * (c->groups + 1), c->cols, c->part, c->bits,
-                            c->scale, c->tasks[3 * t + 1], c->tasks[3 * t + 2], c->isa);
+                            c->softcap, c->scale, c->tasks[3 * t + 1], c->tasks[3 * t + 2], c->isa);
 }
 
 static int bk_weights_task(const void *ctx, int64_t t) {
@@ -347,7 +354,8 @@ static int bk_weights_task(const void *ctx, int64_t t) {
     const int64_t row = c->tasks[3 * t], kv = row / c->rep;
     return attnkit_mask_weights(c->q + row * c->n_q * c->e, c->k + kv * c->n_k * c->e, c->w + row * c->n_q * c->n_k,
                                 c->n_q, c->n_k, c->kv_len[row], c->e, c->row_ptr + c->row_of[row] * (c->groups + 1),
-                                c->cols, c->part, c->bits, c->scale, c->tasks[3 * t + 1], c->tasks[3 * t + 2], c->isa);
+                                c->cols, c->part, c->bits, c->softcap, c->scale, c->tasks[3 * t + 1],
+                                c->tasks[3 * t + 2], c->isa);
 }
 
 /* The forward of a whole call under a mask: the tasks (row of B*H, first and last query group) tasks[3 t .. 3 t + 2]
@@ -356,10 +364,10 @@ static int bk_weights_task(const void *ctx, int64_t t) {
 int attnkit_mask_fwd_tasks(const float *q, const float *k, const float *v, float *out, float *lse, int64_t n_q,
                            int64_t n_k, const int64_t *kv_len, int64_t e, int64_t ev, int64_t rep,
                            const int64_t *row_ptr, const int64_t *row_of, int64_t groups, const int64_t *cols,
-                           const int64_t *part, const uint64_t *bits, float scale, const int64_t *tasks,
-                           int64_t ntasks, int nthreads, int isa) {
+                           const int64_t *part, const uint64_t *bits, float softcap, float scale,
+                           const int64_t *tasks, int64_t ntasks, int nthreads, int isa) {
     const bk_call c = {q, k, v, out, lse, NULL, n_q, n_k, e, ev, rep, groups, kv_len, row_ptr, row_of, cols, part,
-                       tasks, bits, scale, isa};
+                       tasks, bits, softcap, scale, isa};
     return bk_run_tasks(bk_fwd_task, &c, ntasks, nthreads);
 }
 
@@ -367,10 +375,10 @@ int attnkit_mask_fwd_tasks(const float *q, const float *k, const float *v, float
 int attnkit_mask_weights_tasks(const float *q, const float *k, float *w, int64_t n_q, int64_t n_k,
                                const int64_t *kv_len, int64_t e, int64_t rep, const int64_t *row_ptr,
                                const int64_t *row_of, int64_t groups, const int64_t *cols, const int64_t *part,
-                               const uint64_t *bits, float scale, const int64_t *tasks, int64_t ntasks, int nthreads,
-                               int isa) {
+                               const uint64_t *bits, float softcap, float scale, const int64_t *tasks,
+                               int64_t ntasks, int nthreads, int isa) {
     const bk_call c = {q, k, NULL, NULL, NULL, w, n_q, n_k, e, 0, rep, groups, kv_len, row_ptr, row_of, cols, part,
-                       tasks, bits, scale, isa};
+                       tasks, bits, softcap, scale, isa};
     return bk_run_tasks(bk_weights_task, &c, ntasks, nthreads);
 }
 

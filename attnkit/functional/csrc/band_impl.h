@@ -95,6 +95,22 @@ static inline VF BK(exp2v)(VF x) {
 }
 #endif
 
+/* tanh(x), relative error about 1 ulp: x P(x^2) for |x| < 0.625 (degree-5 fit to the relative error, 1.1e-7 in
+ * float32), else 1 - 2 / (e^{2|x|} + 1) with the sign of x (no cancellation there: tanh >= 0.55); |x| is capped at 9
+ * first, where tanh is 1 in float32. NaN stays NaN. */
+static inline VF BK(tanhv)(VF x) {
+    const VF ax = BK(sel)(x < 0.0f, -x, x), z = x * x;
+    VF p = BK(splat)(-0.00566015113145113f);
+    p = p * z + 0.020591162145137787f;
+    p = p * z - 0.05372113734483719f;
+    p = p * z + 0.13331128656864166f;
+    p = p * z - 0.3333325982093811f;
+    const VF small = x * (p * z + 1.0f);
+    const VF e = BK(exp2v)(BK(sel)(ax > 9.0f, BK(splat)(9.0f), ax) * 2.8853900817779268f); /* e^{2|x|} */
+    const VF big = 1.0f - 2.0f / (e + 1.0f);
+    return BK(sel)(ax < 0.625f, small, BK(sel)(x < 0.0f, -big, big));
+}
+
 /* The one microkernel: C[r][0:nv*VEC] = (acc ? C[r] : 0) + sum_k a[r*ar + k*ak] * y[k*ys + 0:nv*VEC], r < MR.
  * Strided scalars a (broadcast) times rows of y: every product of the kernel is this shape, with a either a tile
  * read by rows (ar = row stride, ak = 1) or read transposed (ar = 1, ak = row stride). */
@@ -291,6 +307,19 @@ static void BK(gemm_rows)(float *c, int64_t ldc, const float *a, int64_t ar, int
         for (int64_t d = 0; d < width; d++) c[(whole + r) * ldc + d] = tmp[r * width + d];
 }
 
+/* Logit soft-capping of the first t rows (jw scores each) of a base-2 score tile: S = cap2 tanh(S / cap2); with
+ * `slope` != NULL also slope = 1 - tanh^2 (dS_capped / dS, for the backward), in the same layout. */
+static void BK(cap_rows)(float *s, float *slope, int64_t t, int64_t jw, float cap2) {
+    const float inv = 1.0f / cap2;
+    for (int64_t i = 0; i < t; i++)
+        for (int64_t j = 0; j < jw; j += BK_VEC) {
+            float *x = s + i * BK_LDS + j;
+            const VF th = BK(tanhv)(BK(ld)(x) * inv);
+            BK(st)(x, th * cap2);
+            if (slope) BK(st)(slope + i * BK_LDS + j, 1.0f - th * th);
+        }
+}
+
 /* qs (tp x e) = the tile's t query rows from r0, times c2 (the scale in base 2); zero rows after the t-th. */
 static inline void BK(load_q)(float *qs, const float *q, int64_t r0, int64_t t, int64_t tp, int64_t e, float c2) {
     for (int64_t i = 0; i < tp; i++)
@@ -350,6 +379,7 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
                 }
                 int64_t need[BK_TQP / BK_MR]; /* per group of MR rows: its keys are among the first need[] */
                 BK(scores)(s, qs, kt + (j0 - key0), ldt, e, tp, t, jw, part >= 0 ? words : NULL, need);
+                if (P->cap2 > 0.0f) BK(cap_rows)(s, NULL, t, jw, P->cap2);
                 for (int64_t i = 0; i < tp; i++) {
                     float *row = s + i * BK_LDS;
                     const int64_t lim = i >= t      ? 0
@@ -440,6 +470,7 @@ static int BK(attend_wts)(const bk_pat *P, const float *q, const float *k, float
                     continue;
                 }
                 BK(scores)(s, qs, kt + (j0 - key0), ldt, e, tp, t, jw, part >= 0 ? words : NULL, need);
+                if (P->cap2 > 0.0f) BK(cap_rows)(s, NULL, t, jw, P->cap2);
                 for (int64_t i = 0; i < t; i++) {
                     float *row = s + i * BK_LDS, *dst = w + (r0 + i) * nk + j0;
                     const int64_t lim = part >= 0 ? (words[i] != 0) : bk_limit(r0 + i, j0, jn, P->causal);
@@ -496,12 +527,13 @@ static int BK(attend_bwd)(const bk_pat *P, const float *q, const float *k, const
     const int64_t ldt = key1 - key0 + BK_TK;
     const int64_t wmax = e > ev ? e : ev;
     float *buf = bk_scratch(BK_TQP * (3 * e + ev + 2 * BK_LDS) + 2 * BK_TQP + (e + ev) * ldt + BK_MR * wmax +
-                            (P->part ? BK_TK * e : 0));
+                            (P->part ? BK_TK * e : 0) + (P->cap2 > 0.0f ? BK_TQP * BK_LDS : 0));
     if (!buf) return -1;
     uint64_t words[BK_TQ];
     float *qs2 = buf, *qs = qs2 + BK_TQP * e, *gq = qs + BK_TQP * e, *go = gq + BK_TQP * e;
     float *p = go + BK_TQP * ev, *ds = p + BK_TQP * BK_LDS, *lse2 = ds + BK_TQP * BK_LDS, *dl = lse2 + BK_TQP;
     float *kt = dl + BK_TQP, *vt = kt + e * ldt, *tmp = vt + ev * ldt, *kz = tmp + BK_MR * wmax;
+    float *slope = P->cap2 > 0.0f ? kz + (P->part ? BK_TK * e : 0) : NULL; /* 1 - tanh^2 of the capped scores */
     BK(transpose)(k, e, key0, key1, kt, ldt);
     BK(transpose)(v, ev, key0, key1, vt, ldt);
     memset(dk, 0, sizeof(float) * (size_t)((key1 - key0) * e)); /* dk, dv: the rows [key0, key1), owned */
@@ -539,6 +571,7 @@ static int BK(attend_bwd)(const bk_pat *P, const float *q, const float *k, const
                     }
                 }
                 BK(gemm)(p, BK_LDS, qs2, e, 1, kt + (j0 - key0), ldt, tp, jw, e, 0);  /* S = Qs K^T (base 2) */
+                if (slope) BK(cap_rows)(p, slope, t, jw, P->cap2);
                 BK(gemm)(ds, BK_LDS, go, ev, 1, vt + (j0 - key0), ldt, tp, jw, ev, 0); /* dP = dO V^T */
                 const VI idx0 = BK(iota)();
                 for (int64_t i = 0; i < tp; i++) {
@@ -550,7 +583,9 @@ static int BK(attend_bwd)(const bk_pat *P, const float *q, const float *k, const
                         const VI ok = part >= 0 ? BK(bitsel)(word, j) : idx0 + (int32_t)j < (int32_t)lim;
                         const VF pv = BK(sel)(ok, BK(exp2v)(BK(ld)(prow + j) - l2), (VF){0}); /* P */
                         BK(st)(prow + j, pv);
-                        BK(st)(drow + j, BK(sel)(ok, pv * (BK(ld)(drow + j) - dd), (VF){0})); /* dS */
+                        VF dsv = pv * (BK(ld)(drow + j) - dd); /* dS */
+                        if (slope) dsv = dsv * BK(ld)(slope + i * BK_LDS + j); /* through the cap */
+                        BK(st)(drow + j, BK(sel)(ok, dsv, (VF){0}));
                     }
                 }
                 BK(gemm_rows)(dv + (j0 - key0) * ev, ev, p, 1, BK_LDS, go, ev, jn, ev, tp, tmp); /* dV += P^T dO */

@@ -485,7 +485,11 @@ def run(model: str = "smollm2", quick: bool = False) -> Report:
         f"measured on {machine_line()}",
         f"load average (1 min) at start {load_start:.1f}, at end {os.getloadavg()[0]:.1f}: the machine may be "
         "shared, so wall times carry that noise; every ratio comes from the same interleaved rounds",
-        f"{sizes.rounds} timed rounds after one warm-up round; medians",
+        f"{sizes.rounds} timed rounds after one warm-up round; medians"
+        + ("" if sizes.rounds % len(impls) == 0 else
+           f" (fewer rounds than a multiple of the {len(impls)} implementations: the rotation leaves each one "
+           "after the same neighbour in most rounds, which on a VM with slow fresh memory moves whole-model rows "
+           "by a few %; compare two implementations alone for a closer reading)"),
         "one model object switched with set_attn_implementation; the same random prompt for every implementation",
         "peak MB: extra resident memory at peak during one more call (sampled every 2 ms)",
     ]

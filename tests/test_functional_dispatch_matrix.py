@@ -347,11 +347,11 @@ def test_auto_keeps_its_choice_for_plain_calls_and_forgets_it_when_the_inputs_ch
     first = which_backend(q, k, k)
     assert which_backend(q, k, k) is first
     call, _ = D.make_call(q, k, k, None, False, 0.0, None, False)
-    assert D._choose(call, "auto") == first
+    assert D.choose_backend(call) == first
     assert which_backend(q, k[:, :, :200], k[:, :, :200]) is not first  # another shape
     qg = q.clone().requires_grad_()
-    assert which_backend(qg, k, k).name == D._choose(D.make_call(qg, k, k, None, False, 0.0, None, False)[0],
-                                                     "auto").name
+    grad_call, _ = D.make_call(qg, k, k, None, False, 0.0, None, False)
+    assert which_backend(qg, k, k).name == D.choose_backend(grad_call).name
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)
@@ -388,7 +388,7 @@ def test_a_kept_plain_call_is_the_call_make_call_validates() -> None:
         assert (kept[0].structure, kept[0].is_causal, kept[0].scale) == (call.structure, call.is_causal, call.scale)
         assert kept[0].mask is None and not kept[0].need_weights and kept[0].softcap is None
         out = scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=scale)
-        assert torch.equal(out, D.get_backend(D._choose(call, "auto").name).fn(call)[0])
+        assert torch.equal(out, D.get_backend(D.choose_backend(call).name).fn(call)[0])
     for args in ((q[:, 0], k[:, 0], v[:, 0], None, False, 0.0, None, False, None, "auto"),
                  (q, k, v, torch.ones(3, 9, dtype=torch.bool), False, 0.0, None, False, None, "auto"),
                  (q, k, v, None, False, 0.0, None, True, None, "auto"),

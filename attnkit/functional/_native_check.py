@@ -56,6 +56,15 @@ def _max_ratio(actual: torch.Tensor, reference: torch.Tensor, reduction: int, gr
     return float(err.max())
 
 
+def _worst(out: torch.Tensor, ref: torch.Tensor, grads: tuple[torch.Tensor, ...],
+           ref_grads: tuple[torch.Tensor, ...], reduction: int) -> float:
+    """The largest error / tolerance over an output and its gradients, each against its float64 reference."""
+    worst = _max_ratio(out, ref.detach(), reduction, grad=False)
+    for got, want in zip(grads, ref_grads, strict=True):
+        worst = max(worst, _max_ratio(got, want, reduction, grad=True))
+    return worst
+
+
 def _check_band(isa: int) -> dict[str, float]:
     """One body of the band kernel: a causal window with GQA, odd length and head dims, forward and gradients."""
     from ._reference import attention_reference
@@ -75,10 +84,7 @@ def _check_band(isa: int) -> dict[str, float]:
         qd, kd, vd = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
         out = window_native(qd, kd, vd, win, e**-0.5, isa)
         grads = torch.autograd.grad((out * g.to(dtype)).sum(), (qd, kd, vd))
-        worst = _max_ratio(out, ref.detach(), 2 * window, grad=False)
-        for got, want in zip(grads, ref_grads, strict=True):
-            worst = max(worst, _max_ratio(got, want, 2 * window, grad=True))
-        result[str(dtype).removeprefix("torch.")] = worst
+        result[str(dtype).removeprefix("torch.")] = _worst(out, ref, grads, ref_grads, 2 * window)
     result["weights"] = _check_mask_weights(isa)
     result["softcap"] = _check_mask_softcap(isa)
     return result
@@ -101,10 +107,7 @@ def _check_mask_softcap(isa: int) -> float:
     qf, kf, vf = (t.float().requires_grad_(True) for t in (q, k, v))
     out = masked_attention(qf, kf, vf, mask, e**-0.5, softcap=cap, isa=isa)
     grads = torch.autograd.grad((out * g.float()).sum(), (qf, kf, vf))
-    worst = _max_ratio(out, ref.detach(), n, grad=False)
-    for got, want in zip(grads, ref_grads, strict=True):
-        worst = max(worst, _max_ratio(got, want, n, grad=True))
-    return worst
+    return _worst(out, ref, grads, ref_grads, n)
 
 
 def _check_mask_weights(isa: int) -> float:

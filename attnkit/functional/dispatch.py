@@ -58,10 +58,10 @@ __all__ = [
     "available_backends",
     "choose_backend",
     "clear_choices",
-    "plain_call",
     "get_backend",
     "make_call",
     "mask_kinds",
+    "plain_call",
     "register_backend",
     "register_weights",
     "weights_of",
@@ -410,11 +410,12 @@ def plain_call(query: Any, key: Any, value: Any, attn_mask: Any, is_causal: Any,
         call, _ = make_call(query, key, value, attn_mask, is_causal, dropout_p, scale, False)
         if call.k_len == 0:
             return None
-        choice = _choose(call, "auto")
+        choice = choose_backend(call)
+        chosen = _BACKENDS[choice.name]
         if len(_PLAIN) >= _PLAIN_MAX:
             _PLAIN.clear()
-        _PLAIN[sig] = (call.structure, call.is_causal, call.scale, choice, _BACKENDS[choice.name])
-        return call, choice, _BACKENDS[choice.name]
+        _PLAIN[sig] = (call.structure, call.is_causal, call.scale, choice, chosen)
+        return call, choice, chosen
     structure, causal, scale_, choice, chosen = kept
     return AttentionCall(query, key, value, None, structure, causal, 0.0, scale_, False), choice, chosen
 
@@ -423,10 +424,6 @@ def choose_backend(call: AttentionCall, backend: str = "auto") -> BackendChoice:
     """The backend that serves ``call``: the forced one (raises with every reason when it cannot serve), the first
     member of a deprecated alias (:data:`ALIASES`) that can, or for ``"auto"`` the first of
     :func:`available_backends` that can."""
-    return _choose(call, backend)
-
-
-def _choose(call: AttentionCall, backend: str) -> BackendChoice:
     if backend != "auto" and backend not in _BACKENDS and backend in ALIASES:
         _warn_alias(backend)
         reasons: dict[str, list[str]] = {}

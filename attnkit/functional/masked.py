@@ -200,16 +200,22 @@ def _own_backend(structure: AttentionMask) -> str | None:
     return None
 
 
+def _served_elsewhere(structure: AttentionMask | None) -> str | None:
+    """Why another kernel serves this structure (when the scores are not capped), or ``None``."""
+    if structure is None:
+        return "no mask object (a tensor mask or none: the dense kernels serve it)"
+    if _fused_serves(structure):
+        return "causal / padding structure only (PyTorch's fused kernel serves it)"
+    if (own := _own_backend(structure)) is not None:
+        return f"the {own} backends serve this structure"
+    return None
+
+
 def _supports(call: AttentionCall) -> list[str]:
     reasons = []
-    if call.softcap is not None:
-        pass  # soft-capped scores: no other kernel before the chunked path caps them, so any structure, none too
-    elif call.structure is None:
-        reasons.append("no mask object (a tensor mask or none: the dense kernels serve it)")
-    elif _fused_serves(call.structure):
-        reasons.append("causal / padding structure only (PyTorch's fused kernel serves it)")
-    elif (own := _own_backend(call.structure)) is not None:
-        reasons.append(f"the {own} backends serve this structure")
+    # soft-capped scores: no kernel before the chunked path caps them, so this one serves any structure, none too
+    if call.softcap is None and (elsewhere := _served_elsewhere(call.structure)) is not None:
+        reasons.append(elsewhere)
     if call.mask is not None:
         reasons.append("an explicit tensor mask on top of the mask object")
     if call.dropout_p > 0:

@@ -281,13 +281,10 @@ def attnkit_mask(
 
 
 _KNOWN_KWARGS = _IGNORED_KWARGS | {"softcap", "s_aux", "sinks", "head_mask", "position_bias"}
-_PLAIN_KWARGS = _IGNORED_KWARGS | {"softcap", "s_aux"}  # kwargs that never need a fallback on their own
 
 
 def _unsupported(kwargs: dict[str, Any]) -> tuple[str, str] | None:
     """``(reason, fallback)`` when this call needs something attnkit's kernel does not do, else ``None``."""
-    if kwargs.keys() <= _PLAIN_KWARGS and (kwargs.get("softcap") is None or kwargs.get("s_aux") is None):
-        return None  # the common case, decided without looking at every value
     if kwargs.get("softcap") is not None and kwargs.get("s_aux") is not None:
         return "logit soft-capping (softcap) together with attention sinks (s_aux) is not supported", "eager"
     if kwargs.get("sinks") is not None:  # s_aux is served (_attend_with_sinks); "sinks" is no HF model's name
@@ -296,7 +293,7 @@ def _unsupported(kwargs: dict[str, Any]) -> tuple[str, str] | None:
         return "a head_mask is not supported", "eager"
     if kwargs.get("position_bias") is not None:
         return "a position_bias (additive relative-position scores) is not supported", "sdpa"
-    unknown = sorted(k for k, v in kwargs.items() if k not in _KNOWN_KWARGS and v is not None)  # None: not in use
+    unknown = sorted(k for k in kwargs.keys() - _KNOWN_KWARGS if kwargs[k] is not None)  # None: not in use
     if unknown:
         return f"unknown keyword argument(s) {unknown}", "sdpa"
     return None

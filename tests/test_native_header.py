@@ -39,7 +39,7 @@ def _ctype(decl: str) -> Any:
 def _header() -> dict[str, tuple[Any, list[Any]]]:
     text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)
     found = {}
-    for ret, name, args in re.findall(r"^(int|void)\s+(attnkit_\w+)\(([^)]*)\);", text, flags=re.M):
+    for ret, name, args in re.findall(r"^(int64_t|int|void)\s+(attnkit_\w+)\(([^)]*)\);", text, flags=re.M):
         params = [] if args.strip() == "void" else [_ctype(a) for a in args.split(",")]
         found[name] = (C_TYPES[ret], params)
     return found

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from attnkit._runtime import cpu_flags  # noqa: F401 - re-exported: tests patch _native.cpu_flags
 
-__all__ = ["band_body", "library_path", "load", "status"]
+__all__ = ["band_body", "library_path", "load", "release_scratch", "scratch_held", "status"]
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = (_CSRC / "decode.c", _CSRC / "band.c")  # compiled together into one library
@@ -129,6 +129,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                                f32, ptr, i64, cint, cint]
     lib.attnkit_mask_weights_tasks.restype = cint
     lib.attnkit_openmp.restype = cint
+    lib.attnkit_scratch_held.restype = i64
+    lib.attnkit_scratch_release.restype = None
     lib.attnkit_band_isa.restype = cint
     lib.attnkit_simd.restype = cint
     lib.attnkit_has_f16.restype = cint
@@ -184,6 +186,20 @@ def library_path() -> Path | None:
     ``None`` when none is loaded."""
     lib = load()
     return None if lib is None else Path(lib._name)
+
+
+def scratch_held() -> int:
+    """Bytes the block engine keeps for its next calls: tile buffers and transposed keys, which a fresh allocation
+    would fault in page by page (at most 64 MiB; see ``csrc/band.c``). 0 without the library."""
+    lib = load()
+    return 0 if lib is None else int(lib.attnkit_scratch_held())
+
+
+def release_scratch() -> None:
+    """Free what :func:`scratch_held` counts (the next call allocates afresh)."""
+    lib = load()
+    if lib is not None:
+        lib.attnkit_scratch_release()
 
 
 def status() -> str:

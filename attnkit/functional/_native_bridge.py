@@ -50,10 +50,11 @@ def rows_f32(x: Tensor, width: int) -> Tensor:
     return (F.pad(x, (0, width - d)) if width > d else x).contiguous()
 
 
-def bucket_tasks(rows: int, nb: int, workers: int) -> list[tuple[int, int, int]]:
-    """``(row, b0, b1)`` tasks covering every bucket of every row once: whole rows, or rows cut into a few bucket
-    ranges when there are fewer rows than ``2 * workers`` (so that every thread keeps busy to the end)."""
-    parts = 1 if workers <= 1 else max(1, min(nb, -(-2 * workers // rows)))
+def bucket_tasks(rows: int, nb: int, workers: int, per_worker: int = 2, least: int = 1) -> list[tuple[int, int, int]]:
+    """``(row, b0, b1)`` tasks covering every bucket of every row once: whole rows, or rows cut into bucket ranges
+    of at least ``least`` buckets when there are fewer rows than ``per_worker * workers`` (so that every thread keeps
+    busy to the end)."""
+    parts = 1 if workers <= 1 else max(1, min(nb // least, -(-per_worker * workers // rows)))
     cuts = [nb * i // parts for i in range(parts + 1)]
     return [(row, b0, b1) for row in range(rows) for b0, b1 in itertools.pairwise(cuts) if b1 > b0]
 
@@ -110,13 +111,17 @@ def run_pattern(lib: Any, pattern: NativePattern, batched: str | None, pointers:
     ``size``: the elements of the work, for :func:`worker_count`."""
     lengths, e, ev, rep = shape
     workers = worker_count(size, None)
-    tasks = bucket_tasks(len(lengths), pattern.groups, workers)
     if batched is not None and workers > 1 and OPENMP_TASKS and lib.attnkit_openmp():
+        # many small tasks, pulled one at a time: a thread the VM stalls holds up less at the end (at N = 16384, 8
+        # heads, 2 threads: 2-9 % faster than one task per row; docs/long.md). A task transposes the keys its
+        # queries read, so ranges of a row cost a little more where their keys overlap (a window's look-back).
+        tasks = bucket_tasks(len(lengths), pattern.groups, workers, per_worker=32, least=8)
         args, keep = cast(Any, pattern).task_args(lengths, e, ev, rep)
         spec = torch.tensor(tasks, dtype=torch.int64)
         native_call(getattr(lib, batched), *pointers, *args, scale, spec.data_ptr(), len(tasks), workers, isa)
         del keep, spec
     else:
+        tasks = bucket_tasks(len(lengths), pattern.groups, workers)
         run_tasks([functools.partial(row_task, *t) for t in tasks], workers, torch_ops=False)
 
 

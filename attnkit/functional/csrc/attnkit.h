@@ -63,5 +63,7 @@ int attnkit_mask_weights_tasks(const float *q, const float *k, float *w, int64_t
                                const uint64_t *bits, float softcap, float scale, const int64_t *tasks,
                                int64_t ntasks, int nthreads, int isa);
 int attnkit_openmp(void);
+int64_t attnkit_scratch_held(void);
+void attnkit_scratch_release(void);
 
 #endif /* ATTNKIT_H */

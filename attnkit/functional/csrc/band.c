@@ -66,22 +66,112 @@ static inline int64_t bk_limit(int64_t i, int64_t j0, int64_t jn, int causal) {
     return bk_min(jn, i - j0 + 1);
 }
 
-/* A 64-byte aligned scratch buffer of `count` floats (NULL when out of memory). One of 4 MiB or more (the
- * transposed keys of a long row) is aligned to 2 MiB and, on Linux, asks for transparent huge pages: a fresh buffer
- * is otherwise faulted in one 4 KiB page at a time on its first write, which cost about 5 % of the forward at
- * N = 16384. The hint changes no value. */
+/* Scratch buffers. bk_scratch(count) gives a 64-byte aligned buffer of at least `count` floats (NULL when out of
+ * memory), bk_release(buf, count) hands it back. A buffer of 4 MiB or more (the transposed keys of a long row) is
+ * aligned to 2 MiB and, on Linux, asks for transparent huge pages.
+ *
+ * Released buffers are kept in a small pool for the next call instead of going back to the system: a fresh buffer
+ * is faulted in page by page on its first write, and at N = 16384 the 8 tasks of a forward each transpose 4 MiB of
+ * keys, which cost 5-9 % of an exact-window forward in fresh memory on the test VM (docs/long.md). The pool keeps at
+ * most BK_POOL_N buffers of at most BK_POOL_ONE bytes, BK_POOL_ALL bytes in all (the largest are kept), and
+ * attnkit_scratch_release() frees them. Taking from and giving to the pool holds a spin lock for a few
+ * instructions, once per task. */
 #define BK_HUGE ((size_t)2 << 20)
-static float *bk_scratch(int64_t count) {
+#define BK_POOL_N 8
+#define BK_POOL_ONE ((size_t)32 << 20)
+#define BK_POOL_ALL ((size_t)64 << 20)
+static struct {
+    void *p[BK_POOL_N];
+    size_t bytes[BK_POOL_N];
+    int lock;
+} bk_pool;
+
+static void bk_lock(void) {
+    while (__atomic_test_and_set(&bk_pool.lock, __ATOMIC_ACQUIRE)) {
+    }
+}
+static void bk_unlock(void) { __atomic_clear(&bk_pool.lock, __ATOMIC_RELEASE); }
+
+/* The bytes a buffer of `count` floats takes: whole 2 MiB pages from 4 MiB on, else whole 64-byte lines. */
+static size_t bk_bytes(int64_t count) {
     const size_t bytes = (size_t)((count * (int64_t)sizeof(float) + 63) / 64 * 64);
+    return bytes >= 2 * BK_HUGE ? (bytes + BK_HUGE - 1) / BK_HUGE * BK_HUGE : bytes;
+}
+
+static float *bk_scratch(int64_t count) {
+    const size_t bytes = bk_bytes(count);
+    int best = -1;
+    bk_lock();
+    for (int i = 0; i < BK_POOL_N; i++) /* the smallest kept buffer that is large enough */
+        if (bk_pool.p[i] && bk_pool.bytes[i] >= bytes && (best < 0 || bk_pool.bytes[i] < bk_pool.bytes[best]))
+            best = i;
+    void *p = NULL;
+    if (best >= 0) {
+        p = bk_pool.p[best];
+        bk_pool.p[best] = NULL;
+    }
+    bk_unlock();
+    if (p) return p;
 #ifdef MADV_HUGEPAGE
     if (bytes >= 2 * BK_HUGE) {
-        const size_t whole = (bytes + BK_HUGE - 1) / BK_HUGE * BK_HUGE;
-        void *p = aligned_alloc(BK_HUGE, whole);
-        if (p) madvise(p, whole, MADV_HUGEPAGE);
+        p = aligned_alloc(BK_HUGE, bytes);
+        if (p) madvise(p, bytes, MADV_HUGEPAGE);
         return p;
     }
 #endif
-    return aligned_alloc(64, bytes);
+    return aligned_alloc(bytes >= 2 * BK_HUGE ? BK_HUGE : 64, bytes);
+}
+
+/* Hand back a buffer of bk_scratch(count): kept in the pool when it fits, else (or in place of smaller ones) freed. */
+static void bk_release(float *buf, int64_t count) {
+    if (!buf) return;
+    void *drop = buf;
+    size_t bytes = bk_bytes(count);
+    if (bytes <= BK_POOL_ONE) {
+        bk_lock();
+        size_t held = 0;
+        int slot = -1;
+        for (int i = 0; i < BK_POOL_N; i++) {
+            if (!bk_pool.p[i]) {
+                if (slot < 0) slot = i;
+                continue;
+            }
+            held += bk_pool.bytes[i];
+        }
+        if (slot >= 0 && held + bytes <= BK_POOL_ALL) { /* room: keep it */
+            bk_pool.p[slot] = buf;
+            bk_pool.bytes[slot] = bytes;
+            drop = NULL;
+        } else { /* no room: keep it in place of the smallest kept buffer, if that one is smaller */
+            int small = -1;
+            for (int i = 0; i < BK_POOL_N; i++)
+                if (bk_pool.p[i] && (small < 0 || bk_pool.bytes[i] < bk_pool.bytes[small])) small = i;
+            if (small >= 0 && bk_pool.bytes[small] < bytes && held - bk_pool.bytes[small] + bytes <= BK_POOL_ALL) {
+                drop = bk_pool.p[small];
+                bk_pool.p[small] = buf;
+                bk_pool.bytes[small] = bytes;
+            }
+        }
+        bk_unlock();
+    }
+    free(drop);
+}
+
+int64_t attnkit_scratch_held(void) {
+    int64_t held = 0;
+    bk_lock();
+    for (int i = 0; i < BK_POOL_N; i++)
+        if (bk_pool.p[i]) held += (int64_t)bk_pool.bytes[i];
+    bk_unlock();
+    return held;
+}
+
+void attnkit_scratch_release(void) {
+    void *p[BK_POOL_N];
+    bk_lock();
+    for (int i = 0; i < BK_POOL_N; i++) p[i] = bk_pool.p[i], bk_pool.p[i] = NULL;
+    bk_unlock();
+    for (int i = 0; i < BK_POOL_N; i++) free(p[i]);
 }
 
 /* xt (cols x ldt) = the rows [from, r1) of x (rows x cols) transposed into columns from - r0 ..., zero from column

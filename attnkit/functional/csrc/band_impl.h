@@ -20,6 +20,12 @@ static inline VF BK(ld)(const float *p) { return *(const VFU *)p; }
 static inline void BK(st)(float *p, VF x) { *(VFU *)p = x; }
 static inline VF BK(splat)(float x) { return (VF){0} + x; }
 static inline VF BK(sel)(VI m, VF a, VF b) { return (VF)(((VI)a & m) | ((VI)b & ~m)); } /* m ? a : b */
+/* a > b ? a : b lane by lane (b where either is NaN): one vmaxps, which computes exactly that, on AVX-512. */
+#if BK_VEC == 16 && defined(__AVX512F__)
+static inline VF BK(vmax)(VF a, VF b) { return (VF)_mm512_max_ps((__m512)a, (__m512)b); }
+#else
+static inline VF BK(vmax)(VF a, VF b) { return BK(sel)(a > b, a, b); }
+#endif
 
 /* Horizontal max / sum of a vector (the instruction set's own reductions where there is one). */
 #if BK_VEC == 16 && defined(__AVX512F__)
@@ -111,17 +117,13 @@ static inline VF BK(tanhv)(VF x) {
     return BK(sel)(ax < 0.625f, small, BK(sel)(x < 0.0f, -big, big));
 }
 
-/* The one microkernel: C[r][0:nv*VEC] = (acc ? C[r] : 0) + sum_k a[r*ar + k*ak] * y[k*ys + 0:nv*VEC], r < MR.
+/* The one microkernel's product: s[r][u] += sum_k a[r*ar + k*ak] * y[k*ys + u*VEC : (u+1)*VEC], r < MR, u < nv.
  * Strided scalars a (broadcast) times rows of y: every product of the kernel is this shape, with a either a tile
- * read by rows (ar = row stride, ak = 1) or read transposed (ar = 1, ak = row stride). */
-static inline __attribute__((always_inline)) void BK(mk)(float *restrict c, int64_t ldc, const float *restrict a,
-                                                         int64_t ar, int64_t ak, const float *restrict y,
-                                                         int64_t ys, int64_t kn, int acc, const int nv) {
-    VF s[BK_MR][BK_NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < BK_MR; r++)
-#pragma GCC unroll 8
-        for (int u = 0; u < nv; u++) s[r][u] = acc ? BK(ld)(c + r * ldc + u * BK_VEC) : (VF){0};
+ * read by rows (ar = row stride, ak = 1) or read transposed (ar = 1, ak = row stride). Inlined, s stays in
+ * registers. */
+static inline __attribute__((always_inline)) void BK(mk_sum)(VF s[BK_MR][BK_NV], const float *restrict a, int64_t ar,
+                                                             int64_t ak, const float *restrict y, int64_t ys,
+                                                             int64_t kn, const int nv) {
     for (int64_t k = 0; k < kn; k++) {
         VF yv[BK_NV];
         const float *yk = y + k * ys;
@@ -135,6 +137,18 @@ static inline __attribute__((always_inline)) void BK(mk)(float *restrict c, int6
             for (int u = 0; u < nv; u++) s[r][u] += yv[u] * x;
         }
     }
+}
+
+/* The microkernel: C[r][0:nv*VEC] = (acc ? C[r] : 0) + the product of mk_sum. */
+static inline __attribute__((always_inline)) void BK(mk)(float *restrict c, int64_t ldc, const float *restrict a,
+                                                         int64_t ar, int64_t ak, const float *restrict y,
+                                                         int64_t ys, int64_t kn, int acc, const int nv) {
+    VF s[BK_MR][BK_NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < BK_MR; r++)
+#pragma GCC unroll 8
+        for (int u = 0; u < nv; u++) s[r][u] = acc ? BK(ld)(c + r * ldc + u * BK_VEC) : (VF){0};
+    BK(mk_sum)(s, a, ar, ak, y, ys, kn, nv);
 #pragma GCC unroll 8
     for (int r = 0; r < BK_MR; r++)
 #pragma GCC unroll 8
@@ -218,7 +232,7 @@ static inline VF BK(row_max)(const float *row, int64_t jw) {
     VF mv = BK(ld)(row);
     for (int64_t j = BK_VEC; j < jw; j += BK_VEC) {
         const VF x = BK(ld)(row + j);
-        mv = BK(sel)(x > mv, x, mv);
+        mv = BK(vmax)(x, mv);
     }
     return mv;
 }
@@ -230,7 +244,7 @@ static inline VF BK(mask_max)(float *row, int64_t jw, int64_t lim) {
     VF mv = ninf;
     for (int64_t j = 0; j < jw; j += BK_VEC) {
         VF x = BK(sel)(idx0 + (int32_t)j < (int32_t)lim, BK(ld)(row + j), ninf);
-        mv = BK(sel)(x > mv, x, mv);
+        mv = BK(vmax)(x, mv);
         BK(st)(row + j, x);
     }
     return mv;
@@ -249,7 +263,7 @@ static inline VF BK(mask_max_bits)(float *row, int64_t jw, uint64_t word) {
     VF mv = ninf;
     for (int64_t j = 0; j < jw; j += BK_VEC) {
         VF x = BK(sel)(BK(bitsel)(word, j), BK(ld)(row + j), ninf);
-        mv = BK(sel)(x > mv, x, mv);
+        mv = BK(vmax)(x, mv);
         BK(st)(row + j, x);
     }
     return mv;
@@ -327,22 +341,76 @@ static inline void BK(load_q)(float *qs, const float *q, int64_t r0, int64_t t, 
 }
 
 /* S (tp x jw, base-2 scores) = Qs K^T for one key block (kt: its transposed keys). A partial block (words != NULL)
- * computes, per group of MR rows, only the columns up to the group's last seen key: need[] (0: the group sees none
- * of the block). */
+ * computes, per group of MR rows, only the columns from the group's first seen key to its last, in whole vectors of
+ * 16: the keys [first[], need[]) (need[] = 0: the group sees none of the block); the causal diagonal needs about
+ * half the block, the first block of an exact window too. The other columns of s are left as they were (the mask
+ * replaces them by -inf). */
 static inline void BK(scores)(float *s, const float *qs, const float *kt, int64_t ldt, int64_t e, int64_t tp,
-                              int64_t t, int64_t jw, const uint64_t *words, int64_t *need) {
+                              int64_t t, int64_t jw, const uint64_t *words, int64_t *first, int64_t *need) {
     if (!words) {
         BK(gemm)(s, BK_LDS, qs, e, 1, kt, ldt, tp, jw, e, 0);
         return;
     }
-    for (int64_t i = 0; i < tp; i += BK_MR) { /* e.g. the causal diagonal: about half the block */
+    for (int64_t i = 0; i < tp; i += BK_MR) {
         uint64_t u = 0;
         for (int64_t r = i; r < i + BK_MR && r < t; r++) u |= words[r];
-        need[i / BK_MR] = u ? 64 - __builtin_clzll(u) : 0;
-        if (need[i / BK_MR]) /* columns up to the last seen key, in whole vectors of 16 */
-            BK(gemm)(s + i * BK_LDS, BK_LDS, qs + i * e, e, 1, kt, ldt, BK_MR, bk_up(need[i / BK_MR], 16), e, 0);
+        const int64_t g = i / BK_MR, c0 = u ? (int64_t)__builtin_ctzll(u) / 16 * 16 : 0;
+        first[g] = u ? __builtin_ctzll(u) : 0;
+        need[g] = u ? 64 - __builtin_clzll(u) : 0;
+        if (need[g])
+            BK(gemm)(s + i * BK_LDS + c0, BK_LDS, qs + i * e, e, 1, kt + c0, ldt, BK_MR, bk_up(need[g], 16) - c0, e, 0);
     }
 }
+
+#if BK_NV * BK_VEC == BK_TK
+/* A full block of the forward (every row of the tile sees all BK_TK keys, no cap) when one microkernel row spans
+ * the block: per group of MR rows, the scores are computed in registers and turned into P = 2**(S - m) there (the
+ * row's reference m raised first where the scores outgrow it by 2**8, rescaling its sum and output as in
+ * attend_fwd), so S never goes through memory; P is stored for the product with V. Rows from t on get P = 0. The
+ * same arithmetic as BK(scores) followed by row_max / exp_sum, in the same order per element. */
+static void BK(scores_exp_full)(float *s, const float *qs, const float *kt, int64_t ldt, int64_t e, int64_t tp,
+                                int64_t t, float *m, VF *lv, float *o, int64_t ev) {
+    for (int64_t i = 0; i < tp; i += BK_MR) {
+        VF acc[BK_MR][BK_NV];
+#pragma GCC unroll 8
+        for (int r = 0; r < BK_MR; r++)
+#pragma GCC unroll 8
+            for (int u = 0; u < BK_NV; u++) acc[r][u] = (VF){0};
+        BK(mk_sum)(acc, qs + i * e, e, 1, kt, ldt, e, BK_NV);
+#pragma GCC unroll 8
+        for (int r = 0; r < BK_MR; r++) {
+            const int64_t row = i + r;
+            float *dst = s + row * BK_LDS;
+            if (row >= t) {
+#pragma GCC unroll 8
+                for (int u = 0; u < BK_NV; u++) BK(st)(dst + u * BK_VEC, (VF){0});
+                continue;
+            }
+            VF mv = acc[r][0];
+#pragma GCC unroll 8
+            for (int u = 1; u < BK_NV; u++) mv = BK(vmax)(acc[r][u], mv);
+            if (BK(any_gt)(mv, m[row] + 8.0f)) {
+                const float mx = BK(hmax)(mv);
+                if (m[row] != -INFINITY) {
+                    const float alpha = exp2f(m[row] - mx);
+                    lv[row] = lv[row] * alpha;
+                    for (int64_t d = 0; d < ev; d++) o[row * ev + d] *= alpha;
+                }
+                m[row] = mx;
+            }
+            const VF mm = BK(splat)(m[row]);
+            VF sum = (VF){0};
+#pragma GCC unroll 8
+            for (int u = 0; u < BK_NV; u++) {
+                const VF p = BK(exp2v)(acc[r][u] - mm);
+                BK(st)(dst + u * BK_VEC, p);
+                sum += p;
+            }
+            lv[row] += sum;
+        }
+    }
+}
+#endif
 
 /* Forward of the query groups [g0, g1) of one row: out (n_q, ev) and lse (n_q) for their rows. */
 static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const float *v, float *out,
@@ -351,7 +419,8 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
     int64_t key0, key1;
     bk_pat_keys(P, g0, g1, &key0, &key1);
     const int64_t ldt = key1 - key0 + BK_TK; /* the transposed keys, zero after the last one */
-    float *buf = bk_scratch(BK_TQP * (e + BK_LDS + ev) + BK_TQP + e * ldt + (P->part ? BK_TK * ev : 0));
+    const int64_t nbuf = BK_TQP * (e + BK_LDS + ev) + BK_TQP + e * ldt + (P->part ? BK_TK * ev : 0);
+    float *buf = bk_scratch(nbuf);
     if (!buf) return -1;
     float *qs = buf, *s = qs + BK_TQP * e, *o = s + BK_TQP * BK_LDS, *m = o + BK_TQP * ev;
     float *kt = m + BK_TQP, *vz = kt + e * ldt; /* vz: the values of a partial block, unseen keys zeroed */
@@ -377,8 +446,15 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
                         vb = vz;
                     }
                 }
-                int64_t need[BK_TQP / BK_MR]; /* per group of MR rows: its keys are among the first need[] */
-                BK(scores)(s, qs, kt + (j0 - key0), ldt, e, tp, t, jw, part >= 0 ? words : NULL, need);
+#if BK_NV * BK_VEC == BK_TK
+                if (part < 0 && jn == BK_TK && P->cap2 == 0.0f && (!P->causal || r0 >= j0 + jn - 1)) {
+                    BK(scores_exp_full)(s, qs, kt + (j0 - key0), ldt, e, tp, t, m, lv, o, ev);
+                    BK(gemm)(o, ev, s, BK_LDS, 1, vb, ev, tp, ev, jn, 1); /* O += P V */
+                    continue;
+                }
+#endif
+                int64_t first[BK_TQP / BK_MR], need[BK_TQP / BK_MR]; /* per group of MR rows: its keys */
+                BK(scores)(s, qs, kt + (j0 - key0), ldt, e, tp, t, jw, part >= 0 ? words : NULL, first, need);
                 if (P->cap2 > 0.0f) BK(cap_rows)(s, NULL, t, jw, P->cap2);
                 for (int64_t i = 0; i < tp; i++) {
                     float *row = s + i * BK_LDS;
@@ -403,10 +479,13 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
                     }
                     lv[i] += BK(exp_sum)(row, jw, m[i]);
                 }
-                if (part >= 0) { /* P is zero after each group's last seen key */
-                    for (int64_t i = 0; i < tp; i += BK_MR)
-                        if (need[i / BK_MR])
-                            BK(gemm)(o + i * ev, ev, s + i * BK_LDS, BK_LDS, 1, vb, ev, BK_MR, ev, need[i / BK_MR], 1);
+                if (part >= 0) { /* P is zero outside each group's seen keys [first, need) */
+                    for (int64_t i = 0; i < tp; i += BK_MR) {
+                        const int64_t g = i / BK_MR, f = first[g];
+                        if (need[g])
+                            BK(gemm)(o + i * ev, ev, s + i * BK_LDS + f, BK_LDS, 1, vb + f * ev, ev, BK_MR, ev,
+                                     need[g] - f, 1);
+                    }
                 } else {
                     BK(gemm)(o, ev, s, BK_LDS, 1, vb, ev, tp, ev, jn, 1); /* O += P V */
                 }
@@ -419,7 +498,7 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
             lse[r0 + i] = l > 0.0f ? (m[i] + log2f(l)) * 0.6931471805599453f : -INFINITY;
         }
     }
-    free(buf);
+    bk_release(buf, nbuf);
     return 0;
 }
 
@@ -443,7 +522,8 @@ static int BK(attend_wts)(const bk_pat *P, const float *q, const float *k, float
     int64_t key0, key1;
     bk_pat_keys(P, g0, g1, &key0, &key1);
     const int64_t ldt = key1 - key0 + BK_TK;
-    float *buf = bk_scratch(BK_TQP * (e + BK_LDS) + e * ldt);
+    const int64_t nbuf = BK_TQP * (e + BK_LDS) + e * ldt;
+    float *buf = bk_scratch(nbuf);
     if (!buf) return -1;
     float *qs = buf, *s = qs + BK_TQP * e, *kt = s + BK_TQP * BK_LDS;
     uint64_t words[BK_TQ];
@@ -457,19 +537,19 @@ static int BK(attend_wts)(const bk_pat *P, const float *q, const float *k, float
         while (bk_next_range(P, T.grp, &cursor, &lo, &hi, &part)) {
             if (!bk_clip(P, &T, &lo, &hi)) continue;
             if (lo < pos) {
-                free(buf);
+                bk_release(buf, nbuf);
                 return -3;
             }
             if (first < 0) first = pos = lo;
             for (int64_t i = 0; i < t; i++) BK(fill_ninf)(w + (r0 + i) * nk, pos, lo);
             for (int64_t j0 = lo; j0 < hi; j0 += BK_TK) {
                 const int64_t jn = bk_min(BK_TK, hi - j0), jw = bk_up(jn, 16);
-                int64_t need[BK_TQP / BK_MR];
+                int64_t first[BK_TQP / BK_MR], need[BK_TQP / BK_MR];
                 if (part >= 0 && !BK(block_words)(P, part, t, jn, words)) { /* no row of the tile sees the block */
                     for (int64_t i = 0; i < t; i++) BK(fill_ninf)(w + (r0 + i) * nk + j0, 0, jn);
                     continue;
                 }
-                BK(scores)(s, qs, kt + (j0 - key0), ldt, e, tp, t, jw, part >= 0 ? words : NULL, need);
+                BK(scores)(s, qs, kt + (j0 - key0), ldt, e, tp, t, jw, part >= 0 ? words : NULL, first, need);
                 if (P->cap2 > 0.0f) BK(cap_rows)(s, NULL, t, jw, P->cap2);
                 for (int64_t i = 0; i < t; i++) {
                     float *row = s + i * BK_LDS, *dst = w + (r0 + i) * nk + j0;
@@ -481,7 +561,7 @@ static int BK(attend_wts)(const bk_pat *P, const float *q, const float *k, float
                     const VF m = part >= 0  ? BK(mask_max_bits)(row, jw, words[i])
                                  : lim == jw ? BK(row_max)(row, jw)
                                              : BK(mask_max)(row, jw, lim);
-                    mv[i] = BK(sel)(m > mv[i], m, mv[i]);
+                    mv[i] = BK(vmax)(m, mv[i]);
                     memcpy(dst, row, sizeof(float) * (size_t)jn);
                 }
             }
@@ -513,7 +593,7 @@ static int BK(attend_wts)(const bk_pat *P, const float *q, const float *k, float
             for (; j < pos; j++) row[j] *= inv;
         }
     }
-    free(buf);
+    bk_release(buf, nbuf);
     return 0;
 }
 
@@ -526,8 +606,9 @@ static int BK(attend_bwd)(const bk_pat *P, const float *q, const float *k, const
     bk_pat_keys(P, g0, g1, &key0, &key1);
     const int64_t ldt = key1 - key0 + BK_TK;
     const int64_t wmax = e > ev ? e : ev;
-    float *buf = bk_scratch(BK_TQP * (3 * e + ev + 2 * BK_LDS) + 2 * BK_TQP + (e + ev) * ldt + BK_MR * wmax +
-                            (P->part ? BK_TK * e : 0) + (P->cap2 > 0.0f ? BK_TQP * BK_LDS : 0));
+    const int64_t nbuf = BK_TQP * (3 * e + ev + 2 * BK_LDS) + 2 * BK_TQP + (e + ev) * ldt + BK_MR * wmax +
+                            (P->part ? BK_TK * e : 0) + (P->cap2 > 0.0f ? BK_TQP * BK_LDS : 0);
+    float *buf = bk_scratch(nbuf);
     if (!buf) return -1;
     uint64_t words[BK_TQ];
     float *qs2 = buf, *qs = qs2 + BK_TQP * e, *gq = qs + BK_TQP * e, *go = gq + BK_TQP * e;
@@ -596,7 +677,7 @@ static int BK(attend_bwd)(const bk_pat *P, const float *q, const float *k, const
         for (int64_t i = 0; i < t; i++)
             for (int64_t d = 0; d < e; d++) dq[(r0 + i) * e + d] = gq[i * e + d] * scale;
     }
-    free(buf);
+    bk_release(buf, nbuf);
     return 0;
 }
 

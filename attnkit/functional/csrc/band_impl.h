@@ -362,12 +362,27 @@ static inline void BK(scores)(float *s, const float *qs, const float *kt, int64_
     }
 }
 
+/* One row of the forward's online softmax meets a block whose lane-wise score maxima are mv: its reference *m is
+ * raised (and its running sums *lv and output row o rescaled) only when the scores outgrow it by 2**8. Any
+ * reference is exact, and this one keeps every weight below 256; before the row's first block its sum and output
+ * are 0. */
+static inline void BK(raise_ref)(VF mv, float *m, VF *lv, float *o, int64_t ev) {
+    if (!BK(any_gt)(mv, *m + 8.0f)) return;
+    const float mx = BK(hmax)(mv);
+    if (*m != -INFINITY) {
+        const float alpha = exp2f(*m - mx);
+        *lv = *lv * alpha;
+        for (int64_t d = 0; d < ev; d++) o[d] *= alpha;
+    }
+    *m = mx;
+}
+
 #if BK_NV * BK_VEC == BK_TK
 /* A full block of the forward (every row of the tile sees all BK_TK keys, no cap) when one microkernel row spans
  * the block: per group of MR rows, the scores are computed in registers and turned into P = 2**(S - m) there (the
- * row's reference m raised first where the scores outgrow it by 2**8, rescaling its sum and output as in
- * attend_fwd), so S never goes through memory; P is stored for the product with V. Rows from t on get P = 0. The
- * same arithmetic as BK(scores) followed by row_max / exp_sum, in the same order per element. */
+ * row's reference m raised first by raise_ref), so S never goes through memory; P is stored for the product with
+ * V. Rows from t on get P = 0. The same arithmetic as BK(scores) followed by row_max / exp_sum, in the same order
+ * per element. */
 static void BK(scores_exp_full)(float *s, const float *qs, const float *kt, int64_t ldt, int64_t e, int64_t tp,
                                 int64_t t, float *m, VF *lv, float *o, int64_t ev) {
     for (int64_t i = 0; i < tp; i += BK_MR) {
@@ -389,15 +404,7 @@ static void BK(scores_exp_full)(float *s, const float *qs, const float *kt, int6
             VF mv = acc[r][0];
 #pragma GCC unroll 8
             for (int u = 1; u < BK_NV; u++) mv = BK(vmax)(acc[r][u], mv);
-            if (BK(any_gt)(mv, m[row] + 8.0f)) {
-                const float mx = BK(hmax)(mv);
-                if (m[row] != -INFINITY) {
-                    const float alpha = exp2f(m[row] - mx);
-                    lv[row] = lv[row] * alpha;
-                    for (int64_t d = 0; d < ev; d++) o[row * ev + d] *= alpha;
-                }
-                m[row] = mx;
-            }
+            BK(raise_ref)(mv, m + row, lv + row, o + row * ev, ev);
             const VF mm = BK(splat)(m[row]);
             VF sum = (VF){0};
 #pragma GCC unroll 8
@@ -468,15 +475,7 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
                     const VF mv = part >= 0  ? BK(mask_max_bits)(row, jw, words[i])
                                   : lim == jw ? BK(row_max)(row, jw) /* every key of the block: no mask */
                                               : BK(mask_max)(row, jw, lim);
-                    if (BK(any_gt)(mv, m[i] + 8.0f)) { /* a new reference only when the scores outgrow it by */
-                        const float mx = BK(hmax)(mv);   /* 2**8: any reference is exact, and this one keeps */
-                        if (m[i] != -INFINITY) {                /* every weight below 256 (before the first */
-                            const float alpha = exp2f(m[i] - mx); /* block the row's sum and output are 0) */
-                            lv[i] = lv[i] * alpha;
-                            for (int64_t d = 0; d < ev; d++) o[i * ev + d] *= alpha;
-                        }
-                        m[i] = mx;
-                    }
+                    BK(raise_ref)(mv, m + i, lv + i, o + i * ev, ev);
                     lv[i] += BK(exp_sum)(row, jw, m[i]);
                 }
                 if (part >= 0) { /* P is zero outside each group's seen keys [first, need) */

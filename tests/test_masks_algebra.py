@@ -21,6 +21,7 @@ from attnkit.functional import (
     WindowMask,
     as_mask,
     from_flex_block_mask,
+    mask_blocks,
     to_flex_block_mask,
 )
 from attnkit.functional import local as local_mod
@@ -289,7 +290,7 @@ def test_mask_mod_blocks_are_exact(name, q_len, k_len, chunk, monkeypatch):  # t
     """Every element evaluated, in chunks (3 blocks: many chunks and a short last one), with odd lengths, L != S,
     per-head and per-batch functions: the description expands back to the materialised mask, and each block is
     classified exactly (full = every real pair, empty = none, bits only for the partial ones)."""
-    monkeypatch.setattr(masks_mod, "_CHUNK_BLOCKS", chunk)
+    monkeypatch.setattr(mask_blocks, "_CHUNK_BLOCKS", chunk)
     if name == "per_batch_docs" and max(q_len, k_len) > 300:
         pytest.skip("ids for 300 tokens")
     mask = MaskMod(_mods()[name])._bind(2, 3)  # type: ignore[arg-type]
@@ -322,7 +323,7 @@ def test_mask_mod_blocks_with_worker_threads(monkeypatch) -> None:  # type: igno
     order, as one thread gives; the intra-op thread count is restored after."""
     from attnkit._runtime import torch_threads
 
-    monkeypatch.setattr(masks_mod, "_CHUNK_BLOCKS", 2)
+    monkeypatch.setattr(mask_blocks, "_CHUNK_BLOCKS", 2)
     fn = _mods()["per_head_window"]
     with torch_threads(1):
         one = MaskMod(fn)._bind(1, 3).blocks(300, 257)  # type: ignore[arg-type]

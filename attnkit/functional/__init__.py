@@ -20,6 +20,7 @@ from .dispatch import (
 from .hard import HardAttentionResult, baseline_loss, hard_attention, reinforce_loss
 from .local import WindowMask, sliding_window_attention
 from .mask_args import MaskArgs, MaskLike, normalize_masks
+from .mask_blocks import MaskBlocks
 from .masked import masked_attention  # registers the "native_mask" backend (any mask object on the C engine)
 from .masks import (
     AndMask,
@@ -28,7 +29,6 @@ from .masks import (
     BlockSparseMask,
     CausalMask,
     DocumentMask,
-    MaskBlocks,
     MaskMod,
     OrMask,
     PaddingMask,

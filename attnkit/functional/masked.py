@@ -1,7 +1,7 @@
 """Attention under any mask object or ``mask_mod`` on the native block engine, forward and backward.
 
 Every mask of :mod:`attnkit.functional.masks` (exact sliding windows, documents, sinks, block-sparse layouts, user
-``mask_mod`` functions, and their ``&`` / ``|``) compiles to one :class:`~attnkit.functional.masks.MaskBlocks`:
+``mask_mod`` functions, and their ``&`` / ``|``) compiles to one :class:`~attnkit.functional.mask_blocks.MaskBlocks`:
 per query tile of 64 rows the key blocks of 64 it touches, each full (the kernel's unmasked path) or partial (a
 64-bit mask per row). ``csrc/band.c`` (``attnkit_mask_fwd`` / ``attnkit_mask_bwd``) walks that description with
 the same tiles and microkernels as the sliding-window and block-sparse kernels: cost proportional to the blocks the
@@ -32,13 +32,13 @@ from . import _native
 from ._memory import fresh_buffer
 from ._native_bridge import native_attention, native_call, rows_f32, run_pattern
 from .dispatch import AttentionCall, Backend, WeightsPath, register_backend, register_weights
+from .mask_blocks import MaskBlocks
 from .masks import (
     AndMask,
     AttentionMask,
     BlockedWindowMask,
     BlockSparseMask,
     CausalMask,
-    MaskBlocks,
     PaddingMask,
 )
 

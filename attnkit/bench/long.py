@@ -326,6 +326,7 @@ def mask_suite(quick: bool, with_flex: bool) -> list[Table]:
     object and with the ``mask_mod``, forward and forward+backward (Flex's and attnkit's forwards interleaved round
     by round, :data:`FAST_ROUNDS`); then each mask's compilation time."""
     n, heads, dim, window = (2048, 2, 64, 128) if quick else (16384, 8, 64, 512)
+    fast_rounds = 3 if quick else FAST_ROUNDS
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
     where_start = f"{cpu_model()}, {torch.get_num_threads()} threads; at start: {load_line()}"
@@ -373,7 +374,7 @@ def mask_suite(quick: bool, with_flex: bool) -> list[Table]:
         fast = {name: _bind(fn, q, k, v) for name, (fn, _) in kernels.items()
                 if name == flex_name or name.startswith("attnkit")}
         with torch.no_grad():
-            inter = interleaved_medians(fast, rounds=3 if quick else FAST_ROUNDS, warmup=0)
+            inter = interleaved_medians(fast, rounds=fast_rounds, warmup=0)
         row_times: dict[str, tuple[float, float | None]] = {}
         for name, (fn, trains) in kernels.items():
             with torch.no_grad():
@@ -430,7 +431,7 @@ def mask_suite(quick: bool, with_flex: bool) -> list[Table]:
                        f"backend 'auto' -> {kernel}; the mask's blocks are compiled once per shape and cached, so "
                        "the times are the kernel's (compilation is the last table)")
     times.notes.append(f"forward times: medians; Flex's and attnkit's forwards interleaved over "
-                       f"{3 if quick else FAST_ROUNDS} rounds (each round calls each once, the first rotating), the "
+                       f"{fast_rounds} rounds (each round calls each once, the first rotating), the "
                        "others (seconds a call) timed one kernel after another; forward+backward one after another")
     times.notes.append("dense masked SDPA: torch.nn.functional.scaled_dot_product_attention with the mask "
                        "materialised inside the timed call (N x N bool); 'max abs diff vs dense' is each output "

@@ -77,6 +77,7 @@ static inline int64_t bk_limit(int64_t i, int64_t j0, int64_t jn, int causal) {
  * attnkit_scratch_release() frees them. Taking from and giving to the pool holds a spin lock for a few
  * instructions, once per task. */
 #define BK_HUGE ((size_t)2 << 20)
+#define BK_HUGE_FROM (2 * BK_HUGE) /* buffers from this size on: 2 MiB aligned, whole 2 MiB pages */
 #define BK_POOL_N 8
 #define BK_POOL_ONE ((size_t)32 << 20)
 #define BK_POOL_ALL ((size_t)64 << 20)
@@ -92,10 +93,10 @@ static void bk_lock(void) {
 }
 static void bk_unlock(void) { __atomic_clear(&bk_pool.lock, __ATOMIC_RELEASE); }
 
-/* The bytes a buffer of `count` floats takes: whole 2 MiB pages from 4 MiB on, else whole 64-byte lines. */
+/* The bytes a buffer of `count` floats takes: whole 2 MiB pages from BK_HUGE_FROM on, else whole 64-byte lines. */
 static size_t bk_bytes(int64_t count) {
     const size_t bytes = (size_t)((count * (int64_t)sizeof(float) + 63) / 64 * 64);
-    return bytes >= 2 * BK_HUGE ? (bytes + BK_HUGE - 1) / BK_HUGE * BK_HUGE : bytes;
+    return bytes >= BK_HUGE_FROM ? (bytes + BK_HUGE - 1) / BK_HUGE * BK_HUGE : bytes;
 }
 
 static float *bk_scratch(int64_t count) {
@@ -112,45 +113,40 @@ static float *bk_scratch(int64_t count) {
     }
     bk_unlock();
     if (p) return p;
+    const int huge = bytes >= BK_HUGE_FROM;
+    p = aligned_alloc(huge ? BK_HUGE : 64, bytes);
 #ifdef MADV_HUGEPAGE
-    if (bytes >= 2 * BK_HUGE) {
-        p = aligned_alloc(BK_HUGE, bytes);
-        if (p) madvise(p, bytes, MADV_HUGEPAGE);
-        return p;
-    }
+    if (p && huge) madvise(p, bytes, MADV_HUGEPAGE);
 #endif
-    return aligned_alloc(bytes >= 2 * BK_HUGE ? BK_HUGE : 64, bytes);
+    return p;
 }
 
-/* Hand back a buffer of bk_scratch(count): kept in the pool when it fits, else (or in place of smaller ones) freed. */
+/* Hand back a buffer of bk_scratch(count): kept in the pool when there is room, else in place of the smallest kept
+ * buffer if that one is smaller (which is freed instead), else freed. */
 static void bk_release(float *buf, int64_t count) {
     if (!buf) return;
     void *drop = buf;
-    size_t bytes = bk_bytes(count);
+    const size_t bytes = bk_bytes(count);
     if (bytes <= BK_POOL_ONE) {
         bk_lock();
         size_t held = 0;
-        int slot = -1;
+        int slot = -1, small = -1; /* a free slot; the smallest kept buffer */
         for (int i = 0; i < BK_POOL_N; i++) {
             if (!bk_pool.p[i]) {
                 if (slot < 0) slot = i;
                 continue;
             }
             held += bk_pool.bytes[i];
+            if (small < 0 || bk_pool.bytes[i] < bk_pool.bytes[small]) small = i;
         }
-        if (slot >= 0 && held + bytes <= BK_POOL_ALL) { /* room: keep it */
+        if (slot >= 0 && held + bytes <= BK_POOL_ALL) {
             bk_pool.p[slot] = buf;
             bk_pool.bytes[slot] = bytes;
             drop = NULL;
-        } else { /* no room: keep it in place of the smallest kept buffer, if that one is smaller */
-            int small = -1;
-            for (int i = 0; i < BK_POOL_N; i++)
-                if (bk_pool.p[i] && (small < 0 || bk_pool.bytes[i] < bk_pool.bytes[small])) small = i;
-            if (small >= 0 && bk_pool.bytes[small] < bytes && held - bk_pool.bytes[small] + bytes <= BK_POOL_ALL) {
-                drop = bk_pool.p[small];
-                bk_pool.p[small] = buf;
-                bk_pool.bytes[small] = bytes;
-            }
+        } else if (small >= 0 && bk_pool.bytes[small] < bytes && held - bk_pool.bytes[small] + bytes <= BK_POOL_ALL) {
+            drop = bk_pool.p[small];
+            bk_pool.p[small] = buf;
+            bk_pool.bytes[small] = bytes;
         }
         bk_unlock();
     }

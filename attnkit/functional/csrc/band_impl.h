@@ -342,11 +342,11 @@ static inline void BK(load_q)(float *qs, const float *q, int64_t r0, int64_t t, 
 
 /* S (tp x jw, base-2 scores) = Qs K^T for one key block (kt: its transposed keys). A partial block (words != NULL)
  * computes, per group of MR rows, only the columns from the group's first seen key to its last, in whole vectors of
- * 16: the keys [first[], need[]) (need[] = 0: the group sees none of the block); the causal diagonal needs about
+ * 16: the keys [from[], need[]) (need[] = 0: the group sees none of the block); the causal diagonal needs about
  * half the block, the first block of an exact window too. The other columns of s are left as they were (the mask
  * replaces them by -inf). */
 static inline void BK(scores)(float *s, const float *qs, const float *kt, int64_t ldt, int64_t e, int64_t tp,
-                              int64_t t, int64_t jw, const uint64_t *words, int64_t *first, int64_t *need) {
+                              int64_t t, int64_t jw, const uint64_t *words, int64_t *from, int64_t *need) {
     if (!words) {
         BK(gemm)(s, BK_LDS, qs, e, 1, kt, ldt, tp, jw, e, 0);
         return;
@@ -354,9 +354,10 @@ static inline void BK(scores)(float *s, const float *qs, const float *kt, int64_
     for (int64_t i = 0; i < tp; i += BK_MR) {
         uint64_t u = 0;
         for (int64_t r = i; r < i + BK_MR && r < t; r++) u |= words[r];
-        const int64_t g = i / BK_MR, c0 = u ? (int64_t)__builtin_ctzll(u) / 16 * 16 : 0;
-        first[g] = u ? __builtin_ctzll(u) : 0;
+        const int64_t g = i / BK_MR;
+        from[g] = u ? __builtin_ctzll(u) : 0;
         need[g] = u ? 64 - __builtin_clzll(u) : 0;
+        const int64_t c0 = from[g] / 16 * 16;
         if (need[g])
             BK(gemm)(s + i * BK_LDS + c0, BK_LDS, qs + i * e, e, 1, kt + c0, ldt, BK_MR, bk_up(need[g], 16) - c0, e, 0);
     }
@@ -460,8 +461,8 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
                     continue;
                 }
 #endif
-                int64_t first[BK_TQP / BK_MR], need[BK_TQP / BK_MR]; /* per group of MR rows: its keys */
-                BK(scores)(s, qs, kt + (j0 - key0), ldt, e, tp, t, jw, part >= 0 ? words : NULL, first, need);
+                int64_t from[BK_TQP / BK_MR], need[BK_TQP / BK_MR]; /* per group of MR rows: its keys */
+                BK(scores)(s, qs, kt + (j0 - key0), ldt, e, tp, t, jw, part >= 0 ? words : NULL, from, need);
                 if (P->cap2 > 0.0f) BK(cap_rows)(s, NULL, t, jw, P->cap2);
                 for (int64_t i = 0; i < tp; i++) {
                     float *row = s + i * BK_LDS;
@@ -478,9 +479,9 @@ static int BK(attend_fwd)(const bk_pat *P, const float *q, const float *k, const
                     BK(raise_ref)(mv, m + i, lv + i, o + i * ev, ev);
                     lv[i] += BK(exp_sum)(row, jw, m[i]);
                 }
-                if (part >= 0) { /* P is zero outside each group's seen keys [first, need) */
+                if (part >= 0) { /* P is zero outside each group's seen keys [from, need) */
                     for (int64_t i = 0; i < tp; i += BK_MR) {
-                        const int64_t g = i / BK_MR, f = first[g];
+                        const int64_t g = i / BK_MR, f = from[g];
                         if (need[g])
                             BK(gemm)(o + i * ev, ev, s + i * BK_LDS + f, BK_LDS, 1, vb + f * ev, ev, BK_MR, ev,
                                      need[g] - f, 1);
@@ -543,12 +544,12 @@ static int BK(attend_wts)(const bk_pat *P, const float *q, const float *k, float
             for (int64_t i = 0; i < t; i++) BK(fill_ninf)(w + (r0 + i) * nk, pos, lo);
             for (int64_t j0 = lo; j0 < hi; j0 += BK_TK) {
                 const int64_t jn = bk_min(BK_TK, hi - j0), jw = bk_up(jn, 16);
-                int64_t first[BK_TQP / BK_MR], need[BK_TQP / BK_MR];
+                int64_t from[BK_TQP / BK_MR], need[BK_TQP / BK_MR];
                 if (part >= 0 && !BK(block_words)(P, part, t, jn, words)) { /* no row of the tile sees the block */
                     for (int64_t i = 0; i < t; i++) BK(fill_ninf)(w + (r0 + i) * nk + j0, 0, jn);
                     continue;
                 }
-                BK(scores)(s, qs, kt + (j0 - key0), ldt, e, tp, t, jw, part >= 0 ? words : NULL, first, need);
+                BK(scores)(s, qs, kt + (j0 - key0), ldt, e, tp, t, jw, part >= 0 ? words : NULL, from, need);
                 if (P->cap2 > 0.0f) BK(cap_rows)(s, NULL, t, jw, P->cap2);
                 for (int64_t i = 0; i < t; i++) {
                     float *row = s + i * BK_LDS, *dst = w + (r0 + i) * nk + j0;
